@@ -1,0 +1,1 @@
+"""gcflows: consistency training, distillation and the generator-induced coupling."""

@@ -1,0 +1,274 @@
+"""Affine noising processes ``x_t = a(t) data + b(t) noise`` (PAPER.md section 1).
+
+Time runs from data (``t_min``) to noise (``t_max``). Two processes:
+
+- ``ve`` (the paper, EDM): ``a = 1``, ``b = t``, ``t in [sigma_min, sigma_max]``.
+- ``linear`` (rectified-flow path): ``a = 1 - t``, ``b = t``, ``t in [t_min, t_max]``, ``t_max < 1``.
+
+Every conversion between the ideal denoiser ``D(x, t) = E[data | x_t = x]``, the expected noise
+``E[noise | x_t = x]`` and the PF-ODE velocity ``v_t(x) = E[xdot_t | x_t = x]`` is derived from
+``a, b`` and their time derivatives:
+
+    E[noise | x] = (x - a D) / b
+    v            = a' D + b' E[noise | x]                      (PAPER.md, Eq. 1 text)
+
+For both processes this reduces to ``v = (x - D) / t``.
+
+Shapes: a batch is ``(B, *dims)``; per-sample times are ``(B,)`` (a scalar or 0-d tensor is
+broadcast). All functions are differentiable and dtype-preserving.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Process",
+    "VEProcess",
+    "LinearProcess",
+    "get_process",
+    "as_time",
+    "expand_time",
+    "karras_grid",
+    "uniform_grid",
+    "check_finite",
+]
+
+
+def check_finite(x: Tensor, name: str) -> Tensor:
+    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or inf."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf; clean the input before calling")
+    return x
+
+
+def as_time(t: Tensor | float, batch: int, like: Tensor, name: str = "t") -> Tensor:
+    """Return per-sample times of shape ``(batch,)`` with the dtype/device of ``like``.
+
+    A Python float or 0-d tensor is broadcast; a ``(batch,)`` tensor is returned as is.
+    """
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(
+            f"{name} must be a scalar or have shape ({batch},) to match the batch, got {tuple(t.shape)}"
+        )
+    return t
+
+
+def expand_time(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape per-sample times ``(B,)`` to ``(B, 1, ..., 1)`` so they broadcast against ``x``."""
+    return t.reshape(t.shape + (1,) * (x.dim() - t.dim()))
+
+
+@dataclass(frozen=True)
+class Process(ABC):
+    """Base class of an affine process on ``[t_min, t_max]``; subclasses define ``a, b, da, db``."""
+
+    t_min: float
+    t_max: float
+    name: str = "process"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.t_min) and math.isfinite(self.t_max)):
+            raise ValueError("t_min and t_max must be finite")
+        if not 0.0 < self.t_min < self.t_max:
+            raise ValueError(
+                f"need 0 < t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}; "
+                "data sits at t_min and noise at t_max"
+            )
+
+    # --- coefficients -------------------------------------------------------------------------
+    @abstractmethod
+    def a(self, t: Tensor) -> Tensor:
+        """Coefficient a(t), elementwise."""
+
+    @abstractmethod
+    def b(self, t: Tensor) -> Tensor:
+        """Coefficient b(t), elementwise."""
+
+    @abstractmethod
+    def da(self, t: Tensor) -> Tensor:
+        """Coefficient da(t), elementwise."""
+
+    @abstractmethod
+    def db(self, t: Tensor) -> Tensor:
+        """Coefficient db(t), elementwise."""
+
+    # --- validation ---------------------------------------------------------------------------
+    def check_time(self, t: Tensor | float, name: str = "t", tol: float = 1e-9) -> Tensor:
+        """Raise ``ValueError`` if any time lies outside ``[t_min, t_max]`` (relative tolerance)."""
+        tt = torch.as_tensor(t)
+        check_finite(tt.double(), name)
+        lo = self.t_min * (1 - tol)
+        hi = self.t_max * (1 + tol)
+        if bool((tt < lo).any()) or bool((tt > hi).any()):
+            raise ValueError(
+                f"{name} must lie in [{self.t_min}, {self.t_max}] for the {self.name} process, "
+                f"got values in [{float(tt.min())}, {float(tt.max())}]"
+            )
+        return tt
+
+    # --- the path -----------------------------------------------------------------------------
+    def interpolate(self, data: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        """``x_t = a(t) data + b(t) noise``; data, noise ``(B, *dims)``, t ``(B,)`` -> ``(B, *dims)``."""
+        if data.shape != noise.shape:
+            raise ValueError(
+                f"data and noise must have the same shape, got {tuple(data.shape)} and {tuple(noise.shape)}"
+            )
+        t = expand_time(as_time(t, data.shape[0], data), data)
+        return self.a(t) * data + self.b(t) * noise
+
+    def xdot(self, data: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        """Sample-path derivative ``d/dt x_t = a'(t) data + b'(t) noise`` (the CT one-sample velocity)."""
+        if data.shape != noise.shape:
+            raise ValueError(
+                f"data and noise must have the same shape, got {tuple(data.shape)} and {tuple(noise.shape)}"
+            )
+        t = expand_time(as_time(t, data.shape[0], data), data)
+        return self.da(t) * data + self.db(t) * noise
+
+    # --- conversions (all from a, b, a', b') --------------------------------------------------
+    def noise_from_denoiser(self, x: Tensor, denoised: Tensor, t: Tensor | float) -> Tensor:
+        """``E[noise | x] = (x - a D) / b``."""
+        t = expand_time(as_time(t, x.shape[0], x), x)
+        return (x - self.a(t) * denoised) / self.b(t)
+
+    def denoiser_from_noise(self, x: Tensor, noise_pred: Tensor, t: Tensor | float) -> Tensor:
+        """``D = (x - b E[noise | x]) / a``."""
+        t = expand_time(as_time(t, x.shape[0], x), x)
+        return (x - self.b(t) * noise_pred) / self.a(t)
+
+    def velocity_from_denoiser(self, x: Tensor, denoised: Tensor, t: Tensor | float) -> Tensor:
+        """``v = a' D + b' (x - a D) / b``; equals ``(x - D) / t`` for ``ve`` and ``linear``."""
+        t = expand_time(as_time(t, x.shape[0], x), x)
+        a, b, da, db = self.a(t), self.b(t), self.da(t), self.db(t)
+        return da * denoised + db * (x - a * denoised) / b
+
+    def denoiser_from_velocity(self, x: Tensor, velocity: Tensor, t: Tensor | float) -> Tensor:
+        """Invert ``velocity_from_denoiser``: ``D = (v - b' x / b) / (a' - b' a / b)``."""
+        t = expand_time(as_time(t, x.shape[0], x), x)
+        a, b, da, db = self.a(t), self.b(t), self.da(t), self.db(t)
+        return (velocity - db * x / b) / (da - db * a / b)
+
+    def velocity_from_noise(self, x: Tensor, noise_pred: Tensor, t: Tensor | float) -> Tensor:
+        """``v`` from ``E[noise | x]`` through the denoiser."""
+        return self.velocity_from_denoiser(x, self.denoiser_from_noise(x, noise_pred, t), t)
+
+    def noise_from_velocity(self, x: Tensor, velocity: Tensor, t: Tensor | float) -> Tensor:
+        """``E[noise | x]`` from ``v`` through the denoiser."""
+        return self.noise_from_denoiser(x, self.denoiser_from_velocity(x, velocity, t), t)
+
+    def score_from_denoiser(self, x: Tensor, denoised: Tensor, t: Tensor | float) -> Tensor:
+        """Tweedie: ``grad log p_t(x) = -(x - a D) / b^2``."""
+        t = expand_time(as_time(t, x.shape[0], x), x)
+        return -(x - self.a(t) * denoised) / self.b(t) ** 2
+
+
+@dataclass(frozen=True)
+class VEProcess(Process):
+    """Variance-exploding process of the paper: ``x_t = data + t noise`` (sigma_t = t)."""
+
+    t_min: float = 0.002
+    t_max: float = 80.0
+    name: str = "ve"
+
+    def a(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def b(self, t: Tensor) -> Tensor:
+        return t
+
+    def da(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def db(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+
+@dataclass(frozen=True)
+class LinearProcess(Process):
+    """Linear (rectified-flow) path: ``x_t = (1 - t) data + t noise`` with ``t_max < 1``."""
+
+    t_min: float = 1e-3
+    t_max: float = 0.999
+    name: str = "linear"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.t_max >= 1.0:
+            raise ValueError(
+                f"t_max must be < 1 for the linear process (a(1) = 0 loses the data), got {self.t_max}"
+            )
+
+    def a(self, t: Tensor) -> Tensor:
+        return 1.0 - t
+
+    def b(self, t: Tensor) -> Tensor:
+        return t
+
+    def da(self, t: Tensor) -> Tensor:
+        return -torch.ones_like(t)
+
+    def db(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+
+PROCESSES = {"ve": VEProcess, "linear": LinearProcess}
+
+
+def get_process(name: str | Process, **kwargs: float) -> Process:
+    """Build a process by name (``"ve"`` or ``"linear"``); ``kwargs`` set ``t_min`` / ``t_max``."""
+    if isinstance(name, Process):
+        return name
+    if name not in PROCESSES:
+        raise ValueError(f"process must be one of {sorted(PROCESSES)}, got {name!r}")
+    return PROCESSES[name](**kwargs)
+
+
+def karras_grid(
+    n: int,
+    t_min: float,
+    t_max: float,
+    rho: float = 7.0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Karras et al. grid ``s_0 < ... < s_n`` (``n + 1`` points, increasing, data to noise).
+
+    ``s_i = (t_min^(1/rho) + i/n (t_max^(1/rho) - t_min^(1/rho)))^rho`` (PAPER.md section 2).
+    """
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer number of intervals, got {n}")
+    if not 0 < t_min < t_max:
+        raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    i = torch.arange(n + 1, dtype=torch.float64, device=device)
+    lo, hi = t_min ** (1 / rho), t_max ** (1 / rho)
+    s = (lo + i / n * (hi - lo)) ** rho
+    s[0], s[-1] = t_min, t_max
+    return s.to(dtype)
+
+
+def uniform_grid(
+    n: int,
+    t_min: float,
+    t_max: float,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Equally spaced grid ``t_i = t_min + i (t_max - t_min) / n``, ``n + 1`` points (Theorem 1)."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer number of intervals, got {n}")
+    if not t_min < t_max:
+        raise ValueError(f"need t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    return torch.linspace(t_min, t_max, n + 1, dtype=torch.float64, device=device).to(dtype)
