@@ -3,7 +3,8 @@
 Time runs from data (``t_min``) to noise (``t_max``). Two processes:
 
 - ``ve`` (the paper, EDM): ``a = 1``, ``b = t``, ``t in [sigma_min, sigma_max]``.
-- ``linear`` (rectified-flow path): ``a = 1 - t``, ``b = t``, ``t in [t_min, t_max]``, ``t_max < 1``.
+- ``linear`` (rectified-flow path): ``a = 1 - t``, ``b = t``, ``t in [t_min, t_max]``,
+  ``t_max < 1``.
 
 Every conversion between the ideal denoiser ``D(x, t) = E[data | x_t = x]``, the expected noise
 ``E[noise | x_t = x]`` and the PF-ODE velocity ``v_t(x) = E[xdot_t | x_t = x]`` is derived from
@@ -49,6 +50,14 @@ def check_finite(x: Tensor, name: str) -> Tensor:
     return x
 
 
+def _check_pair(data: Tensor, noise: Tensor) -> None:
+    if data.shape != noise.shape:
+        raise ValueError(
+            f"data and noise must have the same shape, got {tuple(data.shape)} "
+            f"and {tuple(noise.shape)}"
+        )
+
+
 def as_time(t: Tensor | float, batch: int, like: Tensor, name: str = "t") -> Tensor:
     """Return per-sample times of shape ``(batch,)`` with the dtype/device of ``like``.
 
@@ -59,7 +68,8 @@ def as_time(t: Tensor | float, batch: int, like: Tensor, name: str = "t") -> Ten
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(
-            f"{name} must be a scalar or have shape ({batch},) to match the batch, got {tuple(t.shape)}"
+            f"{name} must be a scalar or have shape ({batch},) to match the batch, "
+            f"got {tuple(t.shape)}"
         )
     return t
 
@@ -119,20 +129,20 @@ class Process(ABC):
 
     # --- the path -----------------------------------------------------------------------------
     def interpolate(self, data: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
-        """``x_t = a(t) data + b(t) noise``; data, noise ``(B, *dims)``, t ``(B,)`` -> ``(B, *dims)``."""
-        if data.shape != noise.shape:
-            raise ValueError(
-                f"data and noise must have the same shape, got {tuple(data.shape)} and {tuple(noise.shape)}"
-            )
+        """``x_t = a(t) data + b(t) noise``: data, noise ``(B, *dims)``, t ``(B,)``; same shape out.
+
+        Eq. 1 of PAPER.md for ``ve``.
+        """
+        _check_pair(data, noise)
         t = expand_time(as_time(t, data.shape[0], data), data)
         return self.a(t) * data + self.b(t) * noise
 
     def xdot(self, data: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
-        """Sample-path derivative ``d/dt x_t = a'(t) data + b'(t) noise`` (the CT one-sample velocity)."""
-        if data.shape != noise.shape:
-            raise ValueError(
-                f"data and noise must have the same shape, got {tuple(data.shape)} and {tuple(noise.shape)}"
-            )
+        """Sample-path derivative ``d/dt x_t = a'(t) data + b'(t) noise`` ``(B, *dims)``.
+
+        This is the one-sample velocity estimate that consistency training follows (Eq. 6).
+        """
+        _check_pair(data, noise)
         t = expand_time(as_time(t, data.shape[0], data), data)
         return self.da(t) * data + self.db(t) * noise
 
@@ -206,7 +216,8 @@ class LinearProcess(Process):
         super().__post_init__()
         if self.t_max >= 1.0:
             raise ValueError(
-                f"t_max must be < 1 for the linear process (a(1) = 0 loses the data), got {self.t_max}"
+                "t_max must be < 1 for the linear process (a(1) = 0 loses the data), "
+                f"got {self.t_max}"
             )
 
     def a(self, t: Tensor) -> Tensor:

@@ -1,0 +1,120 @@
+"""Import layering (DESIGN.md): every gcflows module imports only modules of a lower layer, the
+kernels import nothing from gcflows, plotting is imported only by experiments, and the library
+imports without triton and without matplotlib."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Lower number = lower layer. processes <- gmm <- velocity <- couplings <- consistency <- training,
+# with the modules outside that chain placed where their imports put them.
+LAYERS = {
+    "__init__": 0,
+    "processes": 0,
+    "metrics": 1,
+    "gmm": 1,
+    "data": 2,
+    "velocity": 2,
+    "couplings": 3,
+    "networks": 3,
+    "consistency": 4,
+    "sampling": 5,
+    "training": 6,
+    "discrepancy": 7,
+    "transport": 7,
+    "plotting": 8,
+}
+
+
+def _gcflows_imports(path: Path) -> set[str]:
+    """Names X of every ``gcflows.X`` (or relative ``.X``) module imported by the file."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "gcflows" and len(parts) > 1:
+                    found.add(parts[1])
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            parts = mod.split(".")
+            if node.level == 0 and parts[0] == "gcflows":
+                if len(parts) > 1:
+                    found.add(parts[1])
+                else:
+                    found.update(a.name for a in node.names)
+            elif node.level == 1 and path.parent.name == "gcflows":
+                found.add(parts[0] if mod else node.names[0].name)
+    return found
+
+
+def test_every_library_module_has_a_layer():
+    missing = [p.stem for p in (ROOT / "gcflows").glob("*.py") if p.stem not in LAYERS]
+    assert not missing, f"add these modules to LAYERS in tests/test_layering.py: {missing}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "gcflows").glob("*.py")), ids=lambda p: p.stem)
+def test_imports_point_to_lower_layers(path):
+    me = LAYERS[path.stem]
+    for dep in _gcflows_imports(path):
+        if dep == "kernels":
+            continue  # the kernels sit below everything: they import nothing from gcflows
+        assert dep in LAYERS, f"{path.name} imports unknown gcflows module {dep!r}"
+        assert LAYERS[dep] < me or path.stem == "__init__", (
+            f"{path.name} (layer {me}) imports {dep} (layer {LAYERS[dep]}): reversed or cyclic edge"
+        )
+
+
+def test_plotting_is_imported_only_by_experiments():
+    for path in (ROOT / "gcflows").glob("*.py"):
+        if path.stem != "plotting":
+            assert "plotting" not in _gcflows_imports(path), f"{path.name} imports plotting"
+
+
+def test_kernels_import_nothing_from_gcflows():
+    for path in (ROOT / "kernels").glob("*.py"):
+        text = path.read_text()
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                assert not node.module.startswith("gcflows"), f"{path.name} imports {node.module}"
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                raise AssertionError(f"{path.name} reaches above the kernels package")
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("gcflows"), f"{path.name} imports {alias.name}"
+
+
+BLOCKED_IMPORT = """
+import importlib, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('triton', 'matplotlib', 'seaborn'):
+            raise ImportError('blocked for the test: ' + name)
+        return None
+sys.meta_path.insert(0, Block())
+import gcflows, gcflows.kernels
+import pkgutil
+skip = ('plotting', 'kernels')
+mods = [m.name for m in pkgutil.iter_modules(gcflows.__path__) if m.name not in skip]
+for m in mods:
+    importlib.import_module('gcflows.' + m)
+assert 'torch.cuda' not in sys.modules or not sys.modules['torch'].cuda.is_initialized()
+print('imported', len(mods))
+"""
+
+
+def test_library_imports_without_triton_matplotlib_or_gpu():
+    out = subprocess.run(
+        [sys.executable, "-c", BLOCKED_IMPORT], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("imported")
