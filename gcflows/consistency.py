@@ -1,0 +1,734 @@
+"""Consistency models: parametrization, iCT schedules, distances, and the CT / CD / OT / GC loss.
+
+PAPER.md sections 1-2. Time runs from data (``t_min``) to noise (``t_max``); a batch is
+``(B, *dims)``, per-sample times ``(B,)``.
+
+Parametrization (PAPER.md Eq. 3), :class:`ConsistencyModel`::
+
+    f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))
+
+For ``ve`` (``x_t = data + t noise``), with ``sd = sigma_data`` and ``s_min = t_min``::
+
+    c_skip = sd^2 / ((t - s_min)^2 + sd^2)      c_out   = sd (t - s_min) / sqrt(sd^2 + t^2)
+    c_in   = 1 / sqrt(sd^2 + t^2)               c_noise = log(t) / 4
+
+For any affine process ``x_t = a(t) data + b(t) noise`` (``linear``: ``a = 1 - t``, ``b = t``) the
+same formulas are applied in VE coordinates. ``y = x / a(t)`` satisfies ``y = data + sigma noise``
+with ``sigma(t) = b(t) / a(t)``, and the PF-ODE of ``x`` maps to the PF-ODE of this VE process
+(``dy/dt = sigma'(t) E[noise | y]``), so the consistency function of ``x`` (which ends at
+``x_{t_min} = a(t_min) y_{sigma_min}``) is ``f(x, t) = a(t_min) f_VE(x / a(t), sigma(t))`` with
+``sigma_min = sigma(t_min)``::
+
+    c_skip = (a(t_min) / a(t)) sd^2 / ((sigma - sigma_min)^2 + sd^2)
+    c_out  = a(t_min) sd (sigma - sigma_min) / sqrt(sd^2 + sigma^2)
+    c_in   = 1 / sqrt(a(t)^2 sd^2 + b(t)^2)     (1 / std of x_t when the data has std sd)
+    c_noise = log(sigma) / 4                    (logit(t) / 4 for ``linear``)
+
+For ``ve`` (``a = 1``, ``sigma = t``) this is exactly Eq. 3. At ``t = t_min``: ``c_skip = 1`` and
+``c_out = 0`` exactly in floating point, so ``f(x, t_min) = x`` holds bit for bit.
+
+Schedules (PAPER.md section 2): :func:`ict_curriculum` (number of grid points ``N(k)``),
+``processes.karras_grid`` (the grid), :func:`lognormal_index_probs`, :func:`sample_indices`,
+:func:`ict_weights`; an equally spaced grid (``processes.uniform_grid``) can be passed as
+``fixed_grid`` for the theory checks of section 3.
+
+Distances ``D(a, b)`` with the small-distance behaviour ``phi(u) ~ C u^alpha`` of Theorem 1:
+``squared_l2`` (alpha 2, C 1), ``pseudo_huber`` on the whole flattened vector (alpha 2,
+C 1 / (2c)), ``pseudo_huber_elementwise`` (summed per element; not a function of the norm),
+``l2_norm`` (alpha 1, C 1).
+
+Loss: :class:`ConsistencyObjective` (CT, CD, batch-OT, GC; PAPER.md Eq. 4-6, 13-15, 21).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gcflows import couplings, velocity
+from gcflows.kernels import interpolate_pair
+from gcflows.processes import (
+    LinearProcess,
+    Process,
+    VEProcess,
+    as_time,
+    check_finite,
+    get_process,
+    karras_grid,
+)
+
+__all__ = [
+    "ConsistencyModel",
+    "ict_curriculum",
+    "lognormal_index_probs",
+    "sample_indices",
+    "ict_weights",
+    "Distance",
+    "DISTANCES",
+    "squared_l2",
+    "pseudo_huber",
+    "pseudo_huber_elementwise",
+    "l2_norm",
+    "get_distance",
+    "default_huber_c",
+    "LossOutput",
+    "Schedule",
+    "ConsistencyObjective",
+    "shared_dropout_passes",
+]
+
+
+# ================================================================================================
+# Parametrization
+# ================================================================================================
+class ConsistencyModel(nn.Module):
+    """``f(x, t) = c_skip(t) x + c_out(t) backbone(c_in(t) x, c_noise(t))`` (PAPER.md Eq. 3).
+
+    Args:
+        backbone: module called as ``backbone(x_in (B, *dims), c_noise (B,)) -> (B, *dims)``.
+        process: a ``Process`` or its name (``"ve"``, ``"linear"``); its ``t_min`` is the
+            boundary where ``f(x, t_min) = x`` exactly.
+        sigma_data: standard deviation of the data assumed by the preconditioning (0.5).
+        check_inputs: validate shapes and that times lie in ``[t_min, t_max]``; the domain check
+            reads the times on the host (a device sync on GPU), which a training loop that draws
+            its times from the grid may switch off.
+
+    The coefficients are computed in float64 (the dtype of ``t`` on devices without float64)
+    from ``t`` as given and from ``t_min`` rounded to the dtype of ``t``, so a time equal to
+    ``t_min`` in its own dtype gives ``c_skip = 1``, ``c_out = 0`` exactly. They are
+    differentiable in ``t`` (``df/dt`` by autograd or JVP through the preconditioning and the
+    backbone's ``c_noise`` input).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        process: Process | str = "ve",
+        sigma_data: float = 0.5,
+        *,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if not callable(backbone):
+            raise ValueError(
+                f"backbone must be callable as backbone(x_in, c_noise), got {backbone}"
+            )
+        if not (math.isfinite(float(sigma_data)) and float(sigma_data) > 0):
+            raise ValueError(f"sigma_data must be a positive float, got {sigma_data}")
+        self.backbone = backbone
+        self.process = get_process(process)
+        self.sigma_data = float(sigma_data)
+        self.check_inputs = bool(check_inputs)
+        self._boundary_cache: dict[tuple[torch.dtype, torch.dtype], tuple[float, float]] = {}
+
+    def _times(self, x: Tensor, t: Tensor | float) -> Tensor:
+        like = t.to(x.device) if torch.is_tensor(t) and t.is_floating_point() else x
+        t = as_time(t, x.shape[0], like, "t")
+        if self.check_inputs:
+            self.process.check_time(t.detach(), "t")
+        return t
+
+    def _boundary(self, dtype: torch.dtype, work: torch.dtype) -> tuple[float, float]:
+        """``a(t_min)`` and ``sigma(t_min)`` with ``t_min`` rounded to ``dtype``, evaluated in
+        ``work`` on the host (Python floats holding ``work`` values exactly: no device copy)."""
+        key = (dtype, work)
+        if key not in self._boundary_cache:
+            t0 = torch.tensor(self.process.t_min, dtype=dtype).to(work)
+            a0, b0 = self.process.a(t0), self.process.b(t0)
+            self._boundary_cache[key] = (a0.item(), (b0 / a0).item())
+        return self._boundary_cache[key]
+
+    def preconditioning(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(c_skip, c_out, c_in, c_noise)`` for times ``t (B,)``, each ``(B,)`` (module doc)."""
+        work = torch.float32 if t.device.type == "mps" else torch.float64
+        tt = t.to(work)
+        p, sd = self.process, self.sigma_data
+        a0, sigma0 = self._boundary(t.dtype, work)
+        a, b = p.a(tt), p.b(tt)
+        sigma = b / a
+        ds = sigma - sigma0
+        c_skip = (a0 / a) * (sd * sd) / (ds * ds + sd * sd)
+        c_out = a0 * sd * ds / torch.sqrt(sd * sd + sigma * sigma)
+        c_in = 1.0 / torch.sqrt(a * a * (sd * sd) + b * b)
+        c_noise = torch.log(sigma) / 4.0
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """``x (B, *dims)``, ``t (B,)`` or a float -> ``f(x, t)`` ``(B, *dims)``."""
+        if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
+            raise ValueError("x must be a tensor of shape (B, *dims) with B >= 1")
+        t = self._times(x, t)
+        c_skip, c_out, c_in, c_noise = self.preconditioning(t)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        out = self.backbone(x * c_in.to(x.dtype).reshape(shape), c_noise.to(x.dtype))
+        if out.shape != x.shape:
+            raise ValueError(
+                f"backbone returned shape {tuple(out.shape)}, expected the input's {tuple(x.shape)}"
+            )
+        return c_skip.to(x.dtype).reshape(shape) * x + c_out.to(out.dtype).reshape(shape) * out
+
+
+# ================================================================================================
+# Schedules
+# ================================================================================================
+def _int_arg(value, name: str, minimum: int) -> int:
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and value >= minimum
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def ict_curriculum(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """Number of grid **points** ``N(k)`` of the iCT curriculum at training step ``k``.
+
+    ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` with ``K' = floor(K / (log2 floor(s1 / s0) + 1))``
+    (PAPER.md section 2, ``K = total_steps``). The grid has ``N(k)`` points and ``N(k) - 1``
+    intervals: ``processes.karras_grid(N(k) - 1, ...)``. ``K'`` is clamped to at least 1 so that
+    runs shorter than ``log2(s1 / s0) + 1`` steps still double once per step.
+    """
+    step = _int_arg(step, "step", 0)
+    total_steps = _int_arg(total_steps, "total_steps", 1)
+    s0 = _int_arg(s0, "s0", 1)
+    s1 = _int_arg(s1, "s1", 1)
+    if s0 > s1:
+        raise ValueError(f"need s0 <= s1 (initial and final number of intervals), got {s0} > {s1}")
+    k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
+    doublings = min(step // k_prime, 64)  # 2^64 * s0 > any s1: the min below is reached
+    return min(s0 * 2**doublings, s1) + 1
+
+
+def _check_grid(grid: Tensor, name: str = "grid") -> Tensor:
+    if not torch.is_tensor(grid) or grid.dim() != 1 or grid.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor of at least 2 times")
+    check_finite(grid, name)
+    if not bool((grid[1:] > grid[:-1]).all()):
+        raise ValueError(
+            f"{name} must be strictly increasing (data at the start, noise at the end)"
+        )
+    return grid
+
+
+def lognormal_index_probs(grid: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
+    """Discretised lognormal over the intervals of ``grid`` ``(N+1,) -> (N,)`` (float64, sum 1).
+
+    ``p(i) ∝ erf((log s_{i+1} - Pm) / (sqrt2 Ps)) - erf((log s_i - Pm) / (sqrt2 Ps))`` (PAPER.md
+    section 2): the probability that ``log sigma ~ N(Pm, Ps^2)`` falls in ``[s_i, s_{i+1})``,
+    renormalised over the grid. Differences of ``erf`` near +1 are taken as differences of
+    ``erfc`` to avoid cancellation. ``grid`` must be positive and strictly increasing.
+    """
+    grid = _check_grid(grid).to(torch.float64)
+    if not bool((grid > 0).all()):
+        raise ValueError("grid must be positive (the lognormal is over log sigma)")
+    if not (math.isfinite(p_std) and p_std > 0) or not math.isfinite(p_mean):
+        raise ValueError(f"need finite p_mean and p_std > 0, got p_mean={p_mean}, p_std={p_std}")
+    u = (torch.log(grid) - p_mean) / (math.sqrt(2.0) * p_std)
+    lo, hi = u[:-1], u[1:]
+    upper = lo >= 0  # both arguments >= 0: erf(hi) - erf(lo) = erfc(lo) - erfc(hi)
+    mass = torch.where(upper, torch.erfc(lo) - torch.erfc(hi), torch.erf(hi) - torch.erf(lo))
+    total = mass.sum()
+    if not bool(total > 0):
+        raise ValueError(
+            "the lognormal puts no mass on this grid; move p_mean into the grid's log range"
+        )
+    return mass / total
+
+
+def sample_indices(probs: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` interval indices ``i ~ probs`` with replacement -> ``(n,)`` long.
+
+    Drawn on the generator's device (probs' device without one) and returned there.
+    """
+    n = _int_arg(n, "n", 1)
+    if not torch.is_tensor(probs) or probs.dim() != 1 or probs.numel() < 1:
+        raise ValueError("probs must be a non-empty 1-D tensor")
+    if bool((probs < 0).any()) or not bool(probs.sum() > 0):
+        raise ValueError("probs must be non-negative with a positive sum")
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
+
+
+def ict_weights(grid: Tensor) -> Tensor:
+    """``lambda_i = 1 / (s_{i+1} - s_i)`` ``(N+1,) -> (N,)`` (PAPER.md section 2)."""
+    grid = _check_grid(grid)
+    return 1.0 / (grid[1:] - grid[:-1])
+
+
+# ================================================================================================
+# Distances
+# ================================================================================================
+def default_huber_c(dim: int) -> float:
+    """``c = 0.00054 sqrt(d)`` (iCT; PAPER.md section 2) for ``d`` elements per sample."""
+    return 0.00054 * math.sqrt(_int_arg(dim, "dim", 1))
+
+
+def _flat_diff(a: Tensor, b: Tensor) -> Tensor:
+    if a.shape != b.shape:
+        raise ValueError(f"distance needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dim() < 1:
+        raise ValueError("distance needs batched inputs (B, *dims)")
+    return (a - b).reshape(a.shape[0], -1)
+
+
+def squared_l2(a: Tensor, b: Tensor) -> Tensor:
+    """``||a - b||^2`` per sample ``(B, *dims) -> (B,)``; ``phi(u) = u^2`` (alpha 2, C 1)."""
+    d = _flat_diff(a, b)
+    return (d * d).sum(1)
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
+    """``sqrt(||a - b||^2 + c^2) - c`` on the whole flattened vector ``-> (B,)``.
+
+    Evaluated as ``u^2 / (sqrt(u^2 + c^2) + c)`` (no cancellation at small ``u``);
+    ``phi(u) ~ u^2 / (2c)`` (alpha 2, C 1 / (2c)).
+    """
+    sq = squared_l2(a, b)
+    return sq / (torch.sqrt(sq + c * c) + c)
+
+
+def pseudo_huber_elementwise(a: Tensor, b: Tensor, c: float) -> Tensor:
+    """``sum_k (sqrt((a_k - b_k)^2 + c^2) - c)`` per sample ``-> (B,)``.
+
+    Not a function of ``||a - b||`` (so outside Theorem 1's ``phi(||.||)`` form); near 0 it
+    behaves like ``||a - b||^2 / (2c)``.
+    """
+    d = _flat_diff(a, b)
+    sq = d * d
+    return (sq / (torch.sqrt(sq + c * c) + c)).sum(1)
+
+
+def l2_norm(a: Tensor, b: Tensor) -> Tensor:
+    """``||a - b||`` per sample ``-> (B,)``; ``phi(u) = u`` (alpha 1, C 1). Subgradient 0 at 0."""
+    return torch.linalg.vector_norm(_flat_diff(a, b), dim=1)
+
+
+@dataclass(frozen=True)
+class Distance:
+    """A per-sample distance ``D(a, b) -> (B,)`` with ``phi(u) ~ C u^alpha`` as ``u -> 0``.
+
+    ``radial`` is True when ``D(a, b) = phi(||a - b||)`` (the form Theorem 1 assumes); ``c`` is the
+    pseudo-Huber constant (None otherwise).
+    """
+
+    name: str
+    alpha: float
+    C: float
+    radial: bool = True
+    c: float | None = None
+    fn: Callable[[Tensor, Tensor], Tensor] = field(default=squared_l2, repr=False, compare=False)
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.fn(a, b)
+
+
+DISTANCES = ("squared_l2", "pseudo_huber", "pseudo_huber_elementwise", "l2_norm")
+
+
+def get_distance(name: str | Distance, dim: int, *, c: float | None = None) -> Distance:
+    """Build a :class:`Distance` by name for samples of ``dim`` elements.
+
+    ``name`` in ``DISTANCES``; ``c`` (pseudo-Huber only) defaults to ``0.00054 sqrt(dim)`` for both
+    pseudo-Huber forms (so both share ``C = 1 / (2c)``). A ``Distance`` is returned unchanged.
+    """
+    if isinstance(name, Distance):
+        return name
+    if name not in DISTANCES:
+        raise ValueError(f"distance must be one of {list(DISTANCES)}, got {name!r}")
+    dim = _int_arg(dim, "dim", 1)
+    if name == "squared_l2":
+        return Distance("squared_l2", 2.0, 1.0, True, None, squared_l2)
+    if name == "l2_norm":
+        return Distance("l2_norm", 1.0, 1.0, True, None, l2_norm)
+    c = default_huber_c(dim) if c is None else float(c)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"pseudo-Huber c must be a positive float, got {c}")
+    if name == "pseudo_huber":
+        return Distance("pseudo_huber", 2.0, 1.0 / (2.0 * c), True, c, _bind(pseudo_huber, c))
+    return Distance(
+        "pseudo_huber_elementwise",
+        2.0,
+        1.0 / (2.0 * c),
+        False,
+        c,
+        _bind(pseudo_huber_elementwise, c),
+    )
+
+
+def _bind(fn: Callable[[Tensor, Tensor, float], Tensor], c: float) -> Callable:
+    def bound(a: Tensor, b: Tensor) -> Tensor:
+        return fn(a, b, c)
+
+    return bound
+
+
+# ================================================================================================
+# Shared dropout between the two forward passes
+# ================================================================================================
+def _device_rng(device: torch.device):
+    """The RNG module (with get/set_rng_state) of a non-CPU device type, or None."""
+    mod = getattr(torch, device.type, None)
+    if mod is None or not hasattr(mod, "get_rng_state") or not hasattr(mod, "set_rng_state"):
+        return None
+    return mod
+
+
+def shared_dropout_passes(
+    student: Callable[[], Tensor], teacher: Callable[[], Tensor], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Run ``student()`` then ``teacher()`` with identical random streams; return both outputs.
+
+    The RNG states of the CPU and of ``device`` (the device of the input, hence of the dropout
+    draws) are captured before the student pass; the teacher pass runs inside
+    ``torch.random.fork_rng`` on that device with the captured state restored, so every random
+    draw (dropout masks included) repeats exactly. On exit the RNG is where the student pass left
+    it: the global stream advances as for one pass. The teacher runs under ``torch.no_grad``.
+    """
+    device = torch.device(device)
+    mod = _device_rng(device) if device.type != "cpu" else None
+    idx = device.index
+    if mod is not None and idx is None and hasattr(mod, "current_device"):
+        idx = mod.current_device()
+    cpu_state = torch.get_rng_state()
+    dev_state = None
+    if mod is not None:
+        dev_state = (
+            mod.get_rng_state(idx) if device.type in ("cuda", "xpu") else mod.get_rng_state()
+        )
+    out_student = student()
+    fork_devices = [idx] if (mod is not None and idx is not None) else []
+    fork_type = device.type if mod is not None else None
+    with torch.random.fork_rng(devices=fork_devices, device_type=fork_type or "cuda"):
+        torch.set_rng_state(cpu_state)
+        if dev_state is not None:
+            if device.type in ("cuda", "xpu"):
+                mod.set_rng_state(dev_state, idx)
+            else:
+                mod.set_rng_state(dev_state)
+        with torch.no_grad():
+            out_teacher = teacher()
+    return out_student, out_teacher
+
+
+# ================================================================================================
+# The loss
+# ================================================================================================
+@dataclass
+class LossOutput:
+    """Result of :class:`ConsistencyObjective`.
+
+    Attributes:
+        loss: scalar ``mean_j lambda_{i_j} D(sg f(x_lo_j, t_lo_j), f(x_hi_j, t_hi_j))``.
+        diagnostics: detached ``(B,)`` tensors: ``t_lo``, ``t_hi``, ``index`` (long, interval
+            ``i``), ``weight`` (``lambda_i``), ``distance`` (``D`` before weighting),
+            ``pair_cost`` (``||data_used - noise||^2`` of the pairs trained on), ``gc_mask``
+            (bool, True for generator-induced rows).
+        num_intervals: number of grid intervals ``N`` used at this step.
+        coupling: the ``CouplingResult`` of OT / GC (None for CT / CD).
+    """
+
+    loss: Tensor
+    diagnostics: dict[str, Tensor]
+    num_intervals: int = 0
+    coupling: couplings.CouplingResult | None = None
+
+
+class Schedule(NamedTuple):
+    """A step's grid ``(N+1,)``, index probabilities and weights ``(N,)`` (float64, CPU)."""
+
+    grid: Tensor
+    probs: Tensor
+    weights: Tensor
+
+
+METHODS = ("ct", "cd", "ot", "gc")
+CD_STEPS = ("euler", "heun")
+INDEX_PROBS = ("lognormal", "uniform")
+
+
+class ConsistencyObjective:
+    """One entry point for the consistency losses (PAPER.md section 2).
+
+    For a batch of data, noise ``z`` and interval indices ``i ~ p`` on the step's grid ``s``
+    (``t_lo = s_i``, ``t_hi = s_{i+1}``)::
+
+        loss = mean_j lambda_i D(sg f(x_lo, t_lo), f(x_hi, t_hi)),   lambda_i = 1 / (s_{i+1} - s_i)
+
+    - ``ct`` (Eq. 6): ``x_lo, x_hi`` = the pair noised at both times
+      (``gcflows.kernels.interpolate_pair``).
+    - ``cd`` (Eq. 4-5): ``x_hi`` as in CT; ``x_lo`` = one Euler (or Heun) step of ``velocity``
+      from ``(x_hi, t_hi)`` to ``t_lo``; the estimator is called with ``data=`` and ``noise=`` of
+      the pair (``MonteCarloVelocity`` then gives CT exactly).
+    - ``ot``: ``ot_coupling_fn(data, noise)`` re-pairs the noise (exact batch-OT), then CT.
+    - ``gc`` (Eq. 13-15, 21): ``couplings.generator_induced_coupling`` at ``t_lo`` with
+      probability ``mu`` per sample and the same noise, then CT on the returned pairs.
+
+    The two forward passes share their dropout masks (:func:`shared_dropout_passes`).
+
+    Args:
+        process: a ``Process`` or its name.
+        method: ``"ct"``, ``"cd"``, ``"ot"`` or ``"gc"``.
+        distance: a name in ``DISTANCES`` or a :class:`Distance` (pseudo-Huber's ``c`` defaults to
+            ``0.00054 sqrt(d)`` with ``d`` the elements per sample).
+        mu: probability that a sample is generator-induced (``gc``), in ``[0, 1]``.
+        s0, s1, total_steps: the iCT curriculum (:func:`ict_curriculum`); ``total_steps`` is
+            required unless ``fixed_grid`` is given.
+        p_mean, p_std: the lognormal over the VE-equivalent noise level ``sigma = b(t) / a(t)``
+            (``t`` itself for ``ve``).
+        rho: Karras grid exponent.
+        velocity: a ``gcflows.velocity`` estimator (``cd`` only, required there).
+        cd_step: ``"euler"`` or ``"heun"`` (``cd``).
+        ot_coupling_fn: ``(data, noise) -> CouplingResult`` for ``ot`` (default
+            ``couplings.ot_coupling``; the trainer passes a distributed version).
+        fixed_grid: a strictly increasing 1-D tensor of times in the process domain that replaces
+            the curriculum (e.g. ``processes.uniform_grid`` for Theorem 1 checks).
+        index_probs: ``"lognormal"`` (iCT) or ``"uniform"`` (every interval equally likely, the
+            discrete sum of Theorem 1).
+
+    Random draws, in order, from ``generator`` (the global RNG if None): the noise (unless
+    given), the interval indices (unless given), then the GC mask. Dropout draws come from the
+    global RNG of the input's device and advance it as one forward pass would.
+    """
+
+    def __init__(
+        self,
+        process: Process | str,
+        method: str,
+        *,
+        distance: str | Distance = "pseudo_huber",
+        mu: float = 0.5,
+        s0: int = 10,
+        s1: int = 1280,
+        total_steps: int | None = None,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        rho: float = 7.0,
+        velocity=None,
+        cd_step: str = "euler",
+        ot_coupling_fn: Callable | None = None,
+        fixed_grid: Tensor | None = None,
+        index_probs: str = "lognormal",
+    ) -> None:
+        self.process = get_process(process)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        self.method = method
+        if not isinstance(distance, Distance) and distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {list(DISTANCES)}, got {distance!r}")
+        self.distance = distance
+        if isinstance(mu, bool) or not isinstance(mu, numbers.Real):
+            raise ValueError(f"mu must be a float in [0, 1], got {mu!r}")
+        if not (math.isfinite(mu) and 0.0 <= mu <= 1.0):
+            raise ValueError(
+                f"mu must lie in [0, 1] (probability that a sample is generator-induced), got {mu}"
+            )
+        self.mu = float(mu)
+        self.s0, self.s1 = _int_arg(s0, "s0", 1), _int_arg(s1, "s1", 1)
+        if self.s0 > self.s1:
+            raise ValueError(f"need s0 <= s1, got s0={s0}, s1={s1}")
+        if not (math.isfinite(p_std) and p_std > 0 and math.isfinite(p_mean)):
+            raise ValueError(f"need finite p_mean and p_std > 0, got {p_mean}, {p_std}")
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        if not (math.isfinite(rho) and rho > 0):
+            raise ValueError(f"rho must be positive, got {rho}")
+        self.rho = float(rho)
+        if cd_step not in CD_STEPS:
+            raise ValueError(f"cd_step must be one of {list(CD_STEPS)}, got {cd_step!r}")
+        self.cd_step = cd_step
+        if method == "cd" and velocity is None:
+            raise ValueError(
+                "method='cd' needs velocity=, a gcflows.velocity estimator (e.g. TrueVelocity)"
+            )
+        if method != "cd" and velocity is not None:
+            raise ValueError(f"velocity= is used by method='cd' only, got method={method!r}")
+        if velocity is not None and not callable(velocity):
+            raise ValueError("velocity must be callable as velocity(x_t, t, data=, noise=)")
+        self.velocity = velocity
+        if ot_coupling_fn is not None and not callable(ot_coupling_fn):
+            raise ValueError("ot_coupling_fn must be callable as ot_coupling_fn(data, noise)")
+        self.ot_coupling_fn = ot_coupling_fn or couplings.ot_coupling
+        if index_probs not in INDEX_PROBS:
+            raise ValueError(f"index_probs must be one of {list(INDEX_PROBS)}, got {index_probs!r}")
+        self.index_probs = index_probs
+        if fixed_grid is not None:
+            fixed_grid = _check_grid(torch.as_tensor(fixed_grid), "fixed_grid")
+            fixed_grid = fixed_grid.detach().to("cpu", torch.float64)
+            self.process.check_time(fixed_grid, "fixed_grid")
+        self.fixed_grid = fixed_grid
+        if fixed_grid is None:
+            if total_steps is None:
+                raise ValueError("total_steps is required for the curriculum (or pass fixed_grid)")
+            total_steps = _int_arg(total_steps, "total_steps", 1)
+        self.total_steps = total_steps
+        self._schedules: dict[int, Schedule] = {}
+        self._device_schedules: dict[tuple[int, str], Schedule] = {}
+        self._distances: dict[int, Distance] = {}
+
+    # --- schedule -------------------------------------------------------------------------------
+    def num_intervals(self, step: int) -> int:
+        """Intervals of the grid at ``step``: ``N(k) - 1`` (or those of ``fixed_grid``)."""
+        if self.fixed_grid is not None:
+            return self.fixed_grid.numel() - 1
+        return ict_curriculum(step, self.total_steps, self.s0, self.s1) - 1
+
+    def schedule(self, step: int) -> Schedule:
+        """Grid, index probabilities and weights at ``step`` (cached per number of intervals)."""
+        n = self.num_intervals(step)
+        if n not in self._schedules:
+            p = self.process
+            grid = (
+                self.fixed_grid
+                if self.fixed_grid is not None
+                else karras_grid(n, p.t_min, p.t_max, self.rho)
+            )
+            if self.index_probs == "uniform":
+                probs = torch.full((n,), 1.0 / n, dtype=torch.float64)
+            else:
+                sigma = p.b(grid) / p.a(grid)  # VE-equivalent noise level; = grid for ve
+                probs = lognormal_index_probs(sigma, self.p_mean, self.p_std)
+            self._schedules[n] = Schedule(grid, probs, ict_weights(grid))
+        return self._schedules[n]
+
+    def _on_device(self, sched: Schedule, device: torch.device) -> Schedule:
+        """``sched`` moved to ``device`` (cached per grid size and device)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return sched
+        key = (sched.grid.numel() - 1, str(device))
+        if key not in self._device_schedules:
+            work = torch.float32 if device.type == "mps" else torch.float64
+            self._device_schedules[key] = Schedule(
+                *(v.to(device=device, dtype=work) for v in sched)
+            )
+        return self._device_schedules[key]
+
+    def get_distance(self, dim: int) -> Distance:
+        if dim not in self._distances:
+            self._distances[dim] = get_distance(self.distance, dim)
+        return self._distances[dim]
+
+    # --- the loss -------------------------------------------------------------------------------
+    def _noised(self, data: Tensor, noise: Tensor, t_lo: Tensor, t_hi: Tensor):
+        if isinstance(self.process, (VEProcess, LinearProcess)):
+            return interpolate_pair(data, noise, t_lo, t_hi, process=self.process.name)
+        x_lo = self.process.interpolate(data, noise, t_lo)
+        x_hi = self.process.interpolate(data, noise, t_hi)
+        return x_lo, x_hi, couplings.squared_cost(data, noise)
+
+    def __call__(
+        self,
+        model: Callable[[Tensor, Tensor], Tensor],
+        data: Tensor,
+        step: int = 0,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        gen_model: Callable[[Tensor, Tensor], Tensor] | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        """Loss of ``model`` on ``data`` ``(B, *dims)`` at training ``step`` (module doc).
+
+        ``model(x, t)`` is the consistency function (e.g. a :class:`ConsistencyModel`);
+        ``noise`` ``(B, *dims)`` is drawn with ``generator`` when None; ``gen_model(x_t, t)``
+        (required for ``gc``) predicts data, run under ``torch.no_grad`` by the coupling.
+        ``indices`` ``(B,)`` long fixes the interval of each sample instead of drawing it (theory
+        checks: an exact average over the grid's intervals).
+        """
+        if not torch.is_tensor(data) or not data.is_floating_point():
+            raise ValueError("data must be a floating-point tensor of shape (B, *dims)")
+        if data.dim() < 2 or data.shape[0] < 1:
+            raise ValueError(
+                f"data must have shape (B, *dims) with B >= 1, got {tuple(data.shape)}"
+            )
+        check_finite(data, "data")
+        if self.method == "gc" and gen_model is None:
+            raise ValueError(
+                "method='gc' needs gen_model=, the generator f_gen(x_t, t) (EMA or frozen model)"
+            )
+        if self.method != "gc" and gen_model is not None:
+            raise ValueError(f"gen_model= is used by method='gc' only, got method={self.method!r}")
+        if self.fixed_grid is None:
+            _int_arg(step, "step", 0)
+        bsz, device, dtype = data.shape[0], data.device, data.dtype
+        if noise is None:
+            noise_device = generator.device if generator is not None else device
+            noise = torch.randn(data.shape, generator=generator, device=noise_device, dtype=dtype)
+            noise = noise.to(device)
+        else:
+            if not torch.is_tensor(noise) or noise.shape != data.shape:
+                raise ValueError(
+                    f"noise must be a tensor of the data's shape {tuple(data.shape)}, got "
+                    f"{tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}"
+                )
+            check_finite(noise, "noise")
+            noise = noise.to(device=device, dtype=dtype)
+
+        sched = self.schedule(step)
+        n = sched.probs.numel()
+        if indices is None:
+            # Drawn on the generator's device from the cached probabilities (no host sync).
+            draw_device = generator.device if generator is not None else torch.device("cpu")
+            probs = self._on_device(sched, draw_device).probs
+            idx = torch.multinomial(probs, bsz, replacement=True, generator=generator)
+        else:
+            if (
+                not torch.is_tensor(indices)
+                or indices.shape != (bsz,)
+                or indices.is_floating_point()
+            ):
+                raise ValueError(f"indices must be an integer tensor of shape ({bsz},)")
+            idx = indices.detach().long()
+            if bool((idx < 0).any()) or bool((idx >= n).any()):
+                raise ValueError(
+                    f"indices must lie in [0, {n}) (the grid's intervals at this step)"
+                )
+        on_dev = self._on_device(sched, device)
+        idx = idx.to(device)
+        t_lo = on_dev.grid[idx].to(dtype)
+        t_hi = on_dev.grid[idx + 1].to(dtype)
+        weight = on_dev.weights[idx].to(dtype)
+
+        coupling = None
+        data_used, noise_used = data, noise
+        if self.method == "ot":
+            coupling = self.ot_coupling_fn(data, noise)
+            data_used, noise_used = coupling.data, coupling.noise
+        elif self.method == "gc":
+            coupling = couplings.generator_induced_coupling(
+                data, noise, gen_model, t_lo, self.process, mu=self.mu, rng=generator
+            )
+            data_used, noise_used = coupling.data, coupling.noise
+
+        x_lo, x_hi, pair_cost = self._noised(data_used, noise_used, t_lo, t_hi)
+        if self.method == "cd":
+            step_fn = velocity.euler_step if self.cd_step == "euler" else velocity.heun_step
+            with torch.no_grad():
+                x_lo = step_fn(self.velocity, x_hi, t_hi, t_lo, data=data, noise=noise)
+
+        f_hi, f_lo = shared_dropout_passes(
+            lambda: model(x_hi, t_hi), lambda: model(x_lo, t_lo), x_hi.device
+        )
+        dist = self.get_distance(data[0].numel())(f_lo.detach(), f_hi)
+        loss = (weight.to(dist.dtype) * dist).mean()
+
+        gc_mask = coupling.gc_mask if coupling is not None else None
+        if gc_mask is None:
+            gc_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
+        diagnostics = {
+            "t_lo": t_lo,
+            "t_hi": t_hi,
+            "index": idx,
+            "weight": weight,
+            "distance": dist.detach(),
+            "pair_cost": pair_cost.detach(),
+            "gc_mask": gc_mask,
+        }
+        return LossOutput(loss, diagnostics, sched.grid.numel() - 1, coupling)
