@@ -1,0 +1,281 @@
+"""Training-step throughput: the library's CT / batch-OT / GC steps against a bare PyTorch CT loop.
+
+Two workloads (issue 4):
+- ``toy``: ToyMLP (width 256) on 2D two_gaussians_1to2, batch 256;
+- ``digits``: the ``digits`` U-Net preset on the 8x8 scikit-learn digits, batch 64.
+
+For each workload, in the same process and interleaved repeat by repeat (so that load from other
+processes hits every variant alike):
+- ``bare``: a hand-written CT step (data draw, noise, iCT curriculum / lognormal indices / weights,
+  the EDM parametrization written inline, two forward passes with a shared dropout stream,
+  pseudo-Huber, Adam, EMA by ``torch._foreach_lerp_``): what one writes without the library;
+- ``ct``, ``ot``, ``gc``: ``gcflows.training.train`` with the same model, optimizer and batch,
+  writing its run folder (metrics every 100 steps, checkpoint at the end, outside the timing).
+
+Steps per second are measured after ``--warmup`` steps (callback timestamps for the library) by
+two clocks: wall time and process CPU time. On a CPU the goals are judged on CPU time, which other
+processes sharing the machine do not inflate (run with ``--threads 1`` there); on a GPU on wall
+time. Rates are medians over ``--repeats``; ratios are medians of the per-repeat step-time ratios
+(the variants of one repeat run back to back, in a rotating order). Goals: library CT within
+1.15x of the bare step time; GC at most 1.3x the CT step time. Prints a table last; ``--out``
+receives the JSON record.
+
+    python experiments/bench_training.py --threads 1 --out runs/bench_training.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gcflows.consistency import ConsistencyModel
+from gcflows.data import load_digits
+from gcflows.gmm import two_gaussians_1to2
+from gcflows.networks import ToyMLP, build_unet
+from gcflows.processes import VEProcess, karras_grid
+from gcflows.training import TrainConfig, train
+
+SIGMA_DATA = 0.5
+VARIANTS = ("bare", "ct", "ot", "gc")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------------------------------------
+# the bare loop: everything written out, no gcflows objective / trainer
+# ------------------------------------------------------------------------------------------------
+def bare_ct_times(model: ConsistencyModel, sample, cfg: TrainConfig, steps: int, device) -> list:
+    """Run ``steps`` bare CT steps; return the wall-clock time after each one."""
+    backbone = model.backbone
+    t_min, t_max = cfg.sigma_min, cfg.sigma_max
+    params = list(backbone.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    ema = [p.detach().clone() for p in params]
+    g_data = torch.Generator().manual_seed(1)
+    g_noise = torch.Generator(device=device).manual_seed(2)
+    k_prime = max(1, math.floor(cfg.total_steps / (math.log2(cfg.s1 // cfg.s0) + 1)))
+    cache: dict[int, tuple] = {}
+    sd = SIGMA_DATA
+    huber_c = None
+
+    def f(x, t):
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        c_skip = sd**2 / ((t - t_min) ** 2 + sd**2)
+        c_out = sd * (t - t_min) / torch.sqrt(sd**2 + t**2)
+        c_in = 1 / torch.sqrt(sd**2 + t**2)
+        out = backbone(x * c_in.reshape(shape), torch.log(t) / 4)
+        return c_skip.reshape(shape) * x + c_out.reshape(shape) * out
+
+    times = []
+    for k in range(steps):
+        n = min(cfg.s0 * 2 ** (k // k_prime), cfg.s1)
+        if n not in cache:
+            grid = karras_grid(n, t_min, t_max, cfg.rho)
+            cdf = torch.erf((torch.log(grid) - cfg.p_mean) / (math.sqrt(2) * cfg.p_std))
+            probs = cdf[1:] - cdf[:-1]
+            cache[n] = (
+                grid.to(device, torch.float32),
+                (probs / probs.sum()).to(device),
+                (1 / (grid[1:] - grid[:-1])).to(device, torch.float32),
+            )
+        grid, probs, weights = cache[n]
+        data = sample(cfg.batch_size, g_data).to(device)
+        noise = torch.randn(data.shape, generator=g_noise, device=device)
+        idx = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=g_noise)
+        t_lo, t_hi, lam = grid[idx], grid[idx + 1], weights[idx]
+        shape = (-1,) + (1,) * (data.dim() - 1)
+        x_lo = data + t_lo.reshape(shape) * noise
+        x_hi = data + t_hi.reshape(shape) * noise
+        rng = torch.get_rng_state()  # shared dropout masks between the two passes
+        f_hi = f(x_hi, t_hi)
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            f_lo = f(x_lo, t_lo)
+        diff = (f_hi - f_lo).reshape(data.shape[0], -1)
+        if huber_c is None:
+            huber_c = 0.00054 * math.sqrt(diff.shape[1])
+        dist = torch.sqrt((diff * diff).sum(1) + huber_c**2) - huber_c
+        loss = (lam * dist).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        torch._foreach_lerp_(ema, params, 1 - cfg.ema_decay)
+        if (k + 1) % 100 == 0:
+            float(loss.detach())  # what a loop that logs reads back
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter(), time.process_time()))
+    return times
+
+
+def library_times(model, source, cfg: TrainConfig, device) -> list:
+    times = []
+
+    def stamp(info):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter(), time.process_time()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train(cfg.replace(out_dir=str(Path(tmp) / "run")), model, source, callbacks=[stamp])
+    return times
+
+
+def rate(times: list, warmup: int, clock: int) -> float:
+    """Steps per second after ``warmup`` steps by wall clock (0) or process CPU time (1)."""
+    return (len(times) - warmup) / (times[-1][clock] - times[warmup - 1][clock])
+
+
+# ------------------------------------------------------------------------------------------------
+def workload(name: str):
+    """(model, sampler fn(n, generator), batch size, description) of a workload."""
+    process = VEProcess()
+    if name == "toy":
+        gmm = two_gaussians_1to2(dtype=torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = ConsistencyModel(ToyMLP(2, hidden=256), process)
+        return model, gmm.sample, 256, {"model": "ToyMLP(2, hidden=256)", "data": "2D"}
+    images, _ = load_digits("train")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ConsistencyModel(build_unet("digits"), process)
+
+    def sample(n, g):
+        return images[torch.randint(images.shape[0], (n,), generator=g)]
+
+    info = {"model": "UNet preset 'digits'", "data": "digits 1x8x8"}
+    return model, sample, 64, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--workloads", nargs="+", default=["toy", "digits"], choices=["toy", "digits"])
+    ap.add_argument("--toy-steps", type=int, default=150, help="measured steps per repeat (toy)")
+    ap.add_argument("--digits-steps", type=int, default=30, help="measured steps (digits)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--clock",
+        choices=["auto", "cpu", "wall"],
+        default="auto",
+        help="time base of the goals: process CPU time (auto on CPU) or wall clock (auto on GPU)",
+    )
+    ap.add_argument("--out", default="runs/bench_training.json")
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    # process CPU time is robust to other processes sharing the CPU; a GPU needs wall time
+    clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
+
+    record = {
+        "machine": {
+            "cpu": cpu_name(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "args": vars(args),
+        "results": {},
+    }
+    for wl in args.workloads:
+        measured = args.toy_steps if wl == "toy" else args.digits_steps
+        steps = args.warmup + measured
+        template, sample, batch, info = workload(wl)
+        template.to(device)
+        cfg = TrainConfig(
+            batch_size=batch,
+            total_steps=steps,
+            lr=1e-4,
+            optimizer="adam",
+            ema_decay=0.999,
+            distance="pseudo_huber",
+            log_every=100,
+            checkpoint_every=0,
+            progress=False,
+            device=str(device),
+        )
+        clocks = {"wall": 0, "cpu": 1}
+        rates = {c: {v: [] for v in VARIANTS} for c in clocks}
+        for rep in range(args.repeats):
+            order = VARIANTS[rep % 4 :] + VARIANTS[: rep % 4]  # rotate who runs first
+            for v in order:
+                model = copy.deepcopy(template)
+                if v == "bare":
+                    times = bare_ct_times(model, sample, cfg, steps, device)
+                else:
+                    times = library_times(model, sample, cfg.replace(method=v), device)
+                for c, idx in clocks.items():
+                    rates[c][v].append(rate(times, args.warmup, idx))
+        res = {**info, "batch": batch, "clock": clock}
+        for c in clocks:
+            r = rates[c]
+            med = {v: statistics.median(r[v]) for v in VARIANTS}
+            # step-time ratios per repeat (the variants of one repeat ran back to back), median
+            paired = {
+                f"{a}/{b}": statistics.median(x / y for x, y in zip(r[b], r[a], strict=True))
+                for a, b in (("ct", "bare"), ("gc", "ct"), ("ot", "ct"))
+            }
+            res[c] = {
+                "steps_per_s_median": med,
+                "steps_per_s_all": r,
+                "ms_per_step": {v: 1000.0 / med[v] for v in VARIANTS},
+                "ratios": paired,
+            }
+        main_ratios = res[clock]["ratios"]
+        res["goal_ct_within_1.15x_bare"] = main_ratios["ct/bare"] <= 1.15
+        res["goal_gc_within_1.3x_ct"] = main_ratios["gc/ct"] <= 1.3
+        record["results"][wl] = res
+        print(
+            f"{wl} ({clock} time): "
+            + "  ".join(f"{k} {v:.3f}" for k, v in main_ratios.items())
+            + "   (wall: "
+            + "  ".join(f"{k} {v:.3f}" for k, v in res["wall"]["ratios"].items())
+            + ")",
+            flush=True,
+        )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    m = record["machine"]
+    print(f"\n{m['cpu']} ({m['device']}, {m['torch_threads']} torch threads), {record['date']}")
+    print(f"median of {args.repeats} repeats, {clock} time; JSON: {out}")
+    head = "| workload | batch | bare | CT | OT | GC | CT / bare | GC / CT | OT / CT |"
+    print(head)
+    print("| --- " * 9 + "|")
+    for wl, r in record["results"].items():
+        s = r[clock]["steps_per_s_median"]
+        q = r[clock]["ratios"]
+        print(
+            f"| {wl} | {r['batch']} | {s['bare']:.1f} | {s['ct']:.1f} | {s['ot']:.1f} | "
+            f"{s['gc']:.1f} | {q['ct/bare']:.3f} | {q['gc/ct']:.3f} | {q['ot/ct']:.3f} |"
+        )
+    print("(steps/s; ratios are step-time ratios; goals: CT / bare <= 1.15, GC / CT <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()
