@@ -34,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from gcflows.kernels import pairwise_sqdist
-from gcflows.processes import Process, as_time, check_finite, expand_time, get_process
+from gcflows.processes import Process, as_time, check_finite, get_process
 
 __all__ = [
     "CouplingResult",
@@ -443,8 +443,8 @@ def generator_induced_coupling(
     probability ``mu``: ``mask_j ~ Bernoulli(mu)`` independently from ``rng``; the output data is
     ``where(mask, xhat, data)`` and the noise is the same noise (the GC path
     ``xhat + s noise`` of Eq. 14-15 reuses it). Rows with ``mask_j = False`` are IC rows, bitwise
-    unchanged. The generator is called on the whole batch, and not at all when no row is GC; put
-    a network generator in ``eval()`` mode first.
+    unchanged. The generator is called on the GC rows only (a ``(n_gc, *dims)`` batch), and not at
+    all when no row is GC; put a network generator in ``eval()`` mode first.
 
     Args:
         data, noise: ``(B, *dims)`` finite float tensors, same shape, dtype and device.
@@ -480,17 +480,21 @@ def generator_induced_coupling(
     n_gc = int(mask.sum())
     data_out = data
     if n_gc > 0:
+        # Only the GC rows are sent through the generator: at mu = 0.5 this halves the extra
+        # forward pass that GC costs (PAPER.md section 2 reports about +20 % wall-clock).
+        rows = mask.nonzero().squeeze(1) if n_gc < b else slice(None)
         with torch.no_grad():
-            x_t = process.interpolate(data, noise, t_vec)
-            xhat = generator(x_t, t_vec)
-        if not torch.is_tensor(xhat) or xhat.shape != data.shape:
+            x_t = process.interpolate(data[rows], noise[rows], t_vec[rows])
+            xhat = generator(x_t, t_vec[rows])
+        if not torch.is_tensor(xhat) or xhat.shape != x_t.shape:
             shape = tuple(xhat.shape) if torch.is_tensor(xhat) else type(xhat).__name__
             raise ValueError(
                 "generator must return a tensor of the data's shape "
-                f"{tuple(data.shape)}, got {shape}"
+                f"{tuple(x_t.shape)}, got {shape}"
             )
         check_finite(xhat, "generator output")
-        data_out = torch.where(expand_time(mask, data), xhat.to(data), data)
+        data_out = data.clone()
+        data_out[rows] = xhat.to(data)
     return CouplingResult(
         data=data_out,
         noise=noise,

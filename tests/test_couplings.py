@@ -215,7 +215,13 @@ class _Recorder:
 @pytest.mark.parametrize("mu", [0.3, 1.0])
 def test_gc_with_paired_data_generator_is_ic(mu):
     data, noise = _pair(32, (3, 4), seed=9)
-    gen = _Recorder(lambda x, t: data.clone())  # the ideal "generator" that returns the pair
+    x_all = data + 5.0 * noise  # VE: x_t = data + t noise
+
+    def paired(x, t):  # the ideal "generator": looks each x_t up and returns its own data row
+        rows = [int(torch.nonzero((x_all.flatten(1) == r.flatten()).all(1))[0]) for r in x]
+        return data[rows].clone()
+
+    gen = _Recorder(paired)
     res = generator_induced_coupling(
         data, noise, gen, 5.0, VEProcess(), mu=mu, rng=torch.Generator().manual_seed(0)
     )
@@ -224,8 +230,10 @@ def test_gc_with_paired_data_generator_is_ic(mu):
     assert res.cost_after == ic.cost_after and res.cost_before == ic.cost_before
     assert res.gc_mask.any()  # the generator was actually used
     x, t, grad = gen.calls[0]
-    torch.testing.assert_close(x, data + 5.0 * noise, rtol=0, atol=0)  # VE: x_t = data + t noise
-    assert torch.equal(t, torch.full((32,), 5.0, dtype=F64)) and not grad
+    # Only the GC rows go through the generator, at their own x_t and t.
+    torch.testing.assert_close(x, x_all[res.gc_mask], rtol=0, atol=0)
+    n_gc = int(res.gc_mask.sum())
+    assert torch.equal(t, torch.full((n_gc,), 5.0, dtype=F64)) and not grad
 
 
 def test_gc_mu_zero_and_one():
