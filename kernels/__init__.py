@@ -1,6 +1,161 @@
-"""Public kernel ops. The pure-torch reference (``reference.py``) is the specification; Triton
-kernels replace it on CUDA (DESIGN.md, "The kernels"). Imports nothing from gcflows."""
+"""Public kernel ops with a backend switch (DESIGN.md, "The kernels").
 
-from .reference import interpolate_pair, pairwise_sqdist
+- ``interpolate_pair(data, noise, t_lo, t_hi, process="ve", backend="auto")`` ->
+  ``(x_lo, x_hi, sqcost)``: the pair noised at two times, ``x_t = a(t) data + b(t) noise``
+  (PAPER.md section 1), and ``sqcost_j = ||data_j - noise_j||^2`` accumulated in float32.
+- ``pairwise_sqdist(a, b, precision="ieee", backend="auto")`` -> ``(Ba, Bb)`` squared distances,
+  clamped at 0, exact zeros on the diagonal when ``a is b`` (the batch-OT cost matrix).
 
-__all__ = ["interpolate_pair", "pairwise_sqdist"]
+``backend``:
+
+- ``"torch"``: the pure-torch reference (``reference.py``, the specification), any device.
+- ``"triton"``: the Triton kernels (``interpolate.py``, ``sqdist.py``) on CUDA tensors; on CPU
+  tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernel modules are
+  first imported; that is how the tests run them). ``ValueError`` when triton is missing, for
+  float64 inputs, or for inputs that require grad (the kernels have no backward).
+- ``"auto"`` (default): Triton for CUDA tensors of float32 / float16 / bfloat16 when triton imports
+  and no input requires grad; the reference otherwise.
+
+Importing this package imports nothing from gcflows, does not import triton and never queries a
+GPU driver: the kernel modules are imported on the first Triton call.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import PRECISIONS, PROCESSES
+
+__all__ = [
+    "interpolate_pair",
+    "pairwise_sqdist",
+    "triton_available",
+    "BACKENDS",
+    "PROCESSES",
+    "PRECISIONS",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_triton_ok: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` works (cached; imports triton on the first call only)."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            importlib.import_module("triton")
+            _triton_ok = True
+        except ImportError:
+            _triton_ok = False
+    return _triton_ok
+
+
+def _kernel_module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(torch.is_tensor(x) and x.requires_grad for x in xs)
+
+
+def _use_triton(backend: str, module: str, tensors: tuple, grad_inputs: tuple) -> bool:
+    """Decide the backend; ``ValueError`` when ``backend="triton"`` cannot be honoured."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    x = tensors[0]
+    if not torch.is_tensor(x):
+        return False  # the reference raises the precise ValueError
+    dtype_ok = all(torch.is_tensor(t) and t.dtype in _TRITON_DTYPES for t in tensors)
+    grad = _needs_grad(*grad_inputs)
+    if backend == "auto":
+        return x.is_cuda and dtype_ok and not grad and triton_available()
+    # backend == "triton": explain every reason it cannot run
+    if not triton_available():
+        raise ValueError(
+            "backend='triton' needs triton: pip install 'gcflows[triton]' (or use backend='auto')"
+        )
+    if grad:
+        raise ValueError(
+            "backend='triton' has no backward and an input requires grad; use backend='auto' "
+            "or 'torch', or detach the inputs"
+        )
+    if not dtype_ok:
+        raise ValueError(
+            "backend='triton' supports float32, float16 and bfloat16 inputs, got "
+            f"{[getattr(t, 'dtype', type(t).__name__) for t in tensors]}; use backend='torch'"
+        )
+    if not x.is_cuda:
+        mod = _kernel_module(module)
+        if not (mod.INTERPRETED and mod.interpreting()):
+            raise ValueError(
+                "backend='triton' needs CUDA tensors; on CPU it runs only in Triton's interpreter: "
+                "set TRITON_INTERPRET=1 before gcflows.kernels." + module + " is first imported "
+                "(tests do), or use backend='auto' / 'torch'"
+            )
+    return True
+
+
+def interpolate_pair(
+    data: Tensor,
+    noise: Tensor,
+    t_lo: Tensor | float,
+    t_hi: Tensor | float,
+    process: str = "ve",
+    backend: str = "auto",
+    *,
+    out: tuple[Tensor, Tensor, Tensor] | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Noise a (data, noise) pair at two times and return its squared transport cost.
+
+    Args:
+        data, noise: ``(B, *dims)``, same shape, dtype and device.
+        t_lo, t_hi: per-row times ``(B,)`` or numbers; ``ve``: ``t > 0``, ``linear``:
+            ``0 < t < 1``.
+        process: ``"ve"`` (``x = data + t noise``) or ``"linear"``
+            (``x = (1 - t) data + t noise``).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (module docstring).
+        out: optional preallocated contiguous ``(x_lo, x_hi, sqcost)``.
+        validate: check the time values (one host sync on a GPU); ``False`` when the caller
+            guarantees them. Shapes and dtypes are always checked.
+
+    Returns:
+        ``x_lo, x_hi`` ``(B, *dims)`` in the input dtype, computed in float32 (float64 for
+        float64); ``sqcost`` ``(B,)`` float32 (float64 for float64).
+    """
+    if _use_triton(backend, "interpolate", (data, noise), (data, noise, t_lo, t_hi)):
+        return _kernel_module("interpolate").interpolate_pair_triton(
+            data, noise, t_lo, t_hi, process, out=out, validate=validate
+        )
+    return reference.interpolate_pair(data, noise, t_lo, t_hi, process, out=out, validate=validate)
+
+
+def pairwise_sqdist(
+    a: Tensor,
+    b: Tensor,
+    precision: str = "ieee",
+    backend: str = "auto",
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Squared Euclidean distances ``C_ij = ||a_i - b_j||^2``: ``(Ba, *dims), (Bb, *dims)`` ->
+    ``(Ba, Bb)``.
+
+    Clamped at 0, exact zeros on the diagonal when ``a is b``; float32 output (float64 for
+    float64 inputs). ``precision`` in ``("ieee", "tf32", "tf32x3")`` is the ``tl.dot`` input
+    precision of the Triton kernel ("ieee" by default: exact OT is sensitive to ties and
+    cancellation); the torch backend computes in float32 on CPU and follows torch's matmul
+    precision setting on CUDA. ``out``: optional preallocated contiguous ``(Ba, Bb)`` tensor.
+    """
+    reference.check_precision(precision)
+    if _use_triton(backend, "sqdist", (a, b), (a, b)):
+        return _kernel_module("sqdist").pairwise_sqdist_triton(a, b, precision, out=out)
+    return reference.pairwise_sqdist(a, b, precision, out=out)
