@@ -1,0 +1,202 @@
+"""Run-folder helpers shared by the experiment scripts (DESIGN.md: each run writes config.json with
+seed, git SHA, versions and device; results.json / results.csv; PNG figures; and prints a summary
+table last).
+
+    run_dir = make_run_dir(args.out, "toy_discrepancy")
+    write_config(run_dir, args, seed=args.seed)
+    ...
+    write_results(run_dir, results, rows)
+    print_table(rows)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "make_run_dir",
+    "git_info",
+    "environment",
+    "jsonable",
+    "write_config",
+    "write_results",
+    "format_value",
+    "print_table",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run_dir(out: str | os.PathLike, name: str) -> Path:
+    """Create and return ``out/<name>_<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken)."""
+    if not name or any(c in name for c in "/\\"):
+        raise ValueError(f"name must be a plain folder name, got {name!r}")
+    base = Path(out) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, k = base, 1
+    while True:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            k += 1
+            run_dir = base.with_name(f"{base.name}-{k}")
+
+
+def git_info() -> dict[str, Any]:
+    """``{"git_sha": ..., "git_dirty": ...}`` of the repository (None where git is unavailable)."""
+    info: dict[str, Any] = {"git_sha": None, "git_dirty": None}
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode == 0:
+            info["git_sha"] = sha.stdout.strip()
+            st = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            if st.returncode == 0:
+                info["git_dirty"] = bool(st.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def environment() -> dict[str, Any]:
+    """Versions (python, torch, numpy, gcflows), platform, CPU count, device and host."""
+    from importlib import metadata
+
+    import numpy as np
+    import torch
+
+    try:
+        version = metadata.version("gcflows")
+    except metadata.PackageNotFoundError:
+        version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "gcflows": version,
+        },
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "hostname": socket.gethostname(),
+    }
+
+
+def jsonable(obj: Any) -> Any:
+    """A JSON-ready copy: tensors / arrays to lists, paths to str, non-finite floats to None."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "as_dict") and callable(obj.as_dict):
+        return jsonable(obj.as_dict())
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch / numpy
+        return jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    return str(obj)
+
+
+def write_config(run_dir: str | os.PathLike, args: Any, seed: int | Sequence[int], **extra) -> Path:
+    """Write ``config.json``: arguments, seed(s), command, git SHA, versions, device, start time."""
+    argd = vars(args) if hasattr(args, "__dict__") else dict(args)
+    record = {
+        "args": jsonable(argd),
+        "seed": jsonable(seed),
+        "command": [sys.executable, *sys.argv],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **git_info(),
+        **environment(),
+        **jsonable(extra),
+    }
+    path = Path(run_dir) / "config.json"
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_results(
+    run_dir: str | os.PathLike,
+    results: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]] = (),
+    *,
+    json_name: str = "results.json",
+    csv_name: str = "results.csv",
+) -> tuple[Path, Path]:
+    """Write ``results.json`` (the nested dict) and ``results.csv`` (one line per row; columns =
+    the union of the rows' keys in first-seen order). Returns both paths."""
+    run_dir = Path(run_dir)
+    jpath = run_dir / json_name
+    jpath.write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
+    cpath = run_dir / csv_name
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with open(cpath, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: jsonable(v) for k, v in row.items()})
+    return jpath, cpath
+
+
+def format_value(value: Any, digits: int = 4) -> str:
+    """Floats with ``digits`` significant digits, everything else ``str``."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def print_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    title: str = "",
+    digits: int = 4,
+    file=None,
+) -> str:
+    """Print ``rows`` as an aligned text table (columns default to the union of keys); return it."""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    cells = [[format_value(row.get(c), digits) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells)
+    text = "\n".join(lines)
+    print(text, file=file or sys.stdout, flush=True)
+    return text
