@@ -449,6 +449,12 @@ class GaussianMixture:
         for one Gaussian ``x - a m`` scales with ``sqrt(a^2 sigma^2 + b^2)``, which is exactly
         linear in ``s`` for a Dirac under ``ve``. The output has the dtype of ``x``; no gradient
         flows through the solve.
+
+        Tolerances: keep the tight defaults unless the start times are small. From a large ``t``
+        a loose ``rtol`` (1e-5) lets the adaptive step grow while the field is nearly linear and
+        jump across the short stretch where the posterior commits to a mode (seen in 3072-D:
+        3 steps from t = 80, a transport cost 34 % off). ``gcflows.transport.ideal_flow_map``
+        cuts the path into segments per decade of noise level for loose, fast solves.
         """
         x, process, _, _, _, _ = self._prepare(x, t, process)
         x64 = x.detach().to(torch.float64)
