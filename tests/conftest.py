@@ -27,6 +27,14 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The suite is made of small tensors: one intra-op thread is faster than two on a 2-core machine,
+# and far faster when anything else runs (OpenMP barriers stall: a 256 x 2 softmax took 2.6 ms
+# with 2 threads under load, against microseconds with 1). Child processes (experiment smoke runs,
+# torchrun) inherit the variable. Override with GCFLOWS_TEST_THREADS.
+_THREADS = int(os.environ.get("GCFLOWS_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+torch.set_num_threads(_THREADS)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
