@@ -1,0 +1,522 @@
+"""Consistency training on images with the independent (IC), batch-OT or generator-induced (GC)
+coupling (PAPER.md sections 2 and 5): a thin script over ``gcflows.training.train``.
+
+    # 8x8 scikit-learn digits on a CPU (bundled, no download), about two minutes on one core:
+    python experiments/train_images.py --preset digits_base --coupling gc --mu 0.5 --out runs/dg
+    # split a run over two job slots: stop after step 1500, then continue it (same --out)
+    python experiments/train_images.py --preset digits_gc_mix50 --out runs/dg2 --stop-after 1500
+    python experiments/train_images.py --preset digits_gc_mix50 --out runs/dg2 --resume
+    # the paper's CIFAR-10 settings on 8 GPUs (global batch 512 = 64 per process; local data):
+    torchrun --nproc_per_node=8 experiments/train_images.py --preset cifar10_gc_mix50 \
+        --data-root ~/data/cifar10 --out runs/cifar10_gc
+
+Presets live in ``gcflows.presets.IMAGE_PRESETS`` (``digits_base``, ``digits_ot``,
+``digits_gc_mix50``, ``digits_tiny``, ``cifar10_base``, ``cifar10_ot``, ``cifar10_gc_mix50``).
+``--coupling ic|ot|gc`` and ``--mu`` replace the preset's objective; trailing ``key=value`` pairs
+override ``TrainConfig`` fields (``lr=2e-4``, ``total_steps=500``, ``betas=[0.9,0.99]``) or the
+U-Net (``net.base_channels=32``, ``net.dropout=0.1``); values are read as JSON, else as strings.
+``batch_size`` is the global batch: each of the N torchrun processes gets ``batch_size / N`` rows,
+and the batch-OT coupling is solved over the global batch.
+
+Checked before any work (nothing is loaded, built or written until these pass): the preset, the
+overrides and the ``TrainConfig``; that the U-Net's input size matches the data set's image size;
+when resuming, that the checkpoint was written by the same preset, coupling and image size; then
+the data (``--data-root`` for MNIST / CIFAR-10: a missing folder raises ``FileNotFoundError``
+saying how to get the data, since nothing is ever downloaded).
+
+The run folder (``--out``) gets what ``gcflows.training`` writes (``config.json``: config, seed,
+git SHA, versions, device; ``metrics.jsonl``; ``checkpoint.pt``; one-step samples
+``samples/step_*.pt``), PNG sample grids of the EMA model from a fixed noise draw every
+``sample_every`` steps (``samples/grid_*.png``), and ``results.json`` / ``results.csv``; a summary
+table is printed last. Evaluate a checkpoint with ``experiments/eval_images.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gcflows.consistency import ConsistencyModel
+from gcflows.data import IMAGE_SHAPES, get_image_dataset
+from gcflows.networks import UNet
+from gcflows.presets import IMAGE_PRESETS
+from gcflows.processes import get_process
+from gcflows.sampling import one_step_sample
+from gcflows.training import StepInfo, TrainConfig, derive_seed, load_checkpoint, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_results  # noqa: E402
+
+__all__ = [
+    "COUPLINGS",
+    "SIGMA_DATA",
+    "ImageRun",
+    "parse_overrides",
+    "resolve_run",
+    "build_model",
+    "model_from_checkpoint",
+    "check_resume",
+    "load_images",
+    "image_grid",
+    "save_image_grid",
+    "GridCallback",
+    "main",
+]
+
+#: --coupling name -> TrainConfig.method (IC = consistency training with independent pairs).
+COUPLINGS = {"ic": "ct", "ot": "ot", "gc": "gc"}
+METHOD_TO_COUPLING = {v: k for k, v in COUPLINGS.items()}
+SIGMA_DATA = 0.5  # PAPER.md Eq. 3
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+# fields the script owns: set from the preset / flags, never by key=value
+_RESERVED = {"preset", "model", "data_shape", "dropout", "out_dir"}
+_STREAM_INIT, _STREAM_GRID = 11, 12
+
+
+@dataclass
+class ImageRun:
+    """A resolved image run: preset name, data set, validated config (per-process batch) and the
+    U-Net keyword arguments. ``global_batch`` = ``config.batch_size * world_size``."""
+
+    preset: str
+    data: str
+    config: TrainConfig
+    network: dict[str, Any]
+    world_size: int
+    global_batch: int
+
+    @property
+    def coupling(self) -> str:
+        return METHOD_TO_COUPLING[self.config.method]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return IMAGE_SHAPES[self.data]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``["lr=2e-4", "net.dropout=0.1"]`` -> (TrainConfig overrides, U-Net overrides).
+
+    Values are parsed as JSON (numbers, lists, true / false / null), otherwise kept as strings.
+    Unknown keys raise ``ValueError`` listing the accepted ones.
+    """
+    train_over: dict[str, Any] = {}
+    net_over: dict[str, Any] = {}
+    net_keys = set(inspect.signature(UNet).parameters)
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. lr=2e-4)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        value = _parse_value(text.strip())
+        if key.startswith("net."):
+            name = key[4:]
+            if name not in net_keys:
+                raise ValueError(
+                    f"unknown U-Net field {name!r} in {item!r}; known: {sorted(net_keys)}"
+                )
+            net_over[name] = value
+        elif key in _RESERVED:
+            raise ValueError(
+                f"{key!r} cannot be overridden (it is set from --preset / --out; for the dropout "
+                "use net.dropout=...)"
+            )
+        elif key in _TRAIN_FIELDS:
+            train_over[key] = value
+        else:
+            known = sorted(_TRAIN_FIELDS - _RESERVED)
+            raise ValueError(
+                f"unknown key {key!r} in {item!r}: use a TrainConfig field ({', '.join(known)}) "
+                "or net.<U-Net argument>"
+            )
+    return train_over, net_over
+
+
+def resolve_run(
+    preset: str,
+    *,
+    coupling: str | None = None,
+    mu: float | None = None,
+    overrides: Sequence[str] = (),
+    seed: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    world_size: int = 1,
+) -> ImageRun:
+    """Preset + flags + ``key=value`` overrides -> a validated :class:`ImageRun`.
+
+    Raises ``ValueError`` for an unknown preset / coupling / key, a bad value (via ``TrainConfig``),
+    a global batch not divisible by ``world_size``, or a U-Net whose input does not match the
+    preset's image size.
+    """
+    if preset not in IMAGE_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(IMAGE_PRESETS)}, got {preset!r}")
+    spec = copy.deepcopy(IMAGE_PRESETS[preset])
+    data, train_kw, network = spec["data"], spec["train"], spec["network"]
+    train_over, net_over = parse_overrides(overrides)
+    train_kw.update(train_over)
+    network.update(net_over)
+    if coupling is not None:
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
+        train_kw["method"] = COUPLINGS[coupling]
+    if train_kw.get("method") not in METHOD_TO_COUPLING:
+        raise ValueError(
+            f"method must be one of {sorted(METHOD_TO_COUPLING)} for image training (ct = IC), "
+            f"got {train_kw.get('method')!r}"
+        )
+    if mu is not None:
+        train_kw["mu"] = mu
+    if seed is not None:
+        train_kw["seed"] = seed
+    if device is not None:
+        train_kw["device"] = device
+    if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    global_batch = train_kw.get("batch_size")
+    if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1:
+        raise ValueError(
+            f"batch_size must be a positive int (the global batch), got {global_batch!r}"
+        )
+    if global_batch % world_size:
+        raise ValueError(
+            f"batch_size={global_batch} (global) is not divisible by the {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    train_kw["batch_size"] = global_batch // world_size
+    shape = IMAGE_SHAPES[data]
+    net_shape = (network.get("in_channels"), network.get("image_size"), network.get("image_size"))
+    if net_shape != shape:
+        raise ValueError(
+            f"preset {preset!r} trains on {data} images of shape {shape} (C, H, W) but the U-Net "
+            f"takes {net_shape}: wrong image size for the preset; drop the net.in_channels / "
+            "net.image_size override or use a preset made for this data"
+        )
+    if "dropout" in network and float(network["dropout"]) > 0 and train_kw["method"] == "gc":
+        print(
+            f"note: GC with dropout {network['dropout']} (the paper trains GC with dropout 0; "
+            "set net.dropout=0 to match)",
+            file=sys.stderr,
+        )
+    network = json.loads(json.dumps(network))  # tuples -> lists, as stored in the checkpoint
+    model_record = {"arch": "unet", "unet": network, "sigma_data": SIGMA_DATA, "data": data}
+    config = TrainConfig(
+        **train_kw,
+        preset=preset,
+        model=model_record,
+        dropout=float(network.get("dropout", 0.0)),
+        data_shape=shape,
+        out_dir=None if out_dir is None else str(out_dir),
+    )
+    return ImageRun(preset, data, config, network, int(world_size), global_batch)
+
+
+def build_model(config: TrainConfig, seed: int | None = None) -> ConsistencyModel:
+    """``ConsistencyModel(UNet(**config.model["unet"]), process, sigma_data)``, its weights drawn
+    from a seed derived from ``seed`` (default ``config.seed``) without touching the caller's
+    global RNG."""
+    record = config.model
+    if record.get("arch") != "unet" or "unet" not in record:
+        raise ValueError(
+            f"config.model {record!r} does not describe a U-Net image model; it was not written "
+            "by experiments/train_images.py"
+        )
+    process = get_process(config.process, t_min=config.sigma_min, t_max=config.sigma_max)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed if seed is None else seed, _STREAM_INIT))
+        backbone = UNet(**record["unet"])
+    return ConsistencyModel(backbone, process, sigma_data=float(record.get("sigma_data", 0.5)))
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], which: str = "ema") -> ConsistencyModel:
+    """The ``"ema"`` (default) or ``"model"`` network of a checkpoint written by this script."""
+    from gcflows.training import load_weights
+
+    config = TrainConfig.from_dict(checkpoint["config"])
+    model = build_model(config)
+    load_weights(model, checkpoint, which=which)
+    return model.eval()
+
+
+def check_resume(run: ImageRun, resume: str | None) -> Path | None:
+    """The checkpoint a run would continue from, checked against ``run`` before any work.
+
+    ``resume``: ``None`` (start fresh: refuse an ``out_dir`` that holds a checkpoint), ``"auto"``
+    (``out_dir/checkpoint.pt`` if present) or a path. Raises ``ValueError`` if the checkpoint was
+    written by another preset, coupling or image size.
+    """
+    out = Path(run.config.out_dir) if run.config.out_dir else None
+    latest = out / "checkpoint.pt" if out is not None else None
+    if resume is None:
+        if latest is not None and latest.exists():
+            raise ValueError(
+                f"{str(out)!r} already holds a run (checkpoint.pt): pass --resume to continue it "
+                "or choose a new --out (nothing was overwritten)"
+            )
+        return None
+    if resume == "auto":
+        if latest is None or not latest.exists():
+            return None
+        path = latest
+    else:
+        path = Path(resume)
+    ckpt = load_checkpoint(path)  # ValueError if missing / corrupt / not a gcflows checkpoint
+    old = ckpt["config"]
+    if old.get("preset") != run.preset:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was written by preset {old.get('preset')!r}, this run uses "
+            f"preset {run.preset!r}: pass --preset {old.get('preset')} to continue it, or use a "
+            "new --out"
+        )
+    shape = tuple(ckpt.get("data_shape") or old.get("data_shape") or ())
+    if shape != run.image_shape:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds a model for images of shape {shape}, this run "
+            f"trains on {run.image_shape}: wrong image size for the checkpoint"
+        )
+    if old.get("method") != run.config.method:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with coupling "
+            f"{METHOD_TO_COUPLING.get(old.get('method'), old.get('method'))!r}, this run asks for "
+            f"{run.coupling!r}: resume with the same --coupling or use a new --out"
+        )
+    if old.get("model") != run.config.model:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds another network ({old.get('model')}); remove the "
+            "net.* overrides that differ, or use a new --out"
+        )
+    return path
+
+
+def load_images(
+    data: str, data_root: str | os.PathLike | None, split: str = "train"
+) -> torch.Tensor:
+    """Images ``(N, C, H, W)`` in [-1, 1] of ``data`` (digits are bundled; MNIST / CIFAR-10 come
+    from ``data_root`` and raise ``FileNotFoundError`` with instructions when missing)."""
+    if data != "digits" and data_root is None:
+        raise ValueError(
+            f"the {data} presets need --data-root: the folder holding the {data} files (gcflows "
+            "never downloads data; see gcflows.data for the accepted layouts)"
+        )
+    images, _ = get_image_dataset(data, root=data_root, split=split)
+    return images
+
+
+# ------------------------------------------------------------------------------------------------
+# sample grids
+# ------------------------------------------------------------------------------------------------
+def image_grid(
+    images: torch.Tensor, nrow: int | None = None, scale: int = 1, pad: int | None = None
+):
+    """Tile ``images (N, C, H, W)`` (values clipped to [-1, 1], mapped to 0..255) into a uint8
+    array ``(rows (H' + pad) + pad, cols (W' + pad) + pad[, 3])`` with mid-grey separators of
+    ``pad`` pixels (default ``max(1, scale // 2)``), each pixel repeated ``scale`` times (nearest
+    neighbour, ``H' = scale H``) so that 8x8 digits stay legible."""
+    pad = max(1, scale // 2) if pad is None else int(pad)
+    x = images.detach().float().cpu().clamp(-1.0, 1.0)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, 1 or 3, H, W), got {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    ncol = nrow
+    nrows = math.ceil(n / ncol)
+    x = ((x + 1.0) * 127.5).round().to(torch.uint8)
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
+    grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), 128, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, top : top + h, left : left + w] = x[i]
+    arr = grid[0] if c == 1 else grid.permute(1, 2, 0)
+    return np.ascontiguousarray(arr.numpy())  # Pillow misreads strided views
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, **kw) -> Path:
+    """Write :func:`image_grid` as a PNG (Pillow, installed with matplotlib: ``gcflows[plot]``)."""
+    try:
+        from PIL import Image
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("saving PNG grids needs Pillow: pip install 'gcflows[plot]'") from err
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    default_scale = max(1, 64 // int(images.shape[-1]))  # 8x8 digits -> 8x upscaling
+    Image.fromarray(image_grid(images, scale=kw.pop("scale", default_scale), **kw)).save(path)
+    return path
+
+
+class GridCallback:
+    """Training callback: on ``sample_every`` steps, rank 0 writes one-step samples of the EMA
+    model from a fixed noise draw (seeded by ``(seed, grid stream)``, identical at every save) as
+    ``run_dir/samples/grid_<step>.png``. The training RNG streams are not touched."""
+
+    def __init__(self, config: TrainConfig, shape: tuple[int, ...]) -> None:
+        self.config = config
+        self.shape = tuple(shape)
+        self.process = get_process(config.process, t_min=config.sigma_min, t_max=config.sigma_max)
+        self.paths: list[Path] = []
+
+    def noise(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(derive_seed(self.config.seed, _STREAM_GRID))
+        n = self.config.sample_count
+        return torch.randn((n, *self.shape), generator=gen).to(device=device, dtype=dtype)
+
+    def __call__(self, info: StepInfo) -> bool:
+        if info.rank != 0 or info.run_dir is None or not info.sample_due:
+            return False
+        p = next(info.ema_model.parameters())
+        samples = one_step_sample(info.ema_model, self.noise(p.device, p.dtype), self.process)
+        path = Path(info.run_dir) / "samples" / f"grid_{info.step:08d}.png"
+        self.paths.append(save_image_grid(samples, path))
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", default="digits_base", choices=sorted(IMAGE_PRESETS))
+    p.add_argument("--coupling", choices=sorted(COUPLINGS), default=None, help="default: preset's")
+    p.add_argument("--mu", type=float, default=None, help="P(sample is generator-induced), GC")
+    p.add_argument("--data-root", default=None, help="folder with MNIST / CIFAR-10 (not digits)")
+    p.add_argument(
+        "--out", default=None, help="run folder (default runs/images/<preset>_<c>_s<seed>)"
+    )
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="total_steps (same as total_steps=N)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume-from", default=None, help="continue from this checkpoint file")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this step (resumable)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 for digits on CPU, else torch's default)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("overrides", nargs="*", help="key=value TrainConfig or net.<U-Net> overrides")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the command line ``argv``; returns the results dict (rank 0; ``{}`` on other ranks)."""
+    args = build_parser().parse_intermixed_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"total_steps={args.steps}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    run = resolve_run(
+        args.preset,
+        coupling=args.coupling,
+        mu=args.mu,
+        overrides=overrides,
+        seed=args.seed,
+        device=args.device,
+        world_size=world,
+        out_dir=args.out,
+    )
+    if args.out is None:
+        name = f"{run.preset}_{run.coupling}_s{run.config.seed}"
+        run.config = run.config.replace(out_dir=str(Path("runs") / "images" / name))
+    threads = args.threads
+    if threads is None and run.data == "digits" and run.config.device == "cpu":
+        threads = 1  # 8x8 images: extra threads only add synchronisation (measured, see docs)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    resume_path = check_resume(run, args.resume_from or ("auto" if args.resume else None))
+    images = load_images(run.data, args.data_root, "train")  # FileNotFoundError when missing
+    model = build_model(run.config)
+    grid = GridCallback(run.config, run.image_shape)
+    if rank == 0:
+        print(
+            f"preset {run.preset}: {run.data} {tuple(images.shape)}, coupling {run.coupling}"
+            + (f" (mu={run.config.mu})" if run.config.method == "gc" else "")
+            + f", global batch {run.global_batch} = {world} x {run.config.batch_size}, "
+            f"{run.config.total_steps} steps -> {run.config.out_dir}",
+            flush=True,
+        )
+    t0 = time.perf_counter()
+    result = train(
+        run.config,
+        model,
+        images,
+        resume=str(resume_path) if resume_path is not None else None,
+        callbacks=[grid],
+        stop_after=args.stop_after,
+    )
+    wall = time.perf_counter() - t0
+    if rank != 0:
+        return {}
+    last = result.history[-1] if result.history else {}
+    results = {
+        "preset": run.preset,
+        "data": run.data,
+        "coupling": run.coupling,
+        "mu": run.config.mu if run.config.method == "gc" else None,
+        "seed": run.config.seed,
+        "step": result.step,
+        "total_steps": run.config.total_steps,
+        "resumed_from": str(resume_path) if resume_path else None,
+        "world_size": world,
+        "global_batch": run.global_batch,
+        "final_loss": last.get("loss"),
+        "final_N": last.get("N"),
+        "final_pair_cost": last.get("pair_cost"),
+        "wall_time_s": wall,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "grids": [str(p) for p in grid.paths],
+        "device": str(next(result.model.parameters()).device),
+        "n_parameters": int(sum(p.numel() for p in result.model.parameters())),
+    }
+    row = {k: v for k, v in results.items() if k != "grids"}
+    if result.run_dir is not None:
+        write_results(result.run_dir, results, [row])
+    print_table(
+        [
+            {
+                "preset": run.preset,
+                "coupling": run.coupling,
+                "step": result.step,
+                "loss": results["final_loss"],
+                "N": results["final_N"],
+                "pair_cost": results["final_pair_cost"],
+                "wall_s": wall,
+                "run": str(result.run_dir),
+            }
+        ],
+        title="train_images summary",
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""Tests of the image experiments: experiments/train_images.py (each coupling trains, exact resume,
+torchrun, bad input before any work, the CIFAR-10 presets), experiments/eval_images.py (runs on
+a checkpoint and writes its protocol; sampling and metric details) and a tiny
+experiments/digits_comparison.py run.
+
+Everything trains the ``digits_tiny`` preset (a U-Net of 8 base channels on the 8x8 digits) for a
+handful of steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import digits_comparison  # noqa: E402
+import eval_images  # noqa: E402
+import train_images  # noqa: E402
+
+from gcflows.data import load_digits  # noqa: E402
+from gcflows.sampling import multistep_sample  # noqa: E402
+from gcflows.training import derive_seed, load_checkpoint  # noqa: E402
+
+TINY = ["--preset", "digits_tiny", "--no-progress", "log_every=1", "checkpoint_every=3"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread (as the scripts use for digits); restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory) -> Path:
+    """Session-wide classifier cache (shared with tests/test_classifier.py: trained once)."""
+    return tmp_path_factory.getbasetemp() / "gcflows_classifier_cache"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 4-step digits_tiny IC run."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    n = torch.get_num_threads()
+    try:
+        train_images.main([*TINY, "--steps", "4", "--out", str(out)])
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [(rec["step"], rec["loss"]) for rec in map(json.loads, lines)]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------
+# train_images.py
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("coupling", ["ic", "ot", "gc"])
+def test_each_coupling_trains_and_resumes_bit_for_bit(tmp_path, coupling):
+    common = [*TINY, "--coupling", coupling, "--steps", "6", "sample_every=3"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    res = train_images.main([*common, "--out", str(full)])
+    assert res["step"] == 6 and res["coupling"] == coupling and np.isfinite(res["final_loss"])
+    assert (full / "config.json").is_file() and (full / "results.csv").is_file()
+    assert json.loads((full / "results.json").read_text())["step"] == 6
+    grids = sorted(p.name for p in (full / "samples").glob("grid_*.png"))
+    assert grids == ["grid_00000003.png", "grid_00000006.png"]
+
+    train_images.main([*common, "--out", str(split), "--stop-after", "3"])
+    assert load_checkpoint(split / "checkpoint.pt")["step"] == 3
+    res2 = train_images.main([*common, "--out", str(split), "--resume"])
+    assert res2["resumed_from"] == str(split / "checkpoint.pt") and res2["step"] == 6
+
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for sa, sb in zip(opt_a.values(), opt_b.values(), strict=True):
+        for name in sa:
+            assert torch.equal(torch.as_tensor(sa[name]), torch.as_tensor(sb[name])), name
+    assert _losses(full) == _losses(split)  # every logged loss, steps 1..6, identical
+    if coupling == "gc":
+        fractions = [json.loads(x)["gc_fraction"] for x in open(full / "metrics.jsonl")]
+        assert max(fractions) > 0  # mu = 0.5 on 16 samples: some generator-induced pairs
+
+
+def test_overrides_and_presets_resolve():
+    run = train_images.resolve_run(
+        "digits_tiny", coupling="gc", mu=0.3, overrides=["lr=2e-4", "net.base_channels=16"]
+    )
+    assert run.config.method == "gc" and run.config.mu == 0.3 and run.config.lr == 2e-4
+    assert run.network["base_channels"] == 16 and run.config.model["unet"]["base_channels"] == 16
+    assert run.config.preset == "digits_tiny" and run.config.data_shape == (1, 8, 8)
+    for bad, match in [
+        (["colour=1"], "unknown key"),
+        (["net.colour=1"], "unknown U-Net field"),
+        (["preset=x"], "cannot be overridden"),
+        (["lr"], "key=value"),
+        (["lr=-1"], "TrainConfig.lr"),
+        (["net.image_size=16"], "wrong image size"),
+        (["net.in_channels=3"], "wrong image size"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train_images.resolve_run("digits_tiny", overrides=bad)
+    with pytest.raises(ValueError, match="not divisible"):
+        train_images.resolve_run("digits_tiny", world_size=3)  # global batch 16
+    with pytest.raises(ValueError, match="preset must be one of"):
+        train_images.resolve_run("cifar100")
+    with pytest.raises(ValueError, match="coupling must be one of"):
+        train_images.resolve_run("digits_tiny", coupling="cd")
+
+
+@pytest.mark.parametrize(
+    "name, method, dropout",
+    [("cifar10_base", "ct", 0.3), ("cifar10_ot", "ot", 0.3), ("cifar10_gc_mix50", "gc", 0.0)],
+)
+def test_cifar10_presets_follow_paper_section_5(name, method, dropout):
+    run = train_images.resolve_run(name, world_size=8)
+    c, net = run.config, run.network
+    assert run.data == "cifar10" and run.global_batch == 512 and c.batch_size == 64
+    assert (c.method, c.total_steps, c.optimizer, c.lr, c.ema_decay) == (
+        method,
+        100_000,
+        "lion",
+        1e-4,
+        0.9999,
+    )
+    assert (c.process, c.sigma_min, c.sigma_max, c.s0, c.s1) == ("ve", 0.002, 80.0, 10, 1280)
+    assert (c.p_mean, c.p_std, c.distance) == (-1.1, 2.0, "pseudo_huber")
+    assert (net["base_channels"], net["channel_mults"], net["num_blocks"]) == (128, [1, 2, 2], 3)
+    assert net["dropout"] == dropout and c.dropout == dropout and net["attn_resolutions"] == [16]
+    if method == "gc":
+        assert c.mu == 0.5
+
+
+def test_missing_data_folder_raises_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        train_images.main(
+            ["--preset", "cifar10_base", "--data-root", str(tmp_path / "no"), "--out", str(out)]
+        )
+    with pytest.raises(ValueError, match="--data-root"):
+        train_images.main(["--preset", "cifar10_base", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_wrong_image_size_for_the_preset_raises_before_any_work(tmp_path):
+    root = tmp_path / "cifar"
+    root.mkdir()
+    # MNIST-sized images where the CIFAR-10 preset expects 3 x 32 x 32
+    np.savez(
+        root / "cifar10_train.npz",
+        images=np.zeros((4, 28, 28), np.uint8),
+        labels=np.zeros(4, np.int64),
+    )
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"expects images of shape \(N, 3, 32, 32\)"):
+        train_images.main(["--preset", "cifar10_base", "--data-root", str(root), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_checkpoint_from_another_preset_or_coupling_raises_before_any_work(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="written by preset 'digits_tiny'"):
+        train_images.main(["--preset", "digits_base", "--out", str(run), "--resume"])
+    with pytest.raises(ValueError, match="coupling 'ic'"):
+        train_images.main([*TINY, "--coupling", "gc", "--out", str(run), "--resume"])
+    with pytest.raises(ValueError, match="another network"):
+        train_images.main([*TINY, "net.base_channels=16", "--out", str(run), "--resume"])
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_images.main([*TINY, "--out", str(run)])
+    new = tmp_path / "new"
+    with pytest.raises(ValueError, match="preset"):
+        train_images.main(
+            [
+                "--preset",
+                "digits_base",
+                "--out",
+                str(new),
+                "--resume-from",
+                str(run / "checkpoint.pt"),
+            ]
+        )
+    assert _snapshot(run) == before and not new.exists()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_train_images_under_torchrun_with_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(ROOT / "experiments" / "train_images.py"),
+        *TINY,
+        "--coupling",
+        "ot",
+        "--steps",
+        "2",
+        "batch_size=8",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"torchrun did not finish in 240 s: {err.stdout!r} {err.stderr!r}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("train_images summary") == 1  # rank 0 reports, rank 1 does not
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["global_batch"] == 8 and res["step"] == 2
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["world_size"] == 2 and ckpt["config"]["batch_size"] == 4  # 8 = 2 ranks x 4
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# eval_images.py
+# ------------------------------------------------------------------------------------------------
+def test_eval_images_writes_results_and_protocol(tmp_path, tiny_run, classifier_cache):
+    out = tmp_path / "eval"
+    res = eval_images.main(
+        [
+            str(tiny_run / "checkpoint.pt"),
+            "--seeds",
+            "0",
+            "1",
+            "--n-samples",
+            "64",
+            "--out",
+            str(out),
+            "--classifier-cache",
+            str(classifier_cache),
+        ]
+    )
+    for name in (
+        "config.json",
+        "results.json",
+        "results.csv",
+        "samples_one_step.png",
+        "samples_two_step.png",
+    ):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    proto = saved["protocol"]
+    assert proto["reference"] == "digits test split, 359 images" and proto["step"] == 4
+    assert proto["samplers"] == {"one_step": [80.0], "two_step": [80.0, 0.821]}
+    assert proto["n_samples"] == 64 and proto["seeds"] == [0, 1]
+    assert "clip" in proto["post_processing"] and "no rescaling" in proto["post_processing"]
+    # 2 seeds x (2 samplers + the real-data floor)
+    assert len(saved["per_seed"]) == 6
+    fd = saved["summary"]["model/one_step"]["fd_classifier"]
+    assert fd["n"] == 2 and fd["lo"] <= fd["mean"] <= fd["hi"]
+    floor = saved["summary"]["train_data/data"]["fd_classifier"]["mean"]
+    assert floor < fd["mean"]  # 4 training steps are far from real digits
+    assert res["per_class_first_seed"]["one_step"][0]["class"] == 0
+
+
+def test_generate_is_batch_invariant_and_is_multistep_sample(tiny_run):
+    model = train_images.model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt"))
+    sig = [80.0, 0.5]
+    whole = eval_images.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=10)
+    parts = eval_images.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=3)
+    # the draws do not depend on batching; float32 convolutions may block a batch of 3 and of 10
+    # differently, so allow round-off (values are O(1), float32 eps 1.2e-7)
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+    z = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(derive_seed(3, 101)))
+    g = torch.Generator().manual_seed(derive_seed(3, 102))
+    assert torch.equal(whole, multistep_sample(model, z, sig, model.process, generator=g))
+    other = eval_images.generate(model, 10, (1, 8, 8), sig, seed=4, batch_size=10)
+    assert not torch.equal(whole, other)
+
+
+def test_metrics_clip_and_never_rescale():
+    ref, _ = load_digits("test")
+    m = eval_images.ImageMetrics("digits", ref)
+    assert m(ref)["sw2_pixels"] == 0.0 and m(ref)["clipped_fraction"] == 0.0
+    x = ref.clone()
+    x[:, :, 0, 0] = 5.0  # one pixel of 64 out of range in every image
+    out = m(x)
+    assert out["clipped_fraction"] == pytest.approx(1 / 64, abs=1e-12)
+    assert out["sw2_pixels"] == m(x.clamp(-1, 1))["sw2_pixels"]
+    # a per-batch min / max rescaling would map ref / 2 (range [-0.5, 0.5]) back onto ref (SW2 0)
+    assert m(ref / 2)["sw2_pixels"] > 0.1
+
+
+def test_mean_interval_is_the_student_t_interval():
+    s = eval_images.mean_interval([1.0, 2.0, 3.0])
+    # mean 2, std 1, t_{0.975, 2} = 4.302653 -> half-width 4.302653 / sqrt(3) = 2.484138
+    assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
+    assert s["hi"] - 2.0 == pytest.approx(2.484138, abs=1e-6)
+    assert eval_images.mean_interval([5.0])["lo"] is None
+
+
+def test_inception_metrics_explain_why_they_are_skipped(monkeypatch, tmp_path):
+    x = torch.zeros(4, 3, 32, 32)
+    monkeypatch.setattr(eval_images.importlib.util, "find_spec", lambda name: None)
+    assert "torchmetrics is not installed" in eval_images.inception_metrics(x, x)["skipped"]
+    monkeypatch.setattr(eval_images.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    msg = eval_images.inception_metrics(x, x)["skipped"]
+    assert "Inception weights not found" in msg and "never downloads" in msg
+
+
+def test_eval_rejects_bad_input(tmp_path, tiny_run):
+    bogus = tmp_path / "x.pt"
+    torch.save({"a": 1}, bogus)
+    with pytest.raises(ValueError, match="not a gcflows training checkpoint"):
+        eval_images.evaluate_checkpoint(bogus)
+    with pytest.raises(ValueError, match="two-step sigma"):
+        eval_images.evaluate_checkpoint(tiny_run / "checkpoint.pt", mid_sigma=100.0)
+    with pytest.raises(ValueError, match="reference"):
+        eval_images.evaluate_checkpoint(tiny_run / "checkpoint.pt", reference="val")
+
+
+# ------------------------------------------------------------------------------------------------
+# digits_comparison.py
+# ------------------------------------------------------------------------------------------------
+def test_digits_comparison_tiny_run_writes_curves_grids_and_summary(tmp_path, classifier_cache):
+    figs = tmp_path / "figs"
+    res = digits_comparison.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--seeds",
+            "0",
+            "1",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--n-eval",
+            "32",
+            "--workers",
+            "1",
+            "--figures",
+            str(figs),
+            "--classifier-cache",
+            str(classifier_cache),
+            "batch_size=8",
+            "s1=20",
+            "sample_every=4",
+        ]
+    )
+    assert set(res["summary"]) == {"ic", "ot", "gc", "mid_step"} and res["steps"] == 4
+    assert res["summary"]["ic"]["minus_ic_paired"] is None
+    paired = res["summary"]["gc"]["minus_ic_paired"]["fd_one_step"]
+    per_seed = res["summary"]["gc"]["per_seed"], res["summary"]["ic"]["per_seed"]
+    diffs = [per_seed[0][s]["fd_one_step"] - per_seed[1][s]["fd_one_step"] for s in ("0", "1")]
+    assert paired["mean"] == pytest.approx(sum(diffs) / 2, rel=1e-12)
+    assert len(res["runs"]) == 6 and all(r["steps"] == 4 for r in res["runs"])
+    for name in ("metrics_vs_step.png", "samples_final.png", "samples_along_training.png"):
+        assert (figs / f"digits_comparison_{name}").is_file()
+    run_dir = Path(res["figures"]["curves"]).parent
+    rows = [r for r in json.loads((run_dir / "results.json").read_text())["final"]]
+    assert {(r["coupling"], r["sampler"]) for r in rows} == {
+        (c, s) for c in ("ic", "ot", "gc") for s in ("one_step", "two_step")
+    }
+    # the three couplings of a seed start from the same weights: identical step-0 evaluations
+    with open(run_dir / "results.csv", newline="") as fh:
+        step0 = [r for r in csv.DictReader(fh) if r["step"] == "0" and r["seed"] == "0"]
+    assert len(step0) == 3 and len({r["fd_classifier"] for r in step0}) == 1
