@@ -222,10 +222,11 @@ def load_npz_images(
     """Images from a ``.npz`` file: ``(images (N, C, H, W) in [-1, 1], labels (N,) int64)``.
 
     Accepted arrays: ``images`` (``(N, H, W)`` or ``(N, H, W, C)``, uint8 or float in [0, 1]) with
-    ``labels`` (N,) -- the file is then one split and is returned as is for ``split`` ``"train"``
-    or ``"all"`` (asking it for ``"test"`` is an error, so that a training set is never used as
-    an evaluation reference by accident); or Keras-style ``x_train``, ``y_train``, ``x_test``,
-    ``y_test``, which are split-aware (``"all"`` concatenates train then test).
+    ``labels`` (N,) -- the file is then one split, named by its file name: ``<name>_test.npz``
+    serves only ``split="test"``, any other name serves ``"train"`` and ``"all"`` (so a training
+    set is never used as an evaluation reference by accident, nor the reverse); or Keras-style
+    ``x_train``, ``y_train``, ``x_test``, ``y_test``, which are split-aware (``"all"``
+    concatenates train then test).
     """
     _check_split(split)
     _check_dtype(dtype)
@@ -238,10 +239,12 @@ def load_npz_images(
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable .npz file ({err})") from err
     if "images" in arrays and "labels" in arrays:
-        if split == "test":
+        is_test_file = path.stem.endswith("_test")
+        if (split == "test") != is_test_file:
             raise ValueError(
-                f"{path} holds a single split (arrays 'images', 'labels'); for split='test' put "
-                "<name>_test.npz next to <name>_train.npz in a folder and pass the folder"
+                f"{path} holds a single split (arrays 'images', 'labels') and cannot serve "
+                f"split={split!r}: name the test split <name>_test.npz and the training split "
+                "<name>_train.npz (or <name>.npz), in one folder, and pass the folder"
             )
         images, labels = arrays["images"], arrays["labels"]
     elif all(k in arrays for k in ("x_train", "y_train", "x_test", "y_test")):

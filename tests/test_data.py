@@ -306,6 +306,23 @@ def test_npz_single_split_and_keras_layout(tmp_path):
         load_npz_images(tmp_path / "lbl.npz")
 
 
+def test_npz_train_and_test_files_in_one_folder_serve_their_own_split(tmp_path):
+    rng = np.random.default_rng(2)
+    train = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "cifar10_train.npz", images=train, labels=np.arange(6) % 10)
+    np.savez(tmp_path / "cifar10_test.npz", images=test, labels=np.array([7, 8, 9]))
+    xtr, _ = load_cifar10(tmp_path, "train", dtype=torch.float64)
+    xte, yte = load_cifar10(tmp_path, "test", dtype=torch.float64)
+    torch.testing.assert_close(xte, torch.from_numpy(test.transpose(0, 3, 1, 2) / 127.5 - 1.0))
+    assert xtr.shape[0] == 6 and yte.tolist() == [7, 8, 9]
+    # A test file never serves as training data, nor a training file as the test reference.
+    with pytest.raises(ValueError, match="single split"):
+        load_npz_images(tmp_path / "cifar10_test.npz", "train")
+    with pytest.raises(ValueError, match="single split"):
+        load_npz_images(tmp_path / "cifar10_train.npz", "test")
+
+
 def test_wrong_image_size_for_the_preset_names_it(tmp_path):
     np.savez(
         tmp_path / "mnist_train.npz",
