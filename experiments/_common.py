@@ -17,16 +17,19 @@ import math
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gcflows import runrecord
+
 __all__ = [
     "make_run_dir",
     "git_info",
+    "git_sha",
+    "cpu_model",
     "environment",
     "jsonable",
     "write_config",
@@ -54,47 +57,25 @@ def make_run_dir(out: str | os.PathLike, name: str) -> Path:
 
 
 def git_info() -> dict[str, Any]:
-    """``{"git_sha": ..., "git_dirty": ...}`` of the repository (None where git is unavailable)."""
-    info: dict[str, Any] = {"git_sha": None, "git_dirty": None}
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        if sha.returncode == 0:
-            info["git_sha"] = sha.stdout.strip()
-            st = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            if st.returncode == 0:
-                info["git_dirty"] = bool(st.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
+    """``{"git_sha": ..., "git_dirty": ...}`` of this repository (None where git is unavailable)."""
+    return runrecord.git_info(REPO)
+
+
+def git_sha() -> str:
+    """``<sha>`` or ``<sha>+dirty`` of this repository (``unknown`` without git)."""
+    return runrecord.git_sha(REPO)
+
+
+cpu_model = runrecord.cpu_model
 
 
 def environment() -> dict[str, Any]:
     """Versions (python, torch, numpy, gcflows), platform, CPU count, device and host."""
-    from importlib import metadata
-
-    import numpy as np
     import torch
 
-    try:
-        version = metadata.version("gcflows")
-    except metadata.PackageNotFoundError:
-        version = None
     cuda = torch.cuda.is_available()
     return {
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "gcflows": version,
-        },
+        "versions": runrecord.versions(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -31,7 +31,7 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,35 +41,11 @@ import ot
 import torch
 
 from gcflows.couplings import ot_coupling
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, git_sha  # noqa: E402
+
 from gcflows.kernels import pairwise_sqdist
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(
-            line.split(":", 1) for line in out.splitlines() if ":" in line and line.strip()
-        )
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        return (
-            f"{fields.get('Model name', platform.processor())}, {fields.get('CPU(s)', '?')} CPUs "
-            f"(family {fields.get('CPU family', '?')} model {fields.get('Model', '?')})"
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def load_torchcfm():

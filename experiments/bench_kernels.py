@@ -36,12 +36,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import gcflows.kernels as K
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, git_sha  # noqa: E402
 
 try:  # a gcflows dependency, but absent from some GPU images: its column is then skipped
     import ot
@@ -71,36 +73,6 @@ class Record:
 # ---------------------------------------------------------------------------------------------
 # run record
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = {}
-        for line in out.splitlines():
-            if ":" in line:
-                key, value = line.split(":", 1)
-                fields[key.strip()] = value.strip()
-        return (
-            f"{fields.get('Model name', platform.processor())}, {fields.get('CPU(s)', '?')} CPUs "
-            f"(family {fields.get('CPU family', '?')} model {fields.get('Model', '?')}), "
-            f"L2 {fields.get('L2 cache', '?')}, L3 {fields.get('L3 cache', '?')}"
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def versions() -> dict:
     v = {
         "python": platform.python_version(),

@@ -46,11 +46,9 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import re
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +69,7 @@ from gcflows.consistency import CD_STEPS, DISTANCES, METHODS, ConsistencyObjecti
 from gcflows.couplings import CouplingResult, ot_coupling
 from gcflows.data import TensorSampler
 from gcflows.processes import get_process
+from gcflows.runrecord import git_info, versions
 from gcflows.sampling import one_step_sample
 
 __all__ = [
@@ -713,44 +712,6 @@ class _Data:
 # ------------------------------------------------------------------------------------------------
 # run record
 # ------------------------------------------------------------------------------------------------
-def _git_info() -> dict[str, Any]:
-    here = Path(__file__).resolve().parent
-    info: dict[str, Any] = {"git_sha": None, "git_dirty": None}
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        if sha.returncode == 0:
-            info["git_sha"] = sha.stdout.strip()
-            st = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            if st.returncode == 0:
-                info["git_dirty"] = bool(st.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    try:
-        gc_version: str | None = metadata.version("gcflows")
-    except metadata.PackageNotFoundError:
-        gc_version = None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "gcflows": gc_version,
-    }
-
-
 def _run_record(
     config: TrainConfig, device: torch.device, dinfo: _Dist, data_shape: tuple, fp: str, **extra
 ) -> dict[str, Any]:
@@ -759,8 +720,8 @@ def _run_record(
         "seed": config.seed,
         "fingerprint": fp,
         "data_shape": list(data_shape),
-        **_git_info(),
-        "versions": _versions(),
+        **git_info(),
+        "versions": versions(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "hostname": socket.gethostname(),

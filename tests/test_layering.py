@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "__init__": 0,
     "processes": 0,
+    "runrecord": 0,
     "metrics": 1,
     "gmm": 1,
     "data": 2,
