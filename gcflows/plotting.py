@@ -119,6 +119,24 @@ def plot_curves(
     return save(fig, path)
 
 
+def _panel_grid(n: int, ncols: int, panel_size: tuple[float, float]):
+    """A figure with ``n`` panels in rows of at most ``ncols``: ``(fig, axes (nrows, ncols))``."""
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    w, h = panel_size
+    return plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
+
+
+def _finish_grid(fig, axes, n: int, suptitle: str, path: PathLike) -> Path:
+    """Hide the unused panels, add the title, lay out and save."""
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def plot_panels(
     panels: Mapping[str, Sequence[Curve]],
     path: PathLike,
@@ -135,20 +153,13 @@ def plot_panels(
     if not panels:
         raise ValueError("panels must hold at least one panel")
     n = len(panels)
-    ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    fig, axes = _panel_grid(n, ncols, (4.6, 3.6))
     for ax, (name, curves) in zip(axes.flat, panels.items(), strict=False):
         _draw(ax, curves, (hlines or {}).get(name, ()))
         yl = ylabel.get(name, "") if isinstance(ylabel, Mapping) else ylabel
         ly = logy.get(name, False) if isinstance(logy, Mapping) else logy
         _axes_style(ax, xlabel, yl, name, logx, ly)
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
-    return save(fig, path)
+    return _finish_grid(fig, axes, n, suptitle, path)
 
 
 def plot_scatter_grid(
@@ -168,9 +179,7 @@ def plot_scatter_grid(
     if not clouds:
         raise ValueError("clouds must hold at least one cloud")
     n = len(clouds)
-    ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = _panel_grid(n, ncols, (3.2, 3.2))
     if limits is None and reference is not None:
         ref = np.asarray(reference)
         lo, hi = ref.min(0), ref.max(0)
@@ -187,12 +196,7 @@ def plot_scatter_grid(
             ax.set_ylim(limits[2], limits[3])
         ax.set_title(name, fontsize=9)
         ax.set_aspect("equal", adjustable="box")
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
-    return save(fig, path)
+    return _finish_grid(fig, axes, n, suptitle, path)
 
 
 def plot_trajectories(
@@ -212,9 +216,7 @@ def plot_trajectories(
     if not paths:
         raise ValueError("paths must hold at least one panel")
     n = len(paths)
-    ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = _panel_grid(n, ncols, (3.2, 3.2))
     for ax, (name, arr) in zip(axes.flat, paths.items(), strict=False):
         arr = np.asarray(arr)
         if arr.ndim != 3 or arr.shape[2] != 2:
@@ -233,9 +235,4 @@ def plot_trajectories(
             ax.set_ylim(limits[2], limits[3])
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_title(name, fontsize=9)
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
-    return save(fig, path)
+    return _finish_grid(fig, axes, n, suptitle, path)
