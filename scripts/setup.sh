@@ -4,7 +4,7 @@
 # Re-running it installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
