@@ -43,9 +43,8 @@ import torch
 from gcflows.couplings import ot_coupling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, git_sha  # noqa: E402
-
 from gcflows.kernels import pairwise_sqdist
+from gcflows.records import cpu_model, git_sha
 
 
 def load_torchcfm():

@@ -43,7 +43,7 @@ from pathlib import Path
 import gcflows.kernels as K
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, git_sha  # noqa: E402
+from gcflows.records import cpu_model, git_sha
 
 try:  # a gcflows dependency, but absent from some GPU images: its column is then skipped
     import ot

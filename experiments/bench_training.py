@@ -64,7 +64,7 @@ def cpu_name() -> str:
 def bare_ct_times(model: ConsistencyModel, sample, cfg: TrainConfig, steps: int, device) -> list:
     """Run ``steps`` bare CT steps; return the wall-clock time after each one."""
     backbone = model.backbone
-    t_min, t_max = cfg.sigma_min, cfg.sigma_max
+    t_min, t_max = cfg.t_min, cfg.t_max
     params = list(backbone.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     ema = [p.detach().clone() for p in params]

@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_run_dir, print_table, write_config, write_results  # noqa: E402
 from eval_images import ImageMetrics, generate, mean_interval, samplers  # noqa: E402
 from train_images import (  # noqa: E402
     GridCallback,
@@ -58,6 +57,7 @@ from train_images import (  # noqa: E402
 
 from gcflows.classifier import load_classifier  # noqa: E402
 from gcflows.data import load_digits  # noqa: E402
+from gcflows.records import make_run_dir, print_table, write_config, write_results
 from gcflows.training import train  # noqa: E402
 
 PRESETS = {"ic": "digits_base", "ot": "digits_ot", "gc": "digits_gc_mix50"}

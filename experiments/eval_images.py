@@ -6,8 +6,8 @@
 
 Protocol (also written into ``results.json`` under ``"protocol"``):
 
-- Samplers: **one-step** ``f(sigma_max z, sigma_max)`` (PAPER.md section 5) and **two-step**
-  (Song et al. 2023, Algorithm 1): ``x = f(80 z, 80)``, then ``x' = x + sqrt(s^2 - sigma_min^2)
+- Samplers: **one-step** ``f(t_max z, t_max)`` (PAPER.md section 5) and **two-step**
+  (Song et al. 2023, Algorithm 1): ``x = f(80 z, 80)``, then ``x' = x + sqrt(s^2 - t_min^2)
   z'`` and ``f(x', s)`` at the intermediate time ``s = 0.821``, iCT's CIFAR-10 value, for every
   data set: on the digits it was also the best of s in {0.2, 0.5, 0.821, 1.5, 3} for a
   ``digits_base`` model (3000 steps, seed 0, 1000 samples: classifier FD 19.1, 13.0, 9.9, 11.5,
@@ -63,8 +63,9 @@ from gcflows.sampling import multistep_sample
 from gcflows.training import TrainConfig, derive_seed, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_run_dir, print_table, write_config, write_results  # noqa: E402
 from train_images import model_from_checkpoint, save_image_grid  # noqa: E402
+
+from gcflows.records import make_run_dir, print_table, write_config, write_results
 
 __all__ = [
     "TWO_STEP_SIGMA",
@@ -96,13 +97,11 @@ def two_step_sigma(data: str, override: float | None = None) -> float:
 
 
 def samplers(config: TrainConfig, data: str, mid: float | None = None) -> dict[str, list[float]]:
-    """``{"one_step": [sigma_max], "two_step": [sigma_max, s]}`` for a training config."""
+    """``{"one_step": [t_max], "two_step": [t_max, s]}`` for a training config."""
     s = two_step_sigma(data, mid)
-    if not config.sigma_min < s < config.sigma_max:
-        raise ValueError(
-            f"two-step sigma must lie in ({config.sigma_min}, {config.sigma_max}), got {s}"
-        )
-    return {"one_step": [config.sigma_max], "two_step": [config.sigma_max, s]}
+    if not config.t_min < s < config.t_max:
+        raise ValueError(f"two-step sigma must lie in ({config.t_min}, {config.t_max}), got {s}")
+    return {"one_step": [config.t_max], "two_step": [config.t_max, s]}
 
 
 @torch.no_grad()

@@ -45,14 +45,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import make_run_dir, print_table, write_config, write_results  # noqa: E402
-
 from gcflows import discrepancy as dsc  # noqa: E402
 from gcflows.consistency import ConsistencyModel, get_distance  # noqa: E402
 from gcflows.gmm import PRESETS, get_preset  # noqa: E402
 from gcflows.metrics import exact_w2, mode_coverage  # noqa: E402
 from gcflows.networks import ToyMLP  # noqa: E402
 from gcflows.processes import get_process  # noqa: E402
+from gcflows.records import make_run_dir, print_table, write_config, write_results
 from gcflows.sampling import one_step_sample  # noqa: E402
 from gcflows.training import TrainConfig, train  # noqa: E402
 from gcflows.velocity import DistilledVelocity, TrueVelocity, fit_denoiser  # noqa: E402
@@ -251,7 +250,7 @@ def train_job(job: dict) -> dict:
     if extra == "ideal":
         mu = setup["ideal_mu"]
     t_start = time.perf_counter()
-    velocity = gen_model = None
+    velocity = gc_model = None
     denoiser_s = 0.0
     if extra == "exact":
         velocity = TrueVelocity(target, process)
@@ -268,13 +267,13 @@ def train_job(job: dict) -> dict:
         velocity = DistilledVelocity(denoiser, process)
         denoiser_s = time.perf_counter() - t0
     elif extra == "ideal":
-        gen_model = dsc.FlowMapGenerator(target, process, rtol=setup["ideal_rtol"], atol=1e-6)
+        gc_model = dsc.FlowMapGenerator(target, process, rtol=setup["ideal_rtol"], atol=1e-6)
     config = TrainConfig(
         method=method,
         mu=mu,
         process=setup["process"],
-        sigma_min=setup["t_min"],
-        sigma_max=setup["t_max"],
+        t_min=setup["t_min"],
+        t_max=setup["t_max"],
         distance=setup["distance"],
         s0=setup["s0"],
         s1=setup["s1"],
@@ -303,7 +302,7 @@ def train_job(job: dict) -> dict:
         model,
         lambda n, g: target.sample(n, g),
         velocity=velocity,
-        gen_model=gen_model,
+        gc_model=gc_model,
         callbacks=[on_step],
     )
     train_s = time.perf_counter() - t0
@@ -407,7 +406,7 @@ def proxy_job(job: dict) -> dict:
                     noise,
                     t,
                     process,
-                    generator_fn=generators.get(kind),
+                    gc_model=generators.get(kind),
                     mu=1.0,
                     ot_batch_size=setup["batch_size"],
                 )

@@ -59,7 +59,7 @@ from gcflows.sampling import one_step_sample
 from gcflows.training import StepInfo, TrainConfig, derive_seed, load_checkpoint, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_results  # noqa: E402
+from gcflows.records import print_table, write_results
 
 __all__ = [
     "COUPLINGS",
@@ -242,7 +242,7 @@ def build_model(config: TrainConfig, seed: int | None = None) -> ConsistencyMode
             f"config.model {record!r} does not describe a U-Net image model; it was not written "
             "by experiments/train_images.py"
         )
-    process = get_process(config.process, t_min=config.sigma_min, t_max=config.sigma_max)
+    process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed if seed is None else seed, _STREAM_INIT))
         backbone = UNet(**record["unet"])
@@ -375,7 +375,7 @@ class GridCallback:
     def __init__(self, config: TrainConfig, shape: tuple[int, ...]) -> None:
         self.config = config
         self.shape = tuple(shape)
-        self.process = get_process(config.process, t_min=config.sigma_min, t_max=config.sigma_max)
+        self.process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
         self.paths: list[Path] = []
 
     def noise(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

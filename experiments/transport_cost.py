@@ -52,7 +52,7 @@ from gcflows.metrics import exact_w2
 from gcflows.processes import get_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_run_dir, print_table, write_config, write_results  # noqa: E402
+from gcflows.records import make_run_dir, print_table, write_config, write_results
 
 BATCH_SIZES = (16, 128, 512, 2048)
 SWEEP_DIMS = (16, 64, 256, 3072)
@@ -199,7 +199,7 @@ def load_digits_model(path: str):
             f"== 'digits'), got {data!r}: the transport study evaluates the 8x8 digits only"
         )
     model = model_from_checkpoint(ckpt, which="ema")
-    process = get_process(config.process, t_min=config.sigma_min, t_max=config.sigma_max)
+    process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
     return model, process, config
 
 
@@ -641,7 +641,7 @@ def lemma_target(name: str) -> tuple[gmm.GaussianMixture, str]:
 
 
 def lemma_times(process: str) -> torch.Tensor:
-    """t_min, 1.5 t_min, four interior points of the sigma grid, sigma_max / 4, / 2, t_max."""
+    """t_min, 1.5 t_min, four interior points of the sigma grid, t_max / 4, / 2, t_max."""
     p = get_process(process)
     grid = T.sigma_grid(p, 6)
     s_max = float(p.b(torch.tensor(p.t_max)) / p.a(torch.tensor(p.t_max)))
@@ -715,7 +715,7 @@ def lemma_section(profile: dict, g: torch.Generator, level: float, results: dict
             row = {
                 "target": label,
                 "process": proc,
-                "S0_eff at sigma_max/4, /2, 1": " ".join(
+                "S0_eff at t_max/4, /2, 1": " ".join(
                     f"{res.s0[i].mean:.3g}+-{res.s0[i].halfwidth:.2g}" for i in top
                 ),
                 "pooled S0": s0_top,

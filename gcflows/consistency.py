@@ -631,13 +631,13 @@ class ConsistencyObjective:
         *,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
-        gen_model: Callable[[Tensor, Tensor], Tensor] | None = None,
+        gc_model: Callable[[Tensor, Tensor], Tensor] | None = None,
         indices: Tensor | None = None,
     ) -> LossOutput:
         """Loss of ``model`` on ``data`` ``(B, *dims)`` at training ``step`` (module doc).
 
         ``model(x, t)`` is the consistency function (e.g. a :class:`ConsistencyModel`);
-        ``noise`` ``(B, *dims)`` is drawn with ``generator`` when None; ``gen_model(x_t, t)``
+        ``noise`` ``(B, *dims)`` is drawn with ``generator`` when None; ``gc_model(x_t, t)``
         (required for ``gc``) predicts data, run under ``torch.no_grad`` by the coupling.
         ``indices`` ``(B,)`` long fixes the interval of each sample instead of drawing it (theory
         checks: an exact average over the grid's intervals).
@@ -649,12 +649,12 @@ class ConsistencyObjective:
                 f"data must have shape (B, *dims) with B >= 1, got {tuple(data.shape)}"
             )
         check_finite(data, "data")
-        if self.method == "gc" and gen_model is None:
+        if self.method == "gc" and gc_model is None:
             raise ValueError(
-                "method='gc' needs gen_model=, the generator f_gen(x_t, t) (EMA or frozen model)"
+                "method='gc' needs gc_model=, the generator f_gen(x_t, t) (EMA or frozen model)"
             )
-        if self.method != "gc" and gen_model is not None:
-            raise ValueError(f"gen_model= is used by method='gc' only, got method={self.method!r}")
+        if self.method != "gc" and gc_model is not None:
+            raise ValueError(f"gc_model= is used by method='gc' only, got method={self.method!r}")
         if self.fixed_grid is None:
             _int_arg(step, "step", 0)
         bsz, device, dtype = data.shape[0], data.device, data.dtype
@@ -703,7 +703,7 @@ class ConsistencyObjective:
             data_used, noise_used = coupling.data, coupling.noise
         elif self.method == "gc":
             coupling = couplings.generator_induced_coupling(
-                data, noise, gen_model, t_lo, self.process, mu=self.mu, rng=generator
+                data, noise, gc_model, t_lo, self.process, mu=self.mu, generator=generator
             )
             data_used, noise_used = coupling.data, coupling.noise
 

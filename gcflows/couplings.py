@@ -429,31 +429,31 @@ def sinkhorn_coupling(
 def generator_induced_coupling(
     data: Tensor,
     noise: Tensor,
-    generator,
+    gc_model,
     t: Tensor | float,
     process: Process | str,
     *,
     mu: float,
-    rng: torch.Generator | None = None,
+    generator: torch.Generator | None = None,
 ) -> CouplingResult:
     """Generator-induced coupling (GC, PAPER.md Eq. 13-15) mixed with IC at rate mu (Eq. 21).
 
-    ``x_t = process.interpolate(data, noise, t)``; ``xhat = generator(x_t, t)`` under
+    ``x_t = process.interpolate(data, noise, t)``; ``xhat = gc_model(x_t, t)`` under
     ``torch.no_grad()`` (a stop-gradient: the output never requires grad); each sample is GC with
-    probability ``mu``: ``mask_j ~ Bernoulli(mu)`` independently from ``rng``; the output data is
-    ``where(mask, xhat, data)`` and the noise is the same noise (the GC path
+    probability ``mu``: ``mask_j ~ Bernoulli(mu)`` independently from ``generator``; the output
+    data is ``where(mask, xhat, data)`` and the noise is the same noise (the GC path
     ``xhat + s noise`` of Eq. 14-15 reuses it). Rows with ``mask_j = False`` are IC rows, bitwise
-    unchanged. The generator is called on the GC rows only (a ``(n_gc, *dims)`` batch), and not at
-    all when no row is GC; put a network generator in ``eval()`` mode first.
+    unchanged. The gc_model is called on the GC rows only (a ``(n_gc, *dims)`` batch), and not at
+    all when no row is GC; put a network in ``eval()`` mode first.
 
     Args:
         data, noise: ``(B, *dims)`` finite float tensors, same shape, dtype and device.
-        generator: callable ``(x_t (B, *dims), t (B,)) -> (B, *dims)`` data prediction (the EMA
+        gc_model: callable ``(x_t (B, *dims), t (B,)) -> (B, *dims)`` data prediction (the EMA
             model, a frozen model, or the ideal flow map).
         t: float or ``(B,)`` times in ``[process.t_min, process.t_max]``.
         process: a :class:`~gcflows.processes.Process` or its name (``"ve"``, ``"linear"``).
         mu: probability that a sample is generator-induced, in ``[0, 1]``.
-        rng: ``torch.Generator`` for the mask (None: global RNG).
+        generator: ``torch.Generator`` for the mask (None: global RNG).
 
     Returns:
         CouplingResult with ``gc_mask`` ``(B,)`` bool, ``permutation=None``, ``plan=None``,
@@ -469,30 +469,29 @@ def generator_induced_coupling(
             "mu must lie in [0, 1] (the probability that a sample is generator-induced), "
             f"got {mu!r}"
         )
-    if not callable(generator):
-        raise ValueError(f"generator must be callable as generator(x_t, t), got {type(generator)}")
+    if not callable(gc_model):
+        raise ValueError(f"gc_model must be callable as gc_model(x_t, t), got {type(gc_model)}")
     process = get_process(process)
     process.check_time(t, "t")
     b = data.shape[0]
     t_vec = as_time(t, b, data, "t")
-    mask_device = rng.device if rng is not None else data.device
-    mask = (torch.rand(b, generator=rng, device=mask_device) < mu_f).to(data.device)
+    mask_device = generator.device if generator is not None else data.device
+    mask = (torch.rand(b, generator=generator, device=mask_device) < mu_f).to(data.device)
     n_gc = int(mask.sum())
     data_out = data
     if n_gc > 0:
-        # Only the GC rows are sent through the generator: at mu = 0.5 this halves the extra
+        # Only the GC rows are sent through the gc_model: at mu = 0.5 this halves the extra
         # forward pass that GC costs (PAPER.md section 2 reports about +20 % wall-clock).
         rows = mask.nonzero().squeeze(1) if n_gc < b else slice(None)
         with torch.no_grad():
             x_t = process.interpolate(data[rows], noise[rows], t_vec[rows])
-            xhat = generator(x_t, t_vec[rows])
+            xhat = gc_model(x_t, t_vec[rows])
         if not torch.is_tensor(xhat) or xhat.shape != x_t.shape:
             shape = tuple(xhat.shape) if torch.is_tensor(xhat) else type(xhat).__name__
             raise ValueError(
-                "generator must return a tensor of the data's shape "
-                f"{tuple(x_t.shape)}, got {shape}"
+                f"gc_model must return a tensor of the data's shape {tuple(x_t.shape)}, got {shape}"
             )
-        check_finite(xhat, "generator output")
+        check_finite(xhat, "gc_model output")
         data_out = data.clone()
         data_out[rows] = xhat.to(data)
     return CouplingResult(

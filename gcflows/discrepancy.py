@@ -941,16 +941,16 @@ def coupled_path(
     t: float,
     process: Process | str,
     *,
-    generator_fn: Model | None = None,
+    gc_model: Model | None = None,
     mu: float = 1.0,
     ot_batch_size: int = 256,
-    rng: torch.Generator | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Points ``x_t`` and path derivatives ``xdot`` ``(B, d)`` of a coupling's path at time ``t``.
 
     ``kind``: ``"ic"`` (the pairs as drawn), ``"ot"`` (``couplings.ot_coupling`` within
     consecutive batches of ``ot_batch_size`` rows, as in training), ``"gc"``
-    (``couplings.generator_induced_coupling`` at time ``t`` with ``generator_fn`` and ``mu``; the
+    (``couplings.generator_induced_coupling`` at time ``t`` with ``gc_model`` and ``mu``; the
     same noise). Then ``x_t = a data' + b noise'`` and ``xdot = a' data' + b' noise'``.
     """
     process = get_process(process)
@@ -971,10 +971,10 @@ def coupled_path(
         d_out = torch.cat([p.data for p in parts])
         n_out = torch.cat([p.noise for p in parts])
     else:
-        if generator_fn is None:
-            raise ValueError("kind='gc' needs generator_fn(x_t, t) -> data estimate")
+        if gc_model is None:
+            raise ValueError("kind='gc' needs gc_model(x_t, t) -> data estimate")
         res = couplings.generator_induced_coupling(
-            data, noise, generator_fn, t, process, mu=mu, rng=rng
+            data, noise, gc_model, t, process, mu=mu, generator=generator
         )
         d_out, n_out = res.data, res.noise
     tt = as_time(t, data.shape[0], data)

@@ -7,7 +7,7 @@ Each entry of :data:`IMAGE_PRESETS` is a plain dict (no imports, no code)::
      "network": {...}}                         # keyword arguments of gcflows.networks.UNet
 
 ``experiments/train_images.py`` builds ``TrainConfig(**train, preset=name, ...)`` and
-``ConsistencyModel(UNet(**network), VEProcess(sigma_min, sigma_max), sigma_data=0.5)``.
+``ConsistencyModel(UNet(**network), VEProcess(t_min, t_max), sigma_data=0.5)``.
 ``train["batch_size"]`` is the **global** batch: under torchrun the script gives each of the N
 processes ``batch_size / N`` rows (PAPER.md section 5 states the global batch, 512).
 
@@ -38,8 +38,8 @@ _CIFAR10_TRAIN = {
     "lr": 1e-4,
     "ema_decay": 0.9999,
     "process": "ve",
-    "sigma_min": 0.002,
-    "sigma_max": 80.0,
+    "t_min": 0.002,
+    "t_max": 80.0,
     "s0": 10,
     "s1": 1280,
     "p_mean": -1.1,
@@ -69,8 +69,8 @@ _DIGITS_TRAIN = {
     "lr": 1e-3,
     "ema_decay": 0.995,
     "process": "ve",
-    "sigma_min": 0.002,
-    "sigma_max": 80.0,
+    "t_min": 0.002,
+    "t_max": 80.0,
     "s0": 10,
     "s1": 160,
     "p_mean": -1.1,

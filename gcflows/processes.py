@@ -2,7 +2,7 @@
 
 Time runs from data (``t_min``) to noise (``t_max``). Two processes:
 
-- ``ve`` (the paper, EDM): ``a = 1``, ``b = t``, ``t in [sigma_min, sigma_max]``.
+- ``ve`` (the paper, EDM): ``a = 1``, ``b = t``, ``t in [t_min, t_max]``.
 - ``linear`` (rectified-flow path): ``a = 1 - t``, ``b = t``, ``t in [t_min, t_max]``,
   ``t_max < 1``.
 

@@ -107,8 +107,8 @@ FINGERPRINT_FIELDS = (
     "data_shape",
     "method",
     "process",
-    "sigma_min",
-    "sigma_max",
+    "t_min",
+    "t_max",
     "optimizer",
 )
 # Fields that do not change the trajectory of a run (no warning when they change on resume).
@@ -148,7 +148,7 @@ class TrainConfig:
 
     Objective (PAPER.md section 2): ``method`` ct | cd | ot | gc; ``mu`` = probability that a sample
     is generator-induced (GC only, in [0, 1]); ``process`` ve | linear on
-    ``[sigma_min, sigma_max]`` (``None``: the process default, ve 0.002..80, linear 1e-3..0.999);
+    ``[t_min, t_max]`` (``None``: the process default, ve 0.002..80, linear 1e-3..0.999);
     ``distance`` pseudo_huber | pseudo_huber_elementwise | squared_l2 | l2_norm; the iCT curriculum
     ``s0 <= s1``; lognormal index sampling ``p_mean``, ``p_std``; Karras ``rho``; ``cd_step``
     euler | heun (CD only).
@@ -176,8 +176,8 @@ class TrainConfig:
     method: str = "ct"
     mu: float = 0.5
     process: str = "ve"
-    sigma_min: float | None = None
-    sigma_max: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
     distance: str = "pseudo_huber"
     s0: int = 10
     s1: int = 1280
@@ -220,21 +220,21 @@ class TrainConfig:
         self._check_choice("cd_step", CD_STEPS)
         self._check_real("mu", lo=0.0, hi=1.0, fix="mu is a probability: use a value in [0, 1]")
         lo, hi = PROCESS_DEFAULTS[self.process]
-        if self.sigma_min is None:
-            self.sigma_min = lo
-        if self.sigma_max is None:
-            self.sigma_max = hi
-        self._check_real("sigma_min", lo_open=0.0, fix="use a positive, finite sigma_min")
-        self._check_real("sigma_max", lo_open=0.0, fix="use a positive, finite sigma_max")
-        self.sigma_min, self.sigma_max = float(self.sigma_min), float(self.sigma_max)
-        if not self.sigma_min < self.sigma_max:
+        if self.t_min is None:
+            self.t_min = lo
+        if self.t_max is None:
+            self.t_max = hi
+        self._check_real("t_min", lo_open=0.0, fix="use a positive, finite t_min")
+        self._check_real("t_max", lo_open=0.0, fix="use a positive, finite t_max")
+        self.t_min, self.t_max = float(self.t_min), float(self.t_max)
+        if not self.t_min < self.t_max:
             raise _bad(
-                "sigma_min",
-                self.sigma_min,
-                f"need sigma_min < sigma_max (sigma_max={self.sigma_max}); data sits at sigma_min",
+                "t_min",
+                self.t_min,
+                f"need t_min < t_max (t_max={self.t_max}); data sits at t_min",
             )
-        if self.process == "linear" and self.sigma_max >= 1.0:
-            raise _bad("sigma_max", self.sigma_max, "the linear process needs sigma_max < 1")
+        if self.process == "linear" and self.t_max >= 1.0:
+            raise _bad("t_max", self.t_max, "the linear process needs t_max < 1")
         self._check_int("s0", lo=1, fix="use a positive number of grid intervals")
         self._check_int("s1", lo=1, fix="use a positive number of grid intervals")
         if self.s0 > self.s1:
@@ -860,7 +860,7 @@ def train(
     data_source: Tensor | Callable[[int, torch.Generator], Tensor],
     *,
     velocity: Callable[..., Tensor] | None = None,
-    gen_model: Callable[[Tensor, Tensor], Tensor] | None = None,
+    gc_model: Callable[[Tensor, Tensor], Tensor] | None = None,
     resume: str | os.PathLike | None = "auto",
     callbacks: Sequence[Callable[[StepInfo], bool | None]] = (),
     stop_after: int | None = None,
@@ -872,7 +872,7 @@ def train(
         ``GaussianMixture.sample``; called with the per-rank CPU data generator) or a tensor
         ``(N, *dims)`` drawn from i.i.d. with replacement. Batches are cast to the model's dtype.
     velocity: the CD velocity estimator (``method="cd"`` only, required there).
-    gen_model: a frozen GC generator ``g(x_t, t) -> data estimate`` (``method="gc"`` only; an
+    gc_model: a frozen GC generator ``g(x_t, t) -> data estimate`` (``method="gc"`` only; an
         ``nn.Module`` is moved to the device, put in eval mode and frozen); by default the EMA
         model.
     resume: ``"auto"`` continues from ``out_dir/checkpoint.pt`` if it exists; a path resumes from
@@ -896,10 +896,10 @@ def train(
         )
     if config.method != "cd" and velocity is not None:
         raise ValueError(f"velocity is only used by method='cd', not {config.method!r}; drop it")
-    if gen_model is not None and config.method != "gc":
-        raise ValueError(f"gen_model is only used by method='gc', not {config.method!r}; drop it")
-    if gen_model is not None and not callable(gen_model):
-        raise ValueError("gen_model must be callable as gen_model(x_t, t) -> data estimate")
+    if gc_model is not None and config.method != "gc":
+        raise ValueError(f"gc_model is only used by method='gc', not {config.method!r}; drop it")
+    if gc_model is not None and not callable(gc_model):
+        raise ValueError("gc_model must be callable as gc_model(x_t, t) -> data estimate")
     if stop_after is not None and (not _is_int(stop_after) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     callbacks = list(callbacks)
@@ -922,7 +922,7 @@ def train(
             model,
             data_source,
             velocity=velocity,
-            gen_model=gen_model,
+            gc_model=gc_model,
             resume=resume,
             callbacks=callbacks,
             stop_after=stop_after,
@@ -956,7 +956,7 @@ def _train(
     data_source: Any,
     *,
     velocity: Any,
-    gen_model: Any,
+    gc_model: Any,
     resume: Any,
     callbacks: list,
     stop_after: int | None,
@@ -983,13 +983,13 @@ def _train(
     if mproc is not None and hasattr(mproc, "t_min"):
         if (mproc.name, mproc.t_min, mproc.t_max) != (
             config.process,
-            config.sigma_min,
-            config.sigma_max,
+            config.t_min,
+            config.t_max,
         ):
             raise ValueError(
                 f"the model was built for the {mproc.name} process on [{mproc.t_min}, "
                 f"{mproc.t_max}] but TrainConfig has process={config.process!r} on "
-                f"[{config.sigma_min}, {config.sigma_max}]; build both from the same values"
+                f"[{config.t_min}, {config.t_max}]; build both from the same values"
             )
     run_dir = Path(config.out_dir) if config.out_dir is not None else None
     latest = run_dir / CHECKPOINT_NAME if run_dir is not None else None
@@ -1030,7 +1030,7 @@ def _train(
             )
     fp = config_fingerprint(config, source.shape, model)
 
-    process = get_process(config.process, t_min=config.sigma_min, t_max=config.sigma_max)
+    process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
     objective = ConsistencyObjective(
         process,
         config.method,
@@ -1078,12 +1078,12 @@ def _train(
     else:
         _seed_everything(config.seed, rank, data_gen, noise_gen, 0)
 
-    if isinstance(gen_model, nn.Module):
-        gen_model.to(device).eval().requires_grad_(False)
-    if gen_model is not None:
-        generator_net: Callable | None = gen_model
+    if isinstance(gc_model, nn.Module):
+        gc_model.to(device).eval().requires_grad_(False)
+    if gc_model is not None:
+        gc_model: Callable | None = gc_model
     else:
-        generator_net = ema.module if config.method == "gc" else None
+        gc_model = ema.module if config.method == "gc" else None
     net: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -1100,7 +1100,7 @@ def _train(
     if main and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         rec_path = run_dir / "config.json"
-        extra = {"gc_generator": "frozen (passed to train)" if gen_model is not None else "ema"}
+        extra = {"gc_generator": "frozen (passed to train)" if gc_model is not None else "ema"}
         record = _run_record(config, device, dinfo, source.shape, fp, **extra)
         if ckpt is not None and rec_path.exists():
             try:
@@ -1168,7 +1168,7 @@ def _train(
             dist.barrier()
         last_ckpt, last_ckpt_step = latest, at
 
-    # The loop draws every time from the grid inside [sigma_min, sigma_max] (checked against the
+    # The loop draws every time from the grid inside [t_min, t_max] (checked against the
     # model's process above), so the per-call time-domain check of ConsistencyModel (a host sync
     # and a dozen small ops per forward pass) is switched off while training and restored after.
     # Callbacks and sample saving see the models with their checks on.
@@ -1193,7 +1193,7 @@ def _train(
                 dist.all_reduce(data_bad)
             if bool(data_bad):
                 raise _non_finite(k + 1, "a data batch with NaN / inf", last_ckpt, last_ckpt_step)
-            out = objective(net, data, k, generator=noise_gen, gen_model=generator_net)
+            out = objective(net, data, k, generator=noise_gen, gc_model=gc_model)
             loss = out.loss
             loss_sum_t = loss.detach().double()
             if world > 1:

@@ -10,8 +10,8 @@ shape ``(B, *dims)``, ``t`` a float or ``(B,)``, and returns ``v`` of the shape 
   score matching.
 - ``MonteCarloVelocity(process)``: the one-sample estimate ``xdot_t = a' data + b' noise`` of
   consistency training (CT, Eq. 6); needs ``data`` and ``noise``.
-- ``GeneratorInducedVelocity(generator, process)``: the sample-path derivative of the
-  generator-induced path (Eq. 13-15): ``a' xhat + b' noise`` with ``xhat = generator(x_t, t)``
+- ``GeneratorInducedVelocity(gc_model, process)``: the sample-path derivative of the
+  generator-induced path (Eq. 13-15): ``a' xhat + b' noise`` with ``xhat = gc_model(x_t, t)``
   (run without gradient) and the same ``noise``; needs ``noise``.
 
 ``euler_step`` and ``heun_step`` advance ``x`` from ``t`` to ``t_next`` with any estimator, passing
@@ -164,16 +164,16 @@ class MonteCarloVelocity(VelocityEstimator):
 
 
 class GeneratorInducedVelocity(VelocityEstimator):
-    """Generator-induced (GC) velocity ``a' generator(x_t, t) + b' noise`` (needs ``noise``).
+    """Generator-induced (GC) velocity ``a' gc_model(x_t, t) + b' noise`` (needs ``noise``).
 
-    ``generator(x_t, t)`` predicts the data endpoint (``t`` as ``(B,)``); it runs under
+    ``gc_model(x_t, t)`` predicts the data endpoint (``t`` as ``(B,)``); it runs under
     ``torch.no_grad()`` (stop-gradient of Eq. 13). ``data`` is accepted and ignored.
     """
 
-    def __init__(self, generator: Callable[[Tensor, Tensor], Tensor], process: Process | str):
-        if not callable(generator):
-            raise ValueError("generator must be callable as generator(x_t, t) -> data estimate")
-        self.generator = generator
+    def __init__(self, gc_model: Callable[[Tensor, Tensor], Tensor], process: Process | str):
+        if not callable(gc_model):
+            raise ValueError("gc_model must be callable as gc_model(x_t, t) -> data estimate")
+        self.gc_model = gc_model
         self.process = get_process(process)
 
     def __call__(
@@ -188,10 +188,10 @@ class GeneratorInducedVelocity(VelocityEstimator):
         noise = _require(noise, "noise", x_t, "GeneratorInducedVelocity")
         t = self._time(x_t, t)
         with torch.no_grad():
-            xhat = self.generator(x_t, t)
+            xhat = self.gc_model(x_t, t)
         if not torch.is_tensor(xhat) or xhat.shape != x_t.shape:
             raise ValueError(
-                f"generator must return a tensor shaped like x_t {tuple(x_t.shape)}, got "
+                f"gc_model must return a tensor shaped like x_t {tuple(x_t.shape)}, got "
                 f"{tuple(xhat.shape) if torch.is_tensor(xhat) else type(xhat)}"
             )
         return self.process.xdot(xhat, noise, t)

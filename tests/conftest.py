@@ -45,6 +45,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _test_threads():
+    """Every test starts with ``_THREADS`` intra-op threads and leaves them so (scripts called in
+    process, e.g. ``train_images.main``, set their own thread count)."""
+    torch.set_num_threads(_THREADS)
+    yield
+    torch.set_num_threads(_THREADS)
+
+
 @pytest.fixture
 def gen():
     """A seeded CPU generator; tests that draw randomness take it explicitly."""

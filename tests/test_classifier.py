@@ -15,15 +15,6 @@ from gcflows.metrics import frechet_distance
 SMALL = {"channels": [4, 8], "feature_dim": 8, "epochs": 1, "batch_size": 128}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The classifier trains with one thread; evaluate with one too (restored after the test)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -48,16 +48,6 @@ PROCESSES = {"ve": VEProcess(), "linear": LinearProcess()}
 VE_SHORT = VEProcess(t_min=0.002, t_max=2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one intra-op thread: these tensors are tiny, and on a shared, loaded CPU the
-    OpenMP pool turns each small op into milliseconds of synchronisation."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --- helpers ------------------------------------------------------------------------------------
 class TanhBackbone(nn.Module):
     """A fixed random smooth backbone ``F(x, c) = W2 tanh(W1 [x, c])`` for any ``(B, *dims)``."""
@@ -586,14 +576,14 @@ def test_gc_with_mu_zero_is_ct(name):
         60,
         generator=torch.Generator().manual_seed(9),
         noise=noise,
-        gen_model=lambda x, t: called.append(1) or x,
+        gc_model=lambda x, t: called.append(1) or x,
     )
     assert torch.equal(gc.loss, ct.loss)
     assert not bool(gc.diagnostics["gc_mask"].any()) and not called
     # Also with noise drawn inside from the same generator seed.
     ct2 = _ct(process, model, data, None, 11)
     gc2 = ConsistencyObjective(process, "gc", mu=0.0, total_steps=100)(
-        model, data, 60, generator=torch.Generator().manual_seed(11), gen_model=model
+        model, data, 60, generator=torch.Generator().manual_seed(11), gc_model=model
     )
     assert torch.equal(gc2.loss, ct2.loss)
 
@@ -620,7 +610,7 @@ def test_gc_with_a_generator_returning_the_paired_data_is_ct(name, mu):
 
     obj = ConsistencyObjective(process, "gc", mu=mu, total_steps=100)
     gc = obj(
-        model, data, 60, generator=torch.Generator().manual_seed(3), noise=noise, gen_model=paired
+        model, data, 60, generator=torch.Generator().manual_seed(3), noise=noise, gc_model=paired
     )
     assert torch.equal(gc.loss, ct.loss)
     assert torch.equal(gc.diagnostics["pair_cost"], ct.diagnostics["pair_cost"])
@@ -636,7 +626,7 @@ def test_gc_with_a_generator_returning_the_paired_data_is_ct(name, mu):
         return (x_t - process.b(tt) * noise[rows_of(x_t, t)]) / process.a(tt)
 
     gc_ideal = obj(
-        model, data, 60, generator=torch.Generator().manual_seed(3), noise=noise, gen_model=recover
+        model, data, 60, generator=torch.Generator().manual_seed(3), noise=noise, gc_model=recover
     )
     torch.testing.assert_close(gc_ideal.loss, ct.loss, rtol=1e-12, atol=0)
 
@@ -654,7 +644,7 @@ def test_gc_with_another_generator_trains_on_its_pairs():
         60,
         generator=torch.Generator().manual_seed(3),
         noise=noise,
-        gen_model=lambda x, t: data + 1.0,
+        gc_model=lambda x, t: data + 1.0,
     )
     torch.testing.assert_close(
         gc.diagnostics["pair_cost"], ((data + 1.0 - noise) ** 2).sum(1), rtol=1e-12, atol=0
@@ -712,7 +702,7 @@ def test_diagnostics_are_consistent_with_the_loss(method, gen):
     kw = {"velocity": TrueVelocity(one_gaussian(), process)} if method == "cd" else {}
     obj = ConsistencyObjective(process, method, total_steps=1000, **kw)
     out = obj(
-        model, data, 400, generator=gen, noise=noise, gen_model=model if method == "gc" else None
+        model, data, 400, generator=gen, noise=noise, gc_model=model if method == "gc" else None
     )
     d = out.diagnostics
     grid = obj.schedule(400).grid
@@ -861,10 +851,10 @@ def test_bad_call_raises():
     data, noise = _batch(8)
     ct = ConsistencyObjective("ve", "ct", total_steps=100)
     gc = ConsistencyObjective("ve", "gc", total_steps=100)
-    with pytest.raises(ValueError, match="needs gen_model"):
+    with pytest.raises(ValueError, match="needs gc_model"):
         gc(model, data, 0)
-    with pytest.raises(ValueError, match="gen_model= is used by method='gc' only"):
-        ct(model, data, 0, gen_model=model)
+    with pytest.raises(ValueError, match="gc_model= is used by method='gc' only"):
+        ct(model, data, 0, gc_model=model)
     with pytest.raises(ValueError, match="noise must be a tensor of the data's shape"):
         ct(model, data, 0, noise=noise[:4])
     bad = data.clone()

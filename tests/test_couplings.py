@@ -223,7 +223,7 @@ def test_gc_with_paired_data_generator_is_ic(mu):
 
     gen = _Recorder(paired)
     res = generator_induced_coupling(
-        data, noise, gen, 5.0, VEProcess(), mu=mu, rng=torch.Generator().manual_seed(0)
+        data, noise, gen, 5.0, VEProcess(), mu=mu, generator=torch.Generator().manual_seed(0)
     )
     ic = independent_coupling(data, noise)
     assert torch.equal(res.data, ic.data) and res.noise is noise
@@ -276,7 +276,7 @@ def test_gc_property_rows(t, mu, seed, per_sample):
         tt,
         VEProcess(),
         mu=mu,
-        rng=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed),
     )
     m = res.gc_mask
     assert m.dtype == torch.bool and m.shape == (24,)
@@ -284,7 +284,7 @@ def test_gc_property_rows(t, mu, seed, per_sample):
     assert torch.equal(res.data[m], -(data + t * noise)[m])  # GC rows = generator(x_t, t)
     assert torch.equal(res.noise, noise)  # same noise
     again = generator_induced_coupling(
-        data, noise, lambda x, s: -x, tt, "ve", mu=mu, rng=torch.Generator().manual_seed(seed)
+        data, noise, lambda x, s: -x, tt, "ve", mu=mu, generator=torch.Generator().manual_seed(seed)
     )
     assert torch.equal(again.gc_mask, m)  # the mask is a function of rng only
 
@@ -294,7 +294,13 @@ def test_gc_mask_is_bernoulli_mu():
     n, mu = 20000, 0.3
     data = torch.zeros(n, 1, dtype=F64)
     res = generator_induced_coupling(
-        data, data.clone(), lambda x, t: x, 1.0, "ve", mu=mu, rng=torch.Generator().manual_seed(12)
+        data,
+        data.clone(),
+        lambda x, t: x,
+        1.0,
+        "ve",
+        mu=mu,
+        generator=torch.Generator().manual_seed(12),
     )
     k = int(res.gc_mask.sum())
     assert abs(k - n * mu) <= 5 * math.sqrt(n * mu * (1 - mu))
@@ -403,7 +409,7 @@ def test_bad_arguments_raise():
         generator_induced_coupling(data, noise, gen, 1.0, "linear", mu=0.5)
     with pytest.raises(ValueError, match="t must be a scalar or have shape"):
         generator_induced_coupling(data, noise, gen, torch.ones(4, dtype=F64), "ve", mu=0.5)
-    with pytest.raises(ValueError, match="generator"):
+    with pytest.raises(ValueError, match="gc_model"):
         generator_induced_coupling(data, noise, lambda x, t: x[:, :2], 1.0, "ve", mu=1.0)
-    with pytest.raises(ValueError, match="generator output"):
+    with pytest.raises(ValueError, match="gc_model output"):
         generator_induced_coupling(data, noise, lambda x, t: x / 0.0, 1.0, "ve", mu=1.0)

@@ -377,7 +377,7 @@ def test_coupled_path_kinds():
     assert ((x_ot - xd_ot * 0.5 - data) ** 2).sum() < 1e-20
     assert ((data - xd_ot) ** 2).sum() <= ((data - noise) ** 2).sum()
     ideal = dsc.FlowMapGenerator(gmm, VE)
-    x_gc, xd_gc = dsc.coupled_path("gc", data, noise, 0.5, VE, generator_fn=ideal)
+    x_gc, xd_gc = dsc.coupled_path("gc", data, noise, 0.5, VE, gc_model=ideal)
     xhat = gmm.flow_map(data + 0.5 * noise, 0.5, VE)
     torch.testing.assert_close(x_gc, xhat + 0.5 * noise, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xd_gc, noise)

@@ -32,16 +32,6 @@ F64 = torch.float64
 KINDS = ["iso", "diag", "full", "dirac"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation (and on a shared
-    2-core machine, 100x slowdowns). Restored after each test."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_mixture(seed: int, dim: int, k: int, kind: str) -> GaussianMixture:
     """A random mixture: random weights, means of scale 1, components of the given kind.
 

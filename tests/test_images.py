@@ -36,15 +36,6 @@ from gcflows.training import derive_seed, load_checkpoint  # noqa: E402
 TINY = ["--preset", "digits_tiny", "--no-progress", "log_every=1", "checkpoint_every=3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread (as the scripts use for digits); restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def classifier_cache(tmp_path_factory) -> Path:
     """Session-wide classifier cache (shared with tests/test_classifier.py: trained once)."""
@@ -148,7 +139,7 @@ def test_cifar10_presets_follow_paper_section_5(name, method, dropout):
         1e-4,
         0.9999,
     )
-    assert (c.process, c.sigma_min, c.sigma_max, c.s0, c.s1) == ("ve", 0.002, 80.0, 10, 1280)
+    assert (c.process, c.t_min, c.t_max, c.s0, c.s1) == ("ve", 0.002, 80.0, 10, 1280)
     assert (c.p_mean, c.p_std, c.distance) == (-1.1, 2.0, "pseudo_huber")
     assert (net["base_channels"], net["channel_mults"], net["num_blocks"]) == (128, [1, 2, 2], 3)
     assert net["dropout"] == dropout and c.dropout == dropout and net["attn_resolutions"] == [16]

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "__init__": 0,
     "processes": 0,
+    "checks": 0,
     "runrecord": 0,
+    "records": 1,
     "metrics": 1,
     "gmm": 1,
     "data": 2,

@@ -28,16 +28,6 @@ from gcflows.networks import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one intra-op thread: these tensors are tiny, and on a shared, loaded CPU the
-    OpenMP pool turns each small op into milliseconds of synchronisation."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_sinusoidal_embedding_closed_form():
     c = torch.tensor([0.0, -0.7, 1.3])
     emb = sinusoidal_embedding(c, 8, scale=1000.0, max_period=10000.0)

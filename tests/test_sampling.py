@@ -26,16 +26,6 @@ S = 0.5
 PROCESSES = {"ve": VEProcess(t_min=0.002, t_max=2.0), "linear": LinearProcess()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one intra-op thread: these tensors are tiny, and on a shared, loaded CPU the
-    OpenMP pool turns each small op into milliseconds of synchronisation."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class GaussianFlowMap(nn.Module):
     """Exact flow map to ``t_min`` of ``N(m, s^2 I)``: ``a0 m + r(t_min) / r(t) (x - a(t) m)``,
     ``r = sqrt(a^2 s^2 + b^2)``; records the times it is called with."""

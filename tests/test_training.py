@@ -39,16 +39,6 @@ from gcflows.velocity import MonteCarloVelocity, TrueVelocity
 GMM = two_gaussians_1to2(dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast as two on the 2-core CI machine, and
-    cannot be slowed down 10x by oversubscription when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def toy_model(hidden: int = 16, dropout: float = 0.0, seed: int = 0, t_max: float = 80.0):
     """A ConsistencyModel(ToyMLP) initialised from ``seed`` without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -110,9 +100,9 @@ def test_config_json_round_trip_and_process_defaults():
     )
     back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
-    assert (cfg.sigma_min, cfg.sigma_max) == (0.002, 80.0)  # ve default
+    assert (cfg.t_min, cfg.t_max) == (0.002, 80.0)  # ve default
     lin = TrainConfig(process="linear")
-    assert (lin.sigma_min, lin.sigma_max) == (1e-3, 0.999)
+    assert (lin.t_min, lin.t_max) == (1e-3, 0.999)
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({**cfg.to_dict(), "lr_decay": 0.5})
 
@@ -122,9 +112,9 @@ BAD_FIELDS = [
     ("mu", 1.5),
     ("mu", float("nan")),
     ("s0", 20),  # with s1 = 10 below
-    ("sigma_min", 5.0),  # with sigma_max = 5.0 below
-    ("sigma_min", 6.0),
-    ("sigma_max", 1.0),  # linear process needs sigma_max < 1
+    ("t_min", 5.0),  # with t_max = 5.0 below
+    ("t_min", 6.0),
+    ("t_max", 1.0),  # linear process needs t_max < 1
     ("batch_size", 0),
     ("batch_size", 2.5),
     ("total_steps", 0),
@@ -154,9 +144,9 @@ def test_bad_config_raises_before_any_file(tmp_path, name, value):
     extra = {}
     if name == "s0":
         extra = {"s1": 10}
-    elif name == "sigma_min":
-        extra = {"sigma_max": 5.0}
-    elif name == "sigma_max":
+    elif name == "t_min":
+        extra = {"t_max": 5.0}
+    elif name == "t_max":
         extra = {"process": "linear"}
     run = tmp_path / "run"
     with pytest.raises(ValueError, match=rf"TrainConfig\.{name}="):
@@ -195,7 +185,7 @@ def _batch_above_rows(tmp):
 
 
 def _gen_model_with_ct(tmp):
-    return toy_config(tmp), toy_model(), GMM.sample, {"gen_model": toy_model()}
+    return toy_config(tmp), toy_model(), GMM.sample, {"gc_model": toy_model()}
 
 
 def _cuda_missing(tmp):
@@ -516,10 +506,10 @@ def test_gc_uses_the_frozen_generator_when_given():
             return torch.zeros_like(x)
 
     cfg = toy_config(None, method="gc", mu=1.0, batch_size=256, total_steps=2, log_every=1)
-    res = train(cfg, toy_model(), far.sample, gen_model=Zero())
+    res = train(cfg, toy_model(), far.sample, gc_model=Zero())
     # pairs (0, noise): E||noise||^2 = 2 (sd of a 256-mean: 0.125), against ~ 202 for the data
     assert all(abs(m["pair_cost"] - 2.0) < 0.75 for m in res.history)
-    res = train(cfg.replace(mu=0.0), toy_model(), far.sample, gen_model=Zero())
+    res = train(cfg.replace(mu=0.0), toy_model(), far.sample, gc_model=Zero())
     assert all(m["pair_cost"] > 150 for m in res.history)
 
 
@@ -574,8 +564,8 @@ def test_toy_ct_learns_both_modes_of_two_gaussians():
     process = VEProcess(0.002, 5.0)
     cfg = TrainConfig(
         method="ct",
-        sigma_min=0.002,
-        sigma_max=5.0,
+        t_min=0.002,
+        t_max=5.0,
         s0=10,
         s1=100,
         total_steps=1000,

@@ -20,16 +20,6 @@ from gcflows.processes import LinearProcess, VEProcess
 PROCESSES = [VEProcess(), LinearProcess()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the ODE solves here work on small tensors: one intra-op thread avoids contention on a
-    # shared CPU (and changes no result); restored after the module
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _gaussian(dim: int = 2, mean=(0.3, -0.2), std: float = 0.5) -> gmm.GaussianMixture:
     m = torch.tensor([list(mean)[:dim]], dtype=torch.float64)
     return gmm.GaussianMixture([1.0], m, stds=std)

@@ -27,16 +27,6 @@ from gcflows.velocity import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (100x slowdowns on a shared
-    2-core machine). Restored after each test."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def time_from_unit(process, u: float) -> float:
     """Log-uniform time in the process domain; ``u = 0`` gives t_min, ``u = 1`` gives t_max."""
     return math.exp((1 - u) * math.log(process.t_min) + u * math.log(process.t_max))
@@ -339,11 +329,11 @@ def test_missing_or_bad_keywords_raise():
         DistilledVelocity(lambda z, t: z, process)(x * math.nan, 1.0)
     with pytest.raises(ValueError, match="denoiser must return"):
         DistilledVelocity(lambda z, t: z[:, :1], process)(x, 1.0)
-    with pytest.raises(ValueError, match="generator must return"):
+    with pytest.raises(ValueError, match="gc_model must return"):
         GeneratorInducedVelocity(lambda z, t: None, process)(x, 1.0, noise=x)
     with pytest.raises(ValueError, match="denoiser must be callable"):
         DistilledVelocity(3, process)
-    with pytest.raises(ValueError, match="generator must be callable"):
+    with pytest.raises(ValueError, match="gc_model must be callable"):
         GeneratorInducedVelocity("gen", process)
     with pytest.raises(ValueError, match="gmm must be"):
         TrueVelocity("gmm", process)

@@ -1,6 +1,5 @@
-"""Run-folder helpers shared by the experiment scripts (DESIGN.md: each run writes config.json with
-seed, git SHA, versions and device; results.json / results.csv; PNG figures; and prints a summary
-table last).
+"""Run folders of the experiments (docs/design.md): each run writes config.json with seed, git SHA,
+versions and device; results.json / results.csv; PNG figures; and prints a summary table last.
 
     run_dir = make_run_dir(args.out, "toy_discrepancy")
     write_config(run_dir, args, seed=args.seed)
