@@ -1,0 +1,258 @@
+"""The tuned torch implementation of the kernel ops (the ``"torch"`` backend), written for CPU.
+
+It computes the functions of ``reference.py`` (the specification) with the same arithmetic, but
+arranged for a CPU's caches and threads; the ops it calls are ordinary torch ops, so it also runs
+on any other device (one block, no worker threads). It trusts its inputs: the public ops in
+``gcflows.kernels`` check them. Measurements: docs/performance.md (kernels section).
+
+``interpolate_pair``:
+
+- Rows are processed in blocks of about ``_BLOCK_ELEMENTS`` (4 MiB of float32 per operand), so
+  that a block of ``data``, ``noise`` and their difference stays in L3 across the four ``out=``
+  passes over it (difference, ``vector_norm``, two ``addcmul``): ``data`` and ``noise`` come from
+  DRAM once for the three outputs, and there are no temporaries.
+- The blocks are shared out dynamically among ``torch.get_num_threads()`` worker threads, each of
+  which runs torch with one intra-op thread. A block is then one serial pass, not an OpenMP
+  parallel region whose barrier waits for its slowest thread: when another process takes a core,
+  the worker that still runs simply takes more blocks, instead of every region stalling until the
+  descheduled thread returns (which made the row-blocked op 1.5x slower than naive eager with one
+  competing process).
+- Large outputs are allocated on transparent huge pages (``madvise``), which cuts the cost of the
+  page faults of fresh memory several-fold; the workers take those faults in parallel, block by
+  block.
+
+``pairwise_sqdist``: one ``addmm`` into the output with the norm epilogue in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import math
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from .reference import compute_dtype, recenter, sqnorms
+from .validation import check_norms
+
+__all__ = ["interpolate_pair", "pairwise_sqdist", "empty_fast"]
+
+# Elements per operand in a block of rows: a block of data, noise and their float32 difference
+# (12 MiB) stays in the 32 MiB L3 of the machine of docs/performance.md between passes.
+_BLOCK_ELEMENTS = 1 << 20
+# Below this many elements per worker, a thread hand-off costs more than it saves: one block,
+# run in the calling thread.
+_MIN_PARALLEL_ELEMENTS = 1 << 16
+# Huge pages from 4 MiB (two pages of 2 MiB); below that the hint has nothing to cover.
+_HUGE_PAGE_MIN_BYTES = 4 << 20
+_MADV_HUGEPAGE = 14  # Linux <asm-generic/mman-common.h>
+
+
+# --------------------------------------------------------------------------------------------
+# allocation
+# --------------------------------------------------------------------------------------------
+_madvise = None
+
+
+def _load_madvise():
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _madvise = fn
+            except (OSError, AttributeError):
+                _madvise = False
+    return _madvise
+
+
+def empty_fast(shape, dtype: torch.dtype, device: torch.device, prefault: bool = False) -> Tensor:
+    """``torch.empty`` that asks Linux for transparent huge pages on large CPU buffers.
+
+    Fresh CPU memory is zeroed by the kernel page by page on first touch; with 2 MiB pages that
+    costs several times less than with 4 KiB pages (2.5 against 11.7 ms to allocate and fill
+    48 MiB, docs/performance.md). Applied from 4 MiB (``_HUGE_PAGE_MIN_BYTES``). The hint only
+    covers whole pages inside the buffer and is ignored where unsupported. ``prefault``: touch
+    (zero) the buffer at once when the hint was taken, so that its page faults happen in one
+    parallel pass. The tensor is an ordinary torch tensor.
+    """
+    x = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = x.numel() * x.element_size()
+    if x.device.type == "cpu" and nbytes >= _HUGE_PAGE_MIN_BYTES:
+        fn = _load_madvise()
+        if fn:
+            page = 4096
+            start = (x.data_ptr() + page - 1) & ~(page - 1)
+            end = (x.data_ptr() + nbytes) & ~(page - 1)
+            if end > start and fn(start, end - start, _MADV_HUGEPAGE) == 0 and prefault:
+                x.zero_()
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# worker threads with one intra-op thread each
+# --------------------------------------------------------------------------------------------
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, size) -> executor
+_pools_lock = threading.Lock()
+
+
+def _serial_workers(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``n`` threads whose torch ops run serially.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP thread count and a process-wide
+    default that threads started later inherit. Each worker sets 1 for itself as it starts; the
+    caller then restores its own count, which restores the default. Keyed by process id, so a
+    forked child (which has no threads) builds its own.
+    """
+    key = (os.getpid(), n)
+    with _pools_lock:
+        if key in _pools:
+            return _pools[key]
+        own = torch.get_num_threads()
+        started = threading.Barrier(n + 1)
+        executor = ThreadPoolExecutor(
+            n, "gcflows-kernels", initializer=torch.set_num_threads, initargs=(1,)
+        )
+        futures = [executor.submit(started.wait) for _ in range(n)]  # start all n threads now
+        started.wait()
+        for f in futures:
+            f.result()
+        torch.set_num_threads(own)
+        _pools[key] = executor
+        return executor
+
+
+def _run_blocks(work, n_blocks: int, n_threads: int) -> None:
+    """Call ``work(k)`` for ``k < n_blocks``: in this thread, or handed out one block at a time
+    to ``n_threads`` serial workers (whoever is free takes the next block)."""
+    if n_threads <= 1 or n_blocks <= 1:
+        for k in range(n_blocks):
+            work(k)
+        return
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def loop() -> None:
+        for k in iter(counter.__next__, None):
+            if k >= n_blocks:
+                return
+            work(k)
+
+    executor = _serial_workers(n_threads)
+    futures = [executor.submit(loop) for _ in range(min(n_threads, n_blocks))]
+    for f in futures:
+        f.result()
+
+
+# --------------------------------------------------------------------------------------------
+# interpolate_pair
+# --------------------------------------------------------------------------------------------
+def _plan(B: int, D: int, device: torch.device) -> tuple[int, int, int]:
+    """``(rows per block, number of blocks, worker threads)`` for a ``(B, D)`` pair."""
+    total = B * max(D, 1)
+    if device.type != "cpu":
+        return B, 1, 1  # every op is parallel on the device already; a block costs launches
+    threads = torch.get_num_threads()
+    n_blocks = max(
+        math.ceil(total / _BLOCK_ELEMENTS), min(threads, total // _MIN_PARALLEL_ELEMENTS), 1
+    )
+    rows = math.ceil(B / min(n_blocks, B))
+    return rows, math.ceil(B / rows), threads
+
+
+def interpolate_pair(
+    data: Tensor,
+    noise: Tensor,
+    t_lo: Tensor,
+    t_hi: Tensor,
+    process: str = "ve",
+    *,
+    out: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference.interpolate_pair`` in row blocks (module docstring).
+
+    data, noise: ``(B, *dims)``; t_lo, t_hi: ``(B,)`` in the arithmetic dtype; ``out``: checked
+    contiguous ``(x_lo, x_hi, sqcost)`` to write into, or ``None`` to allocate them.
+    """
+    B = data.shape[0]
+    data2, noise2 = data.reshape(B, -1), noise.reshape(B, -1)
+    D = data2.shape[1]
+    acc = compute_dtype(data.dtype)
+    if out is None:
+        x_lo = empty_fast(data.shape, data.dtype, data.device)
+        x_hi = empty_fast(data.shape, data.dtype, data.device)
+        sqcost = torch.empty(B, dtype=acc, device=data.device)
+    else:
+        x_lo, x_hi, sqcost = out
+    lo2, hi2 = x_lo.view(B, D), x_hi.view(B, D)
+    # ve: x = data + t noise; linear: x = (1 - t) data + t noise = data - t (data - noise)
+    sign = 1.0 if process == "ve" else -1.0
+    c_lo, c_hi = (sign * t_lo)[:, None], (sign * t_hi)[:, None]
+    rows, n_blocks, threads = _plan(B, D, data.device)
+    scratch = threading.local()
+
+    def block(k: int) -> None:
+        r0, r1 = k * rows, min(B, (k + 1) * rows)
+        dc, nc = data2[r0:r1], noise2[r0:r1]
+        s = getattr(scratch, "buf", None)
+        if s is None:
+            s = scratch.buf = torch.empty((rows, D), dtype=acc, device=data.device)
+        s = s[: r1 - r0]
+        if dc.dtype == acc:
+            torch.sub(dc, nc, out=s)
+        else:  # upcast first: the difference of two float16 values is not a float16
+            s.copy_(dc)
+            s.sub_(nc)
+        torch.linalg.vector_norm(s, dim=1, out=sqcost[r0:r1])
+        other = nc if process == "ve" else s
+        # mixed-dtype addcmul computes in the common dtype (float32 for 16-bit inputs) and
+        # rounds once into the output
+        torch.addcmul(dc, c_lo[r0:r1], other, out=lo2[r0:r1])
+        torch.addcmul(dc, c_hi[r0:r1], other, out=hi2[r0:r1])
+
+    _run_blocks(block, n_blocks, threads)
+    sqcost.square_()
+    return x_lo, x_hi, sqcost
+
+
+# --------------------------------------------------------------------------------------------
+# pairwise_sqdist
+# --------------------------------------------------------------------------------------------
+def pairwise_sqdist(
+    a: Tensor,
+    b: Tensor,
+    precision: str = "ieee",
+    *,
+    out: Tensor | None = None,
+    validate: bool = True,
+) -> Tensor:
+    """``reference.pairwise_sqdist`` as one ``addmm`` into ``out`` and an in-place epilogue.
+
+    a, b: ``(Ba, *dims)``, ``(Bb, *dims)`` (``b is a`` for the self matrix); ``precision`` is
+    accepted for the Triton backend's sake: this path computes in the arithmetic dtype on CPU and
+    follows torch's matmul precision setting on CUDA. ``out``: checked ``(Ba, Bb)`` tensor or
+    ``None``. ``validate``: the finiteness check of ``validation.check_norms``.
+    """
+    same = a is b
+    a2, b2 = recenter(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), same)
+    acc = compute_dtype(a2.dtype)
+    a2 = a2.to(acc)
+    b2 = a2 if same else b2.to(acc)
+    an = sqnorms(a2)
+    bn = an if same else sqnorms(b2)
+    if validate:
+        check_norms(an, bn, a, b)
+    if out is None:
+        out = empty_fast((a2.shape[0], b2.shape[0]), acc, a2.device)
+    torch.addmm(bn[None, :], a2, b2.T, alpha=-2.0, out=out)
+    out.add_(an[:, None]).clamp_(min=0.0)
+    if same:
+        out.fill_diagonal_(0.0)
+    return out
