@@ -26,9 +26,11 @@ on any other device (one block, no worker threads). It trusts its inputs: the pu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import math
+import mmap
 import os
 import sys
 import threading
@@ -40,7 +42,7 @@ from torch import Tensor
 from .reference import compute_dtype, recenter, sqnorms
 from .validation import check_norms
 
-__all__ = ["interpolate_pair", "pairwise_sqdist", "empty_fast"]
+__all__ = ["interpolate_pair", "pairwise_sqdist", "empty_fast", "empty_reused", "release_buffers"]
 
 # Elements per operand in a block of rows: a block of data, noise and their float32 difference
 # (12 MiB) stays in the 32 MiB L3 of the machine of docs/performance.md between passes.
@@ -48,8 +50,11 @@ _BLOCK_ELEMENTS = 1 << 20
 # Below this many elements per worker, a thread hand-off costs more than it saves: one block,
 # run in the calling thread.
 _MIN_PARALLEL_ELEMENTS = 1 << 16
-# Huge pages from 4 MiB (two pages of 2 MiB); below that the hint has nothing to cover.
+# Huge pages from 4 MiB (two pages of 2 MiB); below that the hint has nothing to cover. Outputs
+# from this size come from the pool of reused buffers (``empty_reused``).
 _HUGE_PAGE_MIN_BYTES = 4 << 20
+# Buffers the pool keeps (idle or in use); a request beyond them gets a buffer outside the pool.
+_POOL_MAX_BUFFERS = 8
 _MADV_HUGEPAGE = 14  # Linux <asm-generic/mman-common.h>
 
 
@@ -95,6 +100,82 @@ def empty_fast(shape, dtype: torch.dtype, device: torch.device, prefault: bool =
             if end > start and fn(start, end - start, _MADV_HUGEPAGE) == 0 and prefault:
                 x.zero_()
     return x
+
+
+_buffers: list[mmap.mmap] = []  # the pool, least recently handed out first
+_buffers_lock = threading.Lock()
+
+
+def _idle(buf: mmap.mmap) -> bool:
+    """Whether no tensor refers to ``buf``, called on the loop variable of a plain ``for`` over
+    the pool (the references then are the pool's list, the loop variable and the arguments)."""
+    return sys.getrefcount(buf) <= _IDLE_REFS
+
+
+def _refs(buf: mmap.mmap) -> int:  # called as ``_idle`` is: the same references
+    return sys.getrefcount(buf)
+
+
+def _count_idle_refs() -> int:
+    probe = [mmap.mmap(-1, 1)]
+    for buf in probe:  # the same form as the loops of ``empty_reused``
+        return _refs(buf)
+    raise AssertionError
+
+
+_IDLE_REFS = _count_idle_refs()
+
+
+def empty_reused(shape, dtype: torch.dtype) -> Tensor:
+    """An uninitialised CPU tensor, in a buffer reused from earlier calls when one is idle.
+
+    Fresh memory costs a page fault and a kernel-zeroed page per page on first touch: for the two
+    48 MiB outputs of ``interpolate_pair`` at 4096 x 3072 that is as long as the op itself
+    (docs/performance.md). Buffers of at least ``_HUGE_PAGE_MIN_BYTES`` therefore come from a
+    small pool of anonymous memory maps (transparent huge pages where the kernel offers them),
+    each wrapped by ``torch.frombuffer``: the tensor holds a reference to its buffer, so a buffer
+    is handed out again only once no tensor (nor view of one) refers to it any more. The pool keeps
+    at most ``_POOL_MAX_BUFFERS`` buffers (``release_buffers`` empties it); the memory of an idle
+    buffer stays with the process meanwhile. The tensor is an ordinary tensor whose storage
+    cannot be resized. Smaller requests are plain ``torch.empty``.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _HUGE_PAGE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    with _buffers_lock:
+        chosen = None
+        for buf in _buffers:
+            if len(buf) == nbytes and _idle(buf):
+                chosen = buf
+                break
+        if chosen is None:
+            chosen = _new_buffer(nbytes)
+        else:
+            _buffers.remove(chosen)
+        if len(_buffers) < _POOL_MAX_BUFFERS:
+            _buffers.append(chosen)  # most recently handed out last
+        return torch.frombuffer(chosen, dtype=dtype).view(shape)
+
+
+def _new_buffer(nbytes: int) -> mmap.mmap:
+    """A fresh anonymous map (page-aligned, zero-filled on first touch, huge pages asked for);
+    makes room in a full pool by dropping its least recently used idle buffer."""
+    buf = mmap.mmap(-1, nbytes)
+    with contextlib.suppress(AttributeError, OSError):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    if len(_buffers) >= _POOL_MAX_BUFFERS:
+        for old in _buffers:
+            if _idle(old):
+                _buffers.remove(old)
+                break
+    return buf
+
+
+def release_buffers() -> None:
+    """Drop the pool of ``empty_reused``: idle buffers return to the system at once, buffers in
+    use when their last tensor goes."""
+    with _buffers_lock:
+        _buffers.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,9 +266,13 @@ def interpolate_pair(
     data2, noise2 = data.reshape(B, -1), noise.reshape(B, -1)
     D = data2.shape[1]
     acc = compute_dtype(data.dtype)
-    if out is None:
-        x_lo = empty_fast(data.shape, data.dtype, data.device)
-        x_hi = empty_fast(data.shape, data.dtype, data.device)
+    if out is None and data.device.type == "cpu":
+        x_lo = empty_reused(data.shape, data.dtype)
+        x_hi = empty_reused(data.shape, data.dtype)
+        sqcost = torch.empty(B, dtype=acc)
+    elif out is None:
+        x_lo = torch.empty_like(data, memory_format=torch.contiguous_format)
+        x_hi = torch.empty_like(data, memory_format=torch.contiguous_format)
         sqcost = torch.empty(B, dtype=acc, device=data.device)
     else:
         x_lo, x_hi, sqcost = out

@@ -234,6 +234,34 @@ def test_reference_interpolate_huge_page_outputs(gen, monkeypatch):
     x.resize_(B * D + 7)  # an ordinary storage: it can grow
 
 
+def test_torch_backend_reuses_idle_output_buffers(gen, monkeypatch):
+    # Large CPU outputs come from a pool of buffers: a buffer is handed out again only when no
+    # tensor or view refers to it, the reused buffer is fully overwritten (it held the last
+    # call's values), and the pool stays within its bound.
+    monkeypatch.setattr(C, "_HUGE_PAGE_MIN_BYTES", 1 << 16)
+    monkeypatch.setattr(C, "_POOL_MAX_BUFFERS", 3)
+    C.release_buffers()
+    B, D = 40, 500  # 80 kB per output
+    data, noise = _rand((B, D), torch.float32, gen), _rand((B, D), torch.float32, gen)
+    t_lo, t_hi = _times(B, "ve", gen), _times(B, "ve", gen)
+    first = _torch_pair(data, noise, t_lo, t_hi)
+    ptrs = {first[0].data_ptr(), first[1].data_ptr()}
+    keep = first[1][3:]  # a view keeps x_hi's buffer in use
+    del first
+    other_t = _times(B, "ve", gen)
+    second = _torch_pair(data, noise, other_t, other_t)
+    assert second[0].data_ptr() in ptrs and second[1].data_ptr() not in ptrs
+    _check_pair(second, data, noise, other_t, other_t, "ve")
+    assert len(C._buffers) == 3
+    live = [C.empty_reused((B, D), torch.float32) for _ in range(5)]  # more than the pool holds
+    assert len(C._buffers) <= 3 and len({x.data_ptr() for x in live}) == 5
+    del keep, second, live
+    C.release_buffers()
+    assert C._buffers == []
+    small = C.empty_reused((4, 4), torch.float32)  # below the threshold: plain torch.empty
+    assert small.untyped_storage().resizable() and C._buffers == []
+
+
 @pytest.mark.parametrize("process", ["ve", "linear"])
 @pytest.mark.parametrize("impl", list(PAIR_IMPLS))
 def test_reference_identities_float64(process, impl, gen):
