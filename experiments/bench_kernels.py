@@ -350,9 +350,7 @@ def cuda_pair_case(B, D, dtype, process, gen, compiled, rows, notes, sweeps) -> 
         )
         for cfg in [(1, 1024, 4), (2, 1024, 8), (4, 1024, 8), (1, 2048, 8), (8, 512, 8)]:
             sec = time_cuda(
-                lambda c=cfg: interpolate_pair_triton(
-                    data, noise, t_lo, t_hi, validate=False, config=c
-                )
+                lambda c=cfg: interpolate_pair_triton(data, noise, t_lo, t_hi, config=c)
             )
             sweeps["interpolate_pair"].append(
                 {"shape": f"{B}x{D}", "config": cfg, "ms": sec * 1e3, "GB/s": traffic / sec / 1e9}
