@@ -500,6 +500,7 @@ def main(argv=None) -> int:
         bench_cuda(args, rec)
     elif args.contended:
         with Competitor(args.contended_seconds) as competitor:
+            config["competitor_pid"] = competitor.proc.pid
             config["load_contended"] = load()
             bench_cpu(args, rec)
         config["competitor_ran_throughout"] = competitor.ran_throughout
@@ -510,17 +511,21 @@ def main(argv=None) -> int:
         rec.save()
     else:
         bench_cpu(args, rec)
-    rows, notes, sweeps = rec.rows, rec.notes, rec.sweeps
     config["load_after"] = load()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    report(config, rec, device, out)
+    return 0
+
+
+def report(config: dict, rec: Record, device: str, out: Path) -> None:
     print(
         f"device: {config['device']}; torch threads {config['torch_threads']}; "
         f"load average before {config['load_before']} after {config['load_after']}"
     )
     print(f"wrote {out / 'config.json'} and {out / 'results.json'}")
-    for s in sweeps.get("interpolate_pair", []) + sweeps.get("pairwise_sqdist", []):
+    for s in rec.sweeps.get("interpolate_pair", []) + rec.sweeps.get("pairwise_sqdist", []):
         print("sweep", s)
-    for n in notes:
+    for n in rec.notes:
         print(n)
     if device == "cuda":
         print(
@@ -529,8 +534,7 @@ def main(argv=None) -> int:
         )
     else:
         print("'x' = method time / torch backend time: above 1, the torch backend is faster")
-    print(table(rows))
-    return 0
+    print(table(rec.rows))
 
 
 if __name__ == "__main__":
