@@ -219,12 +219,16 @@ def _run_blocks(work, n_blocks: int, n_threads: int) -> None:
             work(k)
         return
     counter = itertools.count()  # next() on it is atomic under the GIL
+    # grad and inference mode are thread-local: the workers take the caller's (writing into an
+    # inference tensor outside inference mode is an error)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def loop() -> None:
-        for k in iter(counter.__next__, None):
-            if k >= n_blocks:
-                return
-            work(k)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for k in iter(counter.__next__, None):
+                if k >= n_blocks:
+                    return
+                work(k)
 
     executor = _serial_workers(n_threads)
     futures = [executor.submit(loop) for _ in range(min(n_threads, n_blocks))]

@@ -588,6 +588,12 @@ def test_torch_backend_worker_threads(gen, monkeypatch):
     pools = dict(C._pools)
     _torch_pair(data, noise, t_lo, t_hi, process)
     assert C._pools == pools
+    # the workers run in the caller's grad / inference mode: writing into inference tensors
+    # (outputs allocated under inference_mode) from a worker outside it would raise
+    with torch.inference_mode():
+        res = _torch_pair(data, noise, t_lo, t_hi, process)
+    assert res[0].is_inference()
+    _check_pair(res, data, noise, t_lo, t_hi, process)
 
 
 def test_torch_backend_worker_threads_after_fork(gen, monkeypatch):
