@@ -17,9 +17,10 @@ on any other device (one block, no worker threads). It trusts its inputs: the pu
   the worker that still runs simply takes more blocks, instead of every region stalling until the
   descheduled thread returns (which made the row-blocked op 1.5x slower than naive eager with one
   competing process).
-- Large outputs are allocated on transparent huge pages (``madvise``), which cuts the cost of the
-  page faults of fresh memory several-fold; the workers take those faults in parallel, block by
-  block.
+- Large outputs come from a small pool of buffers that are handed out again once no tensor
+  refers to them (``empty_reused``): in a loop that drops the previous call's outputs, a call
+  takes no page faults. New buffers ask for transparent huge pages, and the workers take their
+  page faults in parallel, block by block.
 
 ``pairwise_sqdist``: one ``addmm`` into the output with the norm epilogue in place.
 """
