@@ -70,7 +70,7 @@ def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(torch.is_tensor(x) and x.requires_grad for x in xs)
 
 
-def _use_triton(backend: str, module: str, tensors: tuple, grad_inputs: tuple) -> bool:
+def _use_triton(backend: str, module: str, tensors: tuple, grad: bool) -> bool:
     """Decide the backend; ``ValueError`` when ``backend="triton"`` cannot be honoured."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -80,7 +80,6 @@ def _use_triton(backend: str, module: str, tensors: tuple, grad_inputs: tuple) -
     if not torch.is_tensor(x):
         return False  # the reference raises the precise ValueError
     dtype_ok = all(torch.is_tensor(t) and t.dtype in _TRITON_DTYPES for t in tensors)
-    grad = _needs_grad(*grad_inputs)
     if backend == "auto":
         return x.is_cuda and dtype_ok and not grad and triton_available()
     # backend == "triton": explain every reason it cannot run
@@ -160,7 +159,7 @@ def interpolate_pair(
             data.device,
             (data, noise),
         )
-    if _use_triton(backend, "interpolate", (data, noise), (data, noise, t_lo, t_hi)):
+    if _use_triton(backend, "interpolate", (data, noise), grad):
         fn = _kernel_module("interpolate").interpolate_pair_triton
         result = fn(data, noise, t_lo, t_hi, process, out=out)
     elif grad:
@@ -203,7 +202,7 @@ def pairwise_sqdist(
         (out,) = validation.check_out(
             (out,), ((Ba, Bb),), (compute_dtype(a.dtype),), a.device, (a, b)
         )
-    if _use_triton(backend, "sqdist", (a, b), (a, b)):
+    if _use_triton(backend, "sqdist", (a, b), grad):
         fn = _kernel_module("sqdist").pairwise_sqdist_triton
         return fn(a, b, precision, out=out, validate=validate)
     if grad:

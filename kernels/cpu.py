@@ -253,6 +253,23 @@ def _plan(B: int, D: int, device: torch.device) -> tuple[int, int, int]:
     return rows, math.ceil(B / rows), threads
 
 
+def _pair_rows(d, n, c_lo, c_hi, linear: bool, x_lo, x_hi, norm, s) -> None:
+    """One block of rows, every result written ``out=``: ``s = d - n`` (arithmetic dtype),
+    ``norm = ||s||`` per row, ``x = d + c n`` (ve, ``c = t``) or ``x = d + c s`` (linear,
+    ``c = -t``)."""
+    if d.dtype == s.dtype:
+        torch.sub(d, n, out=s)
+    else:  # upcast first: the difference of two float16 values is not a float16
+        s.copy_(d)
+        s.sub_(n)
+    torch.linalg.vector_norm(s, dim=1, out=norm)
+    other = s if linear else n
+    # mixed-dtype addcmul computes in the common dtype (float32 for 16-bit inputs) and rounds
+    # once into the output
+    torch.addcmul(d, c_lo, other, out=x_lo)
+    torch.addcmul(d, c_hi, other, out=x_hi)
+
+
 def interpolate_pair(
     data: Tensor,
     noise: Tensor,
@@ -283,29 +300,25 @@ def interpolate_pair(
         x_lo, x_hi, sqcost = out
     lo2, hi2 = x_lo.view(B, D), x_hi.view(B, D)
     # ve: x = data + t noise; linear: x = (1 - t) data + t noise = data - t (data - noise)
-    sign = 1.0 if process == "ve" else -1.0
-    c_lo, c_hi = (sign * t_lo)[:, None], (sign * t_hi)[:, None]
+    c_lo, c_hi = (t_lo, t_hi) if process == "ve" else (-t_lo, -t_hi)
+    c_lo, c_hi = c_lo[:, None], c_hi[:, None]
     rows, n_blocks, threads = _plan(B, D, data.device)
-    scratch = threading.local()
+    linear = process == "linear"
+    if n_blocks == 1:  # the whole batch in this thread, no slicing
+        scratch = torch.empty((B, D), dtype=acc, device=data.device)
+        _pair_rows(data2, noise2, c_lo, c_hi, linear, lo2, hi2, sqcost, scratch)
+        return x_lo, x_hi, sqcost.square_()
+    local = threading.local()  # one scratch block per worker thread
 
     def block(k: int) -> None:
         r0, r1 = k * rows, min(B, (k + 1) * rows)
-        dc, nc = data2[r0:r1], noise2[r0:r1]
-        s = getattr(scratch, "buf", None)
-        if s is None:
-            s = scratch.buf = torch.empty((rows, D), dtype=acc, device=data.device)
-        s = s[: r1 - r0]
-        if dc.dtype == acc:
-            torch.sub(dc, nc, out=s)
-        else:  # upcast first: the difference of two float16 values is not a float16
-            s.copy_(dc)
-            s.sub_(nc)
-        torch.linalg.vector_norm(s, dim=1, out=sqcost[r0:r1])
-        other = nc if process == "ve" else s
-        # mixed-dtype addcmul computes in the common dtype (float32 for 16-bit inputs) and
-        # rounds once into the output
-        torch.addcmul(dc, c_lo[r0:r1], other, out=lo2[r0:r1])
-        torch.addcmul(dc, c_hi[r0:r1], other, out=hi2[r0:r1])
+        if getattr(local, "scratch", None) is None:
+            local.scratch = torch.empty((rows, D), dtype=acc, device=data.device)
+        rs = slice(r0, r1)
+        _pair_rows(
+            data2[rs], noise2[rs], c_lo[rs], c_hi[rs], linear, lo2[rs], hi2[rs], sqcost[rs],
+            local.scratch[: r1 - r0],
+        )  # fmt: skip
 
     _run_blocks(block, n_blocks, threads)
     sqcost.square_()

@@ -161,20 +161,20 @@ def check_pair_values(
     stands for a scan of the inputs. One reduction of ``(B,)`` tensors and, on a GPU, one host
     synchronisation for all of it.
     """
+    # NaN propagates into min, max and amax; sqcost >= 0, so a finite maximum means all finite
     stats = [v for t in (t_lo, t_hi) for v in torch.aminmax(t)]
-    stats.append(torch.isfinite(sqcost).all().to(t_lo.dtype))
+    stats.append(sqcost.detach().amax().to(t_lo.dtype))
     bounds = torch.stack(stats).tolist()
     upper = math.inf if process == "ve" else 1.0
     for k, name in enumerate(("t_lo", "t_hi")):
         lo, hi = bounds[2 * k], bounds[2 * k + 1]
-        # NaN propagates into min and max, so finite bounds mean finite values
         if not (math.isfinite(lo) and math.isfinite(hi) and lo > 0.0 and hi < upper):
             domain = "t > 0" if process == "ve" else "0 < t < 1"
             raise ValueError(
                 f"{name} must be finite and satisfy {domain} for the {process} process, got "
                 f"values in [{lo}, {hi}]"
             )
-    if not bounds[4]:
+    if not math.isfinite(bounds[4]):
         _name_non_finite(
             {"data": data, "noise": noise},
             f"||data - noise||^2 overflows {sqcost.dtype} although data and noise are finite; "
