@@ -76,9 +76,7 @@ def _use_triton(backend: str, module: str, tensors: tuple, grad: bool) -> bool:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    x = tensors[0]
-    if not torch.is_tensor(x):
-        return False  # the reference raises the precise ValueError
+    x = tensors[0]  # the public ops checked the tensors before
     dtype_ok = all(torch.is_tensor(t) and t.dtype in _TRITON_DTYPES for t in tensors)
     if backend == "auto":
         return x.is_cuda and dtype_ok and not grad and triton_available()
@@ -141,7 +139,9 @@ def interpolate_pair(
 
     Returns:
         ``x_lo, x_hi`` ``(B, *dims)`` in the input dtype, computed in float32 (float64 for
-        float64) and rounded once; ``sqcost`` ``(B,)`` float32 (float64 for float64).
+        float64) and rounded once; ``sqcost`` ``(B,)`` float32 (float64 for float64). On CPU,
+        outputs of 4 MiB and more live in buffers reused once no tensor refers to them
+        (``cpu.empty_reused``): ordinary tensors whose storage cannot be resized.
     """
     validation.check_pair(data, noise)
     validation.check_process(process)
