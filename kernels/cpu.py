@@ -219,14 +219,19 @@ def _run_blocks(work, n_blocks: int, n_threads: int) -> None:
         for k in range(n_blocks):
             work(k)
         return
-    counter = itertools.count()  # next() on it is atomic under the GIL
+    counter, lock = itertools.count(), threading.Lock()
+
+    def next_block() -> int:
+        with lock:  # atomic without relying on the GIL
+            return next(counter)
+
     # grad and inference mode are thread-local: the workers take the caller's (writing into an
     # inference tensor outside inference mode is an error)
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def loop() -> None:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            for k in iter(counter.__next__, None):
+            for k in iter(next_block, None):
                 if k >= n_blocks:
                     return
                 work(k)
