@@ -1,31 +1,39 @@
-"""Benchmark of the kernel ops (DESIGN.md, "The kernels"; docs/performance.md).
+"""Benchmark of the kernel ops (docs/design.md, "The kernels"; docs/performance.md).
 
 On CUDA (the Triton path), ``triton.testing.do_bench`` medians, every method on the same device in
 the same run:
 
 - ``interpolate_pair`` (float32, ``ve``; plus bfloat16 and ``linear`` at the largest size): the
-  Triton kernel through the public op (``validate=True``, one host sync for the time check, and
-  ``validate=False``), the naive eager expression, the torch reference (``backend="torch"``) and
-  ``torch.compile`` of the reference expression; effective GB/s (2 reads + 2 writes of ``B x D``
-  elements) and its fraction of the measured device-to-device copy bandwidth of the same traffic
-  (``copy_`` of a ``2 x B x D`` buffer); B 128 / 512 / 2048 / 8192, D 2 / 3072 / 12288.
+  Triton kernel through the public op (``validate=True``, one host sync for the value checks, and
+  ``validate=False``), the naive eager expression, the torch backend (``backend="torch"``) and
+  ``torch.compile`` of the specification (``reference.interpolate_pair``); effective GB/s (2 reads
+  + 2 writes of ``B x D`` elements) and its fraction of the measured device-to-device copy
+  bandwidth of the same traffic (``copy_`` of a ``2 x B x D`` buffer); B 128 / 512 / 2048 / 8192,
+  D 2 / 3072 / 12288.
 - ``pairwise_sqdist`` (float32): the Triton kernel with ``ieee`` / ``tf32`` / ``tf32x3``, the
-  torch reference, ``torch.cdist(a, b) ** 2`` and ``ot.dist`` in TFLOP/s (``2 B^2 D``); B 128 / 512
+  torch backend, ``torch.cdist(a, b) ** 2`` and ``ot.dist`` in TFLOP/s (``2 B^2 D``); B 128 / 512
   / 2048 / 4096 / 8192, D 2 / 3072 / 12288.
 - a short sweep of launch configurations at two sizes, for retuning ``launch_config``.
 
 On CPU (no Triton: it needs CUDA), medians of interleaved repeats (a busy machine slows every
-method alike) of the reference ``interpolate_pair`` against the naive eager expression
-``(data + t_lo[:, None] * noise, data + t_hi[:, None] * noise, ((data - noise) ** 2).sum(1))`` and
-against a same-size memory copy, both ``data.clone()`` (fresh output, as the op allocates) and
-``copy_`` into a buffer already in memory (the bandwidth floor), with and without ``out=``; and
-of the reference ``pairwise_sqdist`` against ``torch.cdist(a, b) ** 2`` and ``ot.dist``.
+method alike) of the torch backend's ``interpolate_pair`` (``kernels/cpu.py``) against the naive
+eager expression ``(data + t_lo[:, None] * noise, data + t_hi[:, None] * noise, ((data - noise)
+** 2).sum(1))`` and against a same-size memory copy, both ``data.clone()`` (fresh output, as the
+op allocates) and ``copy_`` into a buffer already in memory (the bandwidth floor), with and
+without ``out=``; and of the torch backend's ``pairwise_sqdist`` against ``torch.cdist(a, b) **
+2`` and ``ot.dist``.
+
+``--contended`` (CPU): the same table while one competing CPU-bound process runs (a pure-Python
+busy loop, started before the timings and killed after them; it stops by itself after
+``--contended-seconds`` in any case). It measures how the op holds up when another process takes
+a core.
 
 Writes ``config.json`` (seed, git SHA, versions, device, command, load average) and
 ``results.json`` to ``--out`` and prints the ratios and, last, the table.
 
-    python experiments/bench_kernels.py            # full grid
-    python experiments/bench_kernels.py --quick    # B = 4096, D = 3072 and one cost matrix (CPU)
+    python experiments/bench_kernels.py                # full grid
+    python experiments/bench_kernels.py --quick        # B = 4096, D = 3072 and one cost matrix
+    python experiments/bench_kernels.py --quick --contended
 """
 
 from __future__ import annotations
@@ -36,13 +44,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import gcflows.kernels as K
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gcflows.records import cpu_model, git_sha
 
 try:  # a gcflows dependency, but absent from some GPU images: its column is then skipped
@@ -128,15 +135,6 @@ def naive_pair(data, noise, t_lo, t_hi):
     )
 
 
-def spec_pair(data, noise, t_lo, t_hi):
-    """The reference expression (ve) as one function, for ``torch.compile``."""
-    d32, n32 = data.float(), noise.float()
-    diff = d32 - n32
-    x_lo = (d32 + t_lo[:, None] * n32).to(data.dtype)
-    x_hi = (d32 + t_hi[:, None] * n32).to(data.dtype)
-    return x_lo, x_hi, (diff * diff).sum(1)
-
-
 def make_pair(B, D, dtype, device, gen):
     data = torch.randn(B, D, generator=gen).to(device=device, dtype=dtype)
     noise = torch.randn(B, D, generator=gen).to(device=device, dtype=dtype)
@@ -150,89 +148,123 @@ def make_pair(B, D, dtype, device, gen):
 # ---------------------------------------------------------------------------------------------
 def bench_cpu(args, rec: Record) -> None:
     gen = torch.Generator().manual_seed(SEED)
-    rows, notes = rec.rows, rec.notes
-    repeats = 7 if args.quick else 15
+    repeats = args.repeats or (7 if args.quick else 15)
     pair_sizes = [(4096, 3072)] if args.quick else [(4096, 3072), (512, 3072), (128, 12288)]
     pair_sizes += [] if args.quick else [(8192, 2)]
     for B, D in pair_sizes:
-        data, noise, t_lo, t_hi = make_pair(B, D, torch.float32, "cpu", gen)
-        buf = torch.empty_like(data)
-        outs = (torch.empty_like(data), torch.empty_like(data), torch.empty(B))
-        fns = {
-            "naive eager": lambda d=data, n=noise, a=t_lo, b=t_hi: naive_pair(d, n, a, b),
-            "reference": lambda d=data, n=noise, a=t_lo, b=t_hi: K.interpolate_pair(
-                d, n, a, b, backend="torch"
-            ),
-            "reference out=": lambda d=data, n=noise, a=t_lo, b=t_hi, o=outs: K.interpolate_pair(
-                d, n, a, b, backend="torch", out=o
-            ),
-            "copy (clone)": lambda d=data: d.clone(),
-            "copy (copy_ to buffer)": lambda d=data, o=buf: o.copy_(d),
-        }
-        res = time_cpu(fns, repeats)
-        traffic = 4 * B * D * 4  # reads data, noise; writes x_lo, x_hi (float32)
-        for name, (med, best) in res.items():
-            bytes_moved = 2 * B * D * 4 if name.startswith("copy") else traffic
-            rows.append(
-                {
-                    "op": "interpolate_pair",
-                    "shape": f"{B}x{D}",
-                    "dtype": "float32",
-                    "method": name,
-                    "median_ms": med * 1e3,
-                    "min_ms": best * 1e3,
-                    "GB/s": bytes_moved / med / 1e9,
-                    "vs": med / res["reference"][0],
-                }
-            )
-        ref, naive = res["reference"][0], res["naive eager"][0]
-        clone, copy_ = res["copy (clone)"][0], res["copy (copy_ to buffer)"][0]
-        ref_out = res["reference out="][0]
-        notes.append(
-            f"interpolate_pair {B}x{D} float32: naive eager / reference = {naive / ref:.2f}x "
-            f"(goal >= 3); reference / copy (clone) = {ref / clone:.2f}x and reference / copy_ "
-            f"to buffer = {ref / copy_:.2f}x (goal <= 4); reference out= / copy_ to buffer = "
-            f"{ref_out / copy_:.2f}x"
-        )
+        cpu_pair_case(B, D, gen, repeats, rec)
         rec.save()
     sq_sizes = [(2048, 3072)] if args.quick else [(512, 3072), (2048, 3072), (2048, 2)]
     for B, D in sq_sizes:
-        a = torch.randn(B, D, generator=gen)
-        b = torch.randn(B, D, generator=gen)
-        fns = {
-            "reference": lambda a=a, b=b: K.pairwise_sqdist(a, b, backend="torch"),
-            "torch.cdist**2": lambda a=a, b=b: torch.cdist(a, b) ** 2,
-        }
-        if ot is not None:
-            fns["ot.dist"] = lambda a=a, b=b: ot.dist(a, b)
-        res = time_cpu(fns, max(3, repeats // 2) if B * D > 4e6 else repeats)
-        flops = 2.0 * B * B * D
-        for name, (med, best) in res.items():
-            rows.append(
-                {
-                    "op": "pairwise_sqdist",
-                    "shape": f"{B}x{B}x{D}",
-                    "dtype": "float32",
-                    "method": name,
-                    "median_ms": med * 1e3,
-                    "min_ms": best * 1e3,
-                    "TFLOP/s": flops / med / 1e12,
-                    "vs": med / res["reference"][0],
-                }
-            )
-        ref = res["reference"][0]
-        pot = f"{res['ot.dist'][0] / ref:.2f}x" if ot is not None else "not installed"
-        notes.append(
-            f"pairwise_sqdist {B}x{B}x{D}: torch.cdist**2 / reference = "
-            f"{res['torch.cdist**2'][0] / ref:.2f}x, ot.dist / reference = {pot} "
-            "(goal >= 1, not slower)"
-        )
+        cpu_sqdist_case(B, D, gen, max(3, repeats // 2) if B * D > 4e6 else repeats, rec)
         rec.save()
-    notes.append(
-        "The Triton path needs CUDA: on this CPU only the reference ops were timed "
+    rec.notes.append(
+        "The Triton path needs CUDA: on this CPU only the torch backend was timed "
         "(the Triton kernels are tested here under TRITON_INTERPRET=1, not timed)."
     )
     rec.save()
+
+
+def cpu_pair_case(B: int, D: int, gen, repeats: int, rec: Record) -> None:
+    data, noise, t_lo, t_hi = make_pair(B, D, torch.float32, "cpu", gen)
+    buf = torch.empty_like(data)
+    outs = (torch.empty_like(data), torch.empty_like(data), torch.empty(B))
+    fns = {
+        "naive eager": lambda: naive_pair(data, noise, t_lo, t_hi),
+        "torch backend": lambda: K.interpolate_pair(data, noise, t_lo, t_hi, backend="torch"),
+        "torch backend out=": lambda: K.interpolate_pair(
+            data, noise, t_lo, t_hi, backend="torch", out=outs
+        ),
+        "copy (clone)": lambda: data.clone(),
+        "copy (copy_ to buffer)": lambda: buf.copy_(data),
+    }
+    res = time_cpu(fns, repeats)
+    traffic = 4 * B * D * 4  # reads data, noise; writes x_lo, x_hi (float32)
+    for name, (med, best) in res.items():
+        moved = 2 * B * D * 4 if name.startswith("copy") else traffic
+        rec.rows.append(
+            {
+                "op": "interpolate_pair",
+                "shape": f"{B}x{D}",
+                "dtype": "float32",
+                "method": name,
+                "median_ms": med * 1e3,
+                "min_ms": best * 1e3,
+                "GB/s": moved / med / 1e9,
+                "vs": med / res["torch backend"][0],
+            }
+        )
+    ref, naive = res["torch backend"][0], res["naive eager"][0]
+    clone, copy_ = res["copy (clone)"][0], res["copy (copy_ to buffer)"][0]
+    ref_out = res["torch backend out="][0]
+    rec.notes.append(
+        f"interpolate_pair {B}x{D} float32: naive eager / torch backend = {naive / ref:.2f}x "
+        f"(goal >= 2); torch backend / copy (clone) = {ref / clone:.2f}x and torch backend / "
+        f"copy_ to buffer = {ref / copy_:.2f}x (goal <= 4 on a quiet machine); torch backend "
+        f"out= / copy_ to buffer = {ref_out / copy_:.2f}x"
+    )
+
+
+def cpu_sqdist_case(B: int, D: int, gen, repeats: int, rec: Record) -> None:
+    a = torch.randn(B, D, generator=gen)
+    b = torch.randn(B, D, generator=gen)
+    fns = {
+        "torch backend": lambda: K.pairwise_sqdist(a, b, backend="torch"),
+        "torch.cdist**2": lambda: torch.cdist(a, b) ** 2,
+    }
+    if ot is not None:
+        fns["ot.dist"] = lambda: ot.dist(a, b)
+    res = time_cpu(fns, repeats)
+    flops = 2.0 * B * B * D
+    for name, (med, best) in res.items():
+        rec.rows.append(
+            {
+                "op": "pairwise_sqdist",
+                "shape": f"{B}x{B}x{D}",
+                "dtype": "float32",
+                "method": name,
+                "median_ms": med * 1e3,
+                "min_ms": best * 1e3,
+                "TFLOP/s": flops / med / 1e12,
+                "vs": med / res["torch backend"][0],
+            }
+        )
+    ref = res["torch backend"][0]
+    pot = f"{res['ot.dist'][0] / ref:.2f}x" if ot is not None else "not installed"
+    rec.notes.append(
+        f"pairwise_sqdist {B}x{B}x{D}: torch.cdist**2 / torch backend = "
+        f"{res['torch.cdist**2'][0] / ref:.2f}x, ot.dist / torch backend = {pot} "
+        "(goal >= 1, not slower)"
+    )
+
+
+# A bounded CPU-bound loop: one core's worth of pure-Python work that ends by itself.
+_BUSY = (
+    "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
+)
+
+
+class Competitor:
+    """Context manager: one competing CPU-bound process for the duration of the block."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Competitor:
+        self.proc = subprocess.Popen([sys.executable, "-c", _BUSY, str(self.seconds)])
+        time.sleep(0.5)  # let it start spinning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+
+    @property
+    def ran_throughout(self) -> bool:
+        return self.proc is not None and self.proc.returncode not in (0, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +275,7 @@ def bench_cuda(args, rec: Record) -> None:
     rows, notes, sweeps = rec.rows, rec.notes, rec.sweeps
     Bs = [2048, 8192] if args.quick else [128, 512, 2048, 8192]
     Ds = [3072] if args.quick else [2, 3072, 12288]
-    compiled = torch.compile(spec_pair, dynamic=True)
+    compiled = torch.compile(K.reference.interpolate_pair, dynamic=True)
     cases = [(B, D, torch.float32, "ve") for B in Bs for D in Ds]
     cases += [(8192, 3072, torch.bfloat16, "ve"), (8192, 3072, torch.float32, "linear")]
     for B, D, dtype, process in cases:
@@ -276,13 +308,13 @@ def cuda_pair_case(B, D, dtype, process, gen, compiled, rows, notes, sweeps) -> 
         "triton validate=False": lambda: K.interpolate_pair(
             data, noise, t_lo, t_hi, process, validate=False
         ),
-        "reference (torch)": lambda: K.interpolate_pair(
+        "torch backend": lambda: K.interpolate_pair(
             data, noise, t_lo, t_hi, process, backend="torch"
         ),
     }
     if process == "ve":
         fns["naive eager"] = lambda: naive_pair(data, noise, t_lo, t_hi)
-        fns["torch.compile(reference expr)"] = lambda: compiled(data, noise, t_lo, t_hi)
+        fns["torch.compile(spec)"] = lambda: compiled(data, noise, t_lo, t_hi)
     res = {}
     for name, fn in fns.items():
         try:
@@ -291,7 +323,7 @@ def cuda_pair_case(B, D, dtype, process, gen, compiled, rows, notes, sweeps) -> 
             if not name.startswith("torch.compile"):
                 raise
             notes.append(f"{name} failed at {B}x{D}: {repr(err)[:300]}")
-    base = res.get("naive eager", res["reference (torch)"])
+    base = res.get("naive eager", res["torch backend"])
     label = str(dtype).replace("torch.", "") + ("" if process == "ve" else " lin")
     copy_bytes = 2 * src.numel() * es
     for name, sec in list(res.items()) + [("copy_ (same traffic)", copy_s)]:
@@ -318,9 +350,7 @@ def cuda_pair_case(B, D, dtype, process, gen, compiled, rows, notes, sweeps) -> 
         )
         for cfg in [(1, 1024, 4), (2, 1024, 8), (4, 1024, 8), (1, 2048, 8), (8, 512, 8)]:
             sec = time_cuda(
-                lambda c=cfg: interpolate_pair_triton(
-                    data, noise, t_lo, t_hi, validate=False, config=c
-                )
+                lambda c=cfg: interpolate_pair_triton(data, noise, t_lo, t_hi, config=c)
             )
             sweeps["interpolate_pair"].append(
                 {"shape": f"{B}x{D}", "config": cfg, "ms": sec * 1e3, "GB/s": traffic / sec / 1e9}
@@ -353,7 +383,7 @@ def cuda_sqdist_case(B, D, gen, rows, notes, sweeps) -> None:
         "triton ieee": lambda: K.pairwise_sqdist(a, b, "ieee"),
         "triton tf32x3": lambda: K.pairwise_sqdist(a, b, "tf32x3"),
         "triton tf32": lambda: K.pairwise_sqdist(a, b, "tf32"),
-        "reference (torch)": lambda: K.pairwise_sqdist(a, b, backend="torch"),
+        "torch backend": lambda: K.pairwise_sqdist(a, b, backend="torch"),
         "torch.cdist**2": lambda: torch.cdist(a, b) ** 2,
     }
     if ot is not None:
@@ -420,7 +450,26 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="CPU repeats per method (default 15, --quick 7)"
+    )
+    parser.add_argument(
+        "--contended",
+        action="store_true",
+        help="CPU: time everything while one competing CPU-bound process runs",
+    )
+    parser.add_argument(
+        "--contended-seconds",
+        type=float,
+        default=1800.0,
+        help="upper bound on the competitor's life (it is killed when the timings end)",
+    )
     args = parser.parse_args(argv)
+    if args.threads < 0 or args.repeats < 0 or not args.contended_seconds > 0:
+        parser.error(
+            "--threads and --repeats must be >= 0 (0: the default) and --contended-seconds > 0, "
+            f"got {args.threads}, {args.repeats}, {args.contended_seconds}"
+        )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -429,6 +478,8 @@ def main(argv=None) -> int:
     if device == "cuda" and not (torch.cuda.is_available() and K.triton_available()):
         print("--device cuda needs a CUDA device and triton", file=sys.stderr)
         return 2
+    if device == "cuda" and args.contended:
+        parser.error("--contended applies to the CPU benchmark; add --device cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -440,25 +491,41 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "quick": args.quick,
+        "contended": args.contended,
         "load_before": load(),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     rec = Record(out / "results.json")
     if device == "cuda":
         bench_cuda(args, rec)
+    elif args.contended:
+        with Competitor(args.contended_seconds) as competitor:
+            config["competitor_pid"] = competitor.proc.pid
+            config["load_contended"] = load()
+            bench_cpu(args, rec)
+        config["competitor_ran_throughout"] = competitor.ran_throughout
+        rec.notes.append(
+            "contended: one competing CPU-bound process ran "
+            + ("throughout the timings" if competitor.ran_throughout else "but ended early")
+        )
+        rec.save()
     else:
         bench_cpu(args, rec)
-    rows, notes, sweeps = rec.rows, rec.notes, rec.sweeps
     config["load_after"] = load()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    report(config, rec, device, out)
+    return 0
+
+
+def report(config: dict, rec: Record, device: str, out: Path) -> None:
     print(
         f"device: {config['device']}; torch threads {config['torch_threads']}; "
         f"load average before {config['load_before']} after {config['load_after']}"
     )
     print(f"wrote {out / 'config.json'} and {out / 'results.json'}")
-    for s in sweeps.get("interpolate_pair", []) + sweeps.get("pairwise_sqdist", []):
+    for s in rec.sweeps.get("interpolate_pair", []) + rec.sweeps.get("pairwise_sqdist", []):
         print("sweep", s)
-    for n in notes:
+    for n in rec.notes:
         print(n)
     if device == "cuda":
         print(
@@ -466,9 +533,8 @@ def main(argv=None) -> int:
             "torch.cdist**2 for pairwise_sqdist): above 1, the method is faster"
         )
     else:
-        print("'x' = method time / reference time: above 1, the reference is faster")
-    print(table(rows))
-    return 0
+        print("'x' = method time / torch backend time: above 1, the torch backend is faster")
+    print(table(rec.rows))
 
 
 if __name__ == "__main__":

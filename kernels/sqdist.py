@@ -1,10 +1,10 @@
 """Triton kernel: pairwise squared Euclidean distances, the cost matrix of the batch-OT coupling.
 
-``C_ij = ||a_i||^2 + ||b_j||^2 - 2 a_i . b_j`` (DESIGN.md, "The kernels"): each program computes a
-``BLOCK_M x BLOCK_N`` tile of ``a b^T`` with ``tl.dot`` over ``BLOCK_K`` slices of the feature
-axis (float32 accumulation), then applies the norm epilogue, clamps at 0 and, when ``a is b``,
-writes exact zeros on the diagonal. Tiles are visited in groups of ``GROUP_M`` row blocks so that
-neighbouring programs share ``b`` tiles in L2.
+``C_ij = ||a_i||^2 + ||b_j||^2 - 2 a_i . b_j`` (docs/design.md, "The kernels"): each program
+computes a ``BLOCK_M x BLOCK_N`` tile of ``a b^T`` with ``tl.dot`` over ``BLOCK_K`` slices of the
+feature axis (float32 accumulation), then applies the norm epilogue, clamps at 0 and, when
+``a is b``, writes exact zeros on the diagonal. Tiles are visited in groups of ``GROUP_M`` row
+blocks so that neighbouring programs share ``b`` tiles in L2.
 
 ``precision`` is the ``input_precision`` of ``tl.dot`` for float32 operands: ``"ieee"`` (default:
 exact float32 products; exact OT is sensitive to ties and cancellation), ``"tf32"`` (tensor cores,
@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference as _ref
 from .interpolate import interpreting
+from .reference import recenter, sqnorms
+from .validation import check_norms
 
 __all__ = ["pairwise_sqdist_triton", "launch_config", "INTERPRETED", "SUPPORTED_DTYPES"]
 
@@ -123,32 +124,29 @@ def pairwise_sqdist_triton(
     precision: str = "ieee",
     *,
     out: Tensor | None = None,
+    validate: bool = True,
     config: tuple[int, int, int, int, int, int] | None = None,
 ) -> Tensor:
-    """Triton ``pairwise_sqdist``: same arguments and result as ``reference.pairwise_sqdist``.
+    """Triton ``pairwise_sqdist``: computes ``reference.pairwise_sqdist``.
 
-    a: ``(Ba, *dims)``, b: ``(Bb, *dims)``, float32 / float16 / bfloat16, one device (CUDA, or CPU
-    under ``TRITON_INTERPRET=1``). Returns ``(Ba, Bb)`` float32, clamped at 0, exact zeros on the
-    diagonal when ``a is b``. ``out``: a preallocated contiguous ``(Ba, Bb)`` float32 tensor (the
-    tests poison it with NaN). ``config`` overrides ``launch_config`` (benchmarks).
+    Trusts its arguments (``gcflows.kernels.pairwise_sqdist`` checks them). a: ``(Ba, *dims)``,
+    b: ``(Bb, *dims)`` (``b is a`` for the self matrix), float32 / float16 / bfloat16, one device
+    (CUDA, or CPU under ``TRITON_INTERPRET=1``). Returns ``(Ba, Bb)`` float32, clamped at 0,
+    exact zeros on the diagonal when ``a is b``. ``out``: a preallocated contiguous ``(Ba, Bb)``
+    float32 tensor (the tests poison it with NaN). ``validate``: the finiteness check of
+    ``validation.check_norms`` on the row norms. ``config`` overrides ``launch_config``.
     """
-    _ref.check_precision(precision)
-    for name, x in (("a", a), ("b", b)):
-        if torch.is_tensor(x) and x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"{name} must be float32, float16 or bfloat16 for the Triton kernel, got "
-                f"{x.dtype}; use backend='torch' for float64"
-            )
-    a2, b2, same = _ref.prepare_points(a, b)
+    same = a is b
+    a2, b2 = recenter(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), same)
     a2 = _unit_columns(a2)
     b2 = a2 if same else _unit_columns(b2)
-    an = _ref.sqnorms(a2)
-    bn = an if same else _ref.sqnorms(b2)
+    an = sqnorms(a2)
+    bn = an if same else sqnorms(b2)
+    if validate:
+        check_norms(an, bn, a, b)
     M, N, K = a2.shape[0], b2.shape[0], a2.shape[1]
     if out is None:
-        out = _ref.empty_fast((M, N), torch.float32, a2.device)
-    else:
-        (out,) = _ref._check_out((out,), ((M, N),), (torch.float32,), a2.device, (a, b))
+        out = torch.empty((M, N), dtype=torch.float32, device=a2.device)
     bm, bn_, bk, group_m, num_warps, num_stages = (
         config if config is not None else launch_config(M, N, K, a2.dtype, precision)
     )

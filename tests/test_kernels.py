@@ -1,5 +1,6 @@
-"""Kernel ops (DESIGN.md, "The kernels"): the torch reference against float64 mathematics, the
-Triton kernels against the float64 reference, dispatch and bad input.
+"""Kernel ops (docs/design.md, "The kernels"): the specification (``reference.py``) and the tuned
+torch implementation (``cpu.py``) against float64 mathematics, the Triton kernels against the
+same float64 mathematics, dispatch, value checks and bad input.
 
 How the Triton kernels run without a GPU. ``triton.jit`` picks the interpreter when it decorates a
 function, and triton decorates its own ``triton.language`` helpers when triton is imported; both
@@ -18,10 +19,12 @@ Tolerances are bounds of floating-point error, stated where they are defined (``
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gcflows.kernels as K
+from gcflows.kernels import cpu as C
 from gcflows.kernels import reference as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,18 +171,37 @@ def _nan_out_pair(data):
     )
 
 
+def _spec_pair(data, noise, t_lo, t_hi, process="ve"):
+    B = data.shape[0]
+    t_lo, t_hi = (torch.as_tensor(t, dtype=torch.float64).expand(B) for t in (t_lo, t_hi))
+    return R.interpolate_pair(data, noise, t_lo, t_hi, process)
+
+
+def _torch_pair(data, noise, t_lo, t_hi, process="ve", **kw):
+    return K.interpolate_pair(data, noise, t_lo, t_hi, process, backend="torch", **kw)
+
+
+def _torch_sqdist(a, b, precision="ieee"):
+    return K.pairwise_sqdist(a, b, precision, backend="torch")
+
+
+# the specification and the tuned torch implementation are held to the same bounds
+PAIR_IMPLS = {"spec": _spec_pair, "torch": _torch_pair}
+SQDIST_IMPLS = {"spec": R.pairwise_sqdist, "torch": _torch_sqdist}
+
+
 # =============================================================================================
-# reference: mathematics against float64
+# specification and torch backend: mathematics against float64
 # =============================================================================================
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("process", ["ve", "linear"])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (33, 1000), (5, 3, 4, 4)])
-def test_reference_interpolate_matches_float64(dtype, process, shape, gen):
+@pytest.mark.parametrize("impl", list(PAIR_IMPLS))
+def test_reference_interpolate_matches_float64(dtype, process, shape, impl, gen):
     data, noise = _rand(shape, dtype, gen), _rand(shape, dtype, gen)
     t_lo, t_hi = _times(shape[0], process, gen), _times(shape[0], process, gen)
-    _check_pair(
-        R.interpolate_pair(data, noise, t_lo, t_hi, process), data, noise, t_lo, t_hi, process
-    )
+    fn = PAIR_IMPLS[impl]
+    _check_pair(fn(data, noise, t_lo, t_hi, process), data, noise, t_lo, t_hi, process)
 
 
 @pytest.mark.parametrize("B,D", [(37, 1000), (5, 5000)])
@@ -186,12 +209,12 @@ def test_reference_interpolate_matches_float64(dtype, process, shape, gen):
 def test_reference_interpolate_blocks_write_every_row(B, D, dtype, gen, monkeypatch):
     # Blocks of 4096 elements: 4 rows per block with a 1-row remainder, or rows longer than a
     # block (one row per block); poisoned outputs catch a block skipped or written elsewhere.
-    monkeypatch.setattr(R, "_BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(C, "_BLOCK_ELEMENTS", 4096)
     for process in ("ve", "linear"):
         data, noise = _rand((B, D), dtype, gen), _rand((B, D), dtype, gen)
         t_lo, t_hi = _times(B, process, gen), _times(B, process, gen)
         out = _nan_out_pair(data)
-        res = R.interpolate_pair(data, noise, t_lo, t_hi, process, out=out)
+        res = _torch_pair(data, noise, t_lo, t_hi, process, out=out)
         assert all(r is o for r, o in zip(res, out, strict=True))
         _check_pair(res, data, noise, t_lo, t_hi, process)
 
@@ -199,27 +222,56 @@ def test_reference_interpolate_blocks_write_every_row(B, D, dtype, gen, monkeypa
 def test_reference_interpolate_huge_page_outputs(gen, monkeypatch):
     # outputs above the threshold (lowered to 1 MiB here from 4 MiB) take the madvise
     # (MADV_HUGEPAGE) allocation and are prefaulted: still ordinary, correct, resizable tensors
-    monkeypatch.setattr(R, "_HUGE_PAGE_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(C, "_HUGE_PAGE_MIN_BYTES", 1 << 20)
     B, D = 600, 2000
     data, noise = _rand((B, D), torch.float32, gen), _rand((B, D), torch.float32, gen)
     t_lo, t_hi = _times(B, "ve", gen), _times(B, "ve", gen)
-    res = R.interpolate_pair(data, noise, t_lo, t_hi, "ve")
+    res = _torch_pair(data, noise, t_lo, t_hi, "ve")
     _check_pair(res, data, noise, t_lo, t_hi, "ve")
-    x = R.empty_fast((B, D), torch.float32, torch.device("cpu"))
+    x = C.empty_fast((B, D), torch.float32, torch.device("cpu"), prefault=True)
     x.fill_(2.0)
     assert float(x.sum()) == 2.0 * B * D
     x.resize_(B * D + 7)  # an ordinary storage: it can grow
 
 
+def test_torch_backend_reuses_idle_output_buffers(gen, monkeypatch):
+    # Large CPU outputs come from a pool of buffers: a buffer is handed out again only when no
+    # tensor or view refers to it, the reused buffer is fully overwritten (it held the last
+    # call's values), and the pool stays within its bound.
+    monkeypatch.setattr(C, "_HUGE_PAGE_MIN_BYTES", 1 << 16)
+    monkeypatch.setattr(C, "_POOL_MAX_BUFFERS", 3)
+    C.release_buffers()
+    B, D = 40, 500  # 80 kB per output
+    data, noise = _rand((B, D), torch.float32, gen), _rand((B, D), torch.float32, gen)
+    t_lo, t_hi = _times(B, "ve", gen), _times(B, "ve", gen)
+    first = _torch_pair(data, noise, t_lo, t_hi)
+    ptrs = {first[0].data_ptr(), first[1].data_ptr()}
+    keep = first[1][3:]  # a view keeps x_hi's buffer in use
+    del first
+    other_t = _times(B, "ve", gen)
+    second = _torch_pair(data, noise, other_t, other_t)
+    assert second[0].data_ptr() in ptrs and second[1].data_ptr() not in ptrs
+    _check_pair(second, data, noise, other_t, other_t, "ve")
+    assert len(C._buffers) == 3
+    live = [C.empty_reused((B, D), torch.float32) for _ in range(5)]  # more than the pool holds
+    assert len(C._buffers) <= 3 and len({x.data_ptr() for x in live}) == 5
+    del keep, second, live
+    C.release_buffers()
+    assert C._buffers == []
+    small = C.empty_reused((4, 4), torch.float32)  # below the threshold: plain torch.empty
+    assert small.untyped_storage().resizable() and C._buffers == []
+
+
 @pytest.mark.parametrize("process", ["ve", "linear"])
-def test_reference_identities_float64(process, gen):
+@pytest.mark.parametrize("impl", list(PAIR_IMPLS))
+def test_reference_identities_float64(process, impl, gen):
     # ve: x_hi - x_lo = (t_hi - t_lo) noise; linear: x_hi - x_lo = (t_hi - t_lo) (noise - data),
     # so ||x_hi - x_lo||^2 / (t_hi - t_lo)^2 is the squared cost; equal times give equal points.
     B, D = 9, 17
     data, noise = _rand((B, D), torch.float64, gen), _rand((B, D), torch.float64, gen)
     t_lo = _times(B, process, gen, 0.1, 0.4).double()
     t_hi = _times(B, process, gen, 0.6, 0.9).double()
-    x_lo, x_hi, sq = R.interpolate_pair(data, noise, t_lo, t_hi, process)
+    x_lo, x_hi, sq = PAIR_IMPLS[impl](data, noise, t_lo, t_hi, process)
     dt = (t_hi - t_lo)[:, None]
     direction = noise if process == "ve" else noise - data
     torch.testing.assert_close(x_hi - x_lo, dt * direction, rtol=1e-12, atol=1e-12)
@@ -227,7 +279,7 @@ def test_reference_identities_float64(process, gen):
         torch.testing.assert_close(
             ((x_hi - x_lo) ** 2).sum(1) / dt[:, 0] ** 2, sq, rtol=1e-11, atol=0
         )
-    same = R.interpolate_pair(data, noise, t_lo, t_lo, process)
+    same = PAIR_IMPLS[impl](data, noise, t_lo, t_lo, process)
     assert torch.equal(same[0], same[1])
 
 
@@ -235,32 +287,34 @@ def test_reference_noncontiguous_and_scalar_times(gen):
     base = _rand((6, 40), torch.float32, gen)
     data = base[:, ::2]  # column stride 2
     noise = _rand((20, 6), torch.float32, gen).T  # transposed
-    res = R.interpolate_pair(data, noise, 0.5, 2.0)
+    res = _torch_pair(data, noise, 0.5, 2.0)
     _check_pair(res, data, noise, torch.full((6,), 0.5), torch.full((6,), 2.0), "ve")
     img = _rand((4, 3, 5, 5), torch.float32, gen).to(memory_format=torch.channels_last)
     img_noise = _rand((4, 3, 5, 5), torch.float32, gen)
     t = _times(4, "linear", gen)
-    _check_pair(R.interpolate_pair(img, img_noise, t, t, "linear"), img, img_noise, t, t, "linear")
+    _check_pair(_torch_pair(img, img_noise, t, t, "linear"), img, img_noise, t, t, "linear")
+    _check_pair(_spec_pair(img, img_noise, t, t, "linear"), img, img_noise, t, t, "linear")
 
 
 def test_reference_interpolate_gradients_float64(gen):
-    # Inputs that require grad take the differentiable path; its gradients are the closed forms
+    # Inputs that require grad take the specification, which is differentiable; its gradients
+    # are the closed forms
     # d sum(x_lo)/d noise = t_lo (ve), d sum(sqcost)/d data = 2 (data - noise).
     B, D = 4, 5
     data = _rand((B, D), torch.float64, gen).requires_grad_()
     noise = _rand((B, D), torch.float64, gen).requires_grad_()
     t_lo, t_hi = _times(B, "ve", gen).double(), _times(B, "ve", gen).double()
-    x_lo, x_hi, sq = R.interpolate_pair(data, noise, t_lo, t_hi, "ve")
+    x_lo, x_hi, sq = _torch_pair(data, noise, t_lo, t_hi, "ve")
     g_noise, g_data = torch.autograd.grad(x_lo.sum() + sq.sum(), (noise, data))
     torch.testing.assert_close(g_noise, t_lo[:, None].expand(B, D) - 2 * (data - noise).detach())
     torch.testing.assert_close(g_data, 1.0 + 2 * (data - noise).detach())
     with torch.no_grad():
-        plain = R.interpolate_pair(data, noise, t_lo, t_hi, "ve")
+        plain = _torch_pair(data, noise, t_lo, t_hi, "ve")
     for x, y in zip((x_lo, x_hi, sq), plain, strict=True):
         torch.testing.assert_close(x.detach(), y, rtol=1e-14, atol=1e-14)  # float64 rounding
     t = torch.rand(B, dtype=torch.float64, generator=gen).mul(0.8).add(0.1).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda d, n, tt: R.interpolate_pair(d, n, tt, tt, "linear")[0], (data, noise, t)
+        lambda d, n, tt: _torch_pair(d, n, tt, tt, "linear")[0], (data, noise, t)
     )
 
 
@@ -275,49 +329,51 @@ def test_reference_interpolate_property(B, D, process, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     data, noise = _rand((B, D), dtype, gen, scale=3.0), _rand((B, D), dtype, gen)
     t_lo, t_hi = _times(B, process, gen, 1e-3, 0.999), _times(B, process, gen, 1e-3, 0.999)
-    _check_pair(
-        R.interpolate_pair(data, noise, t_lo, t_hi, process), data, noise, t_lo, t_hi, process
-    )
+    for fn in PAIR_IMPLS.values():
+        _check_pair(fn(data, noise, t_lo, t_hi, process), data, noise, t_lo, t_hi, process)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("sizes", [(1, 1, 1), (7, 33, 3), (33, 7, 1000)])
-def test_reference_sqdist_matches_float64(dtype, sizes, gen):
+@pytest.mark.parametrize("impl", list(SQDIST_IMPLS))
+def test_reference_sqdist_matches_float64(dtype, sizes, impl, gen):
     Ba, Bb, D = sizes
     a, b = _rand((Ba, D), dtype, gen), _rand((Bb, D), dtype, gen)
-    c = R.pairwise_sqdist(a, b)
+    c = SQDIST_IMPLS[impl](a, b)
     assert c.shape == (Ba, Bb) and c.dtype == R.compute_dtype(dtype)
     _assert_within(c, _sqdist64(a, b), _sqdist_bound(a, b), "pairwise_sqdist")
     for precision in ("tf32", "tf32x3"):  # accepted; the CPU torch path is always exact float32
-        assert torch.equal(R.pairwise_sqdist(a, b, precision), c)
+        assert torch.equal(_torch_sqdist(a, b, precision), _torch_sqdist(a, b))
 
 
-def test_reference_sqdist_self_and_duplicates(gen):
+@pytest.mark.parametrize("impl", list(SQDIST_IMPLS))
+def test_reference_sqdist_self_and_duplicates(impl, gen):
     # Rows 0..4 repeated twice: distances between equal rows are 0 in exact arithmetic; the matmul
     # form gives +-eps * norms, which must be clamped (>= 0); the self diagonal is exactly 0.
     base = _rand((5, 64), torch.float32, gen, scale=10.0)
     a = torch.cat([base, base])
-    c = R.pairwise_sqdist(a, a)
+    c = SQDIST_IMPLS[impl](a, a)
     assert bool((c >= 0).all())
     assert torch.equal(torch.diagonal(c), torch.zeros(10))
     _assert_within(c, _sqdist64(a, a), _sqdist_bound(a, a), "duplicates")
-    c2 = R.pairwise_sqdist(a, a.clone())  # not the same object: no forced zeros, still clamped
+    c2 = SQDIST_IMPLS[impl](a, a.clone())  # not the same object: no forced zeros, still clamped
     assert bool((c2 >= 0).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reference_sqdist_far_offset_recentered(dtype, gen):
+@pytest.mark.parametrize("impl", list(SQDIST_IMPLS))
+def test_reference_sqdist_far_offset_recentered(dtype, impl, gen):
     # Points 1e3 away from the origin with unit spread: the plain matmul form loses
     # eps * 1e6 * D to cancellation (~1e2 in float32, as large as the distances); recentering
     # brings the error down to the bound of the centred norms.
     D = 50
     a = _rand((20, D), dtype, gen, offset=1e3)
     b = _rand((30, D), dtype, gen, offset=1e3)
-    c = R.pairwise_sqdist(a, b)
+    c = SQDIST_IMPLS[impl](a, b)
     _assert_within(c, _sqdist64(a, b), _sqdist_bound(a, b, centered=True), "far offset")
     # near-duplicates around the far offset: distances ~1e-6 * D, resolved to the centred bound
     near = a + 1e-3 * _rand((20, D), dtype, gen)
-    c = R.pairwise_sqdist(a, near)
+    c = SQDIST_IMPLS[impl](a, near)
     _assert_within(c, _sqdist64(a, near), _sqdist_bound(a, near, centered=True), "near duplicates")
 
 
@@ -325,8 +381,9 @@ def test_reference_sqdist_gradient_float64(gen):
     # d/da_i sum_j ||a_i - b_j||^2 = 2 (Bb a_i - sum_j b_j)
     a = _rand((4, 6), torch.float64, gen).requires_grad_()
     b = _rand((7, 6), torch.float64, gen)
-    (g,) = torch.autograd.grad(R.pairwise_sqdist(a, b).sum(), a)
-    torch.testing.assert_close(g, 2 * (7 * a.detach() - b.sum(0)), rtol=1e-12, atol=1e-12)
+    for fn in SQDIST_IMPLS.values():  # the torch backend takes the specification with grad
+        (g,) = torch.autograd.grad(fn(a, b).sum(), a)
+        torch.testing.assert_close(g, 2 * (7 * a.detach() - b.sum(0)), rtol=1e-12, atol=1e-12)
 
 
 @given(
@@ -340,10 +397,11 @@ def test_reference_sqdist_property(Ba, Bb, D, offset, seed):
     gen = torch.Generator().manual_seed(seed)
     a = _rand((Ba, D), torch.float32, gen, offset=offset)
     b = _rand((Bb, D), torch.float32, gen, offset=offset)
-    c = R.pairwise_sqdist(a, b)
-    # offset 30 >> spread 1: recentering applies and the centred bound holds
-    _assert_within(c, _sqdist64(a, b), _sqdist_bound(a, b, centered=offset > 0), "property")
-    assert bool((c >= 0).all())
+    for fn in SQDIST_IMPLS.values():
+        c = fn(a, b)
+        # offset 30 >> spread 1: recentering applies and the centred bound holds
+        _assert_within(c, _sqdist64(a, b), _sqdist_bound(a, b, centered=offset > 0), "property")
+        assert bool((c >= 0).all())
 
 
 # =============================================================================================
@@ -354,8 +412,8 @@ def test_public_ops_use_reference_on_cpu_and_import_no_triton():
         "import sys, torch, gcflows.kernels as K\n"
         "x = torch.randn(3, 4); y = torch.randn(3, 4); t = torch.full((3,), 0.5)\n"
         "a, b, c = K.interpolate_pair(x, y, t, t)\n"
-        "assert torch.equal(c, K.reference.interpolate_pair(x, y, t, t)[2])\n"
-        "assert torch.equal(K.pairwise_sqdist(x, y), K.reference.pairwise_sqdist(x, y))\n"
+        "assert torch.equal(c, K.cpu.interpolate_pair(x, y, t, t)[2])\n"
+        "assert torch.equal(K.pairwise_sqdist(x, y), K.cpu.pairwise_sqdist(x, y))\n"
         "assert 'triton' not in sys.modules, 'triton imported on the CPU path'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
     )
@@ -417,6 +475,150 @@ def test_validate_false_skips_only_the_time_values():
     assert torch.equal(sq, torch.full((2,), 3.0))
     with pytest.raises(ValueError, match="t_lo"):  # shapes are still checked
         K.interpolate_pair(x, y, torch.zeros(3), torch.zeros(2), validate=False)
+
+
+def _poison(x, row, value):
+    x = x.clone()
+    x.reshape(x.shape[0], -1)[row, -1] = value
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpolate_rejects_non_finite_inputs(dtype, gen):
+    _non_finite_pair_case("torch", dtype, gen)
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_interpolate_rejects_non_finite_inputs(dtype, gen):
+    _non_finite_pair_case("triton", dtype, gen)
+
+
+def _non_finite_pair_case(backend, dtype, gen):
+    # NaN or inf in any row of data or noise: ValueError naming the argument and the row, on
+    # every backend; validate=False computes without the check (the NaN propagates)
+    B, D = 6, 33
+    data, noise = _rand((B, D), dtype, gen), _rand((B, D), dtype, gen)
+    t = _times(B, "ve", gen)
+    for name, value, row in [("data", math.nan, 0), ("noise", math.inf, 4), ("data", -math.inf, 5)]:
+        d = _poison(data, row, value) if name == "data" else data
+        n = _poison(noise, row, value) if name == "noise" else noise
+        with pytest.raises(ValueError, match=rf"{name} must be finite.*first \[{row}\]"):
+            K.interpolate_pair(d, n, t, t, backend=backend)
+        _, _, sq = K.interpolate_pair(d, n, t, t, backend=backend, validate=False)
+        assert not bool(torch.isfinite(sq[row])) and bool(torch.isfinite(sq[:row]).all())
+    both = _poison(_poison(data, 2, math.inf), 3, math.nan)  # inf - inf and NaN: still caught
+    with pytest.raises(ValueError, match=r"data must be finite.*2 row"):
+        K.interpolate_pair(both, _poison(noise, 2, math.inf), t, t, backend=backend)
+
+
+def test_interpolate_rejects_overflowing_cost():
+    # finite inputs whose squared difference overflows float32: named as an overflow
+    x, y = torch.full((2, 3), 3e19), torch.full((2, 3), -3e19)
+    with pytest.raises(ValueError, match=r"overflows torch.float32.*float64"):
+        K.interpolate_pair(x, y, 0.5, 0.5)
+    _, _, sq = K.interpolate_pair(x.double(), y.double(), 0.5, 0.5)  # fine in float64
+    assert torch.allclose(sq, torch.full((2,), 3 * 3.6e39, dtype=torch.float64))
+
+
+def test_interpolate_rejects_non_finite_with_grad(gen):
+    data = _poison(_rand((3, 4), torch.float64, gen), 1, math.nan).requires_grad_()
+    with pytest.raises(ValueError, match=r"data must be finite.*first \[1\]"):
+        K.interpolate_pair(data, torch.zeros(3, 4, dtype=torch.float64), 0.5, 0.5)
+
+
+def test_sqdist_rejects_non_finite_inputs(gen):
+    _non_finite_sqdist_case("torch", gen)
+
+
+@interp_only
+def test_interp_sqdist_rejects_non_finite_inputs(gen):
+    _non_finite_sqdist_case("triton", gen)
+
+
+def _non_finite_sqdist_case(backend, gen):
+    # NaN or inf in a row of a or b: ValueError naming the argument; validate=False skips it
+    a, b = _rand((5, 20), torch.float32, gen), _rand((7, 20), torch.float32, gen)
+    for name, args in [
+        ("a", (_poison(a, 3, math.nan), b)),
+        ("b", (a, _poison(b, 6, math.inf))),
+        ("a", (_poison(a, 0, -math.inf),) * 2),  # a is b
+    ]:
+        with pytest.raises(ValueError, match=rf"{name} must be finite"):
+            K.pairwise_sqdist(*args, backend=backend)
+        c = K.pairwise_sqdist(*args, backend=backend, validate=False)  # computed, unchecked
+        assert c.shape == (args[0].shape[0], args[1].shape[0])
+    far = torch.full((2, 3), 1e20)  # finite, but its squared norm overflows float32
+    with pytest.raises(ValueError, match="overflow"):
+        K.pairwise_sqdist(far, -far, backend=backend)
+
+
+def test_sqdist_rejects_non_finite_with_grad(gen):
+    a = _rand((4, 6), torch.float64, gen).requires_grad_()
+    with pytest.raises(ValueError, match="b must be finite"):
+        K.pairwise_sqdist(a, _poison(_rand((3, 6), torch.float64, gen), 2, math.nan))
+
+
+def test_torch_backend_worker_threads(gen, monkeypatch):
+    # With 2 intra-op threads the CPU path hands its row blocks to serial worker threads: every
+    # block is written once (poisoned outputs), results equal the one-thread path bit for bit
+    # (same ops on the same blocks), the caller's thread count and the default of new threads
+    # are unchanged, and the workers are reused.
+    monkeypatch.setattr(C, "_BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(C, "_MIN_PARALLEL_ELEMENTS", 1024)
+    B, D = 37, 1000
+    for dtype, process in [(torch.float32, "ve"), (torch.bfloat16, "linear")]:
+        data, noise = _rand((B, D), dtype, gen), _rand((B, D), dtype, gen)
+        t_lo, t_hi = _times(B, process, gen), _times(B, process, gen)
+        torch.set_num_threads(1)
+        serial = _torch_pair(data, noise, t_lo, t_hi, process)
+        torch.set_num_threads(2)
+        assert C._plan(B, D, data.device)[1:] == (10, 2)  # 10 blocks of 4 rows, 2 workers
+        out = _nan_out_pair(data)
+        res = _torch_pair(data, noise, t_lo, t_hi, process, out=out)
+        _check_pair(res, data, noise, t_lo, t_hi, process)
+        for x, y in zip(res, serial, strict=True):
+            assert torch.equal(x, y)
+    assert torch.get_num_threads() == 2
+    seen = []
+    th = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    assert seen == [2]
+    pools = dict(C._pools)
+    _torch_pair(data, noise, t_lo, t_hi, process)
+    assert C._pools == pools
+    # the workers run in the caller's grad / inference mode: writing into inference tensors
+    # (outputs allocated under inference_mode) from a worker outside it would raise
+    with torch.inference_mode():
+        res = _torch_pair(data, noise, t_lo, t_hi, process)
+    assert res[0].is_inference()
+    _check_pair(res, data, noise, t_lo, t_hi, process)
+
+
+def test_torch_backend_worker_threads_after_fork(gen, monkeypatch):
+    # a forked child has no worker threads: it must build its own pool, not wait on the parent's
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    monkeypatch.setattr(C, "_BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(C, "_MIN_PARALLEL_ELEMENTS", 1024)
+    torch.set_num_threads(2)
+    data, noise = _rand((37, 1000), torch.float32, gen), _rand((37, 1000), torch.float32, gen)
+    t = _times(37, "ve", gen)
+    expect = _torch_pair(data, noise, t, t)[2]
+    proc = multiprocessing.get_context("fork").Process(
+        target=_child_interpolate, args=(data, noise, t, expect)
+    )
+    proc.start()
+    proc.join(timeout=120)
+    if proc.exitcode is None:
+        proc.kill()
+    assert proc.exitcode == 0, f"the forked child hung or failed (exit code {proc.exitcode})"
+
+
+def _child_interpolate(data, noise, t, expect):
+    torch.set_num_threads(2)
+    sys.exit(0 if torch.equal(_torch_pair(data, noise, t, t)[2], expect) else 3)
 
 
 @pytest.mark.skipif(INTERP_HERE, reason="this process runs Triton's interpreter")
