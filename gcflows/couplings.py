@@ -33,8 +33,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from gcflows.checks import batch_times, choice, finite, integer, pair, probability, real
 from gcflows.kernels import pairwise_sqdist
-from gcflows.processes import Process, as_time, check_finite, get_process
+from gcflows.processes import Process, get_process
 
 __all__ = [
     "CouplingResult",
@@ -84,38 +85,7 @@ class CouplingResult:
     gc_mask: Tensor | None = None
 
 
-# --- validation and costs -----------------------------------------------------------------------
-def _check_pair(data: Tensor, noise: Tensor) -> None:
-    """Raise ``ValueError`` unless data and noise are finite float batches of one shape, B >= 1."""
-    for name, x in (("data", data), ("noise", noise)):
-        if not torch.is_tensor(x):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[0] < 1:
-            raise ValueError(
-                f"{name} must be a non-empty batch of shape (B, *dims) with B >= 1, "
-                f"got shape {tuple(x.shape)}"
-            )
-        if x[0].numel() < 1:
-            raise ValueError(f"{name} samples must have at least one element, got {tuple(x.shape)}")
-    if data.shape != noise.shape:
-        raise ValueError(
-            f"data and noise must have the same shape (B, *dims), got {tuple(data.shape)} and "
-            f"{tuple(noise.shape)}; draw noise with torch.randn_like(data)"
-        )
-    if data.dtype != noise.dtype or data.device != noise.device:
-        raise ValueError(
-            f"data and noise must share dtype and device, got {data.dtype}/{data.device} and "
-            f"{noise.dtype}/{noise.device}; convert noise with noise.to(data)"
-        )
-    for name, x in (("data", data), ("noise", noise)):
-        # one reduction instead of an elementwise mask: any NaN / inf makes the sum non-finite;
-        # a non-finite sum of finite values (overflow) is cleared by the elementwise check
-        if not bool(torch.isfinite(x.detach().sum())):
-            check_finite(x, name)
-
-
+# --- costs -------------------------------------------------------------------------------------
 def squared_cost(data: Tensor, noise: Tensor) -> Tensor:
     """Per-row squared transport cost ``||data_j - noise_j||^2`` -> ``(B,)``.
 
@@ -123,7 +93,7 @@ def squared_cost(data: Tensor, noise: Tensor) -> Tensor:
     difference (no ``|a|^2 + |b|^2 - 2ab`` cancellation), accumulated in float64 for float64 input
     and in float32 otherwise (the convention of ``gcflows.kernels.interpolate_pair``).
     """
-    _check_pair(data, noise)
+    pair(data, noise)
     return _row_cost(data, noise)
 
 
@@ -153,13 +123,6 @@ def _cost_matrix(data: Tensor, noise: Tensor, cost_dtype: torch.dtype | None) ->
     if cost_dtype is not None:
         d, z = d.to(cost_dtype), z.to(cost_dtype)
     return pairwise_sqdist(d, z)
-
-
-def _check_cost_dtype(cost_dtype) -> None:
-    if cost_dtype not in (None, torch.float32, torch.float64):
-        raise ValueError(
-            f"cost_dtype must be None, torch.float32 or torch.float64, got {cost_dtype!r}"
-        )
 
 
 # --- exact assignment solvers ---------------------------------------------------------------------
@@ -211,16 +174,6 @@ def _solve_emd(cost: np.ndarray, max_iter: int) -> tuple[np.ndarray | None, str]
     return perm.astype(np.int64), ""
 
 
-def _positive_float(x, name: str, what: str) -> float:
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite float ({what}), got {x!r}")
-    return value
-
-
 # --- couplings ----------------------------------------------------------------------------------
 def independent_coupling(data: Tensor, noise: Tensor) -> CouplingResult:
     """Independent coupling (IC): the pairs as drawn, ``(data_j, noise_j)``.
@@ -228,7 +181,7 @@ def independent_coupling(data: Tensor, noise: Tensor) -> CouplingResult:
     data, noise: ``(B, *dims)``. Returns the same tensors, ``permutation=None`` (no re-indexing)
     and ``cost_before == cost_after = mean_j ||data_j - noise_j||^2`` (PAPER.md section 4, c(0)).
     """
-    _check_pair(data, noise)
+    pair(data, noise)
     cost = _mean_cost(data, noise)
     return CouplingResult(
         data=data,
@@ -276,16 +229,11 @@ def ot_coupling(
         CouplingResult with ``permutation`` ``(B,)`` long (on data's device), ``plan=None``,
         ``cost_after <= cost_before`` (the identity is one of the permutations).
     """
-    _check_pair(data, noise)
-    if solver not in OT_SOLVERS:
-        raise ValueError(f"solver must be one of {OT_SOLVERS}, got {solver!r}")
-    _check_cost_dtype(cost_dtype)
-    if emd_max_iter is not None and (
-        isinstance(emd_max_iter, bool)
-        or not isinstance(emd_max_iter, (int, np.integer))
-        or emd_max_iter < 1
-    ):
-        raise ValueError(f"emd_max_iter must be a positive integer or None, got {emd_max_iter!r}")
+    pair(data, noise)
+    choice(solver, "solver", OT_SOLVERS)
+    choice(cost_dtype, "cost_dtype", (None, torch.float32, torch.float64))
+    if emd_max_iter is not None:
+        integer(emd_max_iter, "emd_max_iter", lo=1, fix="use a positive integer or None")
     b = data.shape[0]
     cost_t = _cost_matrix(data, noise, cost_dtype)
     where = f"the {str(cost_t.dtype).replace('torch.', '')} squared-distance matrix"
@@ -364,13 +312,12 @@ def sinkhorn_coupling(
         CouplingResult with ``plan`` ``(B, B)`` float64 (total mass 1), ``permutation=None``,
         ``data`` unchanged, ``noise`` the drawn rows.
     """
-    _check_pair(data, noise)
-    reg = _positive_float(reg, "reg", "the entropic weight relative to the mean cost")
-    tol = _positive_float(tol, "tol", "the allowed marginal error")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if on_failure not in _ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+    pair(data, noise)
+    fix = "use a positive finite float ({})"
+    reg = real(reg, "reg", lo_open=0.0, fix=fix.format("the entropic weight / the mean cost"))
+    tol = real(tol, "tol", lo_open=0.0, fix=fix.format("the allowed marginal error"))
+    max_iter = integer(max_iter, "max_iter", lo=1)
+    choice(on_failure, "on_failure", _ON_FAILURE)
     b = data.shape[0]
     cost = _cost_matrix(data, noise, torch.float64)
     scale = float(cost.mean())
@@ -459,22 +406,14 @@ def generator_induced_coupling(
         CouplingResult with ``gc_mask`` ``(B,)`` bool, ``permutation=None``, ``plan=None``,
         ``noise`` the input noise, ``cost_after`` the mean squared cost of the output pairs.
     """
-    _check_pair(data, noise)
-    try:
-        mu_f = float(mu)
-    except (TypeError, ValueError):
-        raise ValueError(f"mu must be a float in [0, 1], got {mu!r}") from None
-    if not (math.isfinite(mu_f) and 0.0 <= mu_f <= 1.0):
-        raise ValueError(
-            "mu must lie in [0, 1] (the probability that a sample is generator-induced), "
-            f"got {mu!r}"
-        )
+    pair(data, noise)
+    mu_f = probability(mu, "mu", "that a sample is generator-induced")
     if not callable(gc_model):
         raise ValueError(f"gc_model must be callable as gc_model(x_t, t), got {type(gc_model)}")
     process = get_process(process)
-    process.check_time(t, "t")
     b = data.shape[0]
-    t_vec = as_time(t, b, data, "t")
+    t_vec = batch_times(t, b, data, "t")
+    process.check_time(t_vec, "t")
     mask_device = generator.device if generator is not None else data.device
     mask = (torch.rand(b, generator=generator, device=mask_device) < mu_f).to(data.device)
     n_gc = int(mask.sum())
@@ -491,7 +430,7 @@ def generator_induced_coupling(
             raise ValueError(
                 f"gc_model must return a tensor of the data's shape {tuple(x_t.shape)}, got {shape}"
             )
-        check_finite(xhat, "gc_model output")
+        finite(xhat, "gc_model output")
         data_out = data.clone()
         data_out[rows] = xhat.to(data)
     return CouplingResult(

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gcflows.checks import choice, integer
+
 __all__ = [
     "toy_dataset",
     "toy_preset_names",
@@ -85,9 +87,7 @@ IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
 
 def image_shape(name: str) -> tuple[int, int, int]:
     """``(C, H, W)`` of the image dataset ``name`` (``digits``, ``mnist`` or ``cifar10``)."""
-    if name not in IMAGE_SHAPES:
-        raise ValueError(f"name must be one of {sorted(IMAGE_SHAPES)}, got {name!r}")
-    return IMAGE_SHAPES[name]
+    return IMAGE_SHAPES[choice(name, "name", sorted(IMAGE_SHAPES))]
 
 
 def check_image_shape(images: Tensor, expected: tuple[int, ...], preset_name: str) -> Tensor:
@@ -114,9 +114,8 @@ DIGITS_SPLIT_SEED = 20240610
 DIGITS_TEST_FRACTION = 0.2
 
 
-def _check_split(split: str, allowed: tuple[str, ...] = ("train", "test", "all")) -> None:
-    if split not in allowed:
-        raise ValueError(f"split must be one of {list(allowed)}, got {split!r}")
+def _check_split(split: str) -> None:
+    choice(split, "split", ("train", "test", "all"))
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -514,8 +513,7 @@ def _check_rows(tensor: Tensor, batch_size: int) -> int:
     n = tensor.shape[0]
     if n == 0:
         raise ValueError("tensor is empty: it needs at least one row to sample from")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    integer(batch_size, "batch_size", lo=1, fix="use a positive integer")
     if batch_size > n:
         raise ValueError(
             f"batch_size={batch_size} exceeds the {n} rows of tensor: draws are without "

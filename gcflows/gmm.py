@@ -1,4 +1,4 @@
-"""Gaussian mixtures as exact oracles under an affine noising process (PAPER.md section 1).
+"""Gaussian mixtures as exact oracles under an affine noising process (docs/paper.md section 1).
 
 A mixture ``p(data) = sum_k w_k N(mu_k, Sigma_k)`` in R^d, noised by a process
 ``x_t = a(t) data + b(t) noise`` (``noise ~ N(0, I)``), stays a mixture with components
@@ -19,7 +19,8 @@ and for the mixture (law of total expectation / variance)
     grad log p_t(x) = -(x - a D) / b^2   = -sum_k r_k S_k^{-1} (x - a mu_k)     (score)
     v_t(x)          = a' D + b' E[noise | x]                                 (PF-ODE velocity)
 
-which is ``(x - D) / t`` for ``ve`` and ``linear`` (PAPER.md: ``v_t(x) = E[xdot_t | x_t = x]``).
+which is ``(x - D) / t`` for ``ve`` and ``linear`` (docs/paper.md section 1:
+``v_t(x) = E[xdot_t | x_t = x]``).
 
 Numerics. Each covariance is eigendecomposed once, ``Sigma_k = U_k diag(lam_k) U_k^T`` (the
 isotropic and diagonal cases need no rotation), so that ``S_k = U_k diag(a^2 lam_k + b^2) U_k^T``
@@ -43,7 +44,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from gcflows.processes import Process, as_time, check_finite, get_process
+from gcflows.checks import batch_times, finite, integer, real
+from gcflows.processes import Process, get_process
 
 __all__ = [
     "GaussianMixture",
@@ -118,8 +120,8 @@ class GaussianMixture:
                 f"means must have shape (K, d) = ({k}, d) with d >= 1 to match weights, "
                 f"got {tuple(means.shape)}"
             )
-        check_finite(weights, "weights")
-        check_finite(means, "means")
+        finite(weights, "weights")
+        finite(means, "means")
         if bool((weights < 0).any()):
             raise ValueError("weights must be non-negative; clip or recompute them")
         total = float(weights.double().sum())
@@ -135,7 +137,7 @@ class GaussianMixture:
             )
         if covs is None:
             stds = _as_float_tensor(stds, "stds", dtype, device)
-            check_finite(stds, "stds")
+            finite(stds, "stds")
             if stds.dim() == 0:
                 stds = stds.expand(k)
             if stds.shape not in ((k,), (k, d)):
@@ -154,7 +156,7 @@ class GaussianMixture:
                 raise ValueError(
                     f"covs must have shape (K, d, d) = ({k}, {d}, {d}), got {tuple(covs.shape)}"
                 )
-            check_finite(covs, "covs")
+            finite(covs, "covs")
             c64 = covs.double()
             scale = c64.abs().amax(dim=(1, 2)).clamp_min(1e-300)
             eps = max(1e-10, 100 * torch.finfo(dtype).eps)
@@ -252,9 +254,7 @@ class GaussianMixture:
         self, n: int, generator: torch.Generator | None = None, return_components: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Draw ``n`` points ``(n, d)`` (and their component indices ``(n,)`` long if asked)."""
-        if isinstance(n, bool) or int(n) != n or n < 1:
-            raise ValueError(f"n must be a positive integer number of samples, got {n!r}")
-        n = int(n)
+        n = integer(n, "n", lo=1, fix="use a positive integer number of samples")
         comp = torch.multinomial(self._weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
         z = eps * self._lam[comp].sqrt()
@@ -276,7 +276,7 @@ class GaussianMixture:
             )
         if x.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch; pass at least one point")
-        check_finite(x, name)
+        finite(x, name)
         return x
 
     def _prepare(
@@ -285,7 +285,7 @@ class GaussianMixture:
         """Validate; return ``x, process, a, b, da, db`` with ``a, b, da, db`` of shape ``(B,)``."""
         process = get_process(process)
         x = self._check_x(x)
-        t = as_time(t, x.shape[0], x)
+        t = batch_times(t, x.shape[0], x)
         process.check_time(t)
         return x, process, process.a(t), process.b(t), process.da(t), process.db(t)
 
@@ -367,7 +367,7 @@ class GaussianMixture:
     def velocity(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """Exact PF-ODE velocity ``v_t(x) = a' D + b' E[noise | x] = (x - D) / t``, ``(B, d)``.
 
-        PAPER.md section 1: ``v_t(x) = E[xdot_t | x_t = x]``.
+        docs/paper.md section 1: ``v_t(x) = E[xdot_t | x_t = x]``.
         """
         x, _, a, b, da, db = self._prepare(x, t, process)
         return self._velocity(x, a, b, da, db)
@@ -458,9 +458,9 @@ class GaussianMixture:
         """
         x, process, _, _, _, _ = self._prepare(x, t, process)
         x64 = x.detach().to(torch.float64)
-        t64 = as_time(t, x.shape[0], x64)
+        t64 = batch_times(t, x.shape[0], x64)
         t_end = process.t_min if t_end is None else t_end
-        te64 = as_time(t_end, x.shape[0], x64, name="t_end")
+        te64 = batch_times(t_end, x.shape[0], x64, name="t_end")
         process.check_time(te64, name="t_end")
         gm = self.to(dtype=torch.float64, device=x.device)
         span = te64 - t64
@@ -482,7 +482,7 @@ def two_gaussians_1to2(
 ) -> GaussianMixture:
     """The authors' 2D notebook target: modes ``(0, -0.5)``, ``(0, +0.5)``, std 0.01, weights 1/2.
 
-    PAPER.md section 5 (the 2D notebook).
+    docs/paper.md section 5 (the 2D notebook).
     """
     means = torch.tensor([[0.0, -0.5], [0.0, 0.5]], dtype=dtype, device=device)
     return GaussianMixture([0.5, 0.5], means, stds=std, dtype=dtype, device=device)
@@ -527,19 +527,14 @@ def random_mixture(
     ``random_weights`` proportional to ``1 + u_k``, ``u_k ~ U(0, 1)`` (each in ``[1/(2K), 2/K]``).
     ``generator`` is a ``torch.Generator``, an int seed, or None (the global RNG).
     """
-    if isinstance(dim, bool) or int(dim) != dim or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    if isinstance(n_components, bool) or int(n_components) != n_components or n_components < 1:
-        raise ValueError(f"n_components must be a positive integer, got {n_components!r}")
-    if not (math.isfinite(separation) and separation > 0):
-        raise ValueError(f"separation must be a positive number of stds, got {separation}")
-    if not (math.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius must be positive, got {radius}")
+    dim = integer(dim, "dim", lo=1)
+    n_components = integer(n_components, "n_components", lo=1)
+    real(separation, "separation", lo_open=0.0, fix="use a positive number of stds")
+    real(radius, "radius", lo_open=0.0)
     if isinstance(generator, int) and not isinstance(generator, bool):
         generator = torch.Generator().manual_seed(generator)
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError("generator must be a torch.Generator, an int seed or None")
-    dim, n_components = int(dim), int(n_components)
     gen_device = generator.device if generator is not None else "cpu"
     g = torch.randn(n_components, dim, generator=generator, dtype=torch.float64, device=gen_device)
     means = radius * g / math.sqrt(dim)

@@ -602,7 +602,7 @@ def test_bad_call_input_raises():
         gm.flow_map(x, 1.0, ve, t_end=1e-4)
     with pytest.raises(ValueError, match="floating point"):
         gm.velocity(torch.zeros(3, 2, dtype=torch.long), 0.5, ve)
-    with pytest.raises(ValueError, match="n must be a positive integer"):
+    with pytest.raises(ValueError, match="n=0 is invalid: use a positive integer"):
         gm.sample(0)
     with pytest.raises(ValueError, match="process must be one of"):
         gm.velocity(x, 0.5, "vp")

@@ -157,7 +157,7 @@ def test_image_shaped_batches_broadcast_per_sample_times():
             lambda: VEProcess().interpolate(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3)),
             "t must",
         ),
-        (lambda: karras_grid(0, 0.1, 1.0), "n must"),
+        (lambda: karras_grid(0, 0.1, 1.0), "n=0 is invalid: use a positive integer"),
         (lambda: karras_grid(5, 1.0, 0.1), "t_min"),
     ],
 )
