@@ -32,11 +32,15 @@ log-sum-exp, so responsibilities sum to one even at ``t = 1e-3`` with Dirac comp
 ``S_k`` is always positive definite.
 
 Shapes: points ``x`` are ``(B, d)``; times ``t`` are a float, a 0-d tensor or ``(B,)``. Computation
-runs in the dtype of ``x`` (float64 for theory checks); the mixture's parameters are cast to it.
+runs in the dtype of ``x`` (float64 for theory checks) but never below float32: float16 / bfloat16
+points are computed in float32 (at ``t_min`` the variances ``b^2 ~ 4e-6`` and the log-densities
+overflow half precision, giving NaN) and the result is returned in the dtype of ``x``. The
+mixture's parameters are cast to the working dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -61,6 +65,22 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # Rows of a batch are processed in chunks so that no intermediate holds more than about this many
 # elements (B x K x d, or B x K x d x d for full covariances).
 _CHUNK_ELEMENTS = 1 << 22
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype for points of ``dtype``: float64 stays, anything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _in_input_dtype(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Wrap a ``method(self, x, ...)`` computed in ``_work_dtype``: return it in x's dtype."""
+
+    @functools.wraps(method)
+    def wrapper(self: GaussianMixture, x: Tensor, *args, **kwargs) -> Tensor:
+        out = method(self, x, *args, **kwargs)
+        return out.to(x.dtype) if out.is_floating_point() else out
+
+    return wrapper
 
 
 def _as_float_tensor(value, name: str, dtype: torch.dtype | None, device) -> Tensor:
@@ -285,8 +305,9 @@ class GaussianMixture:
         """Validate; return ``x, process, a, b, da, db`` with ``a, b, da, db`` of shape ``(B,)``."""
         process = get_process(process)
         x = self._check_x(x)
+        x = x.to(_work_dtype(x.dtype))
+        process.check_time(t)  # as given: its own dtype sets the rounding tolerance
         t = batch_times(t, x.shape[0], x)
-        process.check_time(t)
         return x, process, process.a(t), process.b(t), process.da(t), process.db(t)
 
     def _params(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -334,27 +355,32 @@ class GaussianMixture:
         return r, resid, denoised
 
     # --- the noised marginal -------------------------------------------------------------------
+    @_in_input_dtype
     def log_prob(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``log p_t(x)`` of the noised marginal ``sum_k w_k N(a mu_k, S_k)``: ``(B,)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: (self._terms(*r)[2].logsumexp(-1),), False, x, a, b)[0]
 
+    @_in_input_dtype
     def responsibilities(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """Posterior component probabilities ``r_k(x) = P(k | x_t = x)``: ``(B, K)``, rows sum 1."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: (self._terms(*r)[2].softmax(-1),), False, x, a, b)[0]
 
+    @_in_input_dtype
     def score(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``grad_x log p_t(x) = -sum_k r_k S_k^{-1} (x - a mu_k)``: ``(B, d)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return -self._chunked(lambda *r: self._posterior_parts(*r), False, x, a, b)[1]
 
     # --- the posterior of data given x_t -------------------------------------------------------
+    @_in_input_dtype
     def denoiser(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """Ideal denoiser ``D(x, t) = E[data | x_t = x] = sum_k r_k m_k``: ``(B, d)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: self._posterior_parts(*r), False, x, a, b)[2]
 
+    @_in_input_dtype
     def expected_noise(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``E[noise | x_t = x] = (x - a D) / b = b sum_k r_k S_k^{-1} (x - a mu_k)``, ``(B, d)``.
 
@@ -364,6 +390,7 @@ class GaussianMixture:
         resid = self._chunked(lambda *r: self._posterior_parts(*r), False, x, a, b)[1]
         return b[:, None] * resid
 
+    @_in_input_dtype
     def velocity(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """Exact PF-ODE velocity ``v_t(x) = a' D + b' E[noise | x] = (x - D) / t``, ``(B, d)``.
 
@@ -391,16 +418,19 @@ class GaussianMixture:
             within = torch.einsum("kij,bkj,klj->bil", rot, r[:, :, None] * c, rot)
         return (within + between,)
 
+    @_in_input_dtype
     def posterior_cov(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``Cov[data | x_t = x] = sum_k r_k (C_k + (m_k - D)(m_k - D)^T)``, ``(B, d, d)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: self._cov_parts(*r, True), True, x, a, b)[0]
 
+    @_in_input_dtype
     def posterior_cov_trace(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``tr Cov[data | x_t = x] = E[||data - D||^2 | x_t = x]``: ``(B,)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: self._cov_parts(*r, False), False, x, a, b)[0]
 
+    @_in_input_dtype
     def sample_posterior(
         self,
         x: Tensor,
@@ -428,6 +458,7 @@ class GaussianMixture:
         return self._chunked(draw, False, x, a, b)[0]
 
     # --- the flow map --------------------------------------------------------------------------
+    @_in_input_dtype
     def flow_map(
         self,
         x: Tensor,
@@ -473,7 +504,7 @@ class GaussianMixture:
         grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device)
         with torch.no_grad():
             out = odeint(field, x64, grid, rtol=rtol, atol=atol, method=method)[-1]
-        return out.to(x.dtype)
+        return out  # in the dtype of the input x (see _in_input_dtype)
 
 
 # --- presets ----------------------------------------------------------------------------------

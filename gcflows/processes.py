@@ -118,9 +118,8 @@ class Process(ABC):
 
     def _times(self, t: Tensor | float, like: Tensor) -> Tensor:
         """Checked per-sample times ``(B,)`` shaped to broadcast against ``like`` ``(B, *dims)``."""
-        t = batch_times(t, like.shape[0], like)
-        self.check_time(t)
-        return expand_time(t, like)
+        self.check_time(t)  # as given: its own dtype sets the rounding tolerance
+        return expand_time(batch_times(t, like.shape[0], like), like)
 
     # --- the path -----------------------------------------------------------------------------
     def interpolate(self, data: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
