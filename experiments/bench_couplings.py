@@ -32,6 +32,7 @@ import datetime
 import json
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -41,8 +42,6 @@ import ot
 import torch
 
 from gcflows.couplings import ot_coupling
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gcflows.kernels import pairwise_sqdist
 from gcflows.records import cpu_model, git_sha
 
@@ -146,27 +145,62 @@ def run_case(b: int, d: int, repeats: int, seed: int, sampler) -> dict:
     }
 
 
-def main() -> None:
+#: Largest batch accepted: the float64 cost matrix alone holds 8 B^2 bytes (2 GiB at 16384).
+MAX_BATCH = 16384
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check every argument before any work: one clear line (exit 2) on bad input."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batches", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="default 128 512 2048")
     p.add_argument("--dims", type=int, nargs="+", default=[2, 3072])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, >= 3 (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="batches 128 / 512, 3 repeats")
+    p.add_argument(
+        "--quick", action="store_true", help="batches 128 / 512 and 3 repeats unless given"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench_couplings"))
-    args = p.parse_args()
-    if args.quick:
-        args.batches, args.repeats = [b for b in args.batches if b <= 512] or [128], 3
+    args = p.parse_args(argv)
+    if args.batches is None:
+        args.batches = [128, 512] if args.quick else [128, 512, 2048]
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    bad_b = [b for b in args.batches if not 1 <= b <= MAX_BATCH]
+    if bad_b:
+        p.error(f"--batches {bad_b} is invalid: use batch sizes between 1 and {MAX_BATCH}")
+    bad_d = [d for d in args.dims if d < 1]
+    if bad_d:
+        p.error(f"--dims {bad_d} is invalid: use dimensions >= 1")
     if args.repeats < 3:
-        p.error("--repeats must be >= 3 (the table reports medians)")
+        p.error(f"--repeats {args.repeats} is invalid: use >= 3 (the table reports medians)")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads} is invalid: use >= 1, or leave it out for torch's")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed} is invalid: use an integer >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file: name a folder for the results")
+    parent = args.out
+    while not parent.exists():
+        parent = parent.parent
+    try:  # a real write (os.access says yes to root on read-only or virtual file systems)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        p.error(
+            f"--out {args.out} cannot be written ({parent}: {err.strerror}): name another folder"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     sampler, tcfm_version = load_torchcfm()
     config = {
-        "command": "python experiments/bench_couplings.py "
-        + " ".join(a for a in __import__("sys").argv[1:]),
+        "command": "python experiments/bench_couplings.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import ot
@@ -413,3 +417,32 @@ def test_bad_arguments_raise():
         generator_induced_coupling(data, noise, lambda x, t: x[:, :2], 1.0, "ve", mu=1.0)
     with pytest.raises(ValueError, match="gc_model output"):
         generator_induced_coupling(data, noise, lambda x, t: x / 0.0, 1.0, "ve", mu=1.0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batches", "128", "0"], "--batches [0] is invalid: use batch sizes between 1 and"),
+        (["--quick", "--repeats", "2"], "--repeats 2 is invalid: use >= 3"),  # explicit wins
+    ],
+)
+def test_bench_couplings_rejects_bad_arguments_before_any_work(tmp_path, argv, message):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "experiments" / "bench_couplings.py"),
+            *argv,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and "B=" not in proc.stdout  # nothing ran, nothing written
