@@ -44,10 +44,16 @@ __all__ = [
     "sinkhorn_coupling",
     "generator_induced_coupling",
     "squared_cost",
+    "auto_ot_solver",
     "OT_SOLVERS",
 ]
 
-OT_SOLVERS = ("lsa", "emd")
+OT_SOLVERS = ("auto", "lsa", "emd")
+# The measured rule of solver="auto" (docs/performance.md, "Which exact solver"): POT's network
+# simplex beats scipy's shortest augmenting path only on large batches of very low-dimensional
+# points (many near-tied costs slow the augmenting paths); everywhere else lsa is faster.
+_AUTO_EMD_MAX_DIM = 2
+_AUTO_EMD_MIN_BATCH = 1536
 _ON_FAILURE = ("fallback", "raise")
 
 
@@ -141,6 +147,15 @@ def _solve_lsa(cost: np.ndarray) -> np.ndarray:
     return perm
 
 
+def auto_ot_solver(batch: int, dim: int) -> str:
+    """The exact solver ``ot_coupling(solver="auto")`` uses for ``batch`` rows of ``dim`` features.
+
+    ``"emd"`` when ``dim <= 2`` and ``batch >= 1536``, else ``"lsa"``: the rule measured with
+    ``experiments/bench_couplings.py`` over B = 128..4096, D = 2..3072 (docs/performance.md).
+    """
+    return "emd" if dim <= _AUTO_EMD_MAX_DIM and batch >= _AUTO_EMD_MIN_BATCH else "lsa"
+
+
 def _emd_max_iter(batch: int) -> int:
     """Network-simplex iteration limit raised with the batch (POT's default 100000 is too small
     at batch 2048 and returns a suboptimal plan with only a warning, PEERS.md)."""
@@ -198,7 +213,7 @@ def ot_coupling(
     data: Tensor,
     noise: Tensor,
     *,
-    solver: str = "lsa",
+    solver: str = "auto",
     cost_dtype: torch.dtype | None = None,
     emd_max_iter: int | None = None,
 ) -> CouplingResult:
@@ -212,12 +227,16 @@ def ot_coupling(
 
     Args:
         data, noise: ``(B, *dims)`` finite float tensors, same shape, dtype and device, B >= 1.
-        solver: ``"lsa"`` (scipy ``linear_sum_assignment``, default, fastest on high-dimensional
-            batches) or ``"emd"`` (POT's network simplex ``ot.emd`` with the iteration limit
-            raised to ``max(100000, 50 B^2)``). If ``"emd"`` stops early or returns a plan that is
-            not a permutation, the exact ``"lsa"`` solver produces the pairs instead, with
+        solver: ``"auto"`` (default: the faster of the two exact solvers for this batch size and
+            dimension, by the measured rule of :func:`auto_ot_solver`; ``status`` names the
+            choice), ``"lsa"`` (scipy ``linear_sum_assignment`` after row / column reduction,
+            fastest except on large low-dimensional batches) or ``"emd"`` (POT's network simplex
+            ``ot.emd`` with the iteration limit raised to ``max(100000, 50 B^2)``; fastest for
+            ``D <= 2`` from ``B ~ 1536``). If ``"emd"`` stops early or returns a plan that is not
+            a permutation, the exact ``"lsa"`` solver produces the pairs instead, with
             ``fell_back=True``, the reason in ``status`` and a ``RuntimeWarning``: a suboptimal
-            plan is never returned.
+            plan is never returned. All three give the same optimal cost (ties aside, the same
+            permutation).
         cost_dtype: arithmetic of the cost matrix. ``None`` (default): float64 for float64
             input, float32 otherwise; the assignment is exactly optimal for that matrix and within
             ``2 B delta`` of the exact optimum, ``delta ~ eps |x|^2`` its entrywise rounding
@@ -235,12 +254,15 @@ def ot_coupling(
     if emd_max_iter is not None:
         integer(emd_max_iter, "emd_max_iter", lo=1, fix="use a positive integer or None")
     b = data.shape[0]
+    chosen = auto_ot_solver(b, data[0].numel()) if solver == "auto" else solver
     cost_t = _cost_matrix(data, noise, cost_dtype)
     where = f"the {str(cost_t.dtype).replace('torch.', '')} squared-distance matrix"
+    if solver == "auto":
+        where += f" (solver='auto' chose {chosen!r} for B={b}, D={data[0].numel()})"
     # scipy and POT work in float64: one C-contiguous float64 copy on the host
     cost = np.ascontiguousarray(cost_t.cpu().numpy(), dtype=np.float64)
     fell_back = False
-    if solver == "lsa":
+    if chosen == "lsa":
         perm = _solve_lsa(cost)
         status = f"optimal: scipy linear_sum_assignment on {where}"
     else:
@@ -290,7 +312,7 @@ def sinkhorn_coupling(
     Convergence: the marginal error ``max(|P 1 - 1/B|_1, |P^T 1 - 1/B|_1)`` (probability mass
     misplaced, in [0, 2]) must be at most ``tol``; POT is stopped at L2 error ``tol / sqrt(B)``,
     which implies it. If it is not reached within ``max_iter`` iterations (or the plan is not
-    finite): ``on_failure="fallback"`` returns :func:`ot_coupling` (exact, ``"lsa"``) with
+    finite): ``on_failure="fallback"`` returns :func:`ot_coupling` (exact, ``solver="auto"``) with
     ``fell_back=True``, the reason in ``status`` and a ``RuntimeWarning``; ``on_failure="raise"``
     raises ``RuntimeError``.
 
@@ -350,7 +372,7 @@ def sinkhorn_coupling(
         )
         if on_failure == "raise":
             raise RuntimeError(f"{reason}; increase max_iter or reg, or use ot_coupling")
-        res = ot_coupling(data, noise, solver="lsa")
+        res = ot_coupling(data, noise)
         res.fell_back = True
         res.status = f"{reason}; fell back to exact OT ({res.status})"
         warnings.warn(f"sinkhorn_coupling: {res.status}", RuntimeWarning, stacklevel=2)

@@ -21,6 +21,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import gcflows.couplings as couplings_module
 from gcflows.couplings import (
     CouplingResult,
     generator_induced_coupling,
@@ -124,6 +125,26 @@ def test_ot_large_batch_no_iteration_cap():
     ref = _emd2(data, noise)
     assert lsa.cost_after == pytest.approx(ref, rel=1e-9)
     assert emd.cost_after == pytest.approx(ref, rel=1e-9)
+
+
+def test_auto_solver_rule_and_result(monkeypatch):
+    # The measured rule (docs/performance.md): emd only for D <= 2 and B >= 1536.
+    assert couplings_module.auto_ot_solver(1535, 2) == "lsa"
+    assert couplings_module.auto_ot_solver(1536, 2) == "emd"
+    assert couplings_module.auto_ot_solver(4096, 1) == "emd"
+    assert couplings_module.auto_ot_solver(4096, 3) == "lsa"
+    assert couplings_module.auto_ot_solver(128, 3072) == "lsa"
+    data, noise = _pair(80, (2,), seed=5)
+    ref = ot_coupling(data, noise, solver="lsa")
+    for min_batch, chosen in ((10**9, "lsa"), (64, "emd")):  # both branches on a small batch
+        monkeypatch.setattr(couplings_module, "_AUTO_EMD_MIN_BATCH", min_batch)
+        res = ot_coupling(data, noise)  # solver="auto" is the default
+        _assert_permutation(res, noise)
+        assert f"solver='auto' chose '{chosen}' for B=80, D=2" in res.status
+        assert not res.fell_back
+        assert res.cost_after == pytest.approx(ref.cost_after, rel=1e-12)
+    images, image_noise = _pair(6, (1, 2, 2), seed=6)  # D counts every non-batch element
+    assert "D=4" in ot_coupling(images, image_noise).status
 
 
 def test_ot_emd_iteration_limit_falls_back_explicitly():
