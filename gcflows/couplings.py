@@ -1,24 +1,25 @@
-"""Couplings of data and noise within a batch (PAPER.md sections 2 and 4).
+"""Couplings of data and noise within a batch (docs/paper.md sections 2 and 4).
 
 A coupling decides which noise row is paired with which data row before the pair is noised
 (``x_t = a(t) data + b(t) noise``) and fed to a consistency loss. Every coupling returns a
 :class:`CouplingResult` whose ``data`` and ``noise`` are the pairs to train on: row ``j`` of
 ``data`` goes with row ``j`` of ``noise``.
 
-- :func:`independent_coupling` (IC): the pairs as drawn, ``p*(data) p(noise)`` (PAPER.md section 1).
+- :func:`independent_coupling` (IC): the pairs as drawn, ``p*(data) p(noise)`` (docs/paper.md
+  section 1).
 - :func:`ot_coupling` (batch-OT, Pooladian et al. 2023): the exact assignment
   ``perm = argmin_sigma sum_j ||data_j - noise_sigma(j)||^2`` over permutations of the batch
-  (PAPER.md section 2, "batch-OT baseline"; section 4, "Batch-OT cost"). A true permutation: every
-  noise row is used exactly once, none is duplicated or dropped.
+  (docs/paper.md section 2, "batch-OT baseline"; section 4, "Batch-OT cost"). A true
+  permutation: every noise row is used exactly once, none is duplicated or dropped.
 - :func:`sinkhorn_coupling`: entropic OT (POT, log domain), an explicit policy when it does not
   converge, noise rows drawn from the rows of the plan.
-- :func:`generator_induced_coupling` (GC, PAPER.md Eq. 13-15 and Eq. 21): with probability ``mu``
-  per sample, the data row is replaced by the generator's prediction ``xhat = f_gen(x_t, t)`` from
-  the noised pair, with the same noise.
+- :func:`generator_induced_coupling` (GC, docs/paper.md Eq. 13-15 and Eq. 21): with probability
+  ``mu`` per sample, the data row is replaced by the gc_model's prediction
+  ``xhat = gc_model(x_t, t)`` from the noised pair, with the same noise.
 
 The mean squared costs ``cost_before`` / ``cost_after`` are the batch transport costs
-``mean_j ||data_j - noise_j||^2`` of the input and output pairings (PAPER.md section 4, ``c(0)``
-for IC). Shapes: a batch is ``(B, *dims)``; costs flatten every non-batch dim.
+``mean_j ||data_j - noise_j||^2`` of the input and output pairings (docs/paper.md section 4,
+``c(0)`` for IC). Shapes: a batch is ``(B, *dims)``; costs flatten every non-batch dim.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ def auto_ot_solver(batch: int, dim: int) -> str:
 
 def _emd_max_iter(batch: int) -> int:
     """Network-simplex iteration limit raised with the batch (POT's default 100000 is too small
-    at batch 2048 and returns a suboptimal plan with only a warning, PEERS.md)."""
+    at batch 2048 and returns a suboptimal plan with only a warning: docs/design.md, peers and
+    pitfalls)."""
     return max(100_000, 50 * batch * batch)
 
 
@@ -194,7 +196,8 @@ def independent_coupling(data: Tensor, noise: Tensor) -> CouplingResult:
     """Independent coupling (IC): the pairs as drawn, ``(data_j, noise_j)``.
 
     data, noise: ``(B, *dims)``. Returns the same tensors, ``permutation=None`` (no re-indexing)
-    and ``cost_before == cost_after = mean_j ||data_j - noise_j||^2`` (PAPER.md section 4, c(0)).
+    and ``cost_before == cost_after = mean_j ||data_j - noise_j||^2`` (docs/paper.md section 4,
+    c(0)).
     """
     pair(data, noise)
     cost = _mean_cost(data, noise)
@@ -220,7 +223,7 @@ def ot_coupling(
     """Exact batch-OT coupling: the optimal permutation of the noise for the squared cost.
 
     Solves ``perm = argmin_sigma sum_j ||data_j - noise_sigma(j)||^2`` over all permutations of
-    ``B`` rows (PAPER.md section 2, batch-OT baseline) on the cost matrix of
+    ``B`` rows (docs/paper.md section 2, batch-OT baseline) on the cost matrix of
     ``gcflows.kernels.pairwise_sqdist`` (flattened non-batch dims). Returns ``data`` unchanged and
     ``noise[perm]``, so row ``j`` of data pairs with ``noise[perm[j]]``; no sampling, no
     replacement, so no noise row is duplicated or dropped.
@@ -405,7 +408,7 @@ def generator_induced_coupling(
     mu: float,
     generator: torch.Generator | None = None,
 ) -> CouplingResult:
-    """Generator-induced coupling (GC, PAPER.md Eq. 13-15) mixed with IC at rate mu (Eq. 21).
+    """Generator-induced coupling (GC, docs/paper.md Eq. 13-15) mixed with IC at rate mu (Eq. 21).
 
     ``x_t = process.interpolate(data, noise, t)``; ``xhat = gc_model(x_t, t)`` under
     ``torch.no_grad()`` (a stop-gradient: the output never requires grad); each sample is GC with
@@ -442,7 +445,7 @@ def generator_induced_coupling(
     data_out = data
     if n_gc > 0:
         # Only the GC rows are sent through the gc_model: at mu = 0.5 this halves the extra
-        # forward pass that GC costs (PAPER.md section 2 reports about +20 % wall-clock).
+        # forward pass that GC costs (docs/paper.md section 2 reports about +20 % wall-clock).
         rows = mask.nonzero().squeeze(1) if n_gc < b else slice(None)
         with torch.no_grad():
             x_t = process.interpolate(data[rows], noise[rows], t_vec[rows])

@@ -1,4 +1,4 @@
-"""Tests of gcflows.couplings: the mathematics of each coupling (PAPER.md sections 2 and 4).
+"""Tests of gcflows.couplings: the mathematics of each coupling (docs/paper.md sections 2 and 4).
 
 Exact OT is checked against brute force over all permutations (B <= 6) and against POT's
 ``ot.emd2`` on the same batch; GC against its definition (Eq. 13-15, 21); Sinkhorn against its

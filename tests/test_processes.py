@@ -93,7 +93,7 @@ def test_conversions_round_trip(seed, batch, u, which):
     torch.testing.assert_close(process.denoiser_from_noise(x, eps, t), d, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(process.velocity_from_noise(x, eps, t), v, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(process.noise_from_velocity(x, v, t), eps, rtol=1e-9, atol=1e-9)
-    # Both processes share v = (x - D) / t (DESIGN.md conventions).
+    # Both processes share v = (x - D) / t (docs/design.md, conventions).
     torch.testing.assert_close(v, (x - d) / t[:, None], rtol=1e-12, atol=1e-12)
 
 

@@ -147,7 +147,7 @@ def test_distilled_with_the_exact_denoiser_is_the_true_velocity(pname, u, seed, 
     # ~1e-16 |x| / |x - a D| relative, at most ~1e-12 here (|x - a D| >= 1e-4 |x|).
     torch.testing.assert_close(distilled, true, rtol=1e-9, atol=1e-9)
     assert seen == [(6,)]
-    # DESIGN.md: for both processes v = (x - D) / t; for ve also v = -t score.
+    # docs/design.md: for both processes v = (x - D) / t; for ve also v = -t score.
     d = gm.denoiser(x, t, process)
     torch.testing.assert_close(true, (x - d) / t, rtol=1e-9, atol=1e-9)
     if pname == "ve":
