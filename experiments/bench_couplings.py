@@ -273,7 +273,7 @@ def goals(results: list[dict], tcfm_name: str) -> list[str]:
     return lines
 
 
-def optimality(results: list[dict]) -> list[str]:
+def optimality(results: list[dict], tcfm_name: str) -> list[str]:
     lines = []
     for r in results:
         parts = []
@@ -287,7 +287,8 @@ def optimality(results: list[dict]) -> list[str]:
             if c["warnings"]:
                 extra += ", warned: " + "; ".join(c["warnings"])
             perm = "perm" if c["is_permutation"] else "NOT perm"
-            parts.append(f"{n}: {gap}({perm}{extra})")
+            label = tcfm_name if n == "torchcfm exact" else n
+            parts.append(f"{label}: {gap}({perm}{extra})")
         lines.append(f"  B={r['batch']:5d} D={r['dim']:5d}  " + " | ".join(parts))
     return lines
 
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "git_sha": git_sha(),
         "dtype": "float32",
+        "torchcfm_column": tcfm_name,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     results = []
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\nGoals (median times; auto = the default ot_coupling(data, noise))")
     print("\n".join(goals(results, tcfm_name)))
     print("\nOptimality (mean cost / ot.emd2 optimum - 1; perm = a permutation of the batch)")
-    print("\n".join(optimality(results)))
+    print("\n".join(optimality(results, tcfm_name)))
     text = table(results, tcfm_name)
     (args.out / "table.md").write_text(text + "\n")
     print(f"\nwrote {args.out}/config.json, results.json, table.md")

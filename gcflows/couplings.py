@@ -54,7 +54,7 @@ OT_SOLVERS = ("auto", "lsa", "emd")
 # simplex beats scipy's shortest augmenting path only on large batches of very low-dimensional
 # points (many near-tied costs slow the augmenting paths); everywhere else lsa is faster.
 _AUTO_EMD_MAX_DIM = 2
-_AUTO_EMD_MIN_BATCH = 1536
+_AUTO_EMD_MIN_BATCH = 2048
 _ON_FAILURE = ("fallback", "raise")
 
 
@@ -151,7 +151,7 @@ def _solve_lsa(cost: np.ndarray) -> np.ndarray:
 def auto_ot_solver(batch: int, dim: int) -> str:
     """The exact solver ``ot_coupling(solver="auto")`` uses for ``batch`` rows of ``dim`` features.
 
-    ``"emd"`` when ``dim <= 2`` and ``batch >= 1536``, else ``"lsa"``: the rule measured with
+    ``"emd"`` when ``dim <= 2`` and ``batch >= 2048``, else ``"lsa"``: the rule measured with
     ``experiments/bench_couplings.py`` over B = 128..4096, D = 2..3072 (docs/performance.md).
     """
     return "emd" if dim <= _AUTO_EMD_MAX_DIM and batch >= _AUTO_EMD_MIN_BATCH else "lsa"
@@ -235,7 +235,7 @@ def ot_coupling(
             choice), ``"lsa"`` (scipy ``linear_sum_assignment`` after row / column reduction,
             fastest except on large low-dimensional batches) or ``"emd"`` (POT's network simplex
             ``ot.emd`` with the iteration limit raised to ``max(100000, 50 B^2)``; fastest for
-            ``D <= 2`` from ``B ~ 1536``). If ``"emd"`` stops early or returns a plan that is not
+            ``D <= 2`` from ``B ~ 2048``). If ``"emd"`` stops early or returns a plan that is not
             a permutation, the exact ``"lsa"`` solver produces the pairs instead, with
             ``fell_back=True``, the reason in ``status`` and a ``RuntimeWarning``: a suboptimal
             plan is never returned. All three give the same optimal cost (ties aside, the same

@@ -128,9 +128,9 @@ def test_ot_large_batch_no_iteration_cap():
 
 
 def test_auto_solver_rule_and_result(monkeypatch):
-    # The measured rule (docs/performance.md): emd only for D <= 2 and B >= 1536.
-    assert couplings_module.auto_ot_solver(1535, 2) == "lsa"
-    assert couplings_module.auto_ot_solver(1536, 2) == "emd"
+    # The measured rule (docs/performance.md): emd only for D <= 2 and B >= 2048.
+    assert couplings_module.auto_ot_solver(2047, 2) == "lsa"
+    assert couplings_module.auto_ot_solver(2048, 2) == "emd"
     assert couplings_module.auto_ot_solver(4096, 1) == "emd"
     assert couplings_module.auto_ot_solver(4096, 3) == "lsa"
     assert couplings_module.auto_ot_solver(128, 3072) == "lsa"
