@@ -94,19 +94,23 @@ class Process(ABC):
         """Coefficient db(t), elementwise."""
 
     # --- validation ---------------------------------------------------------------------------
-    def check_time(self, t: Tensor | float, name: str = "t") -> Tensor:
-        """Raise ``ValueError`` unless every time is finite and in ``[t_min, t_max]``.
+    def check_time(self, t: Tensor | float, name: str = "t") -> Tensor | float:
+        """Raise ``ValueError`` unless every time is finite and in ``[t_min, t_max]``; return ``t``.
 
-        Returns ``t`` as a tensor. The bounds are widened by ``max(1e-9, 2 eps)`` relative (``eps``
-        of t's dtype), so that ``t_max`` rounded to float32 or float16 passes. Cost: one
-        ``aminmax`` over ``t`` and one host synchronisation (NaN propagates into the minimum).
+        The bounds are widened by ``max(1e-9, 2 eps)`` relative (``eps`` of t's dtype), so that
+        ``t_max`` rounded to float32 or float16 passes. Cost: one ``aminmax`` over a tensor ``t``
+        (NaN propagates into it) and one host synchronisation; nothing for a Python number.
         """
-        tt = torch.as_tensor(t)
-        if tt.numel() == 0:
-            return tt
-        lo, hi = torch.stack(torch.aminmax(tt.detach())).double().tolist()
-        eps = torch.finfo(tt.dtype).eps if tt.is_floating_point() else 0.0
-        tol = max(1e-9, 2 * eps)
+        if isinstance(t, int | float) and not isinstance(t, bool):
+            lo = hi = float(t)
+            tol = 1e-9
+        else:
+            tt = torch.as_tensor(t).detach()
+            if tt.numel() == 0:
+                return t
+            lo_t, hi_t = torch.aminmax(tt) if tt.dim() else (tt, tt)
+            lo, hi = float(lo_t), float(hi_t)
+            tol = max(1e-9, 2 * torch.finfo(tt.dtype).eps) if tt.is_floating_point() else 1e-9
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name} contains NaN or inf; clean the input before calling")
         if lo < self.t_min * (1 - tol) or hi > self.t_max * (1 + tol):
@@ -114,7 +118,7 @@ class Process(ABC):
                 f"{name} must lie in [{self.t_min}, {self.t_max}] for the {self.name} process, "
                 f"got values in [{lo}, {hi}]; clamp the times to the process domain"
             )
-        return tt
+        return t
 
     def _times(self, t: Tensor | float, like: Tensor) -> Tensor:
         """Checked per-sample times ``(B,)`` shaped to broadcast against ``like`` ``(B, *dims)``."""
