@@ -16,7 +16,9 @@ Every conversion between the ideal denoiser ``D(x, t) = E[data | x_t = x]``, the
 For both processes this reduces to ``v = (x - D) / t``.
 
 Shapes: a batch is ``(B, *dims)``; per-sample times are ``(B,)`` (a scalar or 0-d tensor is
-broadcast). All functions are differentiable and dtype-preserving.
+broadcast). All functions are differentiable and dtype-preserving. The public path functions
+(``interpolate``, ``xdot``) reject times outside ``[t_min, t_max]`` (``check_time``); the
+conversions accept any positive time (networks evaluate them below ``t_min`` on purpose).
 """
 
 from __future__ import annotations
