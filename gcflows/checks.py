@@ -29,7 +29,10 @@ __all__ = [
     "probability",
     "choice",
     "finite",
+    "batch",
+    "shape",
     "same_shape",
+    "pair",
     "batch_times",
 ]
 
@@ -126,30 +129,83 @@ def choice(value: Any, name: str, choices: Iterable[Any], where: str | None = No
 def finite(x: Any, name: str) -> Tensor:
     """``x`` if it is a tensor with no NaN / inf (integer tensors pass), else ``ValueError``.
 
-    Cost: one reduction over ``x`` (a device synchronisation on a GPU).
+    Cost: one sum over ``x`` (any NaN / inf makes it non-finite; only then, or on an overflow of
+    the sum, an elementwise check follows) and one device synchronisation on a GPU.
     """
     if not torch.is_tensor(x):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf; clean the input before calling")
+    if x.is_floating_point() and not bool(torch.isfinite(x.detach().sum())):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf; clean the input before calling")
     return x
 
 
-def same_shape(a: Tensor, b: Tensor, names: tuple[str, str] = ("data", "noise")) -> None:
-    """Raise unless ``a`` and ``b`` are tensors of one shape, dtype and device."""
+def batch(x: Any, name: str, *, min_dim: int = 1) -> Tensor:
+    """``x`` if it is a non-empty floating-point batch ``(B, *dims)``, else ``ValueError``.
+
+    ``B >= 1``, every sample holds at least one element and ``x`` has at least ``min_dim`` dims
+    (2: at least one feature dim). Values are not inspected (see :func:`finite`).
+    """
+    if not torch.is_tensor(x):
+        raise ValueError(
+            f"{name} must be a torch.Tensor of shape (B, *dims), got {type(x).__name__}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with .float()"
+        )
+    if x.dim() < max(min_dim, 1) or x.numel() == 0:
+        dims = " and at least one feature dim" if min_dim >= 2 else ""
+        raise ValueError(
+            f"{name} must have shape (B, *dims) with B >= 1{dims} and no empty dim, "
+            f"got {tuple(x.shape)}"
+        )
+    return x
+
+
+def shape(x: Tensor, expected: tuple[int, ...], name: str, why: str = "") -> Tensor:
+    """``x`` if ``x.shape == expected``, else ``ValueError``; ``why`` e.g. "to match the batch"."""
+    if tuple(x.shape) != tuple(expected):
+        reason = f" {why}" if why else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{reason}, got {tuple(x.shape)}")
+    return x
+
+
+def same_shape(
+    a: Tensor,
+    b: Tensor,
+    names: tuple[str, str] = ("data", "noise"),
+    *,
+    match_dtype: bool = True,
+) -> None:
+    """Raise unless ``a`` and ``b`` are tensors of one shape (and, if asked, dtype and device)."""
     na, nb = names
     for x, n in ((a, na), (b, nb)):
         if not torch.is_tensor(x):
             raise ValueError(f"{n} must be a torch.Tensor, got {type(x).__name__}")
     if a.shape != b.shape:
+        fix = f"draw {nb} with torch.randn_like({na})" if nb == "noise" else "reshape one of them"
         raise ValueError(
-            f"{na} and {nb} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+            f"{na} and {nb} must have the same shape (B, *dims), got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}; {fix}"
         )
-    if a.dtype != b.dtype or a.device != b.device:
+    if match_dtype and (a.dtype != b.dtype or a.device != b.device):
         raise ValueError(
             f"{na} and {nb} must share dtype and device, got {a.dtype}/{a.device} and "
-            f"{b.dtype}/{b.device}; convert one with .to(other)"
+            f"{b.dtype}/{b.device}; convert {nb} with {nb}.to({na})"
         )
+
+
+def pair(a: Tensor, b: Tensor, names: tuple[str, str] = ("data", "noise")) -> None:
+    """Raise unless ``a``, ``b`` are finite, non-empty float batches of one shape, dtype, device.
+
+    The check of every coupling entry point (:func:`batch`, :func:`same_shape`, :func:`finite`).
+    """
+    batch(a, names[0])
+    batch(b, names[1])
+    same_shape(a, b, names)
+    finite(a, names[0])
+    finite(b, names[1])
 
 
 def batch_times(t: Tensor | float, batch: int, like: Tensor, name: str = "t") -> Tensor:

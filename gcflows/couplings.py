@@ -1,24 +1,25 @@
-"""Couplings of data and noise within a batch (PAPER.md sections 2 and 4).
+"""Couplings of data and noise within a batch (docs/paper.md sections 2 and 4).
 
 A coupling decides which noise row is paired with which data row before the pair is noised
 (``x_t = a(t) data + b(t) noise``) and fed to a consistency loss. Every coupling returns a
 :class:`CouplingResult` whose ``data`` and ``noise`` are the pairs to train on: row ``j`` of
 ``data`` goes with row ``j`` of ``noise``.
 
-- :func:`independent_coupling` (IC): the pairs as drawn, ``p*(data) p(noise)`` (PAPER.md section 1).
+- :func:`independent_coupling` (IC): the pairs as drawn, ``p*(data) p(noise)`` (docs/paper.md
+  section 1).
 - :func:`ot_coupling` (batch-OT, Pooladian et al. 2023): the exact assignment
   ``perm = argmin_sigma sum_j ||data_j - noise_sigma(j)||^2`` over permutations of the batch
-  (PAPER.md section 2, "batch-OT baseline"; section 4, "Batch-OT cost"). A true permutation: every
-  noise row is used exactly once, none is duplicated or dropped.
+  (docs/paper.md section 2, "batch-OT baseline"; section 4, "Batch-OT cost"). A true
+  permutation: every noise row is used exactly once, none is duplicated or dropped.
 - :func:`sinkhorn_coupling`: entropic OT (POT, log domain), an explicit policy when it does not
   converge, noise rows drawn from the rows of the plan.
-- :func:`generator_induced_coupling` (GC, PAPER.md Eq. 13-15 and Eq. 21): with probability ``mu``
-  per sample, the data row is replaced by the generator's prediction ``xhat = f_gen(x_t, t)`` from
-  the noised pair, with the same noise.
+- :func:`generator_induced_coupling` (GC, docs/paper.md Eq. 13-15 and Eq. 21): with probability
+  ``mu`` per sample, the data row is replaced by the gc_model's prediction
+  ``xhat = gc_model(x_t, t)`` from the noised pair, with the same noise.
 
 The mean squared costs ``cost_before`` / ``cost_after`` are the batch transport costs
-``mean_j ||data_j - noise_j||^2`` of the input and output pairings (PAPER.md section 4, ``c(0)``
-for IC). Shapes: a batch is ``(B, *dims)``; costs flatten every non-batch dim.
+``mean_j ||data_j - noise_j||^2`` of the input and output pairings (docs/paper.md section 4,
+``c(0)`` for IC). Shapes: a batch is ``(B, *dims)``; costs flatten every non-batch dim.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from gcflows.checks import batch_times, choice, finite, integer, pair, probability, real
 from gcflows.kernels import pairwise_sqdist
-from gcflows.processes import Process, as_time, check_finite, get_process
+from gcflows.processes import Process, get_process
 
 __all__ = [
     "CouplingResult",
@@ -43,10 +45,16 @@ __all__ = [
     "sinkhorn_coupling",
     "generator_induced_coupling",
     "squared_cost",
+    "auto_ot_solver",
     "OT_SOLVERS",
 ]
 
-OT_SOLVERS = ("lsa", "emd")
+OT_SOLVERS = ("auto", "lsa", "emd")
+# The measured rule of solver="auto" (docs/performance.md, "Which exact solver"): POT's network
+# simplex beats scipy's shortest augmenting path only on large batches of very low-dimensional
+# points (many near-tied costs slow the augmenting paths); everywhere else lsa is faster.
+_AUTO_EMD_MAX_DIM = 2
+_AUTO_EMD_MIN_BATCH = 2048
 _ON_FAILURE = ("fallback", "raise")
 
 
@@ -84,38 +92,7 @@ class CouplingResult:
     gc_mask: Tensor | None = None
 
 
-# --- validation and costs -----------------------------------------------------------------------
-def _check_pair(data: Tensor, noise: Tensor) -> None:
-    """Raise ``ValueError`` unless data and noise are finite float batches of one shape, B >= 1."""
-    for name, x in (("data", data), ("noise", noise)):
-        if not torch.is_tensor(x):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[0] < 1:
-            raise ValueError(
-                f"{name} must be a non-empty batch of shape (B, *dims) with B >= 1, "
-                f"got shape {tuple(x.shape)}"
-            )
-        if x[0].numel() < 1:
-            raise ValueError(f"{name} samples must have at least one element, got {tuple(x.shape)}")
-    if data.shape != noise.shape:
-        raise ValueError(
-            f"data and noise must have the same shape (B, *dims), got {tuple(data.shape)} and "
-            f"{tuple(noise.shape)}; draw noise with torch.randn_like(data)"
-        )
-    if data.dtype != noise.dtype or data.device != noise.device:
-        raise ValueError(
-            f"data and noise must share dtype and device, got {data.dtype}/{data.device} and "
-            f"{noise.dtype}/{noise.device}; convert noise with noise.to(data)"
-        )
-    for name, x in (("data", data), ("noise", noise)):
-        # one reduction instead of an elementwise mask: any NaN / inf makes the sum non-finite;
-        # a non-finite sum of finite values (overflow) is cleared by the elementwise check
-        if not bool(torch.isfinite(x.detach().sum())):
-            check_finite(x, name)
-
-
+# --- costs -------------------------------------------------------------------------------------
 def squared_cost(data: Tensor, noise: Tensor) -> Tensor:
     """Per-row squared transport cost ``||data_j - noise_j||^2`` -> ``(B,)``.
 
@@ -123,7 +100,7 @@ def squared_cost(data: Tensor, noise: Tensor) -> Tensor:
     difference (no ``|a|^2 + |b|^2 - 2ab`` cancellation), accumulated in float64 for float64 input
     and in float32 otherwise (the convention of ``gcflows.kernels.interpolate_pair``).
     """
-    _check_pair(data, noise)
+    pair(data, noise)
     return _row_cost(data, noise)
 
 
@@ -155,13 +132,6 @@ def _cost_matrix(data: Tensor, noise: Tensor, cost_dtype: torch.dtype | None) ->
     return pairwise_sqdist(d, z)
 
 
-def _check_cost_dtype(cost_dtype) -> None:
-    if cost_dtype not in (None, torch.float32, torch.float64):
-        raise ValueError(
-            f"cost_dtype must be None, torch.float32 or torch.float64, got {cost_dtype!r}"
-        )
-
-
 # --- exact assignment solvers ---------------------------------------------------------------------
 def _solve_lsa(cost: np.ndarray) -> np.ndarray:
     """Exact assignment by scipy's shortest augmenting path (Crouse 2016) -> ``(B,)`` int64.
@@ -178,9 +148,19 @@ def _solve_lsa(cost: np.ndarray) -> np.ndarray:
     return perm
 
 
+def auto_ot_solver(batch: int, dim: int) -> str:
+    """The exact solver ``ot_coupling(solver="auto")`` uses for ``batch`` rows of ``dim`` features.
+
+    ``"emd"`` when ``dim <= 2`` and ``batch >= 2048``, else ``"lsa"``: the rule measured with
+    ``experiments/bench_couplings.py`` over B = 128..4096, D = 2..3072 (docs/performance.md).
+    """
+    return "emd" if dim <= _AUTO_EMD_MAX_DIM and batch >= _AUTO_EMD_MIN_BATCH else "lsa"
+
+
 def _emd_max_iter(batch: int) -> int:
     """Network-simplex iteration limit raised with the batch (POT's default 100000 is too small
-    at batch 2048 and returns a suboptimal plan with only a warning, PEERS.md)."""
+    at batch 2048 and returns a suboptimal plan with only a warning: docs/design.md, peers and
+    pitfalls)."""
     return max(100_000, 50 * batch * batch)
 
 
@@ -211,24 +191,15 @@ def _solve_emd(cost: np.ndarray, max_iter: int) -> tuple[np.ndarray | None, str]
     return perm.astype(np.int64), ""
 
 
-def _positive_float(x, name: str, what: str) -> float:
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite float ({what}), got {x!r}")
-    return value
-
-
 # --- couplings ----------------------------------------------------------------------------------
 def independent_coupling(data: Tensor, noise: Tensor) -> CouplingResult:
     """Independent coupling (IC): the pairs as drawn, ``(data_j, noise_j)``.
 
     data, noise: ``(B, *dims)``. Returns the same tensors, ``permutation=None`` (no re-indexing)
-    and ``cost_before == cost_after = mean_j ||data_j - noise_j||^2`` (PAPER.md section 4, c(0)).
+    and ``cost_before == cost_after = mean_j ||data_j - noise_j||^2`` (docs/paper.md section 4,
+    c(0)).
     """
-    _check_pair(data, noise)
+    pair(data, noise)
     cost = _mean_cost(data, noise)
     return CouplingResult(
         data=data,
@@ -245,26 +216,30 @@ def ot_coupling(
     data: Tensor,
     noise: Tensor,
     *,
-    solver: str = "lsa",
+    solver: str = "auto",
     cost_dtype: torch.dtype | None = None,
     emd_max_iter: int | None = None,
 ) -> CouplingResult:
     """Exact batch-OT coupling: the optimal permutation of the noise for the squared cost.
 
     Solves ``perm = argmin_sigma sum_j ||data_j - noise_sigma(j)||^2`` over all permutations of
-    ``B`` rows (PAPER.md section 2, batch-OT baseline) on the cost matrix of
+    ``B`` rows (docs/paper.md section 2, batch-OT baseline) on the cost matrix of
     ``gcflows.kernels.pairwise_sqdist`` (flattened non-batch dims). Returns ``data`` unchanged and
     ``noise[perm]``, so row ``j`` of data pairs with ``noise[perm[j]]``; no sampling, no
     replacement, so no noise row is duplicated or dropped.
 
     Args:
         data, noise: ``(B, *dims)`` finite float tensors, same shape, dtype and device, B >= 1.
-        solver: ``"lsa"`` (scipy ``linear_sum_assignment``, default, fastest on high-dimensional
-            batches) or ``"emd"`` (POT's network simplex ``ot.emd`` with the iteration limit
-            raised to ``max(100000, 50 B^2)``). If ``"emd"`` stops early or returns a plan that is
-            not a permutation, the exact ``"lsa"`` solver produces the pairs instead, with
+        solver: ``"auto"`` (default: the faster of the two exact solvers for this batch size and
+            dimension, by the measured rule of :func:`auto_ot_solver`; ``status`` names the
+            choice), ``"lsa"`` (scipy ``linear_sum_assignment`` after row / column reduction,
+            fastest except on large low-dimensional batches) or ``"emd"`` (POT's network simplex
+            ``ot.emd`` with the iteration limit raised to ``max(100000, 50 B^2)``; fastest for
+            ``D <= 2`` from ``B ~ 2048``). If ``"emd"`` stops early or returns a plan that is not
+            a permutation, the exact ``"lsa"`` solver produces the pairs instead, with
             ``fell_back=True``, the reason in ``status`` and a ``RuntimeWarning``: a suboptimal
-            plan is never returned.
+            plan is never returned. All three give the same optimal cost (ties aside, the same
+            permutation).
         cost_dtype: arithmetic of the cost matrix. ``None`` (default): float64 for float64
             input, float32 otherwise; the assignment is exactly optimal for that matrix and within
             ``2 B delta`` of the exact optimum, ``delta ~ eps |x|^2`` its entrywise rounding
@@ -276,23 +251,21 @@ def ot_coupling(
         CouplingResult with ``permutation`` ``(B,)`` long (on data's device), ``plan=None``,
         ``cost_after <= cost_before`` (the identity is one of the permutations).
     """
-    _check_pair(data, noise)
-    if solver not in OT_SOLVERS:
-        raise ValueError(f"solver must be one of {OT_SOLVERS}, got {solver!r}")
-    _check_cost_dtype(cost_dtype)
-    if emd_max_iter is not None and (
-        isinstance(emd_max_iter, bool)
-        or not isinstance(emd_max_iter, (int, np.integer))
-        or emd_max_iter < 1
-    ):
-        raise ValueError(f"emd_max_iter must be a positive integer or None, got {emd_max_iter!r}")
+    pair(data, noise)
+    choice(solver, "solver", OT_SOLVERS)
+    choice(cost_dtype, "cost_dtype", (None, torch.float32, torch.float64))
+    if emd_max_iter is not None:
+        integer(emd_max_iter, "emd_max_iter", lo=1, fix="use a positive integer or None")
     b = data.shape[0]
+    chosen = auto_ot_solver(b, data[0].numel()) if solver == "auto" else solver
     cost_t = _cost_matrix(data, noise, cost_dtype)
     where = f"the {str(cost_t.dtype).replace('torch.', '')} squared-distance matrix"
+    if solver == "auto":
+        where += f" (solver='auto' chose {chosen!r} for B={b}, D={data[0].numel()})"
     # scipy and POT work in float64: one C-contiguous float64 copy on the host
     cost = np.ascontiguousarray(cost_t.cpu().numpy(), dtype=np.float64)
     fell_back = False
-    if solver == "lsa":
+    if chosen == "lsa":
         perm = _solve_lsa(cost)
         status = f"optimal: scipy linear_sum_assignment on {where}"
     else:
@@ -342,7 +315,7 @@ def sinkhorn_coupling(
     Convergence: the marginal error ``max(|P 1 - 1/B|_1, |P^T 1 - 1/B|_1)`` (probability mass
     misplaced, in [0, 2]) must be at most ``tol``; POT is stopped at L2 error ``tol / sqrt(B)``,
     which implies it. If it is not reached within ``max_iter`` iterations (or the plan is not
-    finite): ``on_failure="fallback"`` returns :func:`ot_coupling` (exact, ``"lsa"``) with
+    finite): ``on_failure="fallback"`` returns :func:`ot_coupling` (exact, ``solver="auto"``) with
     ``fell_back=True``, the reason in ``status`` and a ``RuntimeWarning``; ``on_failure="raise"``
     raises ``RuntimeError``.
 
@@ -364,13 +337,12 @@ def sinkhorn_coupling(
         CouplingResult with ``plan`` ``(B, B)`` float64 (total mass 1), ``permutation=None``,
         ``data`` unchanged, ``noise`` the drawn rows.
     """
-    _check_pair(data, noise)
-    reg = _positive_float(reg, "reg", "the entropic weight relative to the mean cost")
-    tol = _positive_float(tol, "tol", "the allowed marginal error")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if on_failure not in _ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+    pair(data, noise)
+    fix = "use a positive finite float ({})"
+    reg = real(reg, "reg", lo_open=0.0, fix=fix.format("the entropic weight / the mean cost"))
+    tol = real(tol, "tol", lo_open=0.0, fix=fix.format("the allowed marginal error"))
+    max_iter = integer(max_iter, "max_iter", lo=1)
+    choice(on_failure, "on_failure", _ON_FAILURE)
     b = data.shape[0]
     cost = _cost_matrix(data, noise, torch.float64)
     scale = float(cost.mean())
@@ -403,7 +375,7 @@ def sinkhorn_coupling(
         )
         if on_failure == "raise":
             raise RuntimeError(f"{reason}; increase max_iter or reg, or use ot_coupling")
-        res = ot_coupling(data, noise, solver="lsa")
+        res = ot_coupling(data, noise)
         res.fell_back = True
         res.status = f"{reason}; fell back to exact OT ({res.status})"
         warnings.warn(f"sinkhorn_coupling: {res.status}", RuntimeWarning, stacklevel=2)
@@ -436,7 +408,7 @@ def generator_induced_coupling(
     mu: float,
     generator: torch.Generator | None = None,
 ) -> CouplingResult:
-    """Generator-induced coupling (GC, PAPER.md Eq. 13-15) mixed with IC at rate mu (Eq. 21).
+    """Generator-induced coupling (GC, docs/paper.md Eq. 13-15) mixed with IC at rate mu (Eq. 21).
 
     ``x_t = process.interpolate(data, noise, t)``; ``xhat = gc_model(x_t, t)`` under
     ``torch.no_grad()`` (a stop-gradient: the output never requires grad); each sample is GC with
@@ -459,29 +431,21 @@ def generator_induced_coupling(
         CouplingResult with ``gc_mask`` ``(B,)`` bool, ``permutation=None``, ``plan=None``,
         ``noise`` the input noise, ``cost_after`` the mean squared cost of the output pairs.
     """
-    _check_pair(data, noise)
-    try:
-        mu_f = float(mu)
-    except (TypeError, ValueError):
-        raise ValueError(f"mu must be a float in [0, 1], got {mu!r}") from None
-    if not (math.isfinite(mu_f) and 0.0 <= mu_f <= 1.0):
-        raise ValueError(
-            "mu must lie in [0, 1] (the probability that a sample is generator-induced), "
-            f"got {mu!r}"
-        )
+    pair(data, noise)
+    mu_f = probability(mu, "mu", "that a sample is generator-induced")
     if not callable(gc_model):
         raise ValueError(f"gc_model must be callable as gc_model(x_t, t), got {type(gc_model)}")
     process = get_process(process)
-    process.check_time(t, "t")
     b = data.shape[0]
-    t_vec = as_time(t, b, data, "t")
+    t_vec = batch_times(t, b, data, "t")
+    process.check_time(t_vec, "t")
     mask_device = generator.device if generator is not None else data.device
     mask = (torch.rand(b, generator=generator, device=mask_device) < mu_f).to(data.device)
     n_gc = int(mask.sum())
     data_out = data
     if n_gc > 0:
         # Only the GC rows are sent through the gc_model: at mu = 0.5 this halves the extra
-        # forward pass that GC costs (PAPER.md section 2 reports about +20 % wall-clock).
+        # forward pass that GC costs (docs/paper.md section 2 reports about +20 % wall-clock).
         rows = mask.nonzero().squeeze(1) if n_gc < b else slice(None)
         with torch.no_grad():
             x_t = process.interpolate(data[rows], noise[rows], t_vec[rows])
@@ -491,7 +455,7 @@ def generator_induced_coupling(
             raise ValueError(
                 f"gc_model must return a tensor of the data's shape {tuple(x_t.shape)}, got {shape}"
             )
-        check_finite(xhat, "gc_model output")
+        finite(xhat, "gc_model output")
         data_out = data.clone()
         data_out[rows] = xhat.to(data)
     return CouplingResult(

@@ -24,11 +24,14 @@ import gzip
 import io
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from gcflows.checks import choice, integer
 
 __all__ = [
     "toy_dataset",
@@ -85,9 +88,7 @@ IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
 
 def image_shape(name: str) -> tuple[int, int, int]:
     """``(C, H, W)`` of the image dataset ``name`` (``digits``, ``mnist`` or ``cifar10``)."""
-    if name not in IMAGE_SHAPES:
-        raise ValueError(f"name must be one of {sorted(IMAGE_SHAPES)}, got {name!r}")
-    return IMAGE_SHAPES[name]
+    return IMAGE_SHAPES[choice(name, "name", sorted(IMAGE_SHAPES))]
 
 
 def check_image_shape(images: Tensor, expected: tuple[int, ...], preset_name: str) -> Tensor:
@@ -114,9 +115,8 @@ DIGITS_SPLIT_SEED = 20240610
 DIGITS_TEST_FRACTION = 0.2
 
 
-def _check_split(split: str, allowed: tuple[str, ...] = ("train", "test", "all")) -> None:
-    if split not in allowed:
-        raise ValueError(f"split must be one of {list(allowed)}, got {split!r}")
+def _check_split(split: str) -> None:
+    choice(split, "split", ("train", "test", "all"))
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -353,6 +353,66 @@ def _npz_in_folder(folder: Path, stem: str, split: str) -> Path | None:
     return None
 
 
+def _load_local(
+    root: str | os.PathLike | None,
+    split: str,
+    dtype: torch.dtype,
+    dataset: str,
+    stem: str,
+    howto: str,
+    load_files: Callable[[Path, str, torch.dtype], tuple[Tensor, Tensor] | None],
+    expected: Callable[[Path, str], str],
+) -> tuple[Tensor, Tensor]:
+    """What ``load_mnist`` and ``load_cifar10`` share around their file formats.
+
+    Checks the arguments and ``root``; a ``.npz`` ``root`` is read as is; ``split="all"`` is
+    train then test; otherwise ``load_files(root, split, dtype)`` (the dataset's own files, None
+    when absent), then ``root/<stem>_<split>.npz`` or ``root/<stem>.npz``, else
+    ``FileNotFoundError`` saying what was expected (``expected(root, split)``) and ``howto``.
+    """
+    _check_split(split)
+    _check_dtype(dtype)
+    root = _check_root(root, dataset, howto)
+    if root.is_file():
+        return load_npz_images(root, split, dtype)
+    if split == "all":
+        parts = [
+            _load_local(root, s, dtype, dataset, stem, howto, load_files, expected)
+            for s in ("train", "test")
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    found = load_files(root, split, dtype)
+    if found is not None:
+        return found
+    npz = _npz_in_folder(root, stem, split)
+    if npz is not None:
+        return load_npz_images(npz, split, dtype)
+    raise FileNotFoundError(
+        f"{dataset} {split} split not found: expected {expected(root, split)}, or "
+        f"{root / f'{stem}_{split}.npz'}.\n{howto}"
+    )
+
+
+def _mnist_idx_files(root: Path, split: str, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    folders = [root / "MNIST" / "raw", root / "raw", root]
+    img_name, lbl_name = _MNIST_FILES[split]
+    img_path, lbl_path = _find_file(folders, img_name), _find_file(folders, lbl_name)
+    if img_path is None or lbl_path is None:
+        return None
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"{img_path} must hold uint8 images (N, H, W), got {images.dtype} {images.shape}"
+        )
+    x = _scale_pixels(images[:, None], str(img_path), dtype)
+    return x, _check_labels(labels, x.shape[0], str(lbl_path))
+
+
+def _mnist_expected(root: Path, split: str) -> str:
+    img_name, lbl_name = _MNIST_FILES[split]
+    return f"{img_name}[.gz] and {lbl_name}[.gz] in {root / 'MNIST' / 'raw'} (or {root})"
+
+
 def load_mnist(
     root: str | os.PathLike, split: str = "train", dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
@@ -364,31 +424,8 @@ def load_mnist(
     ``root/mnist.npz`` (see :func:`load_npz_images`). ``root`` may also be a ``.npz`` file.
     Nothing is downloaded: a missing file raises ``FileNotFoundError`` with how to get it.
     """
-    _check_split(split)
-    _check_dtype(dtype)
-    root = _check_root(root, "MNIST", _MNIST_HOWTO)
-    if root.is_file():
-        return load_npz_images(root, split, dtype)
-    if split == "all":
-        parts = [load_mnist(root, s, dtype) for s in ("train", "test")]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    folders = [root / "MNIST" / "raw", root / "raw", root]
-    img_name, lbl_name = _MNIST_FILES[split]
-    img_path, lbl_path = _find_file(folders, img_name), _find_file(folders, lbl_name)
-    if img_path is not None and lbl_path is not None:
-        images, labels = read_idx(img_path), read_idx(lbl_path)
-        if images.ndim != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"{img_path} must hold uint8 images (N, H, W), got {images.dtype} {images.shape}"
-            )
-        x = _scale_pixels(images[:, None], str(img_path), dtype)
-        return x, _check_labels(labels, x.shape[0], str(lbl_path))
-    npz = _npz_in_folder(root, "mnist", split)
-    if npz is not None:
-        return load_npz_images(npz, split, dtype)
-    raise FileNotFoundError(
-        f"MNIST {split} split not found: expected {img_name}[.gz] and {lbl_name}[.gz] in "
-        f"{root / 'MNIST' / 'raw'} (or {root}), or {root / f'mnist_{split}.npz'}.\n{_MNIST_HOWTO}"
+    return _load_local(
+        root, split, dtype, "MNIST", "mnist", _MNIST_HOWTO, _mnist_idx_files, _mnist_expected
     )
 
 
@@ -435,28 +472,8 @@ def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), np.asarray(batch["labels"]).reshape(-1)
 
 
-def load_cifar10(
-    root: str | os.PathLike, split: str = "train", dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, Tensor]:
-    """CIFAR-10 from a local folder: ``(images (N, 3, 32, 32) in [-1, 1], labels (N,) int64)``.
-
-    Looked up in this order: the python pickle batches of ``cifar-10-python.tar.gz``
-    (``data_batch_1`` .. ``data_batch_5`` for ``"train"``, ``test_batch`` for ``"test"``, each a
-    dict with ``b'data'`` (N, 3072) uint8 in R, G, B planes and ``b'labels'``) under
-    ``root/cifar-10-batches-py`` or ``root``; then ``root/cifar10_<split>.npz`` or
-    ``root/cifar10.npz``. ``root`` may also be a ``.npz`` file. Pickles are read with an
-    unpickler that only rebuilds arrays. Nothing is downloaded: a missing file raises
-    ``FileNotFoundError`` with how to get it.
-    """
-    _check_split(split)
-    _check_dtype(dtype)
-    root = _check_root(root, "CIFAR-10", _CIFAR_HOWTO)
-    if root.is_file():
-        return load_npz_images(root, split, dtype)
-    if split == "all":
-        parts = [load_cifar10(root, s, dtype) for s in ("train", "test")]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+def _cifar_batch_files(root: Path, split: str, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    names = _cifar_names(split)
     for folder in (root / "cifar-10-batches-py", root):
         paths = [folder / n for n in names]
         present = [p.is_file() for p in paths]
@@ -471,13 +488,32 @@ def load_cifar10(
             raise FileNotFoundError(
                 f"CIFAR-10 {split} split incomplete in {folder}: missing {missing}.\n{_CIFAR_HOWTO}"
             )
-    npz = _npz_in_folder(root, "cifar10", split)
-    if npz is not None:
-        return load_npz_images(npz, split, dtype)
-    raise FileNotFoundError(
-        f"CIFAR-10 {split} split not found: expected {', '.join(names)} in "
-        f"{root / 'cifar-10-batches-py'} (or {root}), or {root / f'cifar10_{split}.npz'}.\n"
-        f"{_CIFAR_HOWTO}"
+    return None
+
+
+def _cifar_names(split: str) -> list[str]:
+    return [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+
+
+def _cifar_expected(root: Path, split: str) -> str:
+    return f"{', '.join(_cifar_names(split))} in {root / 'cifar-10-batches-py'} (or {root})"
+
+
+def load_cifar10(
+    root: str | os.PathLike, split: str = "train", dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """CIFAR-10 from a local folder: ``(images (N, 3, 32, 32) in [-1, 1], labels (N,) int64)``.
+
+    Looked up in this order: the python pickle batches of ``cifar-10-python.tar.gz``
+    (``data_batch_1`` .. ``data_batch_5`` for ``"train"``, ``test_batch`` for ``"test"``, each a
+    dict with ``b'data'`` (N, 3072) uint8 in R, G, B planes and ``b'labels'``) under
+    ``root/cifar-10-batches-py`` or ``root``; then ``root/cifar10_<split>.npz`` or
+    ``root/cifar10.npz``. ``root`` may also be a ``.npz`` file. Pickles are read with an
+    unpickler that only rebuilds arrays. Nothing is downloaded: a missing file raises
+    ``FileNotFoundError`` with how to get it.
+    """
+    return _load_local(
+        root, split, dtype, "CIFAR-10", "cifar10", _CIFAR_HOWTO, _cifar_batch_files, _cifar_expected
     )
 
 
@@ -514,8 +550,7 @@ def _check_rows(tensor: Tensor, batch_size: int) -> int:
     n = tensor.shape[0]
     if n == 0:
         raise ValueError("tensor is empty: it needs at least one row to sample from")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    integer(batch_size, "batch_size", lo=1, fix="use a positive integer")
     if batch_size > n:
         raise ValueError(
             f"batch_size={batch_size} exceeds the {n} rows of tensor: draws are without "

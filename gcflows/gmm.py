@@ -1,4 +1,4 @@
-"""Gaussian mixtures as exact oracles under an affine noising process (PAPER.md section 1).
+"""Gaussian mixtures as exact oracles under an affine noising process (docs/paper.md section 1).
 
 A mixture ``p(data) = sum_k w_k N(mu_k, Sigma_k)`` in R^d, noised by a process
 ``x_t = a(t) data + b(t) noise`` (``noise ~ N(0, I)``), stays a mixture with components
@@ -19,7 +19,8 @@ and for the mixture (law of total expectation / variance)
     grad log p_t(x) = -(x - a D) / b^2   = -sum_k r_k S_k^{-1} (x - a mu_k)     (score)
     v_t(x)          = a' D + b' E[noise | x]                                 (PF-ODE velocity)
 
-which is ``(x - D) / t`` for ``ve`` and ``linear`` (PAPER.md: ``v_t(x) = E[xdot_t | x_t = x]``).
+which is ``(x - D) / t`` for ``ve`` and ``linear`` (docs/paper.md section 1:
+``v_t(x) = E[xdot_t | x_t = x]``).
 
 Numerics. Each covariance is eigendecomposed once, ``Sigma_k = U_k diag(lam_k) U_k^T`` (the
 isotropic and diagonal cases need no rotation), so that ``S_k = U_k diag(a^2 lam_k + b^2) U_k^T``
@@ -31,11 +32,15 @@ log-sum-exp, so responsibilities sum to one even at ``t = 1e-3`` with Dirac comp
 ``S_k`` is always positive definite.
 
 Shapes: points ``x`` are ``(B, d)``; times ``t`` are a float, a 0-d tensor or ``(B,)``. Computation
-runs in the dtype of ``x`` (float64 for theory checks); the mixture's parameters are cast to it.
+runs in the dtype of ``x`` (float64 for theory checks) but never below float32: float16 / bfloat16
+points are computed in float32 (at ``t_min`` the variances ``b^2 ~ 4e-6`` and the log-densities
+overflow half precision, giving NaN) and the result is returned in the dtype of ``x``. The
+mixture's parameters are cast to the working dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -43,7 +48,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from gcflows.processes import Process, as_time, check_finite, get_process
+from gcflows.checks import batch_times, finite, integer, real
+from gcflows.processes import Process, get_process
 
 __all__ = [
     "GaussianMixture",
@@ -59,6 +65,22 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # Rows of a batch are processed in chunks so that no intermediate holds more than about this many
 # elements (B x K x d, or B x K x d x d for full covariances).
 _CHUNK_ELEMENTS = 1 << 22
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype for points of ``dtype``: float64 stays, anything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _in_input_dtype(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Wrap a ``method(self, x, ...)`` computed in ``_work_dtype``: return it in x's dtype."""
+
+    @functools.wraps(method)
+    def wrapper(self: GaussianMixture, x: Tensor, *args, **kwargs) -> Tensor:
+        out = method(self, x, *args, **kwargs)
+        return out.to(x.dtype) if out.is_floating_point() else out
+
+    return wrapper
 
 
 def _as_float_tensor(value, name: str, dtype: torch.dtype | None, device) -> Tensor:
@@ -118,8 +140,8 @@ class GaussianMixture:
                 f"means must have shape (K, d) = ({k}, d) with d >= 1 to match weights, "
                 f"got {tuple(means.shape)}"
             )
-        check_finite(weights, "weights")
-        check_finite(means, "means")
+        finite(weights, "weights")
+        finite(means, "means")
         if bool((weights < 0).any()):
             raise ValueError("weights must be non-negative; clip or recompute them")
         total = float(weights.double().sum())
@@ -135,7 +157,7 @@ class GaussianMixture:
             )
         if covs is None:
             stds = _as_float_tensor(stds, "stds", dtype, device)
-            check_finite(stds, "stds")
+            finite(stds, "stds")
             if stds.dim() == 0:
                 stds = stds.expand(k)
             if stds.shape not in ((k,), (k, d)):
@@ -154,7 +176,7 @@ class GaussianMixture:
                 raise ValueError(
                     f"covs must have shape (K, d, d) = ({k}, {d}, {d}), got {tuple(covs.shape)}"
                 )
-            check_finite(covs, "covs")
+            finite(covs, "covs")
             c64 = covs.double()
             scale = c64.abs().amax(dim=(1, 2)).clamp_min(1e-300)
             eps = max(1e-10, 100 * torch.finfo(dtype).eps)
@@ -252,9 +274,7 @@ class GaussianMixture:
         self, n: int, generator: torch.Generator | None = None, return_components: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Draw ``n`` points ``(n, d)`` (and their component indices ``(n,)`` long if asked)."""
-        if isinstance(n, bool) or int(n) != n or n < 1:
-            raise ValueError(f"n must be a positive integer number of samples, got {n!r}")
-        n = int(n)
+        n = integer(n, "n", lo=1, fix="use a positive integer number of samples")
         comp = torch.multinomial(self._weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
         z = eps * self._lam[comp].sqrt()
@@ -276,7 +296,7 @@ class GaussianMixture:
             )
         if x.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch; pass at least one point")
-        check_finite(x, name)
+        finite(x, name)
         return x
 
     def _prepare(
@@ -285,8 +305,9 @@ class GaussianMixture:
         """Validate; return ``x, process, a, b, da, db`` with ``a, b, da, db`` of shape ``(B,)``."""
         process = get_process(process)
         x = self._check_x(x)
-        t = as_time(t, x.shape[0], x)
-        process.check_time(t)
+        x = x.to(_work_dtype(x.dtype))
+        process.check_time(t)  # as given: its own dtype sets the rounding tolerance
+        t = batch_times(t, x.shape[0], x)
         return x, process, process.a(t), process.b(t), process.da(t), process.db(t)
 
     def _params(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -334,27 +355,32 @@ class GaussianMixture:
         return r, resid, denoised
 
     # --- the noised marginal -------------------------------------------------------------------
+    @_in_input_dtype
     def log_prob(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``log p_t(x)`` of the noised marginal ``sum_k w_k N(a mu_k, S_k)``: ``(B,)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: (self._terms(*r)[2].logsumexp(-1),), False, x, a, b)[0]
 
+    @_in_input_dtype
     def responsibilities(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """Posterior component probabilities ``r_k(x) = P(k | x_t = x)``: ``(B, K)``, rows sum 1."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: (self._terms(*r)[2].softmax(-1),), False, x, a, b)[0]
 
+    @_in_input_dtype
     def score(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``grad_x log p_t(x) = -sum_k r_k S_k^{-1} (x - a mu_k)``: ``(B, d)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return -self._chunked(lambda *r: self._posterior_parts(*r), False, x, a, b)[1]
 
     # --- the posterior of data given x_t -------------------------------------------------------
+    @_in_input_dtype
     def denoiser(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """Ideal denoiser ``D(x, t) = E[data | x_t = x] = sum_k r_k m_k``: ``(B, d)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: self._posterior_parts(*r), False, x, a, b)[2]
 
+    @_in_input_dtype
     def expected_noise(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``E[noise | x_t = x] = (x - a D) / b = b sum_k r_k S_k^{-1} (x - a mu_k)``, ``(B, d)``.
 
@@ -364,10 +390,11 @@ class GaussianMixture:
         resid = self._chunked(lambda *r: self._posterior_parts(*r), False, x, a, b)[1]
         return b[:, None] * resid
 
+    @_in_input_dtype
     def velocity(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """Exact PF-ODE velocity ``v_t(x) = a' D + b' E[noise | x] = (x - D) / t``, ``(B, d)``.
 
-        PAPER.md section 1: ``v_t(x) = E[xdot_t | x_t = x]``.
+        docs/paper.md section 1: ``v_t(x) = E[xdot_t | x_t = x]``.
         """
         x, _, a, b, da, db = self._prepare(x, t, process)
         return self._velocity(x, a, b, da, db)
@@ -391,16 +418,19 @@ class GaussianMixture:
             within = torch.einsum("kij,bkj,klj->bil", rot, r[:, :, None] * c, rot)
         return (within + between,)
 
+    @_in_input_dtype
     def posterior_cov(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``Cov[data | x_t = x] = sum_k r_k (C_k + (m_k - D)(m_k - D)^T)``, ``(B, d, d)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: self._cov_parts(*r, True), True, x, a, b)[0]
 
+    @_in_input_dtype
     def posterior_cov_trace(self, x: Tensor, t: Tensor | float, process: Process | str) -> Tensor:
         """``tr Cov[data | x_t = x] = E[||data - D||^2 | x_t = x]``: ``(B,)``."""
         x, _, a, b, _, _ = self._prepare(x, t, process)
         return self._chunked(lambda *r: self._cov_parts(*r, False), False, x, a, b)[0]
 
+    @_in_input_dtype
     def sample_posterior(
         self,
         x: Tensor,
@@ -428,6 +458,7 @@ class GaussianMixture:
         return self._chunked(draw, False, x, a, b)[0]
 
     # --- the flow map --------------------------------------------------------------------------
+    @_in_input_dtype
     def flow_map(
         self,
         x: Tensor,
@@ -458,9 +489,9 @@ class GaussianMixture:
         """
         x, process, _, _, _, _ = self._prepare(x, t, process)
         x64 = x.detach().to(torch.float64)
-        t64 = as_time(t, x.shape[0], x64)
+        t64 = batch_times(t, x.shape[0], x64)
         t_end = process.t_min if t_end is None else t_end
-        te64 = as_time(t_end, x.shape[0], x64, name="t_end")
+        te64 = batch_times(t_end, x.shape[0], x64, name="t_end")
         process.check_time(te64, name="t_end")
         gm = self.to(dtype=torch.float64, device=x.device)
         span = te64 - t64
@@ -473,7 +504,7 @@ class GaussianMixture:
         grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device)
         with torch.no_grad():
             out = odeint(field, x64, grid, rtol=rtol, atol=atol, method=method)[-1]
-        return out.to(x.dtype)
+        return out  # in the dtype of the input x (see _in_input_dtype)
 
 
 # --- presets ----------------------------------------------------------------------------------
@@ -482,7 +513,7 @@ def two_gaussians_1to2(
 ) -> GaussianMixture:
     """The authors' 2D notebook target: modes ``(0, -0.5)``, ``(0, +0.5)``, std 0.01, weights 1/2.
 
-    PAPER.md section 5 (the 2D notebook).
+    docs/paper.md section 5 (the 2D notebook).
     """
     means = torch.tensor([[0.0, -0.5], [0.0, 0.5]], dtype=dtype, device=device)
     return GaussianMixture([0.5, 0.5], means, stds=std, dtype=dtype, device=device)
@@ -527,19 +558,14 @@ def random_mixture(
     ``random_weights`` proportional to ``1 + u_k``, ``u_k ~ U(0, 1)`` (each in ``[1/(2K), 2/K]``).
     ``generator`` is a ``torch.Generator``, an int seed, or None (the global RNG).
     """
-    if isinstance(dim, bool) or int(dim) != dim or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    if isinstance(n_components, bool) or int(n_components) != n_components or n_components < 1:
-        raise ValueError(f"n_components must be a positive integer, got {n_components!r}")
-    if not (math.isfinite(separation) and separation > 0):
-        raise ValueError(f"separation must be a positive number of stds, got {separation}")
-    if not (math.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius must be positive, got {radius}")
+    dim = integer(dim, "dim", lo=1)
+    n_components = integer(n_components, "n_components", lo=1)
+    real(separation, "separation", lo_open=0.0, fix="use a positive number of stds")
+    real(radius, "radius", lo_open=0.0)
     if isinstance(generator, int) and not isinstance(generator, bool):
         generator = torch.Generator().manual_seed(generator)
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError("generator must be a torch.Generator, an int seed or None")
-    dim, n_components = int(dim), int(n_components)
     gen_device = generator.device if generator is not None else "cpu"
     g = torch.randn(n_components, dim, generator=generator, dtype=torch.float64, device=gen_device)
     means = radius * g / math.sqrt(dim)

@@ -1,4 +1,4 @@
-"""Backbones ``F(x_in, c_noise)`` for the consistency parametrization (PAPER.md Eq. 3).
+"""Backbones ``F(x_in, c_noise)`` for the consistency parametrization (docs/paper.md Eq. 3).
 
 Every network here follows one call signature, ``backbone(x_in, c_noise) -> (B, *dims)`` with
 ``x_in`` of shape ``(B, *dims)`` (already scaled by ``c_in``) and ``c_noise`` of shape ``(B,)``;
@@ -11,8 +11,8 @@ preconditioning (``c_skip``, ``c_out``, ``c_in``, ``c_noise``) lives apart, in
 - ``UNet``: a U-Net written here (GroupNorm, SiLU, residual blocks conditioned on the time
   embedding, dropout, multi-head self-attention at chosen resolutions, strided-convolution down
   sampling and nearest-neighbour up sampling with skip connections). ``UNET_PRESETS`` holds the
-  8x8 digits preset and the CIFAR-10 preset of PAPER.md section 5 (128 base channels, multipliers
-  [1, 2, 2], 3 blocks per level, attention at 16x16, dropout 0.3).
+  8x8 digits preset and the CIFAR-10 preset of docs/paper.md section 5 (128 base channels,
+  multipliers [1, 2, 2], 3 blocks per level, attention at 16x16, dropout 0.3).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from gcflows.checks import integer, real, shape
 
 __all__ = [
     "sinusoidal_embedding",
@@ -75,14 +77,6 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def _check_batch(x: Tensor, c_noise: Tensor, name: str) -> None:
-    if c_noise.shape != (x.shape[0],):
-        raise ValueError(
-            f"{name}: c_noise must have shape ({x.shape[0]},) to match the batch, "
-            f"got {tuple(c_noise.shape)}"
-        )
-
-
 class ToyMLP(nn.Module):
     """MLP backbone for vectors ``(B, dim)``: ``F(x_in, c_noise) -> (B, dim)``.
 
@@ -102,12 +96,10 @@ class ToyMLP(nn.Module):
     ) -> None:
         super().__init__()
         for name, val in (("dim", dim), ("hidden", hidden), ("depth", depth)):
-            if int(val) != val or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val}")
-        if time_embed_dim < 2 or time_embed_dim % 2:
+            integer(val, name, lo=1, where="ToyMLP")
+        if not (integer(time_embed_dim, "time_embed_dim", lo=2, where="ToyMLP") % 2 == 0):
             raise ValueError(f"time_embed_dim must be an even integer >= 2, got {time_embed_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        real(dropout, "dropout", lo=0.0, hi_open=1.0, where="ToyMLP")
         self.dim, self.hidden, self.depth = int(dim), int(hidden), int(depth)
         self.time_embed_dim, self.time_scale = int(time_embed_dim), float(time_scale)
         self.embed = SinusoidalEmbedding(time_embed_dim, time_scale)
@@ -123,7 +115,7 @@ class ToyMLP(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"ToyMLP: x must have shape (B, {self.dim}), got {tuple(x.shape)}")
-        _check_batch(x, c_noise, "ToyMLP")
+        shape(c_noise, (x.shape[0],), "ToyMLP: c_noise", "to match the batch")
         emb = self.time_mlp(self.embed(c_noise.to(x.dtype)))
         h = self.inp(x) + emb
         act = F.silu(emb)
@@ -240,8 +232,7 @@ class UNet(nn.Module):
             ("num_heads", num_heads),
             ("num_groups", num_groups),
         ):
-            if int(val) != val or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val}")
+            integer(val, name, lo=1, where="UNet")
         mults = [int(m) for m in channel_mults]
         if not mults or any(m < 1 for m in mults):
             raise ValueError(
@@ -254,8 +245,7 @@ class UNet(nn.Module):
             )
         if base_channels % 2:
             raise ValueError(f"base_channels must be even (embedding width), got {base_channels}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        real(dropout, "dropout", lo=0.0, hi_open=1.0, where="UNet")
         resolutions = [image_size // 2**i for i in range(len(mults))]
         attn = {int(r) for r in attn_resolutions}
         unreachable = sorted(attn - set(resolutions))
@@ -337,7 +327,7 @@ class UNet(nn.Module):
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"UNet: x must have shape (B, {expected}), got {tuple(x.shape)}")
-        _check_batch(x, c_noise, "UNet")
+        shape(c_noise, (x.shape[0],), "UNet: c_noise", "to match the batch")
         emb = self.time_mlp(self.embed(c_noise.to(x.dtype)))
         h = self.conv_in(x)
         skips = [h]
@@ -364,7 +354,7 @@ UNET_PRESETS: dict[str, dict] = {
         attn_resolutions=(4,),
         image_size=8,
     ),
-    # CIFAR-10 32 x 32 (PAPER.md section 5): dropout 0.3 is the paper's value for IC; GC used 0.
+    # CIFAR-10 32 x 32 (docs/paper.md section 5): dropout 0.3 is the paper's value for IC; GC: 0.
     "cifar10": dict(
         in_channels=3,
         base_channels=128,

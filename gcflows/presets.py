@@ -9,9 +9,9 @@ Each entry of :data:`IMAGE_PRESETS` is a plain dict (no imports, no code)::
 ``experiments/train_images.py`` builds ``TrainConfig(**train, preset=name, ...)`` and
 ``ConsistencyModel(UNet(**network), VEProcess(t_min, t_max), sigma_data=0.5)``.
 ``train["batch_size"]`` is the **global** batch: under torchrun the script gives each of the N
-processes ``batch_size / N`` rows (PAPER.md section 5 states the global batch, 512).
+processes ``batch_size / N`` rows (docs/paper.md section 5 states the global batch, 512).
 
-- ``cifar10_base`` / ``cifar10_ot`` / ``cifar10_gc_mix50``: PAPER.md section 5 (iCT on CIFAR-10
+- ``cifar10_base`` / ``cifar10_ot`` / ``cifar10_gc_mix50``: docs/paper.md section 5 (iCT on CIFAR-10
   with the independent, the batch-OT and the generator-induced coupling, mu = 0.5): U-Net of 128
   base channels, multipliers [1, 2, 2], 3 residual blocks per level, attention at 16x16; dropout
   0.3 for IC and 0 for GC (the paper states no value for batch-OT: 0.3, as for the other CT

@@ -1,4 +1,4 @@
-"""Affine noising processes ``x_t = a(t) data + b(t) noise`` (PAPER.md section 1).
+"""Affine noising processes ``x_t = a(t) data + b(t) noise`` (docs/paper.md section 1).
 
 Time runs from data (``t_min``) to noise (``t_max``). Two processes:
 
@@ -11,12 +11,14 @@ Every conversion between the ideal denoiser ``D(x, t) = E[data | x_t = x]``, the
 ``a, b`` and their time derivatives:
 
     E[noise | x] = (x - a D) / b
-    v            = a' D + b' E[noise | x]                      (PAPER.md, Eq. 1 text)
+    v            = a' D + b' E[noise | x]                      (docs/paper.md, Eq. 1 text)
 
 For both processes this reduces to ``v = (x - D) / t``.
 
 Shapes: a batch is ``(B, *dims)``; per-sample times are ``(B,)`` (a scalar or 0-d tensor is
-broadcast). All functions are differentiable and dtype-preserving.
+broadcast). All functions are differentiable and dtype-preserving. The public path functions
+(``interpolate``, ``xdot``) reject times outside ``[t_min, t_max]`` (``check_time``); the
+conversions accept any positive time (networks evaluate them below ``t_min`` on purpose).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from gcflows.checks import bad, batch_times, finite, integer, real, same_shape
 
 __all__ = [
     "Process",
@@ -41,37 +45,9 @@ __all__ = [
 ]
 
 
-def check_finite(x: Tensor, name: str) -> Tensor:
-    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or inf."""
-    if not torch.is_tensor(x):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf; clean the input before calling")
-    return x
-
-
-def _check_pair(data: Tensor, noise: Tensor) -> None:
-    if data.shape != noise.shape:
-        raise ValueError(
-            f"data and noise must have the same shape, got {tuple(data.shape)} "
-            f"and {tuple(noise.shape)}"
-        )
-
-
-def as_time(t: Tensor | float, batch: int, like: Tensor, name: str = "t") -> Tensor:
-    """Return per-sample times of shape ``(batch,)`` with the dtype/device of ``like``.
-
-    A Python float or 0-d tensor is broadcast; a ``(batch,)`` tensor is returned as is.
-    """
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.dim() == 0:
-        t = t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(
-            f"{name} must be a scalar or have shape ({batch},) to match the batch, "
-            f"got {tuple(t.shape)}"
-        )
-    return t
+# Re-exported under the names other modules import: the validators live in gcflows.checks.
+check_finite = finite
+as_time = batch_times
 
 
 def expand_time(t: Tensor, x: Tensor) -> Tensor:
@@ -88,13 +64,19 @@ class Process(ABC):
     name: str = "process"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.t_min) and math.isfinite(self.t_max)):
-            raise ValueError("t_min and t_max must be finite")
-        if not 0.0 < self.t_min < self.t_max:
-            raise ValueError(
-                f"need 0 < t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}; "
-                "data sits at t_min and noise at t_max"
-            )
+        where = type(self).__name__
+        real(
+            self.t_min,
+            "t_min",
+            lo_open=0.0,
+            fix="use a finite time > 0 (data sits at t_min)",
+            where=where,
+        )
+        real(
+            self.t_max, "t_max", fix="use a finite time > t_min (noise sits at t_max)", where=where
+        )
+        if not self.t_max > self.t_min:
+            raise bad("t_max", self.t_max, f"use a time > t_min={self.t_min}", where)
 
     # --- coefficients -------------------------------------------------------------------------
     @abstractmethod
@@ -114,36 +96,55 @@ class Process(ABC):
         """Coefficient db(t), elementwise."""
 
     # --- validation ---------------------------------------------------------------------------
-    def check_time(self, t: Tensor | float, name: str = "t", tol: float = 1e-9) -> Tensor:
-        """Raise ``ValueError`` if any time lies outside ``[t_min, t_max]`` (relative tolerance)."""
-        tt = torch.as_tensor(t)
-        check_finite(tt.double(), name)
-        lo = self.t_min * (1 - tol)
-        hi = self.t_max * (1 + tol)
-        if bool((tt < lo).any()) or bool((tt > hi).any()):
+    def check_time(self, t: Tensor | float, name: str = "t") -> Tensor | float:
+        """Raise ``ValueError`` unless every time is finite and in ``[t_min, t_max]``; return ``t``.
+
+        The bounds are widened by ``max(1e-9, 2 eps)`` relative (``eps`` of t's dtype), so that
+        ``t_max`` rounded to float32 or float16 passes. Cost: one ``aminmax`` over a tensor ``t``
+        (NaN propagates into it) and one host synchronisation; nothing for a Python number.
+        """
+        if isinstance(t, int | float) and not isinstance(t, bool):
+            lo = hi = float(t)
+            tol = 1e-9
+        else:
+            tt = torch.as_tensor(t).detach()
+            if tt.numel() == 0:
+                return t
+            lo_t, hi_t = torch.aminmax(tt) if tt.dim() else (tt, tt)
+            lo, hi = float(lo_t), float(hi_t)
+            tol = max(1e-9, 2 * torch.finfo(tt.dtype).eps) if tt.is_floating_point() else 1e-9
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contains NaN or inf; clean the input before calling")
+        if lo < self.t_min * (1 - tol) or hi > self.t_max * (1 + tol):
             raise ValueError(
                 f"{name} must lie in [{self.t_min}, {self.t_max}] for the {self.name} process, "
-                f"got values in [{float(tt.min())}, {float(tt.max())}]"
+                f"got values in [{lo}, {hi}]; clamp the times to the process domain"
             )
-        return tt
+        return t
+
+    def _times(self, t: Tensor | float, like: Tensor) -> Tensor:
+        """Checked per-sample times ``(B,)`` shaped to broadcast against ``like`` ``(B, *dims)``."""
+        self.check_time(t)  # as given: its own dtype sets the rounding tolerance
+        return expand_time(batch_times(t, like.shape[0], like), like)
 
     # --- the path -----------------------------------------------------------------------------
     def interpolate(self, data: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         """``x_t = a(t) data + b(t) noise``: data, noise ``(B, *dims)``, t ``(B,)``; same shape out.
 
-        Eq. 1 of PAPER.md for ``ve``.
+        docs/paper.md Eq. 1 for ``ve``. Times outside ``[t_min, t_max]`` raise ``ValueError``.
         """
-        _check_pair(data, noise)
-        t = expand_time(as_time(t, data.shape[0], data), data)
+        same_shape(data, noise, match_dtype=False)
+        t = self._times(t, data)
         return self.a(t) * data + self.b(t) * noise
 
     def xdot(self, data: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         """Sample-path derivative ``d/dt x_t = a'(t) data + b'(t) noise`` ``(B, *dims)``.
 
         This is the one-sample velocity estimate that consistency training follows (Eq. 6).
+        Times outside ``[t_min, t_max]`` raise ``ValueError``.
         """
-        _check_pair(data, noise)
-        t = expand_time(as_time(t, data.shape[0], data), data)
+        same_shape(data, noise, match_dtype=False)
+        t = self._times(t, data)
         return self.da(t) * data + self.db(t) * noise
 
     # --- conversions (all from a, b, a', b') --------------------------------------------------
@@ -215,9 +216,8 @@ class LinearProcess(Process):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.t_max >= 1.0:
-            raise ValueError(
-                "t_max must be < 1 for the linear process (a(1) = 0 loses the data), "
-                f"got {self.t_max}"
+            raise bad(
+                "t_max", self.t_max, "use t_max < 1 (a(1) = 0 loses the data)", "LinearProcess"
             )
 
     def a(self, t: Tensor) -> Tensor:
@@ -241,7 +241,9 @@ def get_process(name: str | Process, **kwargs: float) -> Process:
     if isinstance(name, Process):
         return name
     if name not in PROCESSES:
-        raise ValueError(f"process must be one of {sorted(PROCESSES)}, got {name!r}")
+        raise ValueError(
+            f"process must be one of {sorted(PROCESSES)} or a Process instance, got {name!r}"
+        )
     return PROCESSES[name](**kwargs)
 
 
@@ -255,14 +257,12 @@ def karras_grid(
 ) -> Tensor:
     """Karras et al. grid ``s_0 < ... < s_n`` (``n + 1`` points, increasing, data to noise).
 
-    ``s_i = (t_min^(1/rho) + i/n (t_max^(1/rho) - t_min^(1/rho)))^rho`` (PAPER.md section 2).
+    ``s_i = (t_min^(1/rho) + i/n (t_max^(1/rho) - t_min^(1/rho)))^rho`` (docs/paper.md section 2).
     """
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer number of intervals, got {n}")
-    if not 0 < t_min < t_max:
-        raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
-    if rho <= 0:
-        raise ValueError(f"rho must be positive, got {rho}")
+    n = integer(n, "n", lo=1, fix="use a positive integer number of intervals")
+    real(t_min, "t_min", lo_open=0.0)
+    real(t_max, "t_max", lo_open=t_min, fix=f"use a finite time > t_min={t_min}")
+    real(rho, "rho", lo_open=0.0)
     i = torch.arange(n + 1, dtype=torch.float64, device=device)
     lo, hi = t_min ** (1 / rho), t_max ** (1 / rho)
     s = (lo + i / n * (hi - lo)) ** rho
@@ -278,8 +278,7 @@ def uniform_grid(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Equally spaced grid ``t_i = t_min + i (t_max - t_min) / n``, ``n + 1`` points (Theorem 1)."""
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer number of intervals, got {n}")
-    if not t_min < t_max:
-        raise ValueError(f"need t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    n = integer(n, "n", lo=1, fix="use a positive integer number of intervals")
+    real(t_min, "t_min")
+    real(t_max, "t_max", lo_open=t_min, fix=f"use a finite time > t_min={t_min}")
     return torch.linspace(t_min, t_max, n + 1, dtype=torch.float64, device=device).to(dtype)

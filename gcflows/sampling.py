@@ -2,7 +2,7 @@
 
 Time runs from data (``t_min``) to noise (``t_max``); a batch is ``(B, *dims)``.
 
-- :func:`one_step_sample`: ``f(x_T, T)`` with ``x_T = b(T) noise`` (PAPER.md section 5:
+- :func:`one_step_sample`: ``f(x_T, T)`` with ``x_T = b(T) noise`` (docs/paper.md section 5:
   ``f(80 z, 80)`` for ``ve``). The terminal marginal ``a(T) data + b(T) noise`` is approximated by
   dropping the data term: for ``ve`` it is the data itself against a noise of std 80, for
   ``linear`` it is ``(1 - t_max) data`` (0.001 data by default).
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from gcflows import velocity as velocity_mod
-from gcflows.processes import Process, check_finite, expand_time, get_process
+from gcflows.checks import batch, choice, finite
+from gcflows.processes import Process, expand_time, get_process
 
 __all__ = ["one_step_sample", "multistep_sample", "ode_sample", "check_sigmas"]
 
@@ -32,11 +33,23 @@ ODE_METHODS = ("euler", "heun")
 
 
 def _check_noise(noise: Tensor, name: str = "noise") -> Tensor:
-    if not torch.is_tensor(noise) or not noise.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor of shape (B, *dims)")
-    if noise.dim() < 1 or noise.shape[0] < 1:
-        raise ValueError(f"{name} must have shape (B, *dims) with B >= 1, got {tuple(noise.shape)}")
-    return check_finite(noise, name)
+    return finite(batch(noise, name), name)
+
+
+def _time_list(values: Sequence[float] | Tensor, name: str) -> list[float]:
+    """A 1-D tensor or sequence of times as a list of finite floats, else ``ValueError``."""
+    if torch.is_tensor(values):
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D list of times, got shape {tuple(values.shape)}")
+        out = [float(s) for s in values.detach().cpu().tolist()]
+    else:
+        try:
+            out = [float(s) for s in values]
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a sequence of floats, got {values!r}") from None
+    if not all(math.isfinite(s) for s in out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    return out
 
 
 def _times(value: float, x: Tensor) -> Tensor:
@@ -49,19 +62,9 @@ def check_sigmas(sigmas: Sequence[float] | Tensor, process: Process | str) -> li
     Returns the times as a list of floats. Raise ``ValueError`` naming the fix otherwise.
     """
     process = get_process(process)
-    if torch.is_tensor(sigmas):
-        if sigmas.dim() != 1:
-            raise ValueError(f"sigmas must be a 1-D list of times, got shape {tuple(sigmas.shape)}")
-        values = [float(s) for s in sigmas.detach().cpu().tolist()]
-    else:
-        try:
-            values = [float(s) for s in sigmas]
-        except (TypeError, ValueError):
-            raise ValueError(f"sigmas must be a sequence of floats, got {sigmas!r}") from None
+    values = _time_list(sigmas, "sigmas")
     if not values:
         raise ValueError("sigmas must hold at least one time (e.g. [process.t_max])")
-    if not all(math.isfinite(s) for s in values):
-        raise ValueError(f"sigmas must be finite, got {values}")
     if any(b >= a for a, b in zip(values, values[1:], strict=False)):
         raise ValueError(f"sigmas must be strictly decreasing (noise towards data), got {values}")
     process.check_time(torch.tensor(values, dtype=torch.float64), "sigmas")
@@ -129,21 +132,13 @@ def ode_sample(
     velocity calls per step); ``velocity_kwargs`` go to every velocity call. Returns the state
     at ``grid[-1]``.
     """
-    if method not in ODE_METHODS:
-        raise ValueError(f"method must be one of {list(ODE_METHODS)}, got {method!r}")
+    choice(method, "method", ODE_METHODS)
     if not callable(velocity):
         raise ValueError("velocity must be callable as velocity(x, t)")
     x = _check_noise(x, "x")
-    if torch.is_tensor(grid):
-        if grid.dim() != 1:
-            raise ValueError(f"grid must be 1-D, got shape {tuple(grid.shape)}")
-        times = [float(s) for s in grid.detach().cpu().tolist()]
-    else:
-        times = [float(s) for s in grid]
+    times = _time_list(grid, "grid")
     if len(times) < 2:
         raise ValueError("grid must hold at least two times (start and end)")
-    if not all(math.isfinite(s) for s in times):
-        raise ValueError(f"grid must be finite, got {times}")
     steps = list(zip(times, times[1:], strict=False))
     if not (all(b < a for a, b in steps) or all(b > a for a, b in steps)):
         raise ValueError("grid must be strictly monotone (decreasing to go from noise to data)")

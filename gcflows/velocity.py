@@ -1,4 +1,4 @@
-"""Velocity estimators behind one call signature, and Euler / Heun steps (PAPER.md sections 1-2).
+"""Velocity estimators behind one signature, and Euler / Heun steps (docs/paper.md sections 1-2).
 
 Every estimator is called as ``estimator(x_t, t, *, data=None, noise=None) -> v`` with ``x_t`` of
 shape ``(B, *dims)``, ``t`` a float or ``(B,)``, and returns ``v`` of the shape of ``x_t``:
@@ -27,8 +27,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from gcflows.checks import batch, batch_times, finite, integer, real
 from gcflows.gmm import GaussianMixture
-from gcflows.processes import Process, as_time, check_finite, expand_time, get_process
+from gcflows.processes import Process, expand_time, get_process
 
 __all__ = [
     "VelocityEstimator",
@@ -44,23 +45,18 @@ __all__ = [
 
 
 def _check_batch(x: Tensor, name: str = "x_t") -> Tensor:
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point torch.Tensor of shape (B, *dims)")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(
-            f"{name} must have shape (B, *dims) with B >= 1 and at least one feature dim, "
-            f"got {tuple(x.shape)}"
-        )
-    return check_finite(x, name)
+    """A finite float batch ``(B, *dims)`` with at least one feature dim (entry-point check)."""
+    return finite(batch(x, name, min_dim=2), name)
 
 
-def _require(value: Tensor | None, name: str, like: Tensor, who: str) -> Tensor:
+def _keyword(value: Tensor | None, name: str, like: Tensor, who: str) -> Tensor:
+    """The keyword tensor ``name`` of an estimator call: present, shaped like x_t, finite."""
     if value is None:
         raise ValueError(f"{who} needs the keyword {name}=... (a tensor shaped like x_t)")
     if not torch.is_tensor(value) or value.shape != like.shape:
-        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"{name} must have the shape of x_t {tuple(like.shape)}, got {shape}")
-    return check_finite(value, name)
+        got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(f"{name} must have the shape of x_t {tuple(like.shape)}, got {got}")
+    return finite(value, name)
 
 
 class VelocityEstimator(ABC):
@@ -69,7 +65,7 @@ class VelocityEstimator(ABC):
     process: Process
 
     def _time(self, x: Tensor, t: Tensor | float) -> Tensor:
-        t = as_time(t, x.shape[0], x)
+        t = batch_times(t, x.shape[0], x)
         self.process.check_time(t)
         return t
 
@@ -106,7 +102,7 @@ class TrueVelocity(VelocityEstimator):
         data: Tensor | None = None,
         noise: Tensor | None = None,
     ) -> Tensor:
-        x_t = _check_batch(x_t)
+        batch(x_t, "x_t", min_dim=2)  # the values and t are checked by gmm.velocity
         flat = x_t.reshape(x_t.shape[0], -1)
         return self.gmm.velocity(flat, t, self.process).reshape(x_t.shape)
 
@@ -158,9 +154,9 @@ class MonteCarloVelocity(VelocityEstimator):
         noise: Tensor | None = None,
     ) -> Tensor:
         x_t = _check_batch(x_t)
-        data = _require(data, "data", x_t, "MonteCarloVelocity")
-        noise = _require(noise, "noise", x_t, "MonteCarloVelocity")
-        return self.process.xdot(data, noise, self._time(x_t, t))
+        data = _keyword(data, "data", x_t, "MonteCarloVelocity")
+        noise = _keyword(noise, "noise", x_t, "MonteCarloVelocity")
+        return self.process.xdot(data, noise, t)  # xdot checks t
 
 
 class GeneratorInducedVelocity(VelocityEstimator):
@@ -185,7 +181,7 @@ class GeneratorInducedVelocity(VelocityEstimator):
         noise: Tensor | None = None,
     ) -> Tensor:
         x_t = _check_batch(x_t)
-        noise = _require(noise, "noise", x_t, "GeneratorInducedVelocity")
+        noise = _keyword(noise, "noise", x_t, "GeneratorInducedVelocity")
         t = self._time(x_t, t)
         with torch.no_grad():
             xhat = self.gc_model(x_t, t)
@@ -202,7 +198,7 @@ class PreconditionedDenoiser(nn.Module):
     """MLP denoiser with EDM-style preconditioning, for any affine process.
 
     With ``sigma = b / a`` the rescaled input ``y = x / a = data + sigma noise`` is a VE point, and
-    (PAPER.md Eq. 3 without the boundary shift)
+    (docs/paper.md Eq. 3 without the boundary shift)
 
         D(x, t) = c_skip y + c_out F(c_in y, c_noise),
         c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),
@@ -226,10 +222,8 @@ class PreconditionedDenoiser(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (math.isfinite(sigma_data) and sigma_data > 0):
-            raise ValueError(f"sigma_data must be positive and finite, got {sigma_data}")
+            integer(value, name, lo=1, fix="use a positive integer")
+        real(sigma_data, "sigma_data", lo_open=0.0)
         self.dim = int(dim)
         self.process = get_process(process)
         self.sigma_data = float(sigma_data)
@@ -253,7 +247,7 @@ class PreconditionedDenoiser(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         p = self.freqs.dtype
-        tt = as_time(t, x.shape[0], x).to(p)
+        tt = batch_times(t, x.shape[0], x).to(p)
         a, b = self.process.a(tt)[:, None], self.process.b(tt)[:, None]
         sigma = b / a
         sd2 = self.sigma_data**2
@@ -295,12 +289,10 @@ def fit_denoiser(
         raise ValueError("samples must be a floating-point tensor of shape (N, d)")
     if samples.shape[0] < 2 or samples.shape[1] < 1:
         raise ValueError(f"samples must hold at least 2 points, got shape {tuple(samples.shape)}")
-    check_finite(samples, "samples")
+    finite(samples, "samples")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("hidden", hidden)):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be positive and finite, got {lr}")
+        integer(value, name, lo=1, fix="use a positive integer")
+    real(lr, "lr", lo_open=0.0, fix="use a positive finite learning rate")
     process = get_process(process)
     device = samples.device
     data_all = samples.detach().to(dtype)
@@ -340,8 +332,8 @@ def fit_denoiser(
 
 # --- ODE steps -------------------------------------------------------------------------------
 def _step_size(x: Tensor, t: Tensor | float, t_next: Tensor | float) -> tuple[Tensor, Tensor]:
-    t = as_time(t, x.shape[0], x)
-    t_next = as_time(t_next, x.shape[0], x, name="t_next")
+    t = batch_times(t, x.shape[0], x)
+    t_next = batch_times(t_next, x.shape[0], x, name="t_next")
     return t, t_next
 
 

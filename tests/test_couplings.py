@@ -1,4 +1,4 @@
-"""Tests of gcflows.couplings: the mathematics of each coupling (PAPER.md sections 2 and 4).
+"""Tests of gcflows.couplings: the mathematics of each coupling (docs/paper.md sections 2 and 4).
 
 Exact OT is checked against brute force over all permutations (B <= 6) and against POT's
 ``ot.emd2`` on the same batch; GC against its definition (Eq. 13-15, 21); Sinkhorn against its
@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import ot
@@ -17,6 +21,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import gcflows.couplings as couplings_module
 from gcflows.couplings import (
     CouplingResult,
     generator_induced_coupling,
@@ -120,6 +125,26 @@ def test_ot_large_batch_no_iteration_cap():
     ref = _emd2(data, noise)
     assert lsa.cost_after == pytest.approx(ref, rel=1e-9)
     assert emd.cost_after == pytest.approx(ref, rel=1e-9)
+
+
+def test_auto_solver_rule_and_result(monkeypatch):
+    # The measured rule (docs/performance.md): emd only for D <= 2 and B >= 2048.
+    assert couplings_module.auto_ot_solver(2047, 2) == "lsa"
+    assert couplings_module.auto_ot_solver(2048, 2) == "emd"
+    assert couplings_module.auto_ot_solver(4096, 1) == "emd"
+    assert couplings_module.auto_ot_solver(4096, 3) == "lsa"
+    assert couplings_module.auto_ot_solver(128, 3072) == "lsa"
+    data, noise = _pair(80, (2,), seed=5)
+    ref = ot_coupling(data, noise, solver="lsa")
+    for min_batch, chosen in ((10**9, "lsa"), (64, "emd")):  # both branches on a small batch
+        monkeypatch.setattr(couplings_module, "_AUTO_EMD_MIN_BATCH", min_batch)
+        res = ot_coupling(data, noise)  # solver="auto" is the default
+        _assert_permutation(res, noise)
+        assert f"solver='auto' chose '{chosen}' for B=80, D=2" in res.status
+        assert not res.fell_back
+        assert res.cost_after == pytest.approx(ref.cost_after, rel=1e-12)
+    images, image_noise = _pair(6, (1, 2, 2), seed=6)  # D counts every non-batch element
+    assert "D=4" in ot_coupling(images, image_noise).status
 
 
 def test_ot_emd_iteration_limit_falls_back_explicitly():
@@ -413,3 +438,32 @@ def test_bad_arguments_raise():
         generator_induced_coupling(data, noise, lambda x, t: x[:, :2], 1.0, "ve", mu=1.0)
     with pytest.raises(ValueError, match="gc_model output"):
         generator_induced_coupling(data, noise, lambda x, t: x / 0.0, 1.0, "ve", mu=1.0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batches", "128", "0"], "--batches [0] is invalid: use batch sizes between 1 and"),
+        (["--quick", "--repeats", "2"], "--repeats 2 is invalid: use >= 3"),  # explicit wins
+    ],
+)
+def test_bench_couplings_rejects_bad_arguments_before_any_work(tmp_path, argv, message):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "experiments" / "bench_couplings.py"),
+            *argv,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and "B=" not in proc.stdout  # nothing ran, nothing written

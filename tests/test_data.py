@@ -106,7 +106,7 @@ def test_digits_split_is_deterministic_stratified_and_partitions_the_set():
 
 
 def test_digits_bad_arguments():
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(ValueError, match="split='validation' is invalid: use one of"):
         load_digits("validation")
     with pytest.raises(ValueError, match="dtype"):
         load_digits("train", dtype=torch.int64)
@@ -335,7 +335,7 @@ def test_wrong_image_size_for_the_preset_names_it(tmp_path):
     assert x.shape[1:] == image_shape("digits") == IMAGE_SHAPES["digits"]
     with pytest.raises(ValueError, match="preset 'cifar10_base'"):
         check_image_shape(x, image_shape("cifar10"), "cifar10_base")
-    with pytest.raises(ValueError, match="name must be one of"):
+    with pytest.raises(ValueError, match="name='imagenet' is invalid: use one of"):
         image_shape("imagenet")
 
 
@@ -386,7 +386,7 @@ def test_sampler_touches_no_global_rng_and_bad_input():
     assert torch.equal(before, torch.random.get_rng_state())
     with pytest.raises(ValueError, match="exceeds the 6 rows"):
         s.sample(7)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size=0 is invalid: use a positive integer"):
         s.sample(0)
     with pytest.raises(ValueError, match="saved for a tensor of 5 rows"):
         s.load_state_dict({"n": 5, "seed": 1, "epoch": 0, "cursor": 0})

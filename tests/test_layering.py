@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "__init__": 0,
     "processes": 0,
-    "checks": 0,
+    "checks": -1,  # the validators: below every module that checks its arguments
     "runrecord": 0,
     "records": 1,
     "metrics": 1,

@@ -157,7 +157,7 @@ def test_unet_multi_head_attention(gen):
 
 
 def test_cifar10_preset_forward_at_batch_one(gen):
-    # PAPER.md section 5: 128 channels, multipliers [1, 2, 2], 3 blocks, attention at 16,
+    # docs/paper.md section 5: 128 channels, multipliers [1, 2, 2], 3 blocks, attention at 16,
     # dropout 0.3. This U-Net has 33,962,627 parameters (EDM's DDPM++ at that size has ~56M; the
     # architectures differ, no equality is claimed).
     cfg = UNET_PRESETS["cifar10"]

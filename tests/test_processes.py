@@ -93,7 +93,7 @@ def test_conversions_round_trip(seed, batch, u, which):
     torch.testing.assert_close(process.denoiser_from_noise(x, eps, t), d, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(process.velocity_from_noise(x, eps, t), v, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(process.noise_from_velocity(x, v, t), eps, rtol=1e-9, atol=1e-9)
-    # Both processes share v = (x - D) / t (DESIGN.md conventions).
+    # Both processes share v = (x - D) / t (docs/design.md, conventions).
     torch.testing.assert_close(v, (x - d) / t[:, None], rtol=1e-12, atol=1e-12)
 
 
@@ -157,10 +157,32 @@ def test_image_shaped_batches_broadcast_per_sample_times():
             lambda: VEProcess().interpolate(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3)),
             "t must",
         ),
-        (lambda: karras_grid(0, 0.1, 1.0), "n must"),
+        (lambda: karras_grid(0, 0.1, 1.0), "n=0 is invalid: use a positive integer"),
         (lambda: karras_grid(5, 1.0, 0.1), "t_min"),
     ],
 )
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_processes_reject_times_outside_their_domain():
+    data, noise = torch.zeros(3, 2), torch.ones(3, 2)
+    with pytest.raises(ValueError, match=r"t must lie in \[0.002, 80.0\] for the ve process"):
+        VEProcess().interpolate(data, noise, -1.0)
+    with pytest.raises(ValueError, match=r"t must lie in \[0.001, 0.999\] for the linear process"):
+        LinearProcess().interpolate(data, noise, 1.5)
+    with pytest.raises(ValueError, match="t must lie in"):
+        VEProcess().xdot(data, noise, torch.tensor([1.0, 90.0, 1.0]))
+    with pytest.raises(ValueError, match="t contains NaN or inf"):
+        LinearProcess().xdot(data, noise, torch.tensor([0.5, math.nan, 0.5]))
+
+
+@pytest.mark.parametrize("process", [VEProcess(), LinearProcess()])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_domain_ends_rounded_to_the_time_dtype_are_accepted(process, dtype):
+    # float32(0.999) = 0.99900001 > t_max: the bound is widened by 2 eps of the times' dtype.
+    t = torch.tensor([process.t_min, process.t_max, process.t_max], dtype=torch.float64).to(dtype)
+    data, noise = torch.zeros(3, 2, dtype=dtype), torch.ones(3, 2, dtype=dtype)
+    x = process.interpolate(data, noise, t)
+    torch.testing.assert_close(x[:, 0], process.b(t), rtol=0, atol=0)

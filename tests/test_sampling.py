@@ -222,7 +222,7 @@ def test_check_sigmas_accepts_lists_and_tensors():
 def test_bad_ode_and_noise_inputs_raise():
     vel = TrueVelocity(gaussian(), "ve")
     x = torch.zeros(3, 2, dtype=F64)
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="method='rk4' is invalid: use one of"):
         ode_sample(vel, x, [1.0, 0.5], method="rk4")
     with pytest.raises(ValueError, match="at least two"):
         ode_sample(vel, x, [1.0])

@@ -147,7 +147,7 @@ def test_distilled_with_the_exact_denoiser_is_the_true_velocity(pname, u, seed, 
     # ~1e-16 |x| / |x - a D| relative, at most ~1e-12 here (|x - a D| >= 1e-4 |x|).
     torch.testing.assert_close(distilled, true, rtol=1e-9, atol=1e-9)
     assert seen == [(6,)]
-    # DESIGN.md: for both processes v = (x - D) / t; for ve also v = -t score.
+    # docs/design.md: for both processes v = (x - D) / t; for ve also v = -t score.
     d = gm.denoiser(x, t, process)
     torch.testing.assert_close(true, (x - d) / t, rtol=1e-9, atol=1e-9)
     if pname == "ve":
@@ -352,11 +352,11 @@ def test_fit_denoiser_bad_input_raises():
         fit_denoiser(samples * math.nan, process)
     with pytest.raises(ValueError, match="samples must hold at least 2"):
         fit_denoiser(samples[:1], process)
-    with pytest.raises(ValueError, match="steps must be a positive integer"):
+    with pytest.raises(ValueError, match="steps=0 is invalid: use a positive integer"):
         fit_denoiser(samples, process, steps=0)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size=-3 is invalid: use a positive integer"):
         fit_denoiser(samples, process, batch_size=-3)
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr=0.0 is invalid: use a positive"):
         fit_denoiser(samples, process, lr=0.0)
     with pytest.raises(ValueError, match="sigma_data"):
         fit_denoiser(torch.zeros(16, 2), process)
