@@ -430,12 +430,17 @@ def per_sample_gradients(model: nn.Module, x: Tensor, t: Tensor, w: Tensor) -> T
     return torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
 
 
-def per_sample_kernel(model: nn.Module, x: Tensor, t: Tensor, chunk: int = 32) -> Tensor:
+def per_sample_kernel(
+    model: nn.Module, x: Tensor, t: Tensor, max_elements: int = 1 << 24
+) -> Tensor:
     """The tangent kernel ``K_j = J_theta f(x_j, t_j) J_theta f(x_j, t_j)^T`` ``(B, d, d)``.
 
-    ``x (B, d)``, ``t (B,)``; per-sample Jacobians ``(chunk, d, P)`` by ``vmap(jacrev)``.
+    ``x (B, d)``, ``t (B,)``; per-sample Jacobians ``(chunk, d, P)`` by ``vmap(jacrev)``, with
+    ``chunk * d * P <= max_elements``.
     """
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    n_params = sum(p.numel() for p in params.values())
+    chunk = max(1, max_elements // (x.shape[1] * n_params))
 
     def inner(p: dict, x1: Tensor, t1: Tensor) -> Tensor:
         return functional_call(model, p, (x1[None], t1[None]))[0]
