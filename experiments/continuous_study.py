@@ -123,7 +123,10 @@ def evaluate(model, target, reference, args, seed: int) -> dict[str, float]:
 
 
 def noise_curves(name: str, target, args, bar) -> list[dict[str, Any]]:
-    """Part 1: gradient noise per time and coupling at a CT-trained network."""
+    """Part 1: gradient noise per time and coupling at a CT-trained network (none if
+    ``--n-times 0``)."""
+    if args.n_times == 0:
+        return []
     trained, _ = train("ct_discrete", target, args, 0, budget=args.noise_budget)
     model = copy.deepcopy(trained).double().eval()
     ideal = FlowMapGenerator(target, PROCESS)

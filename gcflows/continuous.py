@@ -107,6 +107,7 @@ __all__ = [
 ]
 
 METHODS = ("ct", "cd", "ot", "gc")
+COUPLINGS = ("ic", "ot", "gc")
 TIME_SAMPLINGS = ("lognormal", "uniform")
 Model = Callable[[Tensor, Tensor], Tensor]
 
@@ -555,31 +556,35 @@ def gradient_noise(
     """Mean and covariance trace of the continuous CT gradient of one coupling and of the CD
     gradient at time ``t`` (module doc, Eq. (*)).
 
-    ``coupling``: ``"ic"``, ``"ot"`` (within batches of ``ot_batch_size``) or ``"gc"`` (with
-    ``gc_model`` and ``mu``), as ``discrepancy.coupled_path``. ``n`` pairs are drawn in the
+    ``coupling``: ``"ic"`` (the pairs as drawn), ``"ot"`` (``couplings.ot_coupling`` within
+    consecutive batches of ``ot_batch_size``) or ``"gc"`` (``couplings.generator_induced_coupling``
+    at ``t`` with ``gc_model`` and ``mu``, the same noise). ``n`` pairs are drawn in the
     model's dtype; ``exact`` (default: IC only) adds the exact conditional noise of Eq. (*).
     ``keep`` stores the per-sample gradient rows.
     """
-    from gcflows.discrepancy import coupled_path
-
     process = get_process(process)
     n = checks.integer(n, "n", lo=2)
     dtype = next(model.parameters()).dtype
     gmm = target.to(dtype=dtype)
     data = gmm.sample(n, generator)
     noise = torch.randn(data.shape, generator=generator, dtype=dtype)
-    x, xdot = coupled_path(
-        coupling,
-        data,
-        noise,
-        t,
-        process,
-        gc_model=gc_model,
-        mu=mu,
-        ot_batch_size=ot_batch_size,
-        generator=generator,
-    )
-    tt = as_time(t, n, x).contiguous()
+    checks.choice(coupling, "coupling", COUPLINGS)
+    if coupling == "ot":
+        ot_batch_size = checks.integer(ot_batch_size, "ot_batch_size", lo=1)
+        parts = [
+            couplings.ot_coupling(data[s : s + ot_batch_size], noise[s : s + ot_batch_size])
+            for s in range(0, n, ot_batch_size)
+        ]
+        data, noise = torch.cat([p.data for p in parts]), torch.cat([p.noise for p in parts])
+    elif coupling == "gc":
+        if gc_model is None:
+            raise checks.bad("gc_model", None, "pass gc_model(x_t, t) for coupling='gc'")
+        res = couplings.generator_induced_coupling(
+            data, noise, gc_model, t, process, mu=mu, generator=generator
+        )
+        data, noise = res.data, res.noise
+    tt = as_time(t, n, data).contiguous()
+    x, xdot = process.interpolate(data, noise, tt), process.xdot(data, noise, tt)
     v = gmm.velocity(x, tt, process)
     with _unchecked(model), torch.no_grad():
         g_ct = tangent(model, x, tt, xdot)[1]
