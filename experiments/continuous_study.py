@@ -17,8 +17,9 @@ Two parts, on the authors' 2D target (``two_gaussians_1to2``) and a 64-D mixture
 2. Training at equal CPU time: discrete CT (iCT: pseudo-Huber, curriculum, lognormal indices),
    continuous CT and continuous GC (``mu = --mu``, the online network as ``gc_model``) with sCM's
    stabilizers (tangent normalization c = 0.1, warm-up over the first 10 % of the budget), and
-   continuous CT without them. Each run gets ``--budget`` CPU seconds (``time.process_time``, one
-   thread: equal compute even on a shared machine), ``--seeds`` seeds. Metrics: one-step samples
+   continuous CT without them (``--methods`` adds ``gc_cont_nostab``, continuous GC without
+   them). Each run gets ``--budget`` CPU seconds (``time.process_time``, one thread: equal
+   compute even on a shared machine), ``--seeds`` seeds. Metrics: one-step samples
    ``f(t_max z, t_max)`` against target samples (exact W2 in 2D, sliced W2 in 64-D) and the
    consistency error ``E||f(x_t, t) - flow_map(x_t, t)||^2`` against the exact flow map, averaged
    over three times; runs whose loss becomes non-finite are counted as ``nan_runs``.
@@ -50,7 +51,8 @@ from gcflows.records import make_run_dir, print_table, write_config, write_resul
 
 PROCESS = VEProcess(t_min=1e-3, t_max=5.0)
 COUPLINGS = ("ic", "ot", "gc_ideal", "gc_trained")
-METHODS = ("ct_discrete", "ct_cont", "gc_cont", "ct_cont_nostab")
+METHODS = ("ct_discrete", "ct_cont", "gc_cont", "ct_cont_nostab", "gc_cont_nostab")
+DEFAULT_METHODS = METHODS[:4]
 PROGRESS_STEPS = 1000  # the curriculum / warm-up run on the fraction of the budget spent
 
 
@@ -71,9 +73,9 @@ def make_model(dim: int, hidden: int, seed: int, time_scale: float) -> Consisten
 def make_objective(method: str, mu: float) -> ConsistencyObjective | ContinuousObjective:
     if method == "ct_discrete":
         return ConsistencyObjective(PROCESS, "ct", total_steps=PROGRESS_STEPS)
-    if method == "ct_cont_nostab":
-        return ContinuousObjective(PROCESS, "ct", tangent_norm=None, warmup_steps=0)
-    kind = "gc" if method == "gc_cont" else "ct"
+    kind = "gc" if method.startswith("gc") else "ct"
+    if method.endswith("nostab"):
+        return ContinuousObjective(PROCESS, kind, mu=mu, tangent_norm=None, warmup_steps=0)
     return ContinuousObjective(PROCESS, kind, mu=mu, tangent_norm=0.1, warmup_steps=100)
 
 
@@ -91,7 +93,7 @@ def train(
     while (spent := time.process_time() - start) < budget:
         progress = min(PROGRESS_STEPS - 1, int(PROGRESS_STEPS * spent / budget))
         data = gmm32.sample(args.batch, gen)
-        kw = {"gc_model": model} if method == "gc_cont" else {}
+        kw = {"gc_model": model} if method.startswith("gc") else {}
         out = obj(model, data, progress, generator=gen, **kw)
         if not torch.isfinite(out.loss):
             diverged = True
@@ -185,7 +187,7 @@ def noise_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def summarize(train_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name in dict.fromkeys(r["target"] for r in train_rows):
-        for method in METHODS:
+        for method in dict.fromkeys(r["method"] for r in train_rows):
             rs = [r for r in train_rows if r["target"] == name and r["method"] == method]
             ok = [r for r in rs if math.isfinite(r["w2"]) and not r["diverged"]]
             row = {
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_config(run_dir, args, seed=list(range(args.seeds)))
     t0_wall, t0_cpu = time.perf_counter(), time.process_time()
     targets = {name: make_target(name) for name in args.targets}
-    total = len(targets) * (args.n_times * len(COUPLINGS) + args.seeds * len(METHODS))
+    total = len(targets) * (args.n_times * len(COUPLINGS) + args.seeds * len(args.methods))
     noise_rows, train_rows = [], []
     with tqdm(total=total, file=sys.stderr, desc="continuous study") as bar:
         for name, target in targets.items():
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 generator=torch.Generator().manual_seed(1),
             )
             for seed in range(args.seeds):
-                for method in METHODS:
+                for method in args.methods:
                     model, stats = train(method, target, args, seed)
                     metrics = evaluate(model, target, reference, args, seed)
                     train_rows.append(
@@ -277,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
     p.add_argument("--out", default="runs", help="parent folder of the run folder")
     p.add_argument("--targets", nargs="+", default=["2d", "64d"], choices=["2d", "64d"])
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--budget", type=float, default=6.0, help="CPU seconds per training run")
     p.add_argument("--noise-budget", type=float, default=10.0, help="CPU s of the noise network")
