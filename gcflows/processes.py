@@ -282,3 +282,45 @@ def uniform_grid(
     real(t_min, "t_min")
     real(t_max, "t_max", lo_open=t_min, fix=f"use a finite time > t_min={t_min}")
     return torch.linspace(t_min, t_max, n + 1, dtype=torch.float64, device=device).to(dtype)
+
+
+@dataclass(frozen=True)
+class TrigFlowProcess(Process):
+    """TrigFlow path (Lu & Song 2024, sCM): ``x_t = cos(t) data + sin(t) noise``, ``t < pi/2``.
+
+    ``a = cos t``, ``b = sin t``, ``a' = -sin t``, ``b' = cos t``; the VE-equivalent noise level
+    is ``sigma(t) = tan t`` (so ``t = atan(sigma)``; the default ``t_max = atan(80)`` spans the
+    same noise levels as ``ve``'s ``[0.002, 80]``). Every conversion follows from the base class;
+    in closed form ``v = (cos(t) x - D) / sin(t) = cos(t) E[noise | x] - sin(t) D``. Unlike the
+    sCM paper the noise is standard normal (not ``N(0, sigma_d^2 I)``): the process is variance
+    preserving only for data of unit variance.
+    """
+
+    t_min: float = 0.002
+    t_max: float = math.atan(80.0)
+    name: str = "trigflow"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.t_max >= math.pi / 2:
+            raise ValueError(
+                "t_max must be < pi/2 for the trigflow process (a(pi/2) = 0 loses the data), "
+                f"got {self.t_max}"
+            )
+
+    def a(self, t: Tensor) -> Tensor:
+        return torch.cos(t)
+
+    def b(self, t: Tensor) -> Tensor:
+        return torch.sin(t)
+
+    def da(self, t: Tensor) -> Tensor:
+        return -torch.sin(t)
+
+    def db(self, t: Tensor) -> Tensor:
+        return torch.cos(t)
+
+
+# Registration in ``get_process`` (the registry is read at call time).
+PROCESSES["trigflow"] = TrigFlowProcess
+__all__.append("TrigFlowProcess")

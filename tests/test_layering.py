@@ -30,6 +30,7 @@ LAYERS = {
     "networks": 3,
     "consistency": 4,
     "sampling": 5,
+    "continuous": 5,
     "training": 6,
     "presets": 7,
     "discrepancy": 7,

@@ -1,0 +1,308 @@
+"""Continuous-time consistency training with every coupling: gradient noise and training.
+
+    python experiments/continuous_study.py            # default study (~10 min, quiet 2-core CPU)
+    python experiments/continuous_study.py --quick    # smoke run (< 60 s)
+
+Two parts, on the authors' 2D target (``two_gaussians_1to2``) and a 64-D mixture
+(``gmm.random_mixture(64, 8)``), ``ve`` process on ``[1e-3, 5]``:
+
+1. Gradient noise (``gcflows.continuous.gradient_noise``). A network is first trained by discrete
+   CT for ``--noise-budget`` CPU seconds; at each time of a log-spaced grid and for each coupling
+   - IC, batch-OT (exact, batches of 256), GC with the ideal flow map (``mu = 1``), GC with the
+   trained network itself (``mu = 1``) - the per-sample continuous squared-L2 gradients
+   ``gamma = 2 J_theta^T g`` give ``noise = E||gamma - gamma_CD||^2`` (the part CD does not pay),
+   ``tr Cov[gamma]``, the bias ``||E gamma - E gamma_CD||^2`` relative to ``||E gamma_CD||^2``, and
+   for IC the exact conditional term of Eq. (*) and ``r_t`` (R(theta)'s integrand). Verdict per
+   time: GC noise below IC noise when the 2-SE intervals do not overlap.
+2. Training at equal CPU time: discrete CT (iCT: pseudo-Huber, curriculum, lognormal indices),
+   continuous CT and continuous GC (``mu = --mu``, the online network as ``gc_model``) with sCM's
+   stabilizers (tangent normalization c = 0.1, warm-up over the first 10 % of the budget), and
+   continuous CT without them (``--methods`` adds ``gc_cont_nostab``, continuous GC without
+   them). Each run gets ``--budget`` CPU seconds (``time.process_time``, one thread: equal
+   compute even on a shared machine), ``--seeds`` seeds. Metrics: one-step samples
+   ``f(t_max z, t_max)`` against target samples (exact W2 in 2D, sliced W2 in 64-D) and the
+   consistency error ``E||f(x_t, t) - flow_map(x_t, t)||^2`` against the exact flow map, averaged
+   over three times; runs whose loss becomes non-finite are counted as ``nan_runs``.
+
+Run folder ``--out/continuous_study_<time>/`` with config.json, results.json, results.csv; the
+summary table is printed last; progress (tqdm) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from gcflows import gmm as G
+from gcflows.consistency import ConsistencyModel, ConsistencyObjective
+from gcflows.continuous import ContinuousObjective, gradient_noise
+from gcflows.discrepancy import FlowMapGenerator, flow_map_error, flow_map_reference
+from gcflows.metrics import exact_w2, sliced_w2
+from gcflows.networks import ToyMLP
+from gcflows.processes import VEProcess
+from gcflows.records import make_run_dir, print_table, write_config, write_results
+
+PROCESS = VEProcess(t_min=1e-3, t_max=5.0)
+COUPLINGS = ("ic", "ot", "gc_ideal", "gc_trained")
+METHODS = ("ct_discrete", "ct_cont", "gc_cont", "ct_cont_nostab", "gc_cont_nostab")
+DEFAULT_METHODS = METHODS[:4]
+PROGRESS_STEPS = 1000  # the curriculum / warm-up run on the fraction of the budget spent
+
+
+def make_target(name: str) -> G.GaussianMixture:
+    if name == "2d":
+        return G.two_gaussians_1to2()
+    return G.random_mixture(64, 8, 0)
+
+
+def make_model(dim: int, hidden: int, seed: int, time_scale: float) -> ConsistencyModel:
+    torch.manual_seed(seed)
+    # time_scale 10 (default): an embedding smooth on the scale of t, so d_t f stays moderate;
+    # ToyMLP's own default 1000 oscillates on the scale t / 250
+    net = ToyMLP(dim, hidden, 3, time_scale=time_scale)
+    return ConsistencyModel(net, PROCESS, check_inputs=False)
+
+
+def make_objective(method: str, mu: float) -> ConsistencyObjective | ContinuousObjective:
+    if method == "ct_discrete":
+        return ConsistencyObjective(PROCESS, "ct", total_steps=PROGRESS_STEPS)
+    kind = "gc" if method.startswith("gc") else "ct"
+    if method.endswith("nostab"):
+        return ContinuousObjective(PROCESS, kind, mu=mu, tangent_norm=None, warmup_steps=0)
+    return ContinuousObjective(PROCESS, kind, mu=mu, tangent_norm=0.1, warmup_steps=100)
+
+
+def train(
+    method: str, target, args, seed: int, budget: float | None = None
+) -> tuple[ConsistencyModel, dict[str, Any]]:
+    """Train for ``budget`` (default ``args.budget``) CPU seconds; returns the model and stats."""
+    budget = args.budget if budget is None else budget
+    model = make_model(target.dim, args.hidden, seed, args.time_scale)
+    obj = make_objective(method, args.mu)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    gmm32 = target.to(dtype=torch.float32)
+    start, steps, diverged = time.process_time(), 0, False
+    while (spent := time.process_time() - start) < budget:
+        progress = min(PROGRESS_STEPS - 1, int(PROGRESS_STEPS * spent / budget))
+        data = gmm32.sample(args.batch, gen)
+        kw = {"gc_model": model} if method.startswith("gc") else {}
+        out = obj(model, data, progress, generator=gen, **kw)
+        if not torch.isfinite(out.loss):
+            diverged = True
+            break
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        steps += 1
+    return model, {"steps": steps, "cpu_s": time.process_time() - start, "diverged": diverged}
+
+
+@torch.no_grad()
+def evaluate(model, target, reference, args, seed: int) -> dict[str, float]:
+    model = copy.deepcopy(model).double().eval()
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    n = args.n_eval
+    z = torch.randn(n, target.dim, generator=gen, dtype=torch.float64)
+    t = torch.full((n,), PROCESS.t_max, dtype=torch.float64)
+    samples = model(PROCESS.t_max * z, t)
+    ref = target.sample(n, gen)
+    if not torch.isfinite(samples).all():
+        return {"w2": math.nan, "consistency_error": math.nan}
+    if target.dim == 2:
+        w2 = exact_w2(samples, ref)
+    else:
+        w2 = sliced_w2(samples, ref, generator=torch.Generator().manual_seed(seed))
+    ce = flow_map_error(model, reference)
+    return {"w2": float(w2), "consistency_error": float(sum(ce["mse"]) / len(ce["mse"]))}
+
+
+def noise_curves(name: str, target, args, bar) -> list[dict[str, Any]]:
+    """Part 1: gradient noise per time and coupling at a CT-trained network (none if
+    ``--n-times 0``)."""
+    if args.n_times == 0:
+        return []
+    trained, _ = train("ct_discrete", target, args, 0, budget=args.noise_budget)
+    model = copy.deepcopy(trained).double().eval()
+    ideal = FlowMapGenerator(target, PROCESS)
+    times = torch.logspace(math.log10(0.01), math.log10(3.0), args.n_times).tolist()
+    rows = []
+    for t in times:
+        for coupling in COUPLINGS:
+            kind = "gc" if coupling.startswith("gc") else coupling
+            gc_model = (
+                ideal if coupling == "gc_ideal" else model if coupling == "gc_trained" else None
+            )
+            res = gradient_noise(
+                model,
+                target,
+                PROCESS,
+                t,
+                coupling=kind,
+                n=args.n_noise,
+                gc_model=gc_model,
+                mu=1.0,
+                generator=torch.Generator().manual_seed(int(1e6 * t) % 2**31),
+            )
+            row = {"target": name, "t": t, **res.as_dict(), "coupling": coupling}
+            row["rel_bias"] = res.bias / res.grad_norm2
+            row["bias/null"] = res.bias / res.bias_null
+            rows.append(row)
+            bar.update(1)
+    return rows
+
+
+def noise_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    by = {(r["target"], r["t"], r["coupling"]): r for r in rows}
+    for (name, t, coupling), ic in by.items():
+        if coupling != "ic":
+            continue
+        entry = {"target": name, "t": t, "ic_noise": ic["noise"], "ic_exact": ic["exact_noise"]}
+        for c in COUPLINGS[1:]:
+            r = by[(name, t, c)]
+            ratio = r["noise"] / ic["noise"]
+            gap = 2 * math.hypot(r["noise_se"], ic["noise_se"])
+            verdict = (
+                "<"
+                if r["noise"] + gap < ic["noise"]
+                else ">"
+                if r["noise"] - gap > ic["noise"]
+                else "~"
+            )
+            entry[f"{c}/ic"] = ratio
+            entry[f"{c}_vs_ic"] = verdict
+            entry[f"{c}_rel_bias"] = r["rel_bias"]
+        out.append(entry)
+    return out
+
+
+def summarize(train_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for name in dict.fromkeys(r["target"] for r in train_rows):
+        for method in dict.fromkeys(r["method"] for r in train_rows):
+            rs = [r for r in train_rows if r["target"] == name and r["method"] == method]
+            ok = [r for r in rs if math.isfinite(r["w2"]) and not r["diverged"]]
+            row = {
+                "target": name,
+                "method": method,
+                "seeds": len(rs),
+                "nan_runs": len(rs) - len(ok),
+            }
+            for key in ("w2", "consistency_error", "steps"):
+                vals = torch.tensor([float(r[key]) for r in ok], dtype=torch.float64)
+                row[key] = float(vals.mean()) if len(ok) else math.nan
+                row[f"{key}_se"] = (
+                    float(vals.std() / math.sqrt(len(ok))) if len(ok) > 1 else math.nan
+                )
+            out.append(row)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    run_dir = make_run_dir(args.out, "continuous_study")
+    write_config(run_dir, args, seed=list(range(args.seeds)))
+    t0_wall, t0_cpu = time.perf_counter(), time.process_time()
+    targets = {name: make_target(name) for name in args.targets}
+    total = len(targets) * (args.n_times * len(COUPLINGS) + args.seeds * len(args.methods))
+    noise_rows, train_rows = [], []
+    with tqdm(total=total, file=sys.stderr, desc="continuous study") as bar:
+        for name, target in targets.items():
+            noise_rows += noise_curves(name, target, args, bar)
+            reference = flow_map_reference(
+                target,
+                PROCESS,
+                (0.05, 0.5, 2.0),
+                args.n_ref,
+                generator=torch.Generator().manual_seed(1),
+            )
+            for seed in range(args.seeds):
+                for method in args.methods:
+                    model, stats = train(method, target, args, seed)
+                    metrics = evaluate(model, target, reference, args, seed)
+                    train_rows.append(
+                        {"target": name, "method": method, "seed": seed, **stats, **metrics}
+                    )
+                    bar.update(1)
+    verdicts = noise_verdicts(noise_rows)
+    summary = summarize(train_rows)
+    timing = {"wall_s": time.perf_counter() - t0_wall, "cpu_s": time.process_time() - t0_cpu}
+    results = {
+        "noise": noise_rows,
+        "verdicts": verdicts,
+        "training": train_rows,
+        "summary": summary,
+        "timing": timing,
+    }
+    write_results(run_dir, results, summary)
+    print_table(
+        [
+            {
+                k: r[k]
+                for k in (
+                    "target",
+                    "t",
+                    "coupling",
+                    "noise",
+                    "noise_se",
+                    "exact_noise",
+                    "trace_ct",
+                    "trace_cd",
+                    "rel_bias",
+                    "bias/null",
+                    "proxy",
+                )
+            }
+            for r in noise_rows
+        ],
+        title="Gradient noise per time and coupling (noise = E||gamma - gamma_CD||^2)",
+    )
+    print_table(
+        verdicts,
+        title="\nDoes GC lower CT's gradient noise? (< lower, > higher, ~ overlap at 2 SE)",
+    )
+    print(f"\nrun folder: {run_dir}; wall {timing['wall_s']:.1f} s, CPU {timing['cpu_s']:.1f} s")
+    print_table(summary, title=f"\nTraining at equal CPU time ({args.budget} s per run)")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
+    p.add_argument("--out", default="runs", help="parent folder of the run folder")
+    p.add_argument("--targets", nargs="+", default=["2d", "64d"], choices=["2d", "64d"])
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--budget", type=float, default=6.0, help="CPU seconds per training run")
+    p.add_argument("--noise-budget", type=float, default=10.0, help="CPU s of the noise network")
+    p.add_argument("--n-times", type=int, default=5)
+    p.add_argument("--n-noise", type=int, default=128, help="pairs per time and coupling")
+    p.add_argument("--n-eval", type=int, default=1000)
+    p.add_argument("--n-ref", type=int, default=200, help="flow-map reference points per time")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--mu", type=float, default=0.5)
+    p.add_argument("--time-scale", type=float, default=10.0, help="ToyMLP time_scale")
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.seeds, args.budget, args.noise_budget = 2, 0.3, 0.5
+        args.n_times, args.n_noise, args.n_eval, args.n_ref, args.hidden = 2, 24, 200, 20, 32
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
