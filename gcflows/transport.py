@@ -820,8 +820,7 @@ def lemma1_check(
     process = get_process(process)
     level = _check_level(level)
     n = _check_positive_int(n, "n", 2)
-    if not (0.0 < float(h_rel) < 0.5):
-        raise ValueError(f"h_rel must be in (0, 0.5), got {h_rel}")
+    checks.real(h_rel, "h_rel", lo_open=0.0, hi_open=0.5)
     if not isinstance(mixture, GaussianMixture):
         raise ValueError("mixture must be a GaussianMixture (Lemma 1 needs the exact flow map)")
     times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
@@ -840,25 +839,10 @@ def lemma1_check(
     x_lo, x_hi, _ = _noised_pair(data_r, noise_r, lo_all, hi_all, process)
     x_t, _, _ = _noised_pair(data_r, noise_r, t_all, t_all, process)
     w = noise_r - mix.expected_noise(x_t, t_all, process)
-    f_lo, f_hi, jw = [], [], []
-    for i in range(n_t):  # one solve per time (see _per_time); t_lo and t_hi rows together
-        rows = slice(i * n, (i + 1) * n)
-        ends = ideal_flow_map(
-            mix,
-            torch.cat([x_lo[rows], x_hi[rows]]),
-            torch.cat([lo_all[rows], hi_all[rows]]),
-            process,
-            rtol=rtol,
-            atol=atol,
-        )
-        f_lo.append(ends[:n])
-        f_hi.append(ends[n:])
-        jw.append(
-            flow_map_jvp(
-                mix, x_t[rows], t_all[rows], process, w[rows], method=jvp, rtol=rtol, atol=atol
-            )[1]
-        )
-    f_lo, f_hi, jw = torch.cat(f_lo), torch.cat(f_hi), torch.cat(jw)
+    tol = {"rtol": rtol, "atol": atol}
+    f_lo, f_hi, jw = _lemma1_solves(
+        mix, process, (x_lo, lo_all), (x_hi, hi_all), (x_t, t_all), w, n, jvp, tol
+    )
     slope = (_row_sqnorm(f_hi - noise_r) - _row_sqnorm(f_lo - noise_r)) / (hi_all - lo_all)
     jww = (jw * w).sum(1)
     g = effective_sdot(process, times)
@@ -869,15 +853,7 @@ def lemma1_check(
         v = v.reshape(n_t, n)
         return tuple(estimate(v[i], level) for i in range(n_t))
 
-    b_t = process.b(times)
-    s0 = []
-    for i in range(n_t):
-        jw_i, w2_i = jww.reshape(n_t, n)[i], w2.reshape(n_t, n)[i]
-        w2_mean = w2_i.mean().clamp_min(1e-300)
-        ratio = float(b_t[i] * jw_i.mean() / w2_mean)
-        influence = b_t[i] * (jw_i - ratio / b_t[i] * w2_i) / w2_mean
-        e = estimate(influence, level)
-        s0.append(Interval(ratio, e.se, n, "delta-t", level))
+    s0 = _s0_estimates(process.b(times), jww.reshape(n_t, n), w2.reshape(n_t, n), level)
     exact = None
     if mix.n_components == 1 and mix.stds is not None:
         exact = gaussian_cost_derivative(times, process, mix.means[0], mix.stds[0])
@@ -898,6 +874,35 @@ def lemma1_check(
         label=label,
         info={"n": n, "h_rel": h_rel, "rtol": rtol, "atol": atol, "level": level},
     )
+
+
+def _lemma1_solves(mix, process, lo, hi, mid, w, n: int, jvp: str, tol: dict):
+    """``fo`` at ``(x_lo, t_lo)`` and ``(x_hi, t_hi)``, and ``J w`` at ``(x_t, t)``: one flow-map
+    solve per time (see ``_per_time``), its ``t_lo`` and ``t_hi`` rows together."""
+    (x_lo, lo_all), (x_hi, hi_all), (x_t, t_all) = lo, hi, mid
+    f_lo, f_hi, jw = [], [], []
+    for start in range(0, x_t.shape[0], n):
+        rows = slice(start, start + n)
+        xs = torch.cat([x_lo[rows], x_hi[rows]])
+        ends = ideal_flow_map(mix, xs, torch.cat([lo_all[rows], hi_all[rows]]), process, **tol)
+        f_lo.append(ends[:n])
+        f_hi.append(ends[n:])
+        j = flow_map_jvp(mix, x_t[rows], t_all[rows], process, w[rows], method=jvp, **tol)
+        jw.append(j[1])
+    return torch.cat(f_lo), torch.cat(f_hi), torch.cat(jw)
+
+
+def _s0_estimates(b_t: Tensor, jww: Tensor, w2: Tensor, level: float) -> tuple[Interval, ...]:
+    """Corollary 2's ``S0_eff = b E<J w, w> / E|w|^2`` per time (rows of ``jww``, ``w2``
+    ``(T, n)``) with a delta-method Student-t interval (influence
+    ``b (jww_i - S0_eff w2_i / b) / E|w|^2``)."""
+    out = []
+    for i in range(jww.shape[0]):
+        w2_mean = w2[i].mean().clamp_min(1e-300)
+        ratio = float(b_t[i] * jww[i].mean() / w2_mean)
+        influence = b_t[i] * (jww[i] - ratio / b_t[i] * w2[i]) / w2_mean
+        out.append(Interval(ratio, estimate(influence, level).se, jww.shape[1], "delta-t", level))
+    return tuple(out)
 
 
 def effective_s0(result: Lemma1Result) -> Tensor:

@@ -467,13 +467,15 @@ def test_flow_map_reference_single_gaussian(process):
     assert max(dsc.flow_map_error(ideal, ref)["mse"]) < 1e-12
 
 
+@pytest.mark.parametrize("steps, bound", [(32, 3e-7), (64, 5e-8)])
 @pytest.mark.parametrize(
     "process", [VE, LinearProcess(t_min=1e-3, t_max=0.999)], ids=["ve", "linear"]
 )
-def test_multistep_flow_map_matches_the_exact_ode(process):
-    """The cheap ideal generator of the toy study (64 multistep steps) against the ODE flow map at
-    rtol 1e-10, on training-like inputs (authors' 2D target, times spread over the whole range):
-    mean squared error < 5e-8 (the data modes have std 0.01; the models' errors are ~1e-2)."""
+def test_multistep_flow_map_matches_the_exact_ode(process, steps, bound):
+    """The cheap ideal generator of the toy study (32 multistep steps there) against the ODE flow
+    map at rtol 1e-10, on training-like inputs (authors' 2D target, times spread over the whole
+    range): mean squared error below ``bound`` (3e-7 at 32 steps: an rms error of 5e-4 where the
+    trained models' squared consistency errors are ~1e-2), second order (64 steps: < 5e-8)."""
     gmm = two_gaussians_1to2()
     g = torch.Generator().manual_seed(4)
     n = 400
@@ -483,9 +485,9 @@ def test_multistep_flow_map_matches_the_exact_ode(process):
     noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
     x = process.interpolate(gmm.sample(n, g), noise, t)
     exact = gmm.flow_map(x, t, process, rtol=1e-10, atol=1e-12)
-    cheap = dsc.FlowMapGenerator(gmm, process, method="multistep", steps=64)(x, t)
+    cheap = dsc.FlowMapGenerator(gmm, process, method="multistep", steps=steps)(x, t)
     mse = float(((cheap - exact) ** 2).sum(1).mean())
-    assert mse < 5e-8, mse
+    assert mse < bound, mse
     torch.testing.assert_close(cheap[0], x[0], rtol=0, atol=1e-12)  # t_min: the identity
     assert cheap.dtype == x.dtype
     assert dsc.FlowMapGenerator(gmm, process, method="multistep")(x.float(), t).dtype == (
