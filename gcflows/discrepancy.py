@@ -664,25 +664,24 @@ def loss_gaps(
                 slot["ct"].append(w * d_ct_k)
                 slot["cd"].append(w * d_cd_k)
     limits = {a: torch.cat(vals) for a, vals in lim.items()}
-    results = []
-    for n, k in keys:
-        slot = {name: torch.cat(vals) for name, vals in acc[(n, k)].items()}
-        dist = dists[k]
-        limit = dist.C * limits[dist.alpha]
-        results.append(
-            GapResult(
-                distance=dist.name,
-                alpha=dist.alpha,
-                C=dist.C,
-                n_intervals=n,
-                scaled_gap=Interval.from_samples(slot["gap"], "stratified"),
-                limit=Interval.from_samples(limit, "stratified"),
-                ratio=paired_ratio(slot["gap"], limit, True),
-                loss_ct=Interval.from_samples(slot["ct"], "stratified"),
-                loss_cd=Interval.from_samples(slot["cd"], "stratified"),
-            )
-        )
-    return results
+    return [_gap_result(dists[k], n, acc[(n, k)], limits) for n, k in keys]
+
+
+def _gap_result(dist: Distance, n: int, slot: dict, limits: dict[float, Tensor]) -> GapResult:
+    """Intervals of one ``(N, distance)`` from its per-sample values (stratified draws)."""
+    vals = {name: torch.cat(v) for name, v in slot.items()}
+    limit = dist.C * limits[dist.alpha]
+    return GapResult(
+        distance=dist.name,
+        alpha=dist.alpha,
+        C=dist.C,
+        n_intervals=n,
+        scaled_gap=Interval.from_samples(vals["gap"], "stratified"),
+        limit=Interval.from_samples(limit, "stratified"),
+        ratio=paired_ratio(vals["gap"], limit, True),
+        loss_ct=Interval.from_samples(vals["ct"], "stratified"),
+        loss_cd=Interval.from_samples(vals["cd"], "stratified"),
+    )
 
 
 @dataclass(frozen=True)
@@ -799,33 +798,31 @@ def gradient_gaps(
                     cv = (w * (dist(a_ct, b) - dist(a_ct + delta1, b))).mean()
                     slot["cv"].append(scale * (g_ct - g_cd - _flat_grad(cv, params)))
             del b
-    results = []
-    for n, k in keys:
-        slot = acc[(n, k)]
-        dist = dists[k]
-        cd_norm, _, _ = _group_stats(slot["cd"])
-        gap_norm, gap_noise, gap_deb = _group_stats(slot["gap"])
-        if slot["cv"]:
-            cv_norm, cv_noise, cv_deb = _group_stats(slot["cv"])
-            rel_cv, noise_cv, deb_cv = cv_norm / cd_norm, cv_noise / cd_norm, cv_deb / cd_norm
-        else:
-            rel_cv = noise_cv = deb_cv = None
-        results.append(
-            GradientGapResult(
-                distance=dist.name,
-                alpha=dist.alpha,
-                n_intervals=n,
-                grad_cd=cd_norm,
-                gap=gap_norm,
-                relative=gap_norm / cd_norm,
-                noise=gap_noise / cd_norm,
-                relative_debiased=gap_deb / cd_norm,
-                relative_cv=rel_cv,
-                noise_cv=noise_cv,
-                relative_cv_debiased=deb_cv,
-            )
-        )
-    return results
+    return [_gradient_result(dists[k], n, acc[(n, k)]) for n, k in keys]
+
+
+def _gradient_result(dist: Distance, n: int, slot: dict) -> GradientGapResult:
+    """Norms and noise floors of one ``(N, distance)`` from its group gradients."""
+    cd_norm, _, _ = _group_stats(slot["cd"])
+    gap_norm, gap_noise, gap_deb = _group_stats(slot["gap"])
+    if slot["cv"]:
+        cv_norm, cv_noise, cv_deb = _group_stats(slot["cv"])
+        rel_cv, noise_cv, deb_cv = cv_norm / cd_norm, cv_noise / cd_norm, cv_deb / cd_norm
+    else:
+        rel_cv = noise_cv = deb_cv = None
+    return GradientGapResult(
+        distance=dist.name,
+        alpha=dist.alpha,
+        n_intervals=n,
+        grad_cd=cd_norm,
+        gap=gap_norm,
+        relative=gap_norm / cd_norm,
+        noise=gap_noise / cd_norm,
+        relative_debiased=gap_deb / cd_norm,
+        relative_cv=rel_cv,
+        noise_cv=noise_cv,
+        relative_cv_debiased=deb_cv,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
