@@ -19,6 +19,7 @@ Imports tqdm only when a bar is drawn; no other gcflows module (layer 1).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import signal
 import sys
@@ -45,8 +46,15 @@ class Progress:
         if not quiet and callable(isatty) and isatty():
             from tqdm import tqdm
 
+            cols, rows = _terminal_size(self.file)  # a new pseudo-terminal reports 0 x 0
             self.bar = tqdm(
-                total=self.total, desc=desc, unit="job", file=self.file, dynamic_ncols=True
+                total=self.total,
+                desc=desc,
+                unit="job",
+                file=self.file,
+                ncols=cols or 80,
+                nrows=rows or 24,  # tqdm draws nothing when it believes the screen has 0 rows
+                dynamic_ncols=bool(cols),
             )
 
     def done(self, label: str, seconds: float | None = None) -> None:
@@ -74,6 +82,15 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _terminal_size(file: TextIO) -> tuple[int, int]:
+    """``(columns, rows)`` of the terminal behind ``file`` (0 when unknown)."""
+    try:
+        size = os.get_terminal_size(file.fileno())
+    except (AttributeError, OSError, ValueError):
+        return 0, 0
+    return size.columns, size.lines
 
 
 class Interrupted(KeyboardInterrupt):

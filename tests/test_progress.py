@@ -89,3 +89,31 @@ def test_sigterm_stops_the_pool_and_its_workers():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # gone (terminated and reaped), not orphaned
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_bar_on_a_new_pseudo_terminal():
+    """A fresh pty reports a 0 x 0 window: the bar must still be drawn (80 x 24 assumed)."""
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    code = (
+        "from gcflows.progress import Progress\n"
+        "with Progress(2, 'x') as p:\n p.done('a')\n p.done('b')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    text = out.decode(errors="replace")
+    assert "\r" in text and "2/2" in text and "last: b" in text
