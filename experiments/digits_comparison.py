@@ -1,5 +1,5 @@
 """The default image comparison: IC, batch-OT and GC (mu = 0.5) consistency training on the 8x8
-scikit-learn digits, same budget, several seeds, evaluated along training (issue 7, PAPER.md
+scikit-learn digits, same budget, several seeds, evaluated along training (docs/paper.md
 section 5 scaled down to a CPU).
 
     python experiments/digits_comparison.py                       # 3 seeds, about 12 min on 2 cores
@@ -9,7 +9,7 @@ section 5 scaled down to a CPU).
 For every seed, the three runs (presets ``digits_base``, ``digits_ot``, ``digits_gc_mix50``) start
 from the same initial weights and see the same data batches and training noise (all derived from
 the seed), so they differ only in the coupling; the budget is the same number of steps (GC costs
-one extra gradient-free forward pass per step, PAPER.md section 2). Runs go to ``--workers``
+one extra gradient-free forward pass per step, docs/paper.md section 2). Runs go to ``--workers``
 processes with one torch thread each.
 
 Every ``--eval-every`` steps (and at step 0) the EMA model draws ``--n-eval`` one-step samples from
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -55,9 +54,18 @@ from train_images import (  # noqa: E402
     resolve_run,
 )
 
+from gcflows import checks  # noqa: E402
 from gcflows.classifier import load_classifier  # noqa: E402
 from gcflows.data import load_digits  # noqa: E402
-from gcflows.records import make_run_dir, print_table, write_config, write_results
+from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt  # noqa: E402
+from gcflows.records import (  # noqa: E402
+    check_writable,
+    jsonable,
+    make_run_dir,
+    print_table,
+    write_config,
+    write_results,
+)
 from gcflows.training import train  # noqa: E402
 
 PRESETS = {"ic": "digits_base", "ot": "digits_ot", "gc": "digits_gc_mix50"}
@@ -351,53 +359,101 @@ def summarize(records, rows, final_rows, floor, seeds) -> tuple[dict, list[dict]
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
+QUICK = {"seeds": [0, 1], "steps": 40, "eval_every": 20, "n_eval": 200}
+DEFAULTS = {"seeds": [0, 1, 2], "steps": None, "eval_every": 250, "n_eval": 1000}
+QUICK_OVERRIDES = ["batch_size=32", "s1=20", "sample_every=20"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", default="runs", help="parent folder of the run folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0 1)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the presets')")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--n-eval", type=int, default=1000, help="samples per evaluation")
+    p.add_argument("--eval-every", type=int, default=None, help="default 250 (quick: 20)")
+    p.add_argument("--n-eval", type=int, default=None, help="samples per evaluation (1000)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--figures", default=None, help="also copy the figures to this folder")
     p.add_argument("--classifier-cache", default=None, help="default ~/.cache/gcflows")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 40 steps, 200 samples")
+    p.add_argument("--quiet", action="store_true", help="one log line per run, no progress bar")
     p.add_argument("overrides", nargs="*", help="key=value overrides for all runs (train_images)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_intermixed_args(argv)
-    t_start = time.perf_counter()
-    if args.quick:
-        args.seeds = args.seeds[:2] if len(args.seeds) >= 2 else args.seeds
-        args.steps, args.eval_every, args.n_eval = 40, 20, 200
-        args.overrides = [*args.overrides, "batch_size=32", "s1=20", "sample_every=20"]
-    overrides = list(args.overrides) + ([f"total_steps={args.steps}"] if args.steps else [])
-    for coupling in PRESETS:  # validate every run's config before any work
-        resolve_run(PRESETS[coupling], overrides=overrides, seed=args.seeds[0])
-    if args.eval_every < 1 or args.n_eval < 2 or args.workers < 1:
-        raise ValueError("need --eval-every >= 1, --n-eval >= 2 and --workers >= 1")
-    torch.set_num_threads(1)
-    classifier, clf_info = load_classifier(cache_dir=args.classifier_cache, verbose=True)
-    run_dir = make_run_dir(args.out, "digits_comparison")
-    config0 = resolve_run(PRESETS["ic"], overrides=overrides, seed=args.seeds[0]).config
-    write_config(
-        run_dir,
-        args,
-        seed=args.seeds,
-        presets={c: PRESETS[c] for c in PRESETS},
-        train_config_ic_seed0=config0.to_dict(),
-        classifier={k: clf_info[k] for k in ("hash", "test_accuracy", "path")},
-        two_step_sigmas=samplers(config0, "digits"),
-    )
-    jobs = [
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check every argument before any work (argparse's error and exit 2 otherwise).
+
+    Explicit values win over ``--quick``'s; the runs' configs are resolved here (an unknown or
+    bad ``key=value`` override fails now, not in a worker)."""
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick:  # before the user's overrides, so that theirs win
+        args.overrides = [*QUICK_OVERRIDES, *args.overrides]
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise ValueError(f"--seeds={args.seeds} is invalid: use distinct integers >= 0")
+    if args.steps is not None:
+        checks.integer(args.steps, "--steps", lo=1)
+    checks.integer(args.eval_every, "--eval-every", lo=1)
+    checks.integer(args.n_eval, "--n-eval", lo=2)
+    checks.integer(args.workers, "--workers", lo=1)
+    args.run_overrides = run_overrides(args)
+    for coupling in PRESETS:  # every run's config, validated before any work
+        resolve_run(PRESETS[coupling], overrides=args.run_overrides, seed=args.seeds[0])
+    check_writable(args.out)
+    if args.figures:
+        check_writable(args.figures)
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``key=value`` overrides of every run: the user's, then ``--steps``."""
+    steps = [] if args.steps is None else [f"total_steps={args.steps}"]
+    return [*args.overrides, *steps]
+
+
+def run_all(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Every (coupling, seed) run in ``--workers`` processes with progress on stderr; SIGINT /
+    SIGTERM terminate the workers (no orphan keeps training) and exit non-zero."""
+    records = []
+    try:
+        with (
+            signals_interrupt(),
+            Progress(len(jobs), "digits_comparison", quiet=args.quiet) as progress,
+            JobPool(run_job, min(args.workers, len(jobs)), progress) as pool,
+        ):
+            for job in jobs:
+                pool.submit(job, f"{job['coupling']} seed {job['seed']}")
+            for _, rec in pool.results():
+                records.append(rec)
+    except Interrupted as err:
+        print(
+            f"[digits_comparison] {err}: the workers were stopped; the runs' folders keep what "
+            "they wrote",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + err.signum) from None
+    records.sort(key=lambda r: (list(PRESETS).index(r["coupling"]), r["seed"]))
+    return records
+
+
+def make_jobs(args: argparse.Namespace, run_dir: Path) -> list[dict[str, Any]]:
+    return [
         {
             "coupling": c,
             "seed": s,
-            "overrides": overrides,
+            "overrides": args.run_overrides,
             "run_dir": str(run_dir / f"{c}_s{s}"),
             "n_eval": args.n_eval,
             "eval_every": args.eval_every,
@@ -407,36 +463,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for s in args.seeds
         for c in ("gc", "ot", "ic")  # the slowest first, so the workers finish together
     ]
-    print(
-        f"{len(jobs)} runs ({', '.join(PRESETS)} x seeds {args.seeds}), {config0.total_steps} "
-        f"steps each, {args.workers} worker(s) -> {run_dir}",
-        flush=True,
-    )
-    records = []
-    if args.workers == 1:
-        for job in jobs:
-            records.append(run_job(job))
-            print(f"  done {job['coupling']} seed {job['seed']}", flush=True)
-    else:
-        with mp.get_context("spawn").Pool(min(args.workers, len(jobs))) as pool:
-            for rec in pool.imap_unordered(run_job, jobs):
-                records.append(rec)
-                print(
-                    f"  done {rec['coupling']} seed {rec['seed']} ({rec['wall_s']:.0f} s wall, "
-                    f"{rec['cpu_s']:.0f} s cpu)",
-                    flush=True,
-                )
-    records.sort(key=lambda r: (list(PRESETS).index(r["coupling"]), r["seed"]))
-    floor = data_floor(classifier, args.n_eval, args.seeds)
 
-    rows = [e for r in records for e in r["evals"]]
-    final_rows = [
-        {"coupling": r["coupling"], "seed": r["seed"], "step": r["steps"], "sampler": name, **m}
-        for r in records
-        for name, m in r["final"].items()
-    ]
-    for row in final_rows:
-        row.pop("per_class", None)
+
+def write_figures(records, rows, floor, args, run_dir: Path) -> dict[str, Path]:
     figs = {
         "curves": plot_curves(rows, floor, run_dir / "metrics_vs_step.png"),
         "final": plot_final_grids(records, args.seeds[0], run_dir / "samples_final.png"),
@@ -449,7 +478,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dest.mkdir(parents=True, exist_ok=True)
         for path in figs.values():
             shutil.copy(path, dest / f"digits_comparison_{path.name}")
+    return figs
 
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    torch.set_num_threads(1)
+    classifier, clf_info = load_classifier(cache_dir=args.classifier_cache, verbose=True)
+    run_dir = make_run_dir(args.out, "digits_comparison")
+    config0 = resolve_run(PRESETS["ic"], overrides=args.run_overrides, seed=args.seeds[0]).config
+    write_config(
+        run_dir,
+        args,
+        seed=args.seeds,
+        presets={c: PRESETS[c] for c in PRESETS},
+        train_config_ic_seed0=config0.to_dict(),
+        classifier={k: clf_info[k] for k in ("hash", "test_accuracy", "path")},
+        two_step_sigmas=samplers(config0, "digits"),
+    )
+    jobs = make_jobs(args, run_dir)
+    print(
+        f"{len(jobs)} runs ({', '.join(PRESETS)} x seeds {args.seeds}), {config0.total_steps} "
+        f"steps each, {args.workers} worker(s) -> {run_dir}",
+        flush=True,
+    )
+    records = run_all(jobs, args)
+    floor = data_floor(classifier, args.n_eval, args.seeds)
+    rows = [e for r in records for e in r["evals"]]
+    final_rows = [
+        {"coupling": r["coupling"], "seed": r["seed"], "step": r["steps"], "sampler": name, **m}
+        for r in records
+        for name, m in r["final"].items()
+    ]
+    for row in final_rows:
+        row.pop("per_class", None)
+    figs = write_figures(records, rows, floor, args, run_dir)
     summary, table = summarize(records, rows, final_rows, floor, args.seeds)
     wall = time.perf_counter() - t_start
     results = {
@@ -468,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "figures": {k: str(v) for k, v in figs.items()},
     }
     write_results(run_dir, results, rows + final_rows)
-    (run_dir / "summary.json").write_text(json.dumps(results["summary"], indent=2) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(jsonable(results["summary"]), indent=2) + "\n")
     print(f"results in {run_dir}")
     print_table(
         table,

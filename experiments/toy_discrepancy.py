@@ -1,60 +1,66 @@
-"""The CT / CD discrepancy measured exactly on 2D Gaussian mixtures (issue 5; PAPER.md section 3).
+"""The CT / CD discrepancy measured exactly on 2D Gaussian mixtures (docs/paper.md section 3).
 
-    python experiments/toy_discrepancy.py                 # default run (a few minutes on 2 cores)
+    python experiments/toy_discrepancy.py                 # default run (~280 s CPU, 2 workers)
     python experiments/toy_discrepancy.py --quick         # smoke run (under a minute)
     python experiments/toy_discrepancy.py --dataset eight_gaussians --process linear --seeds 0 1 2
 
-Default setting: the authors' 2D notebook (PAPER.md section 5): ``two_gaussians_1to2`` (modes at
-(0, -0.5) and (0, +0.5), std 0.01), VE process with sigma in [0.001, 5]
+Default setting: the authors' 2D notebook (docs/paper.md section 5): ``two_gaussians_1to2``
+(modes at (0, -0.5) and (0, +0.5), std 0.01), VE process with sigma in [0.001, 5]
 (``VEProcess(t_min=1e-3, t_max=5.0)``), ToyMLP with a positional time embedding, squared L2 as in
 the notebook, curriculum s0 = 10, s1 = 100. Everything with the exact velocity of the mixture.
 
-What it computes (the library does the work, this script wires it):
+What it computes (the library does the work, this script wires it), one function per section:
 
-1. Theorem 1 numerically (``gcflows.discrepancy.loss_gaps`` / ``gradient_gaps`` / ``r_theta``)
-   for a randomly initialised network and for the CT-trained network of the first seed:
-   ``N^alpha (L_CT - L_CD)`` for N = 10 .. 1280 (and 10240, 81920 to show where pseudo-Huber
-   reaches its alpha = 2 regime) against ``C T^(alpha-1) R(theta)``, for squared L2,
-   pseudo-Huber and the Euclidean norm; the scaled gradient gaps.
-2. The proxy ``R~_t`` per coupling: IC (exact, posterior covariance), IC by k-NN (the estimator's
-   validation), batch-OT (training batch size), GC with the ideal generator (exact flow map) and
-   GC with the trained GC (mu = 0.5) model of the first seed, all by local-linear k-NN.
-3. Training head to head with ``gcflows.training.train`` (same steps, batch, network, seeds):
-   CD (exact velocity), CD (distilled denoiser), CT, batch-OT, GC mu in {0.3, 0.5, 1.0}, GC with
-   the ideal generator; scored at fixed checkpoints by exact W2 of one-step samples, the
-   consistency error against the exact flow map over t, mode balance, and R(theta).
+1. Theorem 1 numerically (:func:`theorem1_job`: ``gcflows.discrepancy.loss_gaps`` /
+   ``gradient_gaps`` / ``r_theta``) for a randomly initialised network and for the CT-trained
+   network of the first seed: ``N^alpha (L_CT - L_CD)`` for N = 10 .. 1280 (and 10240, 81920 to
+   show where pseudo-Huber reaches its alpha = 2 regime) against ``C T^(alpha-1) R(theta)``, for
+   squared L2, pseudo-Huber and the Euclidean norm; the scaled gradient gaps.
+2. The proxy ``R~_t`` per coupling (:func:`proxy_job`): IC (exact, posterior covariance), IC by
+   k-NN (the estimator's validation), batch-OT (training batch size), GC with the ideal generator
+   (exact flow map) and GC with the trained GC (mu = 0.5) model of the first seed, all by
+   local-linear k-NN.
+3. Training head to head (:func:`train_job`, ``gcflows.training.train``; same steps, batch,
+   network, seeds): CD (exact velocity), CD (distilled denoiser), CT, batch-OT, GC mu in
+   {0.3, 0.5, 1.0}, GC with the ideal generator (the flow map by the multistep solver of
+   ``gcflows.discrepancy.FlowMapGenerator``, checked against the ODE in the tests); scored at fixed
+   checkpoints by exact W2 of one-step samples, the consistency error against the exact flow map
+   over t, mode balance, and R(theta).
 
 Outputs in ``<out>/toy_discrepancy_<time>/``: config.json, results.json, results.csv, PNG figures;
-the summary table is printed last. Work is spread over ``--workers`` processes (default 2).
+the summary table is printed last. Jobs run in ``--workers`` processes (default 2); progress on
+stderr (a bar on a terminal, one line per job with ``--quiet`` or in a log). Every argument is
+checked before the run folder is created.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import copy
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gcflows import discrepancy as dsc  # noqa: E402
-from gcflows.consistency import ConsistencyModel, get_distance  # noqa: E402
-from gcflows.gmm import PRESETS, get_preset  # noqa: E402
-from gcflows.metrics import exact_w2, mode_coverage  # noqa: E402
-from gcflows.networks import ToyMLP  # noqa: E402
-from gcflows.processes import get_process  # noqa: E402
-from gcflows.records import make_run_dir, print_table, write_config, write_results
-from gcflows.sampling import one_step_sample  # noqa: E402
-from gcflows.training import TrainConfig, train  # noqa: E402
-from gcflows.velocity import DistilledVelocity, TrueVelocity, fit_denoiser  # noqa: E402
+from gcflows import checks
+from gcflows import discrepancy as dsc
+from gcflows.consistency import ConsistencyModel, get_distance
+from gcflows.gmm import PRESETS, get_preset
+from gcflows.metrics import exact_w2, mode_coverage
+from gcflows.networks import ToyMLP
+from gcflows.processes import get_process
+from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt
+from gcflows.records import check_writable, make_run_dir, print_table, write_config, write_results
+from gcflows.sampling import one_step_sample
+from gcflows.stats import Interval, mean_interval
+from gcflows.training import TrainConfig, train
+from gcflows.velocity import DistilledVelocity, TrueVelocity, fit_denoiser
 
 DATASETS = sorted(k for k in PRESETS if k != "random_mixture")
 DISTANCES = ("squared_l2", "pseudo_huber", "l2_norm")
@@ -71,12 +77,24 @@ METHODS = (
 )
 THEORY_MODEL_FROM = "ct"  # the "briefly trained" network of Theorem 1's check
 GC_GENERATOR_FROM = "gc_mu0.5"  # the trained GC generator of the proxy
+TRAINING_ARGS = ("steps", "batch_size", "lr", "ema_decay", "hidden", "s1", "ideal_mu")
+# defaults of the sizes (quick, default); an explicit value always wins over --quick
+SIZES = {"steps": (24, 500), "n_eval": (200, 800)}
+# TrainConfig fields set from a command-line option (for the error messages)
+CONFIG_OPTIONS = {
+    "total_steps": "--steps",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "ema_decay": "--ema-decay",
+    "s1": "--s1",
+    "distance": "--distance",
+}
 
 
 # ------------------------------------------------------------------------------------------------
-# configuration
+# configuration: every argument is checked here, before any work
 # ------------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="two_gaussians_1to2", choices=DATASETS)
     ap.add_argument("--process", default="ve", choices=["ve", "linear"])
@@ -85,7 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0 1)")
     ap.add_argument("--out", default="runs")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, under a minute")
+    ap.add_argument("--quiet", action="store_true", help="one log line per job, no progress bar")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default 500)")
+    ap.add_argument("--n-eval", type=int, default=None, help="samples per evaluation (800)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ema-decay", type=float, default=0.99)
@@ -100,18 +120,54 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="items 1-2 only (Theorem 1 on the random network, the proxy without a trained GC)",
     )
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check every argument (argparse's one-line error and exit 2 on a bad one)."""
+    ap = build_parser()
     args = ap.parse_args(argv)
+    try:
+        _check_args(args, argv)
+    except ValueError as err:
+        ap.error(str(err))
+    return args
+
+
+def _check_args(args: argparse.Namespace, argv) -> None:
     if args.seeds is None:
         args.seeds = [0, 1] if args.quick else [0, 1, 2]
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        ap.error("--seeds must be distinct non-negative integers")
+        raise ValueError(f"--seeds={args.seeds} is invalid: use distinct integers >= 0")
     if args.workers is None:
         args.workers = max(1, min(2, os.cpu_count() or 1))
-    if args.workers < 1:
-        ap.error("--workers must be >= 1")
-    if not 0.0 <= args.ideal_mu <= 1.0:
-        ap.error("--ideal-mu must lie in [0, 1]")
-    return args
+    checks.integer(args.workers, "--workers", lo=1)
+    for name, (quick, default) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+    checks.integer(args.steps, "--steps", lo=1)
+    checks.integer(args.n_eval, "--n-eval", lo=2)
+    checks.integer(args.hidden, "--hidden", lo=1)
+    checks.probability(args.ideal_mu, "--ideal-mu", "of a GC row with the ideal generator")
+    if args.sigma_data is not None:
+        checks.real(args.sigma_data, "--sigma-data", lo_open=0.0)
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+    if args.skip_training:
+        unused = [f"--{a.replace('_', '-')}" for a in TRAINING_ARGS]
+        unused = [a for a in unused if a in given]
+        if unused:
+            print(f"warning: --skip-training ignores {' '.join(unused)}", file=sys.stderr)
+    setup = build_setup(args)
+    problem(setup)  # t_min / t_max against the process
+    for name, *_ in METHODS:  # the workers' training configs, checked here
+        try:
+            train_config(setup, name, args.seeds[0])
+        except ValueError as err:  # name the option, not the config field
+            msg = str(err)
+            for fld, option in CONFIG_OPTIONS.items():
+                msg = msg.replace(f"TrainConfig.{fld}=", f"{option}=")
+            raise ValueError(msg) from None
+    check_writable(args.out)
 
 
 def build_setup(args: argparse.Namespace) -> dict:
@@ -126,8 +182,7 @@ def build_setup(args: argparse.Namespace) -> dict:
     else:
         sigma_data = float(torch.sqrt(target.second_moment() / target.dim))
     quick = args.quick
-    steps = args.steps if args.steps is not None else (24 if quick else 500)
-    setup = {
+    return {
         "dataset": args.dataset,
         "process": args.process,
         "t_min": t_min,
@@ -142,14 +197,16 @@ def build_setup(args: argparse.Namespace) -> dict:
         "s0": 10,
         "s1": args.s1,
         "batch_size": args.batch_size,
-        "steps": steps,
+        "steps": args.steps,
         "lr": args.lr,
         "ema_decay": args.ema_decay,
         "ideal_mu": args.ideal_mu,
-        "ideal_rtol": 1e-4,  # flow-map tolerance inside training (error ~1e-5 of the data scale)
+        # the ideal generator inside training: 32 multistep steps (mean squared error ~1e-7
+        # against the exact ODE, tests/test_discrepancy.py), a fixed cost per batch
+        "ideal_steps": 32,
         "denoiser_steps": 150 if quick else 1500,
         "n_checkpoints": 2 if quick else 3,
-        "n_eval": 200 if quick else 800,
+        "n_eval": args.n_eval,
         "r_samples_ckpt": 400 if quick else 2000,
         # Theorem 1
         "gap_ns": [10, 40, 160, 1280] if quick else [10, 20, 40, 80, 160, 320, 640, 1280],
@@ -169,7 +226,6 @@ def build_setup(args: argparse.Namespace) -> dict:
         "n_traj": 12,
         "traj_times": 12,
     }
-    return setup
 
 
 def problem(setup: dict):
@@ -177,6 +233,30 @@ def problem(setup: dict):
     target = get_preset(setup["dataset"])
     process = get_process(setup["process"], t_min=setup["t_min"], t_max=setup["t_max"])
     return target, process
+
+
+def train_config(setup: dict, name: str, seed: int) -> TrainConfig:
+    """The training configuration of method ``name`` (validated by ``TrainConfig``)."""
+    _, method, mu, extra = {m[0]: m for m in METHODS}[name]
+    return TrainConfig(
+        method=method,
+        mu=setup["ideal_mu"] if extra == "ideal" else mu,
+        process=setup["process"],
+        t_min=setup["t_min"],
+        t_max=setup["t_max"],
+        distance=setup["distance"],
+        s0=setup["s0"],
+        s1=setup["s1"],
+        batch_size=setup["batch_size"],
+        total_steps=setup["steps"],
+        lr=setup["lr"],
+        ema_decay=setup["ema_decay"],
+        preset=setup["dataset"],
+        seed=seed,
+        out_dir=None,
+        progress=False,
+        log_every=max(1, setup["steps"] // 50),
+    )
 
 
 def build_model(setup: dict, seed: int) -> ConsistencyModel:
@@ -214,47 +294,91 @@ def seeded(*words: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------------
-# jobs (run in worker processes; each returns plain data)
+# the evaluation context (drawn once from the first seed, shared by every job)
 # ------------------------------------------------------------------------------------------------
-def _evaluate(model, setup: dict, ctx: dict, seed: int, step: int) -> dict:
+@dataclass
+class EvalContext:
+    """What every evaluation shares: the W2 target sample and its floor (two target samples), the
+    flow-map reference of the consistency error, the mode radius, exact PF-ODE trajectories."""
+
+    w2_target: torch.Tensor
+    w2_floor: float
+    reference: dict
+    mode_radius: float
+    trajectory: dict
+
+
+def eval_context(setup: dict) -> EvalContext:
+    target, process = problem(setup)
+    base = setup["seeds"][0]
+    g = seeded(base, 11)
+    w2_target = target.sample(setup["n_eval"], g)
+    w2_floor = exact_w2(w2_target, target.sample(setup["n_eval"], g))
+    # rtol 1e-4: squared errors ~1e-8, far below any consistency error measured here
+    reference = dsc.flow_map_reference(
+        target,
+        process,
+        log_times(process, setup["ref_times"]),
+        setup["ref_per_time"],
+        generator=seeded(base, 12),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    n_traj, n_tt = setup["n_traj"], setup["traj_times"]
+    g = seeded(base, 13)
+    x_top = process.interpolate(
+        target.sample(n_traj, g),
+        torch.randn(n_traj, 2, generator=g, dtype=torch.float64),
+        process.t_max,
+    )
+    tt = torch.tensor(log_times(process, n_tt, lo_factor=1.0)[::-1], dtype=torch.float64)
+    t_end = tt.repeat(n_traj)
+    xs = x_top.repeat_interleave(n_tt, 0)
+    path = target.flow_map(xs, process.t_max, process, t_end=t_end, rtol=1e-4, atol=1e-6)
+    endpoints = target.flow_map(x_top, process.t_max, process, rtol=1e-4, atol=1e-6)
+    stds = target.stds
+    radius = max(0.05, 10.0 * float(stds.max())) if stds is not None else 0.5
+    trajectory = {"x": path, "t": t_end, "shape": (n_traj, n_tt, 2), "endpoints": endpoints}
+    return EvalContext(w2_target, w2_floor, reference, radius, trajectory)
+
+
+# ------------------------------------------------------------------------------------------------
+# jobs (run in worker processes; each returns a dict of numbers and gcflows result types)
+# ------------------------------------------------------------------------------------------------
+def evaluate(model, setup: dict, ctx: EvalContext, seed: int, step: int) -> dict:
     """Score a model: exact W2 of one-step samples, consistency error, mode balance, R(theta)."""
     target, process = problem(setup)
     with torch.no_grad():
         noise = torch.randn(setup["n_eval"], 2, generator=seeded(seed, 101))
         samples = one_step_sample(model, noise, process).double()
-    w2 = exact_w2(samples, ctx["w2_target"])
-    cons = dsc.flow_map_error(model, ctx["reference"])
-    modes = mode_coverage(samples, target.means, target.weights, radius=ctx["mode_radius"])
-    m64 = float64_copy(model)
+    cons = dsc.flow_map_error(model, ctx.reference)
+    modes = mode_coverage(samples, target.means, target.weights, radius=ctx.mode_radius)
     r = dsc.r_theta(
-        m64, target, process, n_samples=setup["r_samples_ckpt"], generator=seeded(seed, step, 7)
+        float64_copy(model),
+        target,
+        process,
+        n_samples=setup["r_samples_ckpt"],
+        generator=seeded(seed, step, 7),
     )
     return {
         "step": step,
-        "w2": w2,
+        "w2": exact_w2(samples, ctx.w2_target),
         "consistency_error": float(np.mean(cons["mse"])),
         "consistency_by_t": cons,
         "mode_balance_tv": modes["balance_tv"],
         "outlier_fraction": modes["outlier_fraction"],
         "mode_fractions": modes["fractions"],
-        "r_theta": r.as_dict(),
+        "r_theta": r,
     }
 
 
-def train_job(job: dict) -> dict:
-    torch.set_num_threads(1)
-    setup, ctx, name, seed = job["setup"], job["ctx"], job["name"], job["seed"]
-    spec = {m[0]: m for m in METHODS}[name]
-    _, method, mu, extra = spec
+def _teacher(extra, setup: dict, seed: int) -> tuple[Any, Any, float]:
+    """``(velocity, gc_model, denoiser seconds)`` of a method: the exact or a distilled CD
+    velocity, the ideal GC generator, or nothing."""
     target, process = problem(setup)
-    if extra == "ideal":
-        mu = setup["ideal_mu"]
-    t_start = time.perf_counter()
-    velocity = gc_model = None
-    denoiser_s = 0.0
     if extra == "exact":
-        velocity = TrueVelocity(target, process)
-    elif extra == "distilled":
+        return TrueVelocity(target, process), None, 0.0
+    if extra == "distilled":
         t0 = time.perf_counter()
         samples = target.sample(20_000, seeded(seed, 31)).float()
         denoiser = fit_denoiser(
@@ -264,29 +388,24 @@ def train_job(job: dict) -> dict:
             steps=setup["denoiser_steps"],
             generator=seeded(seed, 32),
         )
-        velocity = DistilledVelocity(denoiser, process)
-        denoiser_s = time.perf_counter() - t0
-    elif extra == "ideal":
-        gc_model = dsc.FlowMapGenerator(target, process, rtol=setup["ideal_rtol"], atol=1e-6)
-    config = TrainConfig(
-        method=method,
-        mu=mu,
-        process=setup["process"],
-        t_min=setup["t_min"],
-        t_max=setup["t_max"],
-        distance=setup["distance"],
-        s0=setup["s0"],
-        s1=setup["s1"],
-        batch_size=setup["batch_size"],
-        total_steps=setup["steps"],
-        lr=setup["lr"],
-        ema_decay=setup["ema_decay"],
-        preset=setup["dataset"],
-        seed=seed,
-        out_dir=None,
-        progress=False,
-        log_every=max(1, setup["steps"] // 50),
-    )
+        return DistilledVelocity(denoiser, process), None, time.perf_counter() - t0
+    if extra == "ideal":
+        ideal = dsc.FlowMapGenerator(
+            target, process, method="multistep", steps=setup["ideal_steps"]
+        )
+        return None, ideal, 0.0
+    return None, None, 0.0
+
+
+def train_job(job: dict) -> dict:
+    """Train one (method, seed) and evaluate its EMA model at the checkpoints."""
+    torch.set_num_threads(1)
+    setup, ctx, name, seed = job["setup"], job["ctx"], job["name"], job["seed"]
+    target, process = problem(setup)
+    t_start = time.perf_counter()
+    extra = {m[0]: m for m in METHODS}[name][3]
+    velocity, gc_model, denoiser_s = _teacher(extra, setup, seed)
+    config = train_config(setup, name, seed)
     model = build_model(setup, seed)
     k = setup["n_checkpoints"]
     checkpoints = sorted({max(1, round(setup["steps"] * (j + 1) / k)) for j in range(k)})
@@ -294,7 +413,7 @@ def train_job(job: dict) -> dict:
 
     def on_step(info) -> None:
         if info.step in checkpoints:
-            evals.append(_evaluate(info.ema_model, setup, ctx, seed, info.step))
+            evals.append(evaluate(info.ema_model, setup, ctx, seed, info.step))
 
     t0 = time.perf_counter()
     result = train(
@@ -305,33 +424,31 @@ def train_job(job: dict) -> dict:
         gc_model=gc_model,
         callbacks=[on_step],
     )
-    train_s = time.perf_counter() - t0
-    ema = result.ema_model
     out = {
-        "kind": "train",
         "name": name,
         "seed": seed,
-        "mu": mu,
+        "mu": config.mu,
         "evals": evals,
-        "loss": [(h["step"], h["loss"]) for h in result.history],
-        "train_s": train_s,
+        "train_s": time.perf_counter() - t0,
         "denoiser_s": denoiser_s,
         "job_s": time.perf_counter() - t_start,
     }
     if seed == setup["seeds"][0]:
+        ema = result.ema_model
         with torch.no_grad():
             noise = torch.randn(setup["n_eval"], 2, generator=seeded(seed, 101))
             out["samples"] = one_step_sample(ema, noise, process).double().numpy()
-            traj = ctx["trajectory"]
+            traj = ctx.trajectory
             pred = ema(traj["x"].float(), traj["t"].float()).double()
             out["trajectory"] = pred.reshape(traj["shape"]).numpy()
         out["ema_state"] = {k: v.detach().clone() for k, v in ema.state_dict().items()}
     return out
 
 
-def theory_job(job: dict) -> dict:
+def theorem1_job(job: dict) -> dict:
+    """Theorem 1 on one network: R(theta) (alpha 2 and 1), the scaled loss and gradient gaps."""
     torch.set_num_threads(job.get("threads", 1))
-    setup, seed, label = job["setup"], job["seed"], job["label"]
+    setup, seed = job["setup"], job["seed"]
     target, process = problem(setup)
     t0 = time.perf_counter()
     model = build_model(setup, seed)
@@ -359,37 +476,42 @@ def theory_job(job: dict) -> dict:
     limits = {}
     for name in DISTANCES:
         dist = get_distance(name, target.dim)
-        r = r2 if dist.alpha == 2.0 else r1
-        limits[name] = r.scaled(dsc.limit_constant(dist, process)).as_dict()
+        limits[name] = (r2 if dist.alpha == 2.0 else r1).scaled(dsc.limit_constant(dist, process))
     return {
-        "kind": "theory",
-        "label": label,
+        "label": job["label"],
         "seed": seed,
-        "r_theta_alpha2": r2.as_dict(),
-        "r_theta_alpha1": r1.as_dict(),
+        "r_theta_alpha2": r2,
+        "r_theta_alpha1": r1,
         "limits": limits,
-        "gaps": [g.as_dict() for g in gaps],
-        "grads": [g.as_dict() for g in grads],
+        "gaps": gaps,
+        "grads": grads,
         "job_s": time.perf_counter() - t0,
     }
 
 
+def _proxy_generators(job: dict, setup: dict) -> dict:
+    target, process = problem(setup)
+    out = {}
+    if "gc_ideal" in job["kinds"]:
+        out["gc_ideal"] = dsc.FlowMapGenerator(target, process, rtol=1e-5, atol=1e-7)
+    if "gc_trained" in job["kinds"]:
+        model = build_model(setup, job["seed"])
+        model.load_state_dict(job["state"])
+        out["gc_trained"] = float64_copy(model)
+    return out
+
+
 def proxy_job(job: dict) -> dict:
+    """``R~_t`` per coupling at each time: the same data and noise for every coupling at a t."""
     torch.set_num_threads(1)
     setup, seed, kinds = job["setup"], job["seed"], job["kinds"]
     target, process = problem(setup)
     t0 = time.perf_counter()
-    generators = {}
-    if "gc_ideal" in kinds:
-        generators["gc_ideal"] = dsc.FlowMapGenerator(target, process, rtol=1e-5, atol=1e-7)
-    if "gc_trained" in kinds:
-        model = build_model(setup, seed)
-        model.load_state_dict(job["state"])
-        generators["gc_trained"] = float64_copy(model)
+    generators = _proxy_generators(job, setup)
     n, k = setup["proxy_samples"], setup["knn_k"]
     rows = []
     for j, t in enumerate(job["times"]):
-        gen = seeded(seed, 900, j)  # the same data and noise for every coupling at this t
+        gen = seeded(seed, 900, j)
         data = target.sample(n, gen)
         noise = torch.randn(n, 2, generator=gen, dtype=torch.float64)
         for kind in kinds:
@@ -411,130 +533,210 @@ def proxy_job(job: dict) -> dict:
                     ot_batch_size=setup["batch_size"],
                 )
                 est = dsc.knn_proxy(x_t, xdot, k=k)
-            rows.append({"coupling": kind, "t": t, **est.as_dict()})
-    return {"kind": "proxy", "rows": rows, "job_s": time.perf_counter() - t0}
+            rows.append({"coupling": kind, "t": t, "estimate": est})
+    return {"rows": rows, "job_s": time.perf_counter() - t0}
 
 
 def run_job(job: dict) -> dict:
-    return {"train": train_job, "theory": theory_job, "proxy": proxy_job}[job["kind"]](job)
-
-
-class InlineExecutor:
-    """Runs jobs in this process (``--workers 1``), with the ``concurrent.futures`` interface."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def submit(self, fn, *args):
-        fut: cf.Future = cf.Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
-            fut.set_exception(err)
-        return fut
+    """Run one job; its result also holds ``cpu_s``, the CPU time of the job's process."""
+    cpu0 = time.process_time()
+    res = {"train": train_job, "theory": theorem1_job, "proxy": proxy_job}[job["kind"]](job)
+    res["cpu_s"] = time.process_time() - cpu0
+    return res
 
 
 # ------------------------------------------------------------------------------------------------
-# aggregation
+# running the jobs
 # ------------------------------------------------------------------------------------------------
-def mean_se(values) -> tuple[float, float]:
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if v.size == 0:
-        return float("nan"), float("nan")
-    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
-    return float(v.mean()), se
+@dataclass
+class JobResults:
+    """Raw results of the jobs, by kind, and the time of each job."""
+
+    train: list[dict] = field(default_factory=list)
+    theory: list[dict] = field(default_factory=list)
+    proxy_rows: list[dict] = field(default_factory=list)
+    job_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
 
-def summarise_training(train_results: list[dict], setup: dict) -> dict:
-    out = {}
-    if not train_results:
-        return out
-    for name, *_ in METHODS:
-        runs = sorted((r for r in train_results if r["name"] == name), key=lambda r: r["seed"])
-        steps = [e["step"] for e in runs[0]["evals"]]
-        curves = {}
-        for metric in ("w2", "consistency_error", "mode_balance_tv", "outlier_fraction"):
-            curves[metric] = [
-                mean_se([r["evals"][i][metric] for r in runs]) for i in range(len(steps))
-            ]
-        curves["r_theta"] = [
-            mean_se([r["evals"][i]["r_theta"]["mean"] for r in runs]) for i in range(len(steps))
+def initial_jobs(setup: dict, ctx: EvalContext, skip_training: bool) -> list[dict]:
+    """GC-ideal trainings first (the longest), then Theorem 1 and the proxy, then the others."""
+    _, process = problem(setup)
+    seeds, base = setup["seeds"], setup["seeds"][0]
+    names = [] if skip_training else ["gc_ideal"] + [m[0] for m in METHODS if m[0] != "gc_ideal"]
+    train = [
+        {"kind": "train", "setup": setup, "ctx": ctx, "name": n, "seed": s}
+        for n in names
+        for s in seeds
+    ]
+    theory = {"kind": "theory", "setup": setup, "seed": base, "label": "random init"}
+    proxy = {
+        "kind": "proxy",
+        "setup": setup,
+        "seed": base,
+        "kinds": ["ic_exact", "ic_knn", "ot", "gc_ideal"],
+        "times": log_times(process, setup["proxy_times"]),
+    }
+    return train[: len(seeds)] + [theory, proxy] + train[len(seeds) :]
+
+
+def follow_up_jobs(res: dict, setup: dict) -> list[dict]:
+    """Jobs that need a trained network of the first seed: Theorem 1 on the CT model, the proxy
+    with the trained GC generator."""
+    if res["seed"] != setup["seeds"][0]:
+        return []
+    _, process = problem(setup)
+    if res["name"] == THEORY_MODEL_FROM:
+        label = f"trained ({THEORY_MODEL_FROM}, seed {res['seed']})"
+        return [
+            {
+                "kind": "theory",
+                "setup": setup,
+                "seed": res["seed"],
+                "label": label,
+                "state": res["ema_state"],
+            }
         ]
-        final = {m: {"mean": c[-1][0], "se": c[-1][1]} for m, c in curves.items()}
-        per_t = np.asarray([r["evals"][-1]["consistency_by_t"]["mse"] for r in runs])
-        out[name] = {
-            "mu": runs[0]["mu"],
-            "steps": steps,
-            "curves": {m: [{"mean": a, "se": b} for a, b in c] for m, c in curves.items()},
-            "final": final,
-            "per_seed_final": {
-                "seeds": [r["seed"] for r in runs],
-                "w2": [r["evals"][-1]["w2"] for r in runs],
-                "consistency_error": [r["evals"][-1]["consistency_error"] for r in runs],
-                "mode_balance_tv": [r["evals"][-1]["mode_balance_tv"] for r in runs],
-                "r_theta": [r["evals"][-1]["r_theta"]["mean"] for r in runs],
-            },
-            "consistency_by_t": {
-                "times": runs[0]["evals"][-1]["consistency_by_t"]["times"],
-                "mean": per_t.mean(0).tolist(),
-                "se": (per_t.std(0, ddof=1) / math.sqrt(len(runs))).tolist()
-                if len(runs) > 1
-                else [float("nan")] * per_t.shape[1],
-            },
-            "train_s": [r["train_s"] for r in runs],
-            "denoiser_s": [r["denoiser_s"] for r in runs],
-        }
+    if res["name"] == GC_GENERATOR_FROM:
+        return [
+            {
+                "kind": "proxy",
+                "setup": setup,
+                "seed": res["seed"],
+                "kinds": ["gc_trained"],
+                "state": res["ema_state"],
+                "times": log_times(process, setup["proxy_times"]),
+            }
+        ]
+    return []
+
+
+def job_label(job: dict) -> str:
+    if job["kind"] == "train":
+        return f"train {job['name']} seed {job['seed']}"
+    if job["kind"] == "theory":
+        return f"theorem 1, {job['label']}"
+    return f"proxy {'/'.join(job['kinds'])}"
+
+
+def run_jobs(setup: dict, ctx: EvalContext, args: argparse.Namespace) -> JobResults:
+    """Every job in ``args.workers`` processes with progress on stderr; SIGINT / SIGTERM stop
+    the workers (:class:`gcflows.progress.Interrupted`)."""
+    jobs = initial_jobs(setup, ctx, args.skip_training)
+    total = len(jobs) + (0 if args.skip_training else 2)
+    out = JobResults()
+    with (
+        Progress(total, "toy_discrepancy", quiet=args.quiet) as progress,
+        JobPool(run_job, args.workers, progress) as pool,
+    ):
+        kinds = {}
+        for job in jobs:
+            kinds[job_label(job)] = job["kind"]
+            pool.submit(job, job_label(job))
+        for label, res in pool.results():
+            out.job_s[label] = res["job_s"]
+            out.cpu_s[label] = res["cpu_s"]
+            kind = kinds[label]
+            if kind == "train":
+                out.train.append(res)
+                for nxt in follow_up_jobs(res, setup):
+                    kinds[job_label(nxt)] = nxt["kind"]
+                    pool.submit(nxt, job_label(nxt))
+            elif kind == "theory":
+                out.theory.append(res)
+            else:
+                out.proxy_rows.extend(res["rows"])
     return out
 
 
-def theorem_checks(theory: dict, process) -> dict:
-    """The issue's "must show" items, from the numbers computed."""
-    checks = {}
+# ------------------------------------------------------------------------------------------------
+# section 1: Theorem 1
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TheoryResult:
+    """Theorem 1 on one network (:func:`theorem1_job`)."""
+
+    label: str
+    seed: int
+    r_theta_alpha2: Interval
+    r_theta_alpha1: Interval
+    limits: dict[str, Interval]
+    gaps: list[dsc.GapResult]
+    grads: list[dsc.GradientGapResult]
+    job_s: float
+    cpu_s: float = 0.0
+
+    def gap(self, distance: str, n: int) -> dsc.GapResult:
+        return next(g for g in self.gaps if g.distance == distance and g.n_intervals == n)
+
+    def grad(self, distance: str, n: int) -> dsc.GradientGapResult:
+        return next(g for g in self.grads if g.distance == distance and g.n_intervals == n)
+
+
+def theorem1_section(raw: list[dict]) -> dict[str, TheoryResult]:
+    """The networks' results, the random initialisation first."""
+    results = [TheoryResult(**r) for r in raw]
+    results.sort(key=lambda r: r.label != "random init")
+    return {r.label: r for r in results}
+
+
+def _independent_ratio(gap: Interval, lim: Interval) -> Interval:
+    """scaled gap / limit from independent draws: relative standard errors added in quadrature."""
+    ratio = gap.mean / lim.mean
+    rel = math.hypot(gap.se / gap.mean, lim.se / lim.mean)
+    return Interval(ratio, abs(ratio) * rel, min(gap.n, lim.n))
+
+
+def theorem_checks(theory: dict[str, TheoryResult]) -> dict[str, dict]:
+    """What Theorem 1 predicts, from the numbers computed, per network."""
+    checks_out = {}
     for label, res in theory.items():
-        gaps = {(g["distance"], g["N"]): g for g in res["gaps"]}
-        n_top = max(n for (_, n) in gaps)
-        l2 = gaps[("squared_l2", 1280)]
-        lim = res["limits"]["squared_l2"]
-        # independent comparison: scaled gap (its own draws) / C T R (r_theta's own draws)
-        ratio_ind = l2["scaled_gap"]["mean"] / lim["mean"]
-        rel_se = math.hypot(
-            l2["scaled_gap"]["se"] / l2["scaled_gap"]["mean"], lim["se"] / lim["mean"]
-        )
-        grads = {(g["distance"], g["N"]): g for g in res["grads"]}
-        g_ns = sorted({n for (_, n) in grads})
+        n_top = max(g.n_intervals for g in res.gaps)
+        l2 = res.gap("squared_l2", 1280)
+        g_ns = sorted({g.n_intervals for g in res.grads})
         n_grad = 1280 if 1280 in g_ns else g_ns[-1]
-        checks[label] = {
-            "alpha2_ratio_at_1280_same_draws": l2["ratio"],
+        a1, a2 = res.grad("l2_norm", n_grad), res.grad("squared_l2", n_grad)
+        a2_first = res.grad("squared_l2", g_ns[0])
+        checks_out[label] = {
+            "alpha2_ratio_at_1280_same_draws": l2.ratio,
             "alpha2_within_5pct_at_1280": bool(
-                abs(l2["ratio"]["ci95"][0] - 1) < 0.05 and abs(l2["ratio"]["ci95"][1] - 1) < 0.05
+                abs(l2.ratio.lo - 1) < 0.05 and abs(l2.ratio.hi - 1) < 0.05
             ),
-            "alpha2_ratio_at_1280_independent": {
-                "mean": ratio_ind,
-                "se": ratio_ind * rel_se,
-                "ci95": [ratio_ind * (1 - 1.96 * rel_se), ratio_ind * (1 + 1.96 * rel_se)],
-            },
-            "alpha1_ratio_at_1280": gaps[("l2_norm", 1280)]["ratio"],
-            "pseudo_huber_ratio_at_1280": gaps[("pseudo_huber", 1280)]["ratio"],
-            f"pseudo_huber_ratio_at_{n_top}": gaps[("pseudo_huber", n_top)]["ratio"],
+            "alpha2_ratio_at_1280_independent": _independent_ratio(
+                l2.scaled_gap, res.limits["squared_l2"]
+            ),
+            "alpha1_ratio_at_1280": res.gap("l2_norm", 1280).ratio,
+            "pseudo_huber_ratio_at_1280": res.gap("pseudo_huber", 1280).ratio,
+            f"pseudo_huber_ratio_at_{n_top}": res.gap("pseudo_huber", n_top).ratio,
             "grad_N": n_grad,
-            "grad_alpha1_relative": grads[("l2_norm", n_grad)]["relative_debiased"],
-            "grad_alpha1_noise": grads[("l2_norm", n_grad)]["noise"],
-            "grad_alpha2_relative_cv_first": grads[("squared_l2", g_ns[0])]["relative_cv"],
-            "grad_alpha2_relative_cv_at_N": grads[("squared_l2", n_grad)]["relative_cv"],
-            "grad_alpha2_relative_plain_at_N": grads[("squared_l2", n_grad)]["relative"],
-            "grad_alpha2_noise_plain_at_N": grads[("squared_l2", n_grad)]["noise"],
-            "grad_alpha1_bounded_away": bool(
-                grads[("l2_norm", n_grad)]["relative"] > 3 * grads[("l2_norm", n_grad)]["noise"]
-            ),
-            "grad_alpha2_shrinks": bool(
-                grads[("squared_l2", n_grad)]["relative_cv"]
-                < 0.1 * grads[("squared_l2", g_ns[0])]["relative_cv"]
-            ),
+            "grad_alpha1_relative": a1.relative_debiased,
+            "grad_alpha1_noise": a1.noise,
+            "grad_alpha2_relative_cv_first": a2_first.relative_cv,
+            "grad_alpha2_relative_cv_at_N": a2.relative_cv,
+            "grad_alpha2_relative_plain_at_N": a2.relative,
+            "grad_alpha2_noise_plain_at_N": a2.noise,
+            "grad_alpha1_bounded_away": bool(a1.relative > 3 * a1.noise),
+            "grad_alpha2_shrinks": bool(a2.relative_cv < 0.1 * a2_first.relative_cv),
         }
-    return checks
+    return checks_out
+
+
+# ------------------------------------------------------------------------------------------------
+# section 2: the proxy R~_t
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ProxySummary:
+    """``R~_t`` per coupling and time, the k-NN estimator against the exact IC value, and the
+    ordering of the couplings."""
+
+    times: list[float]
+    by_coupling: dict[str, list[Interval]]
+    knn_relative_error_on_ic: list[float]
+    knn_z_score_on_ic: list[float]
+    knn_max_abs_relative_error: float
+    knn_max_abs_z: float
+    large_t_ordering: dict[str, dict]
+    ordering_by_t: list[str]
 
 
 def _ordering(values: dict) -> str:
@@ -542,80 +744,122 @@ def _ordering(values: dict) -> str:
     return " < ".join(k for k, _ in sorted(values.items(), key=lambda kv: kv[1]))
 
 
-def proxy_summary(rows: list[dict], process) -> dict:
-    by = {}
+def proxy_section(rows: list[dict], process) -> ProxySummary:
+    by: dict[str, dict[float, Interval]] = {}
     for r in rows:
-        by.setdefault(r["coupling"], {})[r["t"]] = r
+        by.setdefault(r["coupling"], {})[r["t"]] = r["estimate"]
     times = sorted(by["ic_exact"])
-    rel, z = [], []
-    for t in times:
-        ex, kn = by["ic_exact"][t], by["ic_knn"][t]
-        rel.append(kn["mean"] / ex["mean"] - 1.0)
-        z.append((kn["mean"] - ex["mean"]) / math.hypot(kn["se"], ex["se"]))
+    ex, kn = [by["ic_exact"][t] for t in times], [by["ic_knn"][t] for t in times]
+    rel = [k.mean / e.mean - 1.0 for e, k in zip(ex, kn, strict=True)]
+    z = [(k.mean - e.mean) / math.hypot(k.se, e.se) for e, k in zip(ex, kn, strict=True)]
     large = [t for t in times if t >= 0.2 * process.t_max]
     order = {}
     for gc in ("gc_ideal", "gc_trained"):
-        if gc not in by:
-            continue
-        holds = [by[gc][t]["mean"] < by["ot"][t]["mean"] < by["ic_exact"][t]["mean"] for t in large]
-        order[gc] = {
-            "times": large,
-            "holds": holds,
-            "all_hold": bool(all(holds)),
-            "at_t_max": {
-                c: {"mean": by[c][times[-1]]["mean"], "se": by[c][times[-1]]["se"]}
-                for c in ("ic_exact", "ot", gc)
-            },
-        }
+        if gc in by:
+            holds = [by[gc][t].mean < by["ot"][t].mean < by["ic_exact"][t].mean for t in large]
+            order[gc] = {
+                "times": large,
+                "holds": holds,
+                "all_hold": bool(all(holds)),
+                "at_t_max": {c: by[c][times[-1]] for c in ("ic_exact", "ot", gc)},
+            }
     names = [c for c in ("ic_exact", "ot", "gc_ideal", "gc_trained") if c in by]
-    ordering = [_ordering({c: by[c][t]["mean"] for c in names}) for t in times]
-    return {
-        "times": times,
-        "knn_relative_error_on_ic": rel,
-        "knn_z_score_on_ic": z,
-        "knn_max_abs_relative_error": float(np.max(np.abs(rel))),
-        "knn_max_abs_z": float(np.max(np.abs(z))),
-        "large_t_ordering": order,
-        "ordering_by_t": ordering,
-        "by_coupling": {
-            c: {"mean": [by[c][t]["mean"] for t in times], "se": [by[c][t]["se"] for t in times]}
-            for c in by
+    return ProxySummary(
+        times=times,
+        by_coupling={c: [by[c][t] for t in times] for c in by},
+        knn_relative_error_on_ic=rel,
+        knn_z_score_on_ic=z,
+        knn_max_abs_relative_error=float(np.max(np.abs(rel))),
+        knn_max_abs_z=float(np.max(np.abs(z))),
+        large_t_ordering=order,
+        ordering_by_t=[_ordering({c: by[c][t].mean for c in names}) for t in times],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# section 3: training head to head
+# ------------------------------------------------------------------------------------------------
+CURVE_METRICS = ("w2", "consistency_error", "mode_balance_tv", "outlier_fraction", "r_theta")
+
+
+@dataclass
+class MethodSummary:
+    """One method over seeds: metric curves and final values (Student-t intervals over seeds)."""
+
+    mu: float
+    steps: list[int]
+    curves: dict[str, list[Interval | None]]
+    final: dict[str, Interval | None]
+    per_seed_final: dict[str, list]
+    consistency_by_t: dict[str, list]
+    train_s: list[float]
+    denoiser_s: list[float]
+
+
+def _metric(ev: dict, metric: str) -> float:
+    return ev[metric].mean if metric == "r_theta" else ev[metric]
+
+
+def summarise_method(runs: list[dict]) -> MethodSummary:
+    runs = sorted(runs, key=lambda r: r["seed"])
+    steps = [e["step"] for e in runs[0]["evals"]]
+    curves = {
+        m: [mean_interval([_metric(r["evals"][i], m) for r in runs]) for i in range(len(steps))]
+        for m in CURVE_METRICS
+    }
+    per_t = np.asarray([r["evals"][-1]["consistency_by_t"]["mse"] for r in runs])
+    by_t = [mean_interval(per_t[:, j].tolist()) for j in range(per_t.shape[1])]
+    last = [r["evals"][-1] for r in runs]
+    return MethodSummary(
+        mu=runs[0]["mu"],
+        steps=steps,
+        curves=curves,
+        final={m: c[-1] for m, c in curves.items()},
+        per_seed_final={
+            "seeds": [r["seed"] for r in runs],
+            **{m: [_metric(e, m) for e in last] for m in CURVE_METRICS if m != "outlier_fraction"},
         },
+        consistency_by_t={
+            "times": last[0]["consistency_by_t"]["times"],
+            "mean": [b.mean for b in by_t],
+            "se": [b.se for b in by_t],
+        },
+        train_s=[r["train_s"] for r in runs],
+        denoiser_s=[r["denoiser_s"] for r in runs],
+    )
+
+
+def training_section(train_results: list[dict]) -> dict[str, MethodSummary]:
+    if not train_results:
+        return {}
+    return {
+        name: summarise_method([r for r in train_results if r["name"] == name])
+        for name, *_ in METHODS
     }
 
 
 # ------------------------------------------------------------------------------------------------
 # figures
 # ------------------------------------------------------------------------------------------------
-def make_figures(run_dir: Path, theory: dict, proxy: dict, training: dict, samples, ctx) -> list:
+def figure_theorem1(run_dir: Path, theory: dict[str, TheoryResult]) -> list[Path]:
+    """scaled_gap.png (per network and distance), gap_ratio.png, gradient_gap.png."""
     from gcflows import plotting as pl
 
-    figs = []
-    panels, hlines, logy = {}, {}, {}
+    panels, hlines, logy, ratios, grads = {}, {}, {}, {}, {}
     for label, res in theory.items():
-        for name in DISTANCES:
-            rows = [g for g in res["gaps"] if g["distance"] == name]
+        ratios[label], grads[label] = [], []
+        for k, name in enumerate(DISTANCES):
+            rows = [g for g in res.gaps if g.distance == name]
+            ns = [g.n_intervals for g in rows]
             key = f"{label}: {name}"
-            panels[key] = [
-                pl.Curve(
-                    [g["N"] for g in rows],
-                    [g["scaled_gap"]["mean"] for g in rows],
-                    [g["scaled_gap"]["ci95"][0] for g in rows],
-                    [g["scaled_gap"]["ci95"][1] for g in rows],
-                    label="N^a (L_CT - L_CD)",
-                )
-            ]
-            lim = res["limits"][name]
-            hlines[key] = [
-                {
-                    "y": lim["mean"],
-                    "lo": lim["ci95"][0],
-                    "hi": lim["ci95"][1],
-                    "label": "C T^(a-1) R(theta)",
-                }
-            ]
+            gaps = [g.scaled_gap for g in rows]
+            panels[key] = [pl.Curve.from_intervals(ns, gaps, "N^a (L_CT - L_CD)")]
+            lim = res.limits[name]
+            hlines[key] = [{"y": lim.mean, "lo": lim.lo, "hi": lim.hi, "label": "C T^(a-1) R"}]
             logy[key] = name == "pseudo_huber"
-    figs.append(
+            ratios[label].append(pl.Curve.from_intervals(ns, [g.ratio for g in rows], name))
+            grads[label].extend(_gradient_curves(pl, res, name, f"C{k}"))
+    figs = [
         pl.plot_panels(
             panels,
             run_dir / "scaled_gap.png",
@@ -626,147 +870,253 @@ def make_figures(run_dir: Path, theory: dict, proxy: dict, training: dict, sampl
             hlines=hlines,
             ncols=3,
             suptitle="Theorem 1: scaled loss gap against N (95% intervals)",
-        )
-    )
-    panels = {}
-    for label, res in theory.items():
-        curves = []
-        for name in DISTANCES:
-            rows = [g for g in res["gaps"] if g["distance"] == name]
-            curves.append(
-                pl.Curve(
-                    [g["N"] for g in rows],
-                    [g["ratio"]["mean"] for g in rows],
-                    [g["ratio"]["ci95"][0] for g in rows],
-                    [g["ratio"]["ci95"][1] for g in rows],
-                    label=name,
-                )
-            )
-        panels[label] = curves
-    figs.append(
+        ),
         pl.plot_panels(
-            panels,
+            ratios,
             run_dir / "gap_ratio.png",
             xlabel="N (intervals)",
             ylabel="N^a (L_CT - L_CD) / (C T^(a-1) R)",
             logx=True,
-            hlines={k: [{"y": 1.0, "lo": 0.95, "hi": 1.05, "label": "1 +- 5%"}] for k in panels},
             ncols=2,
-        )
-    )
-    panels = {}
-    for label, res in theory.items():
-        curves = []
-        for k, name in enumerate(DISTANCES):
-            rows = [g for g in res["grads"] if g["distance"] == name]
-            ns = [g["N"] for g in rows]
-            color = f"C{k}"
-            curves.append(
-                pl.Curve(ns, [g["relative"] for g in rows], label=name, style={"color": color})
-            )
-            curves.append(
-                pl.Curve(
-                    ns,
-                    [g["noise"] for g in rows],
-                    label=f"{name}: MC noise floor",
-                    style={"linestyle": ":", "marker": None, "color": color},
-                )
-            )
-            if rows and rows[0]["relative_cv"] is not None:
-                curves.append(
-                    pl.Curve(
-                        ns,
-                        [g["relative_cv"] for g in rows],
-                        label=f"{name}: zero-mean control variate removed",
-                        style={"linestyle": "--", "marker": "s", "color": color},
-                    )
-                )
-        panels[label] = curves
-    figs.append(
+            hlines={k: [{"y": 1.0, "lo": 0.95, "hi": 1.05, "label": "1 +- 5%"}] for k in ratios},
+        ),
         pl.plot_panels(
-            panels,
+            grads,
             run_dir / "gradient_gap.png",
             xlabel="N (intervals)",
             ylabel="||grad L_CT - grad L_CD|| / ||grad L_CD||",
             logx=True,
             logy=True,
             ncols=2,
+        ),
+    ]
+    return figs
+
+
+def _gradient_curves(pl, res: TheoryResult, name: str, color: str) -> list:
+    rows = [g for g in res.grads if g.distance == name]
+    ns = [g.n_intervals for g in rows]
+    curves = [
+        pl.Curve(ns, [g.relative for g in rows], label=name, style={"color": color}),
+        pl.Curve(
+            ns,
+            [g.noise for g in rows],
+            label=f"{name}: MC noise floor",
+            style={"linestyle": ":", "marker": None, "color": color},
+        ),
+    ]
+    if rows and rows[0].relative_cv is not None:
+        curves.append(
+            pl.Curve(
+                ns,
+                [g.relative_cv for g in rows],
+                label=f"{name}: zero-mean control variate removed",
+                style={"linestyle": "--", "marker": "s", "color": color},
+            )
         )
+    return curves
+
+
+def figure_proxy(run_dir: Path, proxy: ProxySummary) -> Path:
+    from gcflows import plotting as pl
+
+    curves = [pl.Curve.from_intervals(proxy.times, v, c) for c, v in proxy.by_coupling.items()]
+    return pl.plot_curves(
+        curves,
+        run_dir / "proxy_rtilde.png",
+        xlabel="t",
+        ylabel="R~_t = E||xdot - v_t||^2",
+        logx=True,
+        logy=True,
+        title="Proxy R~_t per coupling (95% intervals)",
     )
-    curves = []
-    for c, vals in proxy["by_coupling"].items():
-        m, s = np.asarray(vals["mean"]), np.asarray(vals["se"])
-        curves.append(pl.Curve(proxy["times"], m, m - 1.96 * s, m + 1.96 * s, label=c))
-    figs.append(
-        pl.plot_curves(
-            curves,
-            run_dir / "proxy_rtilde.png",
-            xlabel="t",
-            ylabel="R~_t = E||xdot - v_t||^2",
-            logx=True,
-            logy=True,
-            title="Proxy R~_t per coupling (95% intervals)",
-        )
-    )
-    if not training:
-        return [str(f.name) for f in figs]
-    panels = {}
-    names = {
-        "w2": "exact W2 (one-step)",
-        "consistency_error": "consistency error",
-        "mode_balance_tv": "mode balance (TV)",
-        "r_theta": "R(theta), alpha 2",
+
+
+TRAINING_PANELS = {
+    "w2": "exact W2 (one-step)",
+    "consistency_error": "consistency error",
+    "mode_balance_tv": "mode balance (TV)",
+    "r_theta": "R(theta), alpha 2",
+}
+
+
+def figure_training(
+    run_dir: Path, training: dict[str, MethodSummary], samples: dict, ctx: EvalContext
+) -> list[Path]:
+    """training_curves.png, consistency_vs_t.png, samples.png, trajectories.png."""
+    from gcflows import plotting as pl
+
+    panels = {
+        title: [
+            pl.Curve.from_intervals(res.steps, res.curves[metric], method, band="se")
+            for method, res in training.items()
+        ]
+        for metric, title in TRAINING_PANELS.items()
     }
-    for metric, title in names.items():
-        curves = []
-        for method, res in training.items():
-            m = np.asarray([c["mean"] for c in res["curves"][metric]])
-            s = np.nan_to_num(np.asarray([c["se"] for c in res["curves"][metric]]))
-            curves.append(pl.Curve(res["steps"], m, m - s, m + s, label=method))
-        panels[title] = curves
-    figs.append(
+    logy = {TRAINING_PANELS[m]: True for m in ("w2", "consistency_error", "r_theta")}
+    by_t = [
+        pl.Curve(res.consistency_by_t["times"], res.consistency_by_t["mean"], label=method)
+        for method, res in training.items()
+    ]
+    reference = ctx.w2_target.numpy()
+    return [
         pl.plot_panels(
             panels,
             run_dir / "training_curves.png",
             xlabel="step",
-            logy={names["w2"]: True, names["consistency_error"]: True, names["r_theta"]: True},
+            logy=logy,
             ncols=2,
             suptitle="Training head to head (mean +- se over seeds)",
-        )
-    )
-    curves = []
-    for method, res in training.items():
-        cb = res["consistency_by_t"]
-        curves.append(pl.Curve(cb["times"], cb["mean"], label=method))
-    figs.append(
+        ),
         pl.plot_curves(
-            curves,
+            by_t,
             run_dir / "consistency_vs_t.png",
             xlabel="t",
             ylabel="E||f(x_t, t) - flow map(x_t, t)||^2",
             logx=True,
             logy=True,
             title="Consistency error at the end of training",
-        )
-    )
-    figs.append(
+        ),
         pl.plot_scatter_grid(
             samples["samples"],
             run_dir / "samples.png",
-            reference=ctx["w2_target"].numpy(),
+            reference=reference,
             suptitle="One-step samples (first seed)",
-        )
-    )
-    figs.append(
+        ),
         pl.plot_trajectories(
             samples["trajectory"],
             run_dir / "trajectories.png",
-            endpoints=ctx["trajectory"]["endpoints"].numpy(),
-            reference=ctx["w2_target"].numpy(),
+            endpoints=ctx.trajectory["endpoints"].numpy(),
+            reference=reference,
             suptitle="f(x_t, t) along exact PF-ODE paths (t_max -> t_min); stars: exact endpoints",
+        ),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# files and tables
+# ------------------------------------------------------------------------------------------------
+def _row(section: str, subject: str, quantity: str, value, x=None, distance=None, **extra) -> dict:
+    """One line of results.csv; an Interval fills value, se, ci_lo, ci_hi."""
+    row = {
+        "section": section,
+        "subject": subject,
+        "distance": distance,
+        "x": x,
+        "quantity": quantity,
+    }
+    if isinstance(value, Interval):
+        row.update(value=value.mean, se=value.se, ci_lo=value.lo, ci_hi=value.hi)
+    else:
+        row["value"] = value
+    row.update(extra)
+    return row
+
+
+def csv_rows(
+    theory: dict[str, TheoryResult], proxy: ProxySummary, training: dict[str, MethodSummary]
+) -> list[dict]:
+    rows = []
+    for label, res in theory.items():
+        for g in res.gaps:
+            for q in ("scaled_gap", "ratio"):
+                value = getattr(g, q)
+                rows.append(_row("theorem1_gap", label, q, value, g.n_intervals, g.distance))
+        for g in res.grads:
+            for q in ("relative", "relative_debiased", "relative_cv"):
+                se = g.noise if q == "relative" else None
+                rows.append(
+                    _row("theorem1_grad", label, q, getattr(g, q), g.n_intervals, g.distance, se=se)
+                )
+        for name, lim in res.limits.items():
+            rows.append(_row("theorem1_limit", label, "C T^(a-1) R", lim, distance=name))
+    for coupling, estimates in proxy.by_coupling.items():
+        for t, est in zip(proxy.times, estimates, strict=True):
+            rows.append(_row("proxy", coupling, "R~_t", est, t))
+    for method, res in training.items():
+        for metric, curve in res.curves.items():
+            for step, c in zip(res.steps, curve, strict=True):
+                rows.append(_row("training", method, metric, c, step))
+    return rows
+
+
+def _fmt(est: Interval, digits: int = 4) -> str:
+    return f"{est.mean:.{digits}g} [{est.lo:.{digits}g}, {est.hi:.{digits}g}]"
+
+
+def _pm(est: Interval | None, digits: int = 4) -> str:
+    if est is None:
+        return "-"
+    se = "-" if not math.isfinite(est.se) else f"{est.se:.2g}"
+    return f"{est.mean:.{digits}g} +- {se}"
+
+
+def print_theorem1(checks_by_label: dict[str, dict]) -> None:
+    rows = []
+    for label, c in checks_by_label.items():
+        n_top = next(k for k in c if k.startswith("pseudo_huber_ratio_at_") and "1280" not in k)
+        rows.append(
+            {
+                "network": label,
+                "a=2 ratio@1280 (95% CI)": _fmt(c["alpha2_ratio_at_1280_same_draws"]),
+                "within 5%": c["alpha2_within_5pct_at_1280"],
+                "a=1 ratio@1280": _fmt(c["alpha1_ratio_at_1280"]),
+                "pH ratio@1280": f"{c['pseudo_huber_ratio_at_1280'].mean:.3g}",
+                f"pH ratio@{n_top.split('_')[-1]}": f"{c[n_top].mean:.3g}",
+                f"grad a=1 rel@{c['grad_N']}": f"{c['grad_alpha1_relative']:.3g}"
+                f" (noise {c['grad_alpha1_noise']:.2g})",
+                f"grad a=2 rel (CV) N=10 -> {c['grad_N']}": (
+                    f"{c['grad_alpha2_relative_cv_first']:.3g}"
+                    f" -> {c['grad_alpha2_relative_cv_at_N']:.3g}"
+                ),
+            }
         )
+    print_table(rows, title="\nTheorem 1 (ratio = N^a (L_CT - L_CD) / (C T^(a-1) R(theta)))")
+
+
+def print_proxy(p: ProxySummary) -> None:
+    rows = []
+    for j, t in enumerate(p.times):
+        row = {"t": f"{t:.3g}"}
+        for c in ("ic_exact", "ic_knn", "ot", "gc_ideal", "gc_trained"):
+            if c in p.by_coupling:
+                est = p.by_coupling[c][j]
+                row[c] = f"{est.mean:.3g} +- {est.se:.1g}"
+        row["order (increasing)"] = p.ordering_by_t[j]
+        rows.append(row)
+    holds = ", ".join(
+        f"{gc}: {sum(o['holds'])}/{len(o['holds'])}" for gc, o in p.large_t_ordering.items()
     )
-    return [str(f.name) for f in figs]
+    print_table(
+        rows,
+        title=(
+            f"\nProxy R~_t = E||xdot - v_t||^2 (k-NN on IC: max |rel. error| "
+            f"{p.knn_max_abs_relative_error:.3g}, max |z| {p.knn_max_abs_z:.2g}); "
+            f"GC < OT < IC at t >= 0.2 t_max: {holds}"
+        ),
+    )
+
+
+def print_training(training: dict[str, MethodSummary], n_seeds: int, total_s: float) -> None:
+    rows = []
+    for method, r in training.items():
+        f = r.final
+        rows.append(
+            {
+                "method": method,
+                "W2": _pm(f["w2"]),
+                "consistency err": _pm(f["consistency_error"], 3),
+                "mode TV": _pm(f["mode_balance_tv"], 3),
+                "outliers": f"{f['outlier_fraction'].mean:.3g}",
+                "R(theta)": f"{f['r_theta'].mean:.3g}",
+                "train s": f"{np.mean(r.train_s):.1f}",
+            }
+        )
+    print_table(
+        rows,
+        title=f"\nTraining head to head (final step, mean +- se over {n_seeds} seeds); "
+        f"total wall time {total_s:.1f} s",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -778,314 +1128,84 @@ def main(argv=None) -> dict:
     setup = build_setup(args)
     run_dir = make_run_dir(args.out, "toy_discrepancy")
     write_config(run_dir, args, seed=args.seeds, setup=setup, methods=[m[0] for m in METHODS])
-    target, process = problem(setup)
-    base = args.seeds[0]
+    _, process = problem(setup)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-    # shared evaluation context (drawn once from the first seed)
-    g = seeded(base, 11)
-    w2_target = target.sample(setup["n_eval"], g)
-    w2_floor = exact_w2(w2_target, target.sample(setup["n_eval"], g))
-    ref_times = log_times(process, setup["ref_times"])
-    # rtol 1e-4: squared errors ~1e-8, far below any consistency error measured here; tighter
-    # tolerances cost minutes (paths near the boundary between modes are stiff at small t)
-    reference = dsc.flow_map_reference(
-        target,
-        process,
-        ref_times,
-        setup["ref_per_time"],
-        generator=seeded(base, 12),
-        rtol=1e-4,
-        atol=1e-6,
-    )
-    n_traj, n_tt = setup["n_traj"], setup["traj_times"]
-    g = seeded(base, 13)
-    x_top = process.interpolate(
-        target.sample(n_traj, g),
-        torch.randn(n_traj, 2, generator=g, dtype=torch.float64),
-        process.t_max,
-    )
-    tt = torch.tensor(log_times(process, n_tt, lo_factor=1.0)[::-1], dtype=torch.float64)
-    xs = x_top.repeat_interleave(n_tt, 0)
-    t_end = tt.repeat(n_traj)
-    path = target.flow_map(xs, process.t_max, process, t_end=t_end, rtol=1e-4, atol=1e-6)
-    endpoints = target.flow_map(x_top, process.t_max, process, rtol=1e-4, atol=1e-6)
-    stds = target.stds
-    radius = max(0.05, 10.0 * float(stds.max())) if stds is not None else 0.5
-    ctx = {
-        "w2_target": w2_target,
-        "reference": reference,
-        "mode_radius": radius,
-        "trajectory": {"x": path, "t": t_end, "shape": (n_traj, n_tt, 2), "endpoints": endpoints},
-    }
+    ctx = eval_context(setup)
     prep_s = time.perf_counter() - wall0
     print(
         f"[toy_discrepancy] {args.dataset}, {process.name} on [{process.t_min}, {process.t_max}], "
         f"seeds {args.seeds}, {setup['steps']} steps, {args.workers} workers -> {run_dir}",
         flush=True,
     )
-
-    jobs_first = [
-        {"kind": "train", "setup": setup, "ctx": ctx, "name": "gc_ideal", "seed": s}
-        for s in args.seeds
-    ]
-    jobs_first.append({"kind": "theory", "setup": setup, "seed": base, "label": "random init"})
-    jobs_first.append(
-        {
-            "kind": "proxy",
-            "setup": setup,
-            "seed": base,
-            "kinds": ["ic_exact", "ic_knn", "ot", "gc_ideal"],
-            "times": log_times(process, setup["proxy_times"]),
-        }
-    )
-    if args.skip_training:
-        jobs_first = [j for j in jobs_first if j["kind"] != "train"]
-    for name, *_ in () if args.skip_training else METHODS:
-        if name != "gc_ideal":
-            jobs_first.extend(
-                {"kind": "train", "setup": setup, "ctx": ctx, "name": name, "seed": s}
-                for s in args.seeds
-            )
-    results: list[dict] = []
-    timings: dict[str, float] = {}
     t_jobs = time.perf_counter()
-    if args.workers > 1:
-        executor = cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"))
-    else:
-        executor = InlineExecutor()
-    with executor:
-        pending = {executor.submit(run_job, j): j for j in jobs_first}
-        while pending:
-            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for fut in done:
-                pending.pop(fut)
-                res = fut.result()
-                results.append(res)
-                tag = res.get("name") or res.get("label") or res["kind"]
-                timings[f"{res['kind']}:{tag}:{res.get('seed', '')}"] = res["job_s"]
-                if res["kind"] == "train" and res["seed"] == base:
-                    if res["name"] == THEORY_MODEL_FROM:
-                        j2 = {
-                            "kind": "theory",
-                            "setup": setup,
-                            "seed": base,
-                            "label": f"trained ({THEORY_MODEL_FROM}, seed {base})",
-                            "state": res["ema_state"],
-                        }
-                        pending[executor.submit(run_job, j2)] = j2
-                    if res["name"] == GC_GENERATOR_FROM:
-                        j3 = {
-                            "kind": "proxy",
-                            "setup": setup,
-                            "seed": base,
-                            "kinds": ["gc_trained"],
-                            "state": res["ema_state"],
-                            "times": log_times(process, setup["proxy_times"]),
-                        }
-                        pending[executor.submit(run_job, j3)] = j3
-    jobs_s = time.perf_counter() - t_jobs
-
-    train_results = [r for r in results if r["kind"] == "train"]
-    theory = {
-        r["label"]: r
-        for r in sorted(
-            (r for r in results if r["kind"] == "theory"), key=lambda r: r["label"] != "random init"
+    try:
+        with signals_interrupt():
+            raw = run_jobs(setup, ctx, args)
+    except Interrupted as err:
+        print(
+            f"[toy_discrepancy] {err}: workers stopped, nothing written to {run_dir} "
+            "but config.json",
+            file=sys.stderr,
         )
-    }
-    proxy_rows = [row for r in results if r["kind"] == "proxy" for row in r["rows"]]
-    training = summarise_training(train_results, setup)
-    checks = theorem_checks(theory, process)
-    proxy = proxy_summary(proxy_rows, process)
-    samples = {
-        "samples": {r["name"]: r["samples"] for r in train_results if "samples" in r},
-        "trajectory": {r["name"]: r["trajectory"] for r in train_results if "trajectory" in r},
-    }
-    order = [m[0] for m in METHODS]
-    samples = {k: {n: v[n] for n in order if n in v} for k, v in samples.items()}
-    figures = make_figures(run_dir, theory, proxy, training, samples, ctx)
-
-    for res in theory.values():
-        res.pop("kind", None)
-    results_json = {
+        raise SystemExit(128 + err.signum) from None
+    jobs_s = time.perf_counter() - t_jobs
+    theory = theorem1_section(raw.theory)
+    checks_by_label = theorem_checks(theory)
+    proxy = proxy_section(raw.proxy_rows, process)
+    training = training_section(raw.train)
+    figures = figure_theorem1(run_dir, theory) + [figure_proxy(run_dir, proxy)]
+    if training:
+        figures += figure_training(run_dir, training, first_seed_samples(raw.train), ctx)
+    results = {
         "setting": {
             "dataset": args.dataset,
             "process": process.name,
             "t_min": process.t_min,
             "t_max": process.t_max,
             "seeds": args.seeds,
-            "w2_floor": w2_floor,
-            "mode_radius": radius,
+            "w2_floor": ctx.w2_floor,
+            "mode_radius": ctx.mode_radius,
         },
-        "theorem1": {"by_model": theory, "checks": checks},
-        "proxy": {**proxy, "rows": proxy_rows},
+        "theorem1": {"by_model": theory, "checks": checks_by_label},
+        "proxy": {"summary": proxy, "rows": raw.proxy_rows},
         "training": training,
-        "figures": figures,
+        "figures": [f.name for f in figures],
         "timing_s": {
             "total": time.perf_counter() - wall0,
             "preparation": prep_s,
             "jobs": jobs_s,
-            "per_job": timings,
+            "per_job": raw.job_s,
+            "per_job_cpu": raw.cpu_s,
         },
     }
-    rows = csv_rows(theory, proxy_rows, training)
-    write_results(run_dir, results_json, rows)
-    total = time.perf_counter() - wall0
-    print_summary(results_json, total, run_dir)
-    return results_json
+    write_results(run_dir, results, csv_rows(theory, proxy, training))
+    print_summary(run_dir, ctx, args, checks_by_label, proxy, training, time.perf_counter() - wall0)
+    return results
 
 
-def csv_rows(theory: dict, proxy_rows: list[dict], training: dict) -> list[dict]:
-    rows = []
-    for label, res in theory.items():
-        for g in res["gaps"]:
-            for q in ("scaled_gap", "ratio"):
-                rows.append(
-                    {
-                        "section": "theorem1_gap",
-                        "subject": label,
-                        "distance": g["distance"],
-                        "x": g["N"],
-                        "quantity": q,
-                        "value": g[q]["mean"],
-                        "se": g[q]["se"],
-                        "ci_lo": g[q]["ci95"][0],
-                        "ci_hi": g[q]["ci95"][1],
-                    }
-                )
-        for g in res["grads"]:
-            for q in ("relative", "relative_debiased", "relative_cv"):
-                rows.append(
-                    {
-                        "section": "theorem1_grad",
-                        "subject": label,
-                        "distance": g["distance"],
-                        "x": g["N"],
-                        "quantity": q,
-                        "value": g[q],
-                        "se": g["noise"] if q == "relative" else None,
-                    }
-                )
-        for name, lim in res["limits"].items():
-            rows.append(
-                {
-                    "section": "theorem1_limit",
-                    "subject": label,
-                    "distance": name,
-                    "quantity": "C T^(a-1) R",
-                    "value": lim["mean"],
-                    "se": lim["se"],
-                    "ci_lo": lim["ci95"][0],
-                    "ci_hi": lim["ci95"][1],
-                }
-            )
-    for r in proxy_rows:
-        rows.append(
-            {
-                "section": "proxy",
-                "subject": r["coupling"],
-                "x": r["t"],
-                "quantity": "R~_t",
-                "value": r["mean"],
-                "se": r["se"],
-                "ci_lo": r["ci95"][0],
-                "ci_hi": r["ci95"][1],
-            }
-        )
-    for method, res in training.items():
-        for metric, cur in res["curves"].items():
-            for step, c in zip(res["steps"], cur, strict=True):
-                rows.append(
-                    {
-                        "section": "training",
-                        "subject": method,
-                        "x": step,
-                        "quantity": metric,
-                        "value": c["mean"],
-                        "se": c["se"],
-                    }
-                )
-    return rows
+def first_seed_samples(train_results: list[dict]) -> dict:
+    """One-step samples and trajectories of the first seed, in the order of METHODS."""
+    order = [m[0] for m in METHODS]
+    have = [r for r in train_results if "samples" in r]
+    have.sort(key=lambda r: order.index(r["name"]))
+    return {
+        "samples": {r["name"]: r["samples"] for r in have},
+        "trajectory": {r["name"]: r["trajectory"] for r in have},
+    }
 
 
-def _fmt_ci(est: dict, digits: int = 4) -> str:
-    lo, hi = est["ci95"]
-    return f"{est['mean']:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-
-
-def print_summary(res: dict, total_s: float, run_dir: Path) -> None:
-    s = res["setting"]
+def print_summary(run_dir, ctx, args, checks_by_label, proxy, training, total_s: float) -> None:
     print(f"\nRun folder: {run_dir}")
     print(
-        f"Setting: {s['dataset']}, {s['process']} on [{s['t_min']}, {s['t_max']}], "
-        f"seeds {s['seeds']}; W2 floor (two target samples) {s['w2_floor']:.4g}"
+        f"Setting: {args.dataset}, seeds {args.seeds}; W2 floor (two target samples) "
+        f"{ctx.w2_floor:.4g}"
     )
-    rows = []
-    for label, c in res["theorem1"]["checks"].items():
-        n_top = [k for k in c if k.startswith("pseudo_huber_ratio_at_") and "1280" not in k][0]
-        rows.append(
-            {
-                "network": label,
-                "a=2 ratio@1280 (95% CI)": _fmt_ci(c["alpha2_ratio_at_1280_same_draws"]),
-                "within 5%": c["alpha2_within_5pct_at_1280"],
-                "a=1 ratio@1280": _fmt_ci(c["alpha1_ratio_at_1280"]),
-                "pH ratio@1280": f"{c['pseudo_huber_ratio_at_1280']['mean']:.3g}",
-                f"pH ratio@{n_top.split('_')[-1]}": f"{c[n_top]['mean']:.3g}",
-                f"grad a=1 rel@{c['grad_N']}": f"{c['grad_alpha1_relative']:.3g}"
-                f" (noise {c['grad_alpha1_noise']:.2g})",
-                f"grad a=2 rel (CV) N=10 -> {c['grad_N']}": (
-                    f"{c['grad_alpha2_relative_cv_first']:.3g}"
-                    f" -> {c['grad_alpha2_relative_cv_at_N']:.3g}"
-                ),
-            }
-        )
-    print_table(rows, title="\nTheorem 1 (ratio = N^a (L_CT - L_CD) / (C T^(a-1) R(theta)))")
-    p = res["proxy"]
-    rows = []
-    bc = p["by_coupling"]
-    for j, t in enumerate(p["times"]):
-        row = {"t": f"{t:.3g}"}
-        for c in ("ic_exact", "ic_knn", "ot", "gc_ideal", "gc_trained"):
-            if c in bc:
-                row[c] = f"{bc[c]['mean'][j]:.3g} +- {bc[c]['se'][j]:.1g}"
-        row["order (increasing)"] = p["ordering_by_t"][j]
-        rows.append(row)
-    holds = ", ".join(
-        f"{gc}: {sum(o['holds'])}/{len(o['holds'])}" for gc, o in p["large_t_ordering"].items()
-    )
-    print_table(
-        rows,
-        title=(
-            f"\nProxy R~_t = E||xdot - v_t||^2 (k-NN on IC: max |rel. error| "
-            f"{p['knn_max_abs_relative_error']:.3g}, max |z| {p['knn_max_abs_z']:.2g}); "
-            f"GC < OT < IC at t >= 0.2 t_max: {holds}"
-        ),
-    )
-    if not res["training"]:
+    print_theorem1(checks_by_label)
+    print_proxy(proxy)
+    if not training:
         print(f"\n(training skipped); total wall time {total_s:.1f} s")
         return
-    rows = []
-    for method, r in res["training"].items():
-        f = r["final"]
-        rows.append(
-            {
-                "method": method,
-                "W2": f"{f['w2']['mean']:.4g} +- {f['w2']['se']:.2g}",
-                "consistency err": f"{f['consistency_error']['mean']:.3g} +- "
-                f"{f['consistency_error']['se']:.2g}",
-                "mode TV": (
-                    f"{f['mode_balance_tv']['mean']:.3g} +- {f['mode_balance_tv']['se']:.2g}"
-                ),
-                "outliers": f"{f['outlier_fraction']['mean']:.3g}",
-                "R(theta)": f"{f['r_theta']['mean']:.3g}",
-                "train s": f"{np.mean(r['train_s']):.1f}",
-            }
-        )
-    print_table(
-        rows,
-        title=f"\nTraining head to head (final step, mean +- se over "
-        f"{len(s['seeds'])} seeds); total wall time {total_s:.1f} s",
-    )
+    print_training(training, len(args.seeds), total_s)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Noise-to-data transport cost of IC, batch-OT, Sinkhorn and GC, in 2D and high dimension, and
-Lemma 1 checked numerically (PAPER.md section 4; issue 6).
+Lemma 1 checked numerically (docs/paper.md section 4).
 
     python experiments/transport_cost.py                # default study (a few minutes on 2 CPUs)
     python experiments/transport_cost.py --quick        # smoke run (< 60 s)
@@ -38,22 +38,23 @@ to intra-op thread contention than it gains).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gcflows import gmm
+from gcflows import checks, gmm
 from gcflows import transport as T
 from gcflows.metrics import exact_w2
 from gcflows.processes import get_process
+from gcflows.progress import Progress
+from gcflows.records import check_writable, make_run_dir, print_table, write_config, write_results
+from gcflows.stats import Interval
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gcflows.records import make_run_dir, print_table, write_config, write_results
-
+PROCESSES = ("ve", "linear")
 BATCH_SIZES = (16, 128, 512, 2048)
 SWEEP_DIMS = (16, 64, 256, 3072)
 GAUSSIAN_MEAN = (0.3, -0.2)
@@ -181,15 +182,14 @@ def train_models(mix: gmm.GaussianMixture, process: str, steps: int, mu: float, 
 # the digits checkpoint
 # ------------------------------------------------------------------------------------------------
 def load_digits_model(path: str):
-    """The EMA model of a ``train_images.py`` digits checkpoint, and its process."""
+    """The EMA model of a ``train_images.py`` digits checkpoint, and its process.
+
+    The checkpoint is read and checked first (missing, corrupt, not a digits model: ValueError);
+    the network is then rebuilt by ``model_from_checkpoint`` of experiments/train_images.py (to
+    move into the library with the image-training code).
+    """
     from gcflows.training import TrainConfig, load_checkpoint
 
-    try:
-        from train_images import model_from_checkpoint
-    except ImportError as err:
-        raise ValueError(
-            f"--checkpoint needs experiments/train_images.py (model_from_checkpoint): {err}"
-        ) from None
     ckpt = load_checkpoint(path)  # ValueError when missing / corrupt / not gcflows
     config = TrainConfig.from_dict(ckpt["config"])
     data = (config.model or {}).get("data")
@@ -198,6 +198,12 @@ def load_digits_model(path: str):
             f"--checkpoint must be a digits model of experiments/train_images.py (model['data'] "
             f"== 'digits'), got {data!r}: the transport study evaluates the 8x8 digits only"
         )
+    try:
+        from train_images import model_from_checkpoint
+    except ImportError as err:
+        raise ValueError(
+            f"--checkpoint needs experiments/train_images.py (model_from_checkpoint): {err}"
+        ) from None
     model = model_from_checkpoint(ckpt, which="ema")
     process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
     return model, process, config
@@ -206,7 +212,7 @@ def load_digits_model(path: str):
 # ------------------------------------------------------------------------------------------------
 # comparisons
 # ------------------------------------------------------------------------------------------------
-def compare(a: T.CostEstimate, b: T.CostEstimate) -> str:
+def compare(a: Interval, b: Interval) -> str:
     """``<`` if a is below b with both intervals apart, ``>`` the reverse, ``~`` if they overlap."""
     if a.hi < b.lo:
         return "<"
@@ -215,13 +221,237 @@ def compare(a: T.CostEstimate, b: T.CostEstimate) -> str:
     return "~"
 
 
-def crossing_time(curve: T.CostCurve, level_cost: T.CostEstimate) -> float | None:
+def compare_zero(e: Interval) -> str:
+    """Sign of an interval: ``-`` (all below 0), ``+`` (all above), ``0?`` (contains 0)."""
+    return "-" if e.hi < 0 else ("+" if e.lo > 0 else "0?")
+
+
+def compare_gain(gain: Interval) -> str:
+    """Coupled cost against IC on the same batches, from the paired gain ``IC - cost``."""
+    return "<" if gain.lo > 0 else (">" if gain.hi < 0 else "~")
+
+
+def crossing_time(curve: T.CostCurve, level_cost: Interval) -> float | None:
     """Smallest grid time from which ``c(t)`` stays below ``level_cost`` (intervals apart)."""
     below = [p.hi < level_cost.lo for p in curve.points]
     for i in range(len(below)):
         if all(below[i:]):
             return float(curve.times[i])
     return None
+
+
+def _csv(name: str, dim: int, coupling: str, est: Interval, ic: float, **extra) -> dict:
+    """One line of results.csv."""
+    row = {
+        "dataset": name,
+        "dim": dim,
+        "process": "-",
+        "coupling": coupling,
+        "batch_size": None,
+        "t": None,
+        "cost": est.mean,
+        "lo": est.lo,
+        "hi": est.hi,
+        "ic": ic,
+        "relative": est.mean / ic,
+    }
+    row.update(extra)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# section 1-2: IC, batch-OT, Sinkhorn and the ideal GC cost per dataset
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DatasetResult:
+    """Costs of one dataset: IC, batch-OT per batch size, Sinkhorn, and ``c(t)`` of the ideal
+    flow map per process (with the first grid time from which it stays below batch-OT)."""
+
+    name: str
+    dim: int
+    kind: str
+    ic: Interval
+    batch_ot: list[T.BatchCost]
+    sinkhorn: T.BatchCost
+    gc_ideal: dict[str, T.CostCurve] = field(default_factory=dict)
+    gc_below_batch_ot_from_t: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    gc_checkpoint: dict | None = None
+
+    def csv_rows(self) -> list[dict]:
+        rows = [
+            _csv(self.name, self.dim, r.coupling, r.cost, r.ic.mean, batch_size=r.batch_size)
+            for r in self.batch_ot + [self.sinkhorn]
+        ]
+        rows.append(_csv(self.name, self.dim, "ic", self.ic, self.ic.mean))
+        for proc, curve in self.gc_ideal.items():
+            rows.extend(curve_rows(self.name, self.dim, proc, "gc_ideal", curve))
+        return rows
+
+
+def curve_rows(name: str, dim: int, proc: str, coupling: str, curve: T.CostCurve) -> list[dict]:
+    return [
+        _csv(
+            name,
+            dim,
+            coupling,
+            p,
+            curve.ic.mean,
+            process=proc,
+            t=t,
+            gain_lo=gain.lo,
+            gain_hi=gain.hi,
+        )
+        for t, p, gain in zip(curve.times.tolist(), curve.points, curve.gain, strict=True)
+    ]
+
+
+def dataset_section(ds: dict, profile: dict, args, g: torch.Generator) -> DatasetResult:
+    name, dim, source, mix = ds["name"], ds["dim"], ds["source"], ds["mixture"]
+    n_pairs = profile["ot_pairs_by_dim"].get(dim, profile["ot_pairs"])
+    ot = T.batch_ot_curve(
+        source,
+        None,
+        profile["batch_sizes"],
+        n_pairs=n_pairs,
+        generator=g,
+        min_batches=profile["ot_min_batches"],
+        level=args.level,
+    )
+    sk = T.sinkhorn_cost(
+        source,
+        None,
+        profile["sinkhorn_batch"],
+        profile["sinkhorn_batches"],
+        g,
+        reg=args.sinkhorn_reg,
+        level=args.level,
+    )
+    data = T.as_sampler(source)(8192, g)
+    ic = T.ic_cost(data, torch.randn(data.shape, generator=g, dtype=data.dtype), args.level)
+    res = DatasetResult(name, dim, ds["kind"], ic, ot, sk)
+    n_gc = profile["gc_n"].get(dim, 0) if mix is not None else 0
+    if ds["kind"] == "digits":
+        n_gc = args.digits_ideal
+    if mix is None or n_gc == 0:
+        return res
+    n_times = profile["gc_times_2d"] if ds["kind"] == "2d" else profile["gc_times_sweep"]
+    for proc in PROCESSES if ds["kind"] == "2d" else ("ve",):
+        times = T.sigma_grid(proc, n_times)
+        curve = T.gc_cost_curve(mix, mix, proc, times, n_gc, g, level=args.level, label="ideal")
+        res.gc_ideal[proc] = curve
+        res.gc_below_batch_ot_from_t[proc] = {
+            str(r.batch_size): crossing_time(curve, r.cost) for r in ot
+        }
+    return res
+
+
+def summary_row(res: DatasetResult) -> dict[str, Any]:
+    """The dataset's line of the summary table (costs relative to IC; GC at t_max)."""
+    row: dict[str, Any] = {"dataset": res.name, "d": res.dim, "IC": res.ic.mean}
+    for r in res.batch_ot:
+        row[f"OT{r.batch_size}/IC"] = r.cost.mean / res.ic.mean
+    row[f"SK{res.sinkhorn.batch_size}/IC"] = res.sinkhorn.cost.mean / res.ic.mean
+    top = {proc: c.points[-1] for proc, c in res.gc_ideal.items()}
+    for proc in PROCESSES:
+        row[f"GC({proc})/IC"] = top[proc].mean / res.ic.mean if proc in top else None
+    row["GC source"] = "ideal flow map" if top else "-"
+    row["OT vs IC"] = " ".join(compare_gain(r.gain) for r in res.batch_ot)
+    gc_ref = top.get("ve")
+    row["GC vs OT_B"] = (
+        " ".join(compare(gc_ref, r.cost) for r in res.batch_ot) if gc_ref is not None else "-"
+    )
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# section 1b: trained consistency models on the authors' 2D target
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainedResult:
+    """``c(t)`` of the ideal flow map and of the CT- and GC-trained models on the same pairs,
+    with the exact W2 of one-step samples (and of the ideal flow map's, the floor)."""
+
+    process: str
+    steps: int
+    ideal: T.CostCurve
+    curves: dict[str, T.CostCurve]
+    final_metrics: dict[str, dict]
+    w2_samples: dict[str, float]
+    w2_ideal_samples: float
+    mu: float
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        ideal = self.ideal
+        return [
+            {
+                "process": self.process,
+                "trained with": "GC" if method == "gc" else "IC (CT)",
+                "steps": self.steps,
+                "c(t_max)/IC": curve.points[-1].mean / curve.ic.mean,
+                "ideal c(t_max)/IC": ideal.points[-1].mean / ideal.ic.mean,
+                "mean |c - c_ideal|/IC": float(
+                    ((curve.mean - ideal.mean).abs() / ideal.ic.mean).mean()
+                ),
+                "train pair cost": self.final_metrics[method].get("pair_cost"),
+                "W2(samples, data)": self.w2_samples[method],
+                "W2 ideal (floor)": self.w2_ideal_samples,
+            }
+            for method, curve in self.curves.items()
+        ]
+
+
+def trained_section(proc: str, profile: dict, args) -> TrainedResult:
+    target = gmm.two_gaussians_1to2()
+    models = train_models(target, proc, args.train_steps, args.mu, args.seed)
+    times = T.sigma_grid(proc, profile["gc_times_2d"])
+    n = profile["train_eval_n"]
+
+    def curve_of(f, label: str) -> T.CostCurve:  # the same pairs for every f (same seed)
+        g = torch.Generator().manual_seed(args.seed + 7)
+        return T.gc_cost_curve(f, target, proc, times, n, g, level=args.level, label=label)
+
+    # one-step samples f(x_T, T) against fresh data, exact W2 on n points: a transport cost
+    # below the ideal one is only meaningful if the samples are the data's
+    w2_gen = torch.Generator().manual_seed(args.seed + 11)
+    p = get_process(proc)
+    start = target.sample(n, generator=w2_gen)
+    noise = torch.randn(start.shape, generator=w2_gen, dtype=start.dtype)
+    x_top = p.interpolate(start, noise, p.t_max)
+    reference = target.sample(n, generator=w2_gen)
+    w2 = {}
+    for method, (model, _) in models.items():
+        with torch.no_grad():
+            t_top = torch.full((n,), p.t_max, dtype=torch.float64)
+            w2[method] = exact_w2(model(x_top.float(), t_top).double(), reference)
+    return TrainedResult(
+        process=proc,
+        steps=args.train_steps,
+        ideal=curve_of(target, "ideal"),
+        curves={method: curve_of(model, method) for method, (model, _) in models.items()},
+        final_metrics={method: metrics for method, (_, metrics) in models.items()},
+        w2_samples=w2,
+        w2_ideal_samples=exact_w2(T.ideal_flow_map(target, x_top, p.t_max, p), reference),
+        mu=args.mu,
+    )
+
+
+def checkpoint_section(args, profile: dict, g: torch.Generator) -> dict[str, Any]:
+    """``c(t)`` of a trained digits model (``--checkpoint``)."""
+    from gcflows.data import load_digits
+
+    model, proc_obj, cfg = load_digits_model(args.checkpoint)
+    images, _ = load_digits("train", dtype=torch.float32)
+    times = T.sigma_grid(proc_obj, profile["gc_times_sweep"])
+    curve = T.gc_cost_curve(
+        model, images, proc_obj, times, args.checkpoint_n, g, level=args.level, label="checkpoint"
+    )
+    return {
+        "checkpoint": args.checkpoint,
+        "method": cfg.method,
+        "mu": cfg.mu,
+        "process": proc_obj.name,
+        "curve": curve,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,100 +462,90 @@ def _sigma(process: str, t: torch.Tensor) -> torch.Tensor:
     return p.b(t) / p.a(t)
 
 
-def figure_cost_vs_t(path: Path, process: str, panels: list[dict]) -> None:
+def _cost_panel(ax, panel: dict, process: str, colors) -> None:
+    """One dataset: IC, batch-OT and Sinkhorn levels, and each ``c(t)`` curve, relative to IC."""
+    ic = panel["ic"].mean
+    ax.axhline(1.0, color="k", lw=1.2, label="IC")
+    for c, res in zip(colors, panel["ot"], strict=False):
+        ax.axhline(res.cost.mean / ic, color=c, lw=1, ls="--", label=f"batch-OT {res.batch_size}")
+    sk = panel["sinkhorn"]
+    ax.axhline(
+        sk.cost.mean / ic, color="tab:orange", lw=1, ls=":", label=f"Sinkhorn {sk.batch_size}"
+    )
+    for label, curve, style in panel["curves"]:
+        # each curve relative to the IC cost of its own pairs (common random numbers)
+        x = _sigma(process, curve.times).numpy()
+        own = curve.ic.mean
+        ax.plot(x, (curve.mean / own).numpy(), style, label=label, lw=1.5, ms=3)
+        ax.fill_between(x, (curve.lo / own).numpy(), (curve.hi / own).numpy(), alpha=0.2)
+    ax.set_xscale("log")
+    p = get_process(process)
+    ends = _sigma(process, torch.tensor([p.t_min, p.t_max]))
+    ax.set_xlim(float(ends[0]) / 1.5, float(ends[1]) * 1.5)
+    if len(panel["curves"]) > 1:
+        lines = ax.get_lines()[-len(panel["curves"]) :]
+        ax.legend(lines, [c[0] for c in panel["curves"]], fontsize=6, loc="upper right")
+    ax.set_title(f"{panel['name']} (d={panel['dim']})", fontsize=9)
+    ax.set_xlabel("sigma = b(t)/a(t)")
+    ax.set_ylabel("cost / IC cost")
+
+
+def figure_cost_vs_t(path: Path, process: str, panels: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    from gcflows.plotting import finish_grid, panel_grid
+
+    fig, axes = panel_grid(len(panels), 4, (4.2, 3.4))
     colors = plt.cm.viridis(torch.linspace(0.0, 0.85, len(BATCH_SIZES)).tolist())
     for ax, panel in zip(axes.flat, panels, strict=False):
-        ic = panel["ic"].mean
-        ax.axhline(1.0, color="k", lw=1.2, label="IC")
-        for c, res in zip(colors, panel["ot"], strict=False):
-            ax.axhline(
-                res.cost.mean / ic, color=c, lw=1, ls="--", label=f"batch-OT {res.batch_size}"
-            )
-        if panel.get("sinkhorn") is not None:
-            sk = panel["sinkhorn"]
-            ax.axhline(
-                sk.cost.mean / ic,
-                color="tab:orange",
-                lw=1,
-                ls=":",
-                label=f"Sinkhorn {sk.batch_size}",
-            )
-        for label, curve, style in panel["curves"]:
-            # each curve relative to the IC cost of its own pairs (common random numbers)
-            x = _sigma(process, curve.times).numpy()
-            own = curve.ic.mean
-            ax.plot(x, (curve.mean / own).numpy(), style, label=label, lw=1.5, ms=3)
-            ax.fill_between(x, (curve.lo / own).numpy(), (curve.hi / own).numpy(), alpha=0.2)
-        ax.set_xscale("log")
-        ends = _sigma(
-            process, torch.tensor([get_process(process).t_min, get_process(process).t_max])
-        )
-        ax.set_xlim(float(ends[0]) / 1.5, float(ends[1]) * 1.5)
-        if len(panel["curves"]) > 1:
-            ax.legend(ax.get_lines()[-len(panel["curves"]) :], [c[0] for c in panel["curves"]],
-                      fontsize=6, loc="upper right")  # fmt: skip
-        ax.set_title(f"{panel['name']} (d={panel['dim']})", fontsize=9)
-        ax.set_xlabel("sigma = b(t)/a(t)")
-        ax.set_ylabel("cost / IC cost")
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(labels))
-    fig.suptitle(f"Transport cost against t ({process}): GC c(t) vs IC, batch-OT, Sinkhorn")
-    fig.tight_layout(rect=(0, 0.06 / rows, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _cost_panel(ax, panel, process, colors)
+    title = f"Transport cost against t ({process}): GC c(t) vs IC, batch-OT, Sinkhorn"
+    return finish_grid(fig, axes, len(panels), title, path, legend_below=True)
 
 
-def figure_ot_vs_batch(path: Path, rows: list[dict]) -> None:
+def figure_ot_vs_batch(path: Path, results: list[DatasetResult]) -> Path:
     import matplotlib.pyplot as plt
 
+    from gcflows.plotting import save
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, row in enumerate(rows):
+    for i, res in enumerate(results):
         color = plt.cm.tab10(i % 10)
-        ic = row["ic"].mean
-        bs = [r.batch_size for r in row["ot"]]
-        mean = [r.cost.mean / ic for r in row["ot"]]
-        err = [r.cost.halfwidth / ic for r in row["ot"]]
-        ax.errorbar(bs, mean, yerr=err, color=color, marker="o", ms=3, label=f"{row['name']}")
-        if row.get("gc_tmax") is not None:
-            ax.axhline(row["gc_tmax"].mean / ic, color=color, ls=":", lw=1)
+        ic = res.ic.mean
+        bs = [r.batch_size for r in res.batch_ot]
+        mean = [r.cost.mean / ic for r in res.batch_ot]
+        err = [r.cost.half_width / ic for r in res.batch_ot]
+        ax.errorbar(bs, mean, yerr=err, color=color, marker="o", ms=3, label=res.name)
+        if "ve" in res.gc_ideal:
+            ax.axhline(res.gc_ideal["ve"].points[-1].mean / ic, color=color, ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("batch-OT cost / IC cost")
     ax.set_title("batch-OT cost vs batch size (dotted: GC, ideal flow map, t_max)", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save(fig, path)
 
 
-def figure_lemma1(path: Path, checks: list[T.Lemma1Result]) -> None:
+def figure_lemma1(path: Path, checks: list[T.Lemma1Result]) -> Path:
     """Top: -c'(t) by finite differences and by Lemma 1 (log scale; intervals clipped at the
     axis). Bottom: the paired difference in standard errors, with the +-1.96 band."""
-    import matplotlib.pyplot as plt
+    from gcflows.plotting import finish_grid, panel_grid
 
-    fig, axes = plt.subplots(
-        2, len(checks), figsize=(4.3 * len(checks), 6.0), squeeze=False, sharex="col"
-    )
-    for k, res in enumerate(checks):
-        top, bottom = axes[0, k], axes[1, k]
+    k = len(checks)
+    fig, axes = panel_grid(2 * k, k, (4.3, 3.0), sharex="col")
+    for j, res in enumerate(checks):
+        top, bottom = axes[0, j], axes[1, j]
         x = _sigma(res.process, res.times).numpy()
         for est, fmt, shift, label in (
             (res.fd, "o", 1.0, "-c'(t), finite differences"),
             (res.lemma, "s", 1.1, "2 g E<J w, w> (Lemma 1)"),
         ):
             mean = torch.tensor([-e.mean for e in est])
-            half = torch.tensor([e.halfwidth for e in est])
-            keep = mean > 0
+            half = torch.tensor([e.half_width for e in est])
+            keep = (mean > 0).numpy()
             lower = torch.minimum(half, 0.999 * mean.clamp_min(0))
             top.errorbar(
-                (x * shift)[keep.numpy()],
+                (x * shift)[keep],
                 mean[keep].numpy(),
                 yerr=[lower[keep].numpy(), half[keep].numpy()],
                 fmt=fmt,
@@ -338,296 +558,15 @@ def figure_lemma1(path: Path, checks: list[T.Lemma1Result]) -> None:
         top.set_xscale("log")
         top.set_yscale("log")
         top.set_title(f"{res.label} ({res.process})", fontsize=9)
-        z = [d.mean / d.stderr if d.stderr > 0 else 0.0 for d in res.diff]
         bottom.axhspan(-1.96, 1.96, color="0.85")
-        bottom.plot(x, z, "o-", ms=4)
+        bottom.plot(x, [d.mean / d.se if d.se > 0 else 0.0 for d in res.diff], "o-", ms=4)
         bottom.set_xscale("log")
         bottom.set_xlabel("sigma = b(t)/a(t)")
     axes[0, 0].set_ylabel("-c'(t)")
-    axes[1, 0].set_ylabel("(FD - Lemma) / stderr")
+    axes[1, 0].set_ylabel("(FD - Lemma) / se")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Lemma 1: slope of the measured c(t) against -2 g E<J w, w> (95 % intervals)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------
-# the study
-# ------------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    t_start = time.time()
-    profile = dict(PROFILES["quick" if args.quick else "default"])
-    torch.set_num_threads(args.threads)
-    run_dir = make_run_dir(args.out, "transport_cost")
-    write_config(run_dir, args, seed=args.seed, profile=profile)
-    g = torch.Generator().manual_seed(args.seed)
-    level = args.level
-    datasets = build_datasets(profile, args.seed, args.digits_ideal > 0)
-    processes = ("ve", "linear")
-    results: dict[str, Any] = {"datasets": {}, "trained": {}, "lemma1": [], "timing": {}}
-    csv_rows: list[dict[str, Any]] = []
-    panels: dict[str, list[dict]] = {p: [] for p in processes}
-    table: list[dict[str, Any]] = []
-    ot_by_name: dict[str, list[T.BatchCost]] = {}
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
-
-    # ---- 1-2: IC, batch-OT, Sinkhorn, GC ideal per dataset ------------------------------------
-    for ds in datasets:
-        name, dim, source, mix = ds["name"], ds["dim"], ds["source"], ds["mixture"]
-        t0 = time.time()
-        n_pairs = profile["ot_pairs_by_dim"].get(dim, profile["ot_pairs"])
-        ot = T.batch_ot_curve(
-            source,
-            None,
-            profile["batch_sizes"],
-            n_pairs=n_pairs,
-            generator=g,
-            min_batches=profile["ot_min_batches"],
-            level=level,
-        )
-        sk = T.sinkhorn_cost(
-            source,
-            None,
-            profile["sinkhorn_batch"],
-            profile["sinkhorn_batches"],
-            g,
-            reg=args.sinkhorn_reg,
-            level=level,
-        )
-        data = T.as_sampler(source)(8192, g)
-        ic = T.ic_cost(data, torch.randn(data.shape, generator=g, dtype=data.dtype), level)
-        entry: dict[str, Any] = {
-            "dim": dim,
-            "ic": ic.to_dict(),
-            "batch_ot": [r.to_dict() for r in ot],
-            "sinkhorn": sk.to_dict(),
-            "gc_ideal": {},
-        }
-        for r in ot + [sk]:
-            csv_rows.append(
-                {
-                    "dataset": name,
-                    "dim": dim,
-                    "process": "-",
-                    "coupling": r.coupling,
-                    "batch_size": r.batch_size,
-                    "t": None,
-                    "cost": r.cost.mean,
-                    "lo": r.cost.lo,
-                    "hi": r.cost.hi,
-                    "ic": r.ic.mean,
-                    "relative": r.cost.mean / r.ic.mean,
-                }
-            )
-        csv_rows.append(
-            {"dataset": name, "dim": dim, "process": "-", "coupling": "ic", "batch_size": None,
-             "t": None, "cost": ic.mean, "lo": ic.lo, "hi": ic.hi, "ic": ic.mean, "relative": 1.0}
-        )  # fmt: skip
-        gc_tmax: dict[str, T.CostEstimate] = {}
-        curves: dict[str, T.CostCurve] = {}
-        procs = processes if ds["kind"] == "2d" else ("ve",)
-        n_gc = profile["gc_n"].get(dim, 0) if mix is not None else 0
-        if ds["kind"] == "digits":
-            n_gc = args.digits_ideal
-        if mix is not None and n_gc > 0:
-            n_times = profile["gc_times_2d"] if ds["kind"] == "2d" else profile["gc_times_sweep"]
-            for proc in procs:
-                times = T.sigma_grid(proc, n_times)
-                curve = T.gc_cost_curve(mix, mix, proc, times, n_gc, g, level=level, label="ideal")
-                curves[proc] = curve
-                gc_tmax[proc] = curve.points[-1]
-                entry["gc_ideal"][proc] = curve.to_dict()
-                for t, p, gain in zip(curve.times.tolist(), curve.points, curve.gain, strict=True):
-                    csv_rows.append(
-                        {"dataset": name, "dim": dim, "process": proc, "coupling": "gc_ideal",
-                         "batch_size": None, "t": t, "cost": p.mean, "lo": p.lo, "hi": p.hi,
-                         "ic": curve.ic.mean, "relative": p.mean / curve.ic.mean,
-                         "gain_lo": gain.lo, "gain_hi": gain.hi}
-                    )  # fmt: skip
-                # where does c(t) fall below batch-OT at each batch size?
-                entry["gc_ideal"][proc]["below_batch_ot_from_t"] = {
-                    str(r.batch_size): crossing_time(curve, r.cost) for r in ot
-                }
-        for proc in procs:
-            panels[proc].append(
-                {
-                    "name": name,
-                    "dim": dim,
-                    "ic": ic,
-                    "ot": ot,
-                    "sinkhorn": sk,
-                    "curves": [("GC ideal flow map", curves[proc], "o-")] if proc in curves else [],
-                    "gc_tmax": gc_tmax.get(proc),
-                }
-            )
-        results["datasets"][name] = entry
-        ot_by_name[name] = ot
-        row: dict[str, Any] = {"dataset": name, "d": dim, "IC": ic.mean}
-        for r in ot:
-            row[f"OT{r.batch_size}/IC"] = r.cost.mean / ic.mean
-        row[f"SK{sk.batch_size}/IC"] = sk.cost.mean / ic.mean
-        for proc in processes:
-            row[f"GC({proc})/IC"] = gc_tmax[proc].mean / ic.mean if proc in gc_tmax else None
-        row["GC source"] = "ideal flow map" if gc_tmax else "-"
-        gc_ref = gc_tmax.get("ve")
-        row["OT vs IC"] = " ".join(compare_gain(r.gain) for r in ot)
-        row["GC vs OT_B"] = (
-            " ".join(compare(gc_ref, r.cost) for r in ot) if gc_ref is not None else "-"
-        )
-        table.append(row)
-        results["timing"][name] = time.time() - t0
-        log(f"{name} (d={dim}): IC {ic.mean:.4g}; {time.time() - t0:.1f}s")
-
-    # ---- 1b: trained consistency models on the authors' 2D target -----------------------------
-    target = gmm.two_gaussians_1to2()
-    trained_rows = []
-    if args.train_steps is None:
-        args.train_steps = profile["train_steps"]
-    if args.train_steps > 0:
-        panel_of = {p: next((x for x in panels[p] if x["name"] == "two_gaussians_1to2"), None)
-                    for p in processes}  # fmt: skip
-        for proc in processes:
-            t0 = time.time()
-            models = train_models(target, proc, args.train_steps, args.mu, args.seed)
-            times = T.sigma_grid(proc, profile["gc_times_2d"])
-            ideal = T.gc_cost_curve(
-                target, target, proc, times, profile["train_eval_n"],
-                torch.Generator().manual_seed(args.seed + 7), level=level, label="ideal",
-            )  # fmt: skip
-            results["trained"][proc] = {"ideal": ideal.to_dict()}
-            # one-step samples f(x_T, T) against fresh data, exact W2 on n points: a transport
-            # cost below the ideal one is only meaningful if the samples are the data's
-            w2_gen = torch.Generator().manual_seed(args.seed + 11)
-            n_w2 = profile["train_eval_n"]
-            p_obj = get_process(proc)
-            start = target.sample(n_w2, generator=w2_gen)
-            x_top = p_obj.interpolate(
-                start, torch.randn(start.shape, generator=w2_gen, dtype=start.dtype), p_obj.t_max
-            )
-            reference = target.sample(n_w2, generator=w2_gen)
-            w2_ideal = exact_w2(T.ideal_flow_map(target, x_top, p_obj.t_max, p_obj), reference)
-            for method, (model, metrics) in models.items():
-                # the same pairs as the ideal curve (same seed): paired comparisons
-                curve = T.gc_cost_curve(
-                    model, target, proc, times, profile["train_eval_n"],
-                    torch.Generator().manual_seed(args.seed + 7), level=level, label=method,
-                )  # fmt: skip
-                results["trained"][proc][method] = {
-                    "curve": curve.to_dict(),
-                    "final_metrics": metrics,
-                    "steps": args.train_steps,
-                    "mu": args.mu if method == "gc" else 0.0,
-                }
-                with torch.no_grad():
-                    t_top = torch.full((n_w2,), p_obj.t_max, dtype=torch.float64)
-                    samples = model(x_top.float(), t_top).double()
-                w2_model = exact_w2(samples, reference)
-                results["trained"][proc][method]["w2_samples"] = w2_model
-                results["trained"][proc]["w2_ideal_samples"] = w2_ideal
-                label = "GC-trained model" if method == "gc" else "IC(CT)-trained model"
-                if panel_of[proc] is not None:
-                    panel_of[proc]["curves"].append(
-                        (label, curve, "s--" if method == "gc" else "^--")
-                    )
-                for t, p in zip(curve.times.tolist(), curve.points, strict=True):
-                    csv_rows.append(
-                        {"dataset": "two_gaussians_1to2", "dim": 2, "process": proc,
-                         "coupling": f"gc_model_{method}", "batch_size": None, "t": t,
-                         "cost": p.mean, "lo": p.lo, "hi": p.hi, "ic": curve.ic.mean,
-                         "relative": p.mean / curve.ic.mean}
-                    )  # fmt: skip
-                trained_rows.append(
-                    {
-                        "process": proc,
-                        "trained with": "GC" if method == "gc" else "IC (CT)",
-                        "steps": args.train_steps,
-                        "c(t_max)/IC": curve.points[-1].mean / curve.ic.mean,
-                        "ideal c(t_max)/IC": ideal.points[-1].mean / ideal.ic.mean,
-                        "mean |c - c_ideal|/IC": float(
-                            ((curve.mean - ideal.mean).abs() / ideal.ic.mean).mean()
-                        ),
-                        "train pair cost": metrics.get("pair_cost"),
-                        "W2(samples, data)": w2_model,
-                        "W2 ideal (floor)": w2_ideal,
-                    }
-                )
-            log(
-                f"trained CT / GC models ({proc}, {args.train_steps} steps): "
-                f"{time.time() - t0:.1f}s"
-            )
-
-    # ---- digits checkpoint -------------------------------------------------------------------
-    if args.checkpoint:
-        from gcflows.data import load_digits
-
-        model, proc_obj, cfg = load_digits_model(args.checkpoint)
-        images, _ = load_digits("train", dtype=torch.float32)
-        times = T.sigma_grid(proc_obj, profile["gc_times_sweep"])
-        curve = T.gc_cost_curve(
-            model, images, proc_obj, times, args.checkpoint_n, g, level=level, label="checkpoint"
-        )
-        results["datasets"]["digits"]["gc_checkpoint"] = {
-            "checkpoint": args.checkpoint,
-            "method": cfg.method,
-            "mu": cfg.mu,
-            "process": proc_obj.name,
-            "curve": curve.to_dict(),
-        }
-        for panel in panels.get(proc_obj.name, []):
-            if panel["name"] == "digits":
-                panel["curves"].append((f"{cfg.method} checkpoint", curve, "s--"))
-        for row in table:
-            if row["dataset"] == "digits":
-                row[f"GC({proc_obj.name})/IC"] = curve.points[-1].mean / curve.ic.mean
-                row["GC source"] = f"checkpoint ({cfg.method})"
-                ot_rows = ot_by_name["digits"]
-                row["GC vs OT_B"] = " ".join(compare(curve.points[-1], r.cost) for r in ot_rows)
-        log(
-            f"digits checkpoint ({cfg.method}, {proc_obj.name}): "
-            f"c(t_max) {curve.points[-1].mean:.4g}"
-        )
-
-    # ---- 3: Lemma 1 and the corollaries ------------------------------------------------------
-    lemma_rows, cor1_rows, cor2_rows, checks = lemma_section(profile, g, level, results, log)
-
-    # ---- 4: figures, files, tables -----------------------------------------------------------
-    for proc in processes:
-        if panels[proc]:
-            figure_cost_vs_t(run_dir / f"cost_vs_t_{proc}.png", proc, panels[proc])
-    figure_ot_vs_batch(run_dir / "ot_vs_batch.png", panels["ve"])
-    if checks:
-        figure_lemma1(run_dir / "lemma1.png", checks)
-    results["summary"] = table
-    results["trained_summary"] = trained_rows
-    results["corollary1"] = cor1_rows
-    results["corollary2"] = cor2_rows
-    results["wall_time_s"] = time.time() - t_start
-    write_results(run_dir, results, csv_rows)
-    log(f"run folder: {run_dir}")
-    if lemma_rows:
-        print_table(lemma_rows, title="\nLemma 1 (95 % intervals; c' by central differences)")
-    if cor1_rows:
-        print_table(cor1_rows, title="\nCorollary 1: c decreases near t_min (95 % intervals)")
-    if cor2_rows:
-        print_table(
-            cor2_rows,
-            title="\nCorollary 2 near t_max: effective S0 (J ~ S0 / b(t)) vs the paper's s0",
-        )
-    if trained_rows:
-        print_table(trained_rows, title="\nGC cost of trained consistency models (2D target)")
-    print_table(
-        table,
-        title=(
-            f"\nTransport cost relative to IC (GC = c(t_max); "
-            "'<' '>' '~': intervals apart / overlapping; batch sizes "
-            f"{list(profile['batch_sizes'])}"
-            f"; wall time {time.time() - t_start:.0f}s)"
-        ),
-    )
-    return {"run_dir": str(run_dir), **results}
+    title = "Lemma 1: slope of the measured c(t) against -2 g E<J w, w> (95 % intervals)"
+    return finish_grid(fig, axes, 2 * k, title, path)
 
 
 def lemma_target(name: str) -> tuple[gmm.GaussianMixture, str]:
@@ -651,11 +590,11 @@ def lemma_times(process: str) -> torch.Tensor:
     return torch.tensor(sorted(pts), dtype=torch.float64)
 
 
-def pooled_s0(estimates: list[T.CostEstimate]) -> float:
+def pooled_s0(estimates: list[Interval]) -> float:
     """Inverse-variance weighted mean (plain mean when a standard error is 0: exact values)."""
-    if any(e.stderr <= 0 for e in estimates):
+    if any(e.se <= 0 for e in estimates):
         return sum(e.mean for e in estimates) / len(estimates)
-    w = [1.0 / e.stderr**2 for e in estimates]
+    w = [1.0 / e.se**2 for e in estimates]
     return sum(wi * e.mean for wi, e in zip(w, estimates, strict=True)) / sum(w)
 
 
@@ -664,8 +603,8 @@ def corollary1_row(res: T.Lemma1Result, label: str) -> dict[str, Any]:
     return {
         "target": label,
         "process": res.process,
-        "c'(t_min) finite diff.": f"{res.fd[0].mean:.4g} +- {res.fd[0].halfwidth:.2g}",
-        "-2 g E<Jw,w> (t_min)": f"{res.lemma[0].mean:.4g} +- {res.lemma[0].halfwidth:.2g}",
+        "c'(t_min) finite diff.": f"{res.fd[0].mean:.4g} +- {res.fd[0].half_width:.2g}",
+        "-2 g E<Jw,w> (t_min)": f"{res.lemma[0].mean:.4g} +- {res.lemma[0].half_width:.2g}",
         "-2 g E|w|^2 (t_min)": -2 * float(res.g[0]) * res.w2[0].mean,
         "c' < 0 at t_min, 1.5 t_min": " ".join(
             "yes" if res.fd[i].hi < 0 and res.lemma[i].hi < 0 else "NO" for i in (0, 1)
@@ -673,94 +612,231 @@ def corollary1_row(res: T.Lemma1Result, label: str) -> dict[str, Any]:
     }
 
 
-def lemma_section(profile: dict, g: torch.Generator, level: float, results: dict, log):
-    """Lemma 1 on the full time grid, Corollary 1 near t_min, Corollary 2 near t_max."""
-    lemma_rows, cor1_rows, cor2_rows, checks = [], [], [], []
-    for target_name in profile["lemma_targets"]:
-        mixture, label = lemma_target(target_name)
+@dataclass
+class LemmaSection:
+    """Lemma 1 on full time grids, Corollary 1 near ``t_min``, Corollary 2 near ``t_max``."""
+
+    checks: list[T.Lemma1Result] = field(default_factory=list)  # the full-grid checks (figure)
+    all_checks: list[T.Lemma1Result] = field(default_factory=list)
+    lemma_rows: list[dict] = field(default_factory=list)
+    corollary1: list[dict] = field(default_factory=list)
+    corollary2: list[dict] = field(default_factory=list)
+
+
+def lemma_rows(res: T.Lemma1Result) -> list[dict[str, Any]]:
+    agree = res.agree()
+    return [
+        {
+            "target": res.label,
+            "process": res.process,
+            "t": t,
+            "c' (finite diff.)": res.fd[i].mean,
+            "+-": res.fd[i].half_width,
+            "-2 g E<Jw,w>": res.lemma[i].mean,
+            "+- ": res.lemma[i].half_width,
+            "closed form": float(res.exact[i]) if res.exact is not None else None,
+            "agree": "yes" if bool(agree[i]) else "NO",
+        }
+        for i, t in enumerate(res.times.tolist())
+    ]
+
+
+def corollary2_row(res: T.Lemma1Result, mixture: gmm.GaussianMixture) -> dict[str, Any]:
+    """S0_eff at the three top times (constant in the scaling regime); one S0 pooled over them
+    (inverse-variance weights) predicts the slope at each."""
+    p = get_process(res.process)
+    top = (-3, -2, -1)
+    s0_top = pooled_s0([res.s0[i] for i in top])
+    pred = T.corollary2_prediction(res, s0_top)
+    literal = float(p.b(torch.tensor(p.t_min)))
+    pred_lit = T.corollary2_prediction(res, literal)
+    var = float(mixture.second_moment() - (mixture.mean() ** 2).sum()) / mixture.dim
+    return {
+        "target": res.label,
+        "process": res.process,
+        "S0_eff at t_max/4, /2, 1": " ".join(
+            f"{res.s0[i].mean:.3g}+-{res.s0[i].half_width:.2g}" for i in top
+        ),
+        "pooled S0": s0_top,
+        "S0 Gaussian approx.": T.gaussian_s0(p, var),
+        "literal s0": literal,
+        "pred(pooled S0)/lemma": " ".join(f"{pred[i].mean / res.lemma[i].mean:.2f}" for i in top),
+        "pred(s0=t_min)/lemma": f"{pred_lit[-1].mean / res.lemma[-1].mean:.1e}",
+        "slope sign at top (FD)": " ".join(compare_zero(res.fd[i]) for i in top),
+    }
+
+
+def lemma_section(profile: dict, g: torch.Generator, level: float, progress) -> LemmaSection:
+    out = LemmaSection()
+
+    def check(name: str, proc: str, times: torch.Tensor) -> T.Lemma1Result:
+        t0 = time.perf_counter()
+        mixture, label = lemma_target(name)
+        res = T.lemma1_check(
+            mixture,
+            get_process(proc),
+            times,
+            profile["lemma_n"],
+            g,
+            rtol=1e-8,
+            atol=1e-10,
+            level=level,
+            label=label,
+        )
+        out.all_checks.append(res)
+        out.corollary1.append(corollary1_row(res, label))
+        agree = f"{int(res.agree().sum())}/{len(times)} agree"
+        progress.done(f"Lemma 1 {label} ({proc}): {agree}", time.perf_counter() - t0)
+        return res
+
+    for name in profile["lemma_targets"]:
         for proc in profile["lemma_processes"]:
-            t0 = time.time()
-            p = get_process(proc)
-            times = lemma_times(proc)
-            res = T.lemma1_check(
-                mixture, p, times, profile["lemma_n"], g, rtol=1e-8, atol=1e-10, level=level,
-                label=label,
-            )  # fmt: skip
-            checks.append(res)
-            d = res.to_dict()
-            results["lemma1"].append(d)
-            agree = res.agree()
-            for i, t in enumerate(times.tolist()):
-                lemma_rows.append(
-                    {
-                        "target": label,
-                        "process": proc,
-                        "t": t,
-                        "c' (finite diff.)": res.fd[i].mean,
-                        "+-": res.fd[i].halfwidth,
-                        "-2 g E<Jw,w>": res.lemma[i].mean,
-                        "+- ": res.lemma[i].halfwidth,
-                        "closed form": float(res.exact[i]) if res.exact is not None else None,
-                        "agree": "yes" if bool(agree[i]) else "NO",
-                    }
-                )
-            # Corollary 2: S0_eff at the three top times (constant in the scaling regime); one S0
-            # pooled over them (inverse-variance weights) predicts the slope at each
-            top = (-3, -2, -1)
-            s0_top = pooled_s0([res.s0[i] for i in top])
-            pred = T.corollary2_prediction(res, s0_top)
-            pred_lit = T.corollary2_prediction(res, float(p.b(torch.tensor(p.t_min))))
-            var = float(mixture.second_moment() - (mixture.mean() ** 2).sum()) / mixture.dim
-            cor1_rows.append(corollary1_row(res, label))
-            row = {
-                "target": label,
-                "process": proc,
-                "S0_eff at t_max/4, /2, 1": " ".join(
-                    f"{res.s0[i].mean:.3g}+-{res.s0[i].halfwidth:.2g}" for i in top
-                ),
-                "pooled S0": s0_top,
-                "S0 Gaussian approx.": T.gaussian_s0(p, var),
-                "literal s0": float(p.b(torch.tensor(p.t_min))),
-                "pred(pooled S0)/lemma": " ".join(
-                    f"{pred[i].mean / res.lemma[i].mean:.2f}" for i in top
-                ),
-                "pred(s0=t_min)/lemma": f"{pred_lit[-1].mean / res.lemma[-1].mean:.1e}",
-                "slope sign at top (FD)": " ".join(compare_zero(res.fd[i]) for i in top),
-            }
-            cor2_rows.append(row)
-            d["corollary2"] = row
-            log(
-                f"Lemma 1 {label} ({proc}): {int(agree.sum())}/{len(times)} agree; "
-                f"{time.time() - t0:.1f}s"
-            )
+            res = check(name, proc, lemma_times(proc))
+            out.checks.append(res)
+            out.lemma_rows.extend(lemma_rows(res))
+            out.corollary2.append(corollary2_row(res, lemma_target(name)[0]))
     # Corollary 1 on the authors' target (std 0.01) and on Dirac data, near t_min only
-    for target_name in profile["cor1_targets"]:
-        mixture, label = lemma_target(target_name)
+    for name in profile["cor1_targets"]:
         for proc in profile["lemma_processes"]:
             p = get_process(proc)
-            times = torch.tensor([1.0, 1.5, 3.0], dtype=torch.float64) * p.t_min
-            res = T.lemma1_check(
-                mixture, p, times, profile["lemma_n"], g, rtol=1e-8, atol=1e-10, level=level,
-                label=label,
-            )  # fmt: skip
-            results["lemma1"].append(res.to_dict())
-            cor1_rows.append(corollary1_row(res, label))
-    return lemma_rows, cor1_rows, cor2_rows, checks
+            check(name, proc, torch.tensor([1.0, 1.5, 3.0], dtype=torch.float64) * p.t_min)
+    return out
 
 
-def compare_zero(e: T.CostEstimate) -> str:
-    """Sign of an interval: ``-`` (all below 0), ``+`` (all above), ``0?`` (contains 0)."""
-    return "-" if e.hi < 0 else ("+" if e.lo > 0 else "0?")
+def n_sections(profile: dict, args) -> int:
+    n = len(profile["presets"]) + len(profile["dims"]) + int(profile["digits"])
+    n += len(PROCESSES) if args.train_steps > 0 else 0
+    n += 1 if args.checkpoint else 0
+    lemma = len(profile["lemma_targets"]) + len(profile["cor1_targets"])
+    return n + lemma * len(profile["lemma_processes"])
 
 
-def compare_gain(gain: T.CostEstimate) -> str:
-    """Coupled cost against IC on the same batches, from the paired gain ``IC - cost``."""
-    return "<" if gain.lo > 0 else (">" if gain.hi < 0 else "~")
+# ------------------------------------------------------------------------------------------------
+# the study
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Study:
+    """Every section's typed results (written to results.json by gcflows.records)."""
+
+    datasets: dict[str, DatasetResult] = field(default_factory=dict)
+    trained: dict[str, TrainedResult] = field(default_factory=dict)
+    lemma: LemmaSection = field(default_factory=LemmaSection)
+    timing_s: dict[str, float] = field(default_factory=dict)
+
+
+def run_sections(args, profile: dict, progress) -> Study:
+    g = torch.Generator().manual_seed(args.seed)
+    study = Study()
+    for ds in build_datasets(profile, args.seed, args.digits_ideal > 0):
+        t0 = time.perf_counter()
+        res = dataset_section(ds, profile, args, g)
+        study.datasets[res.name] = res
+        study.timing_s[res.name] = time.perf_counter() - t0
+        progress.done(f"{res.name} (d={res.dim}): IC {res.ic.mean:.4g}", study.timing_s[res.name])
+    if args.train_steps > 0:
+        for proc in PROCESSES:
+            t0 = time.perf_counter()
+            study.trained[proc] = trained_section(proc, profile, args)
+            label = f"trained CT / GC models ({proc}, {args.train_steps} steps)"
+            progress.done(label, time.perf_counter() - t0)
+    if args.checkpoint:
+        t0 = time.perf_counter()
+        study.datasets["digits"].gc_checkpoint = checkpoint_section(args, profile, g)
+        progress.done("digits checkpoint", time.perf_counter() - t0)
+    study.lemma = lemma_section(profile, g, args.level, progress)
+    return study
+
+
+def cost_panels(study: Study, proc: str) -> list[dict]:
+    """The panels of cost_vs_t_<proc>.png: every dataset with a curve for ``proc`` or in 2D."""
+    panels = []
+    for res in study.datasets.values():
+        if proc != "ve" and res.kind != "2d":
+            continue
+        curves = [("GC ideal flow map", res.gc_ideal[proc], "o-")] if proc in res.gc_ideal else []
+        if res.name == "two_gaussians_1to2" and proc in study.trained:
+            for method, curve in study.trained[proc].curves.items():
+                label = "GC-trained model" if method == "gc" else "IC(CT)-trained model"
+                curves.append((label, curve, "s--" if method == "gc" else "^--"))
+        ck = res.gc_checkpoint
+        if ck is not None and ck["process"] == proc:
+            curves.append((f"{ck['method']} checkpoint", ck["curve"], "s--"))
+        panels.append(
+            {
+                "name": res.name,
+                "dim": res.dim,
+                "ic": res.ic,
+                "ot": res.batch_ot,
+                "sinkhorn": res.sinkhorn,
+                "curves": curves,
+            }
+        )
+    return panels
+
+
+def make_figures(run_dir: Path, study: Study) -> list[Path]:
+    figs = [
+        figure_cost_vs_t(run_dir / f"cost_vs_t_{proc}.png", proc, cost_panels(study, proc))
+        for proc in PROCESSES
+    ]
+    figs.append(figure_ot_vs_batch(run_dir / "ot_vs_batch.png", list(study.datasets.values())))
+    if study.lemma.checks:
+        figs.append(figure_lemma1(run_dir / "lemma1.png", study.lemma.checks))
+    return figs
+
+
+def summary_table(study: Study) -> list[dict[str, Any]]:
+    table = [summary_row(res) for res in study.datasets.values()]
+    digits = study.datasets.get("digits")
+    if digits is not None and digits.gc_checkpoint is not None:
+        ck = digits.gc_checkpoint
+        row = next(r for r in table if r["dataset"] == "digits")
+        curve = ck["curve"]
+        row[f"GC({ck['process']})/IC"] = curve.points[-1].mean / curve.ic.mean
+        row["GC source"] = f"checkpoint ({ck['method']})"
+        row["GC vs OT_B"] = " ".join(compare(curve.points[-1], r.cost) for r in digits.batch_ot)
+    return table
+
+
+def csv_rows(study: Study) -> list[dict[str, Any]]:
+    rows = [row for res in study.datasets.values() for row in res.csv_rows()]
+    for proc, tr in study.trained.items():
+        for method, curve in tr.curves.items():
+            rows.extend(curve_rows("two_gaussians_1to2", 2, proc, f"gc_model_{method}", curve))
+    digits = study.datasets.get("digits")
+    if digits is not None and digits.gc_checkpoint is not None:
+        ck = digits.gc_checkpoint
+        rows.extend(curve_rows("digits", 64, ck["process"], "gc_checkpoint", ck["curve"]))
+    return rows
+
+
+def print_tables(study: Study, table: list[dict], profile: dict, wall: float) -> None:
+    lem = study.lemma
+    if lem.lemma_rows:
+        print_table(lem.lemma_rows, title="\nLemma 1 (95 % intervals; c' by central differences)")
+    if lem.corollary1:
+        print_table(lem.corollary1, title="\nCorollary 1: c decreases near t_min (95 % intervals)")
+    if lem.corollary2:
+        print_table(
+            lem.corollary2,
+            title="\nCorollary 2 near t_max: effective S0 (J ~ S0 / b(t)) vs the paper's s0",
+        )
+    trained_rows = [row for tr in study.trained.values() for row in tr.table_rows()]
+    if trained_rows:
+        print_table(trained_rows, title="\nGC cost of trained consistency models (2D target)")
+    print_table(
+        table,
+        title=(
+            "\nTransport cost relative to IC (GC = c(t_max); '<' '>' '~': intervals apart / "
+            f"overlapping; batch sizes {list(profile['batch_sizes'])}; wall time {wall:.0f}s)"
+        ),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
+    p.add_argument("--quiet", action="store_true", help="one log line per section, no progress bar")
     p.add_argument("--out", default="runs", help="parent folder of the run folder (default runs/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -771,14 +847,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=T.DEFAULT_SINKHORN_REG,
         help="Sinkhorn entropic weight relative to the batch's mean squared distance (0.05)",
     )
-    p.add_argument("--mu", type=float, default=0.5, help="GC probability of the GC-trained model")
+    p.add_argument("--mu", type=float, default=None, help="GC probability of the GC-trained model")
     p.add_argument(
         "--train-steps", type=int, default=None, help="steps per trained model (0: skip training)"
     )
     p.add_argument(
         "--checkpoint", default=None, help="digits checkpoint.pt written by train_images.py"
     )
-    p.add_argument("--checkpoint-n", type=int, default=1000, help="pairs for the checkpoint curve")
+    p.add_argument(
+        "--checkpoint-n", type=int, default=None, help="pairs for the checkpoint curve (1000)"
+    )
     p.add_argument(
         "--digits-ideal",
         type=int,
@@ -790,27 +868,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if not 0.0 < args.level < 1.0:
-        parser.error("--level must be in (0, 1), e.g. 0.95")
-    if not 0.0 <= args.mu <= 1.0:
-        parser.error("--mu is a probability: use a value in [0, 1]")
-    for name in ("checkpoint_n", "digits_ideal"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.train_steps is not None and args.train_steps < 0:
-        parser.error("--train-steps must be >= 0 (0 skips training)")
+def check_args(args) -> None:
+    """Every argument, before any work (ValueError naming the argument and the fix)."""
+    profile = PROFILES["quick" if args.quick else "default"]
+    checks.integer(args.threads, "--threads", lo=1)
+    checks.integer(args.seed, "--seed", lo=0)
+    checks.real(args.level, "--level", lo_open=0.0, hi_open=1.0, fix="use a value in (0, 1)")
+    checks.real(args.sinkhorn_reg, "--sinkhorn-reg", lo_open=0.0)
+    checks.integer(args.digits_ideal, "--digits-ideal", lo=0)
+    if args.train_steps is None:
+        args.train_steps = profile["train_steps"]
+    checks.integer(args.train_steps, "--train-steps", lo=0, fix="use an integer >= 0 (0: skip)")
+    if args.mu is not None and args.train_steps == 0:
+        print("warning: --mu is not used when --train-steps is 0", file=sys.stderr)
+    args.mu = 0.5 if args.mu is None else args.mu
+    checks.probability(args.mu, "--mu", "of a GC row in the GC-trained model")
+    if args.checkpoint_n is not None and not args.checkpoint:
+        print("warning: --checkpoint-n is not used without --checkpoint", file=sys.stderr)
+    args.checkpoint_n = 1000 if args.checkpoint_n is None else args.checkpoint_n
+    checks.integer(args.checkpoint_n, "--checkpoint-n", lo=1)
     if args.checkpoint:
-        # fail before any work when the checkpoint is unusable
         try:
             load_digits_model(args.checkpoint)
         except ValueError as err:
-            parser.error(f"--checkpoint: {err}")
-    return run(args)
+            raise ValueError(f"--checkpoint: {err}") from None
+    check_writable(args.out)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    t_start = time.perf_counter()
+    profile = dict(PROFILES["quick" if args.quick else "default"])
+    torch.set_num_threads(args.threads)
+    run_dir = make_run_dir(args.out, "transport_cost")
+    write_config(run_dir, args, seed=args.seed, profile=profile)
+    with Progress(n_sections(profile, args), "transport_cost", quiet=args.quiet) as progress:
+        study = run_sections(args, profile, progress)
+    figures = make_figures(run_dir, study)
+    table = summary_table(study)
+    wall = time.perf_counter() - t_start
+    results = {
+        "datasets": study.datasets,
+        "trained": study.trained,
+        "lemma1": study.lemma.all_checks,
+        "corollary1": study.lemma.corollary1,
+        "corollary2": study.lemma.corollary2,
+        "summary": table,
+        "trained_summary": [row for tr in study.trained.values() for row in tr.table_rows()],
+        "figures": [f.name for f in figures],
+        "timing_s": study.timing_s,
+        "wall_time_s": wall,
+    }
+    write_results(run_dir, results, csv_rows(study))
+    print(f"run folder: {run_dir}", flush=True)
+    print_tables(study, table, profile, wall)
+    return {"run_dir": str(run_dir), **results}
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""The CT / CD discrepancy of Theorem 1, measured exactly on Gaussian mixtures (PAPER.md section 3).
+"""The CT / CD discrepancy of Theorem 1, measured exactly on Gaussian mixtures.
+
+docs/paper.md section 3.
 
 Everything here uses the *exact* PF-ODE velocity ``v_t`` of a :class:`~gcflows.gmm.GaussianMixture`
 (``gcflows.velocity.TrueVelocity``), so that CD, CT and the limit ``R(theta)`` can be compared
 without a learned teacher. Shapes: data / noise / points ``(B, d)``, times ``(B,)``; a consistency
 function is any callable ``model(x (B, d), t (B,)) -> (B, d)`` (e.g. a ``ConsistencyModel`` in
-float64, in eval mode). Monte-Carlo results come as :class:`Estimate` (mean, standard error, 95 %
-interval).
+float64, in eval mode). Monte-Carlo results come as :class:`gcflows.stats.Interval` (mean,
+standard error, 95 % interval, how it was computed).
 
 1. ``R(theta)`` (Theorem 1, Eq. 11): :func:`r_theta`
 ---------------------------------------------------
@@ -120,15 +122,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from gcflows import couplings
+from gcflows import checks, couplings
 from gcflows.consistency import Distance, get_distance
 from gcflows.gmm import GaussianMixture
-from gcflows.processes import Process, as_time, check_finite, get_process, uniform_grid
+from gcflows.processes import Process, as_time, get_process, uniform_grid
+from gcflows.stats import Interval, paired_ratio
 from gcflows.velocity import TrueVelocity
 
 __all__ = [
-    "Estimate",
     "paired_ratio",
+    "grid_interval",
     "time_density",
     "stratified_uniforms",
     "time_quantile",
@@ -151,88 +154,20 @@ __all__ = [
     "coupled_path",
     "knn_proxy",
     "FlowMapGenerator",
+    "multistep_flow_map",
     "flow_map_reference",
     "flow_map_error",
 ]
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Weight = Callable[[Tensor], Tensor]
-_Z95 = 1.959963984540054  # two-sided 95 % normal quantile
-
-
-# ------------------------------------------------------------------------------------------------
-# Monte-Carlo results
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Estimate:
-    """Monte-Carlo mean with standard error ``se`` over ``n`` samples; ``ci95``: mean +- 1.96 se."""
-
-    mean: float
-    se: float
-    n: int
-
-    @property
-    def ci95(self) -> tuple[float, float]:
-        return (self.mean - _Z95 * self.se, self.mean + _Z95 * self.se)
-
-    @classmethod
-    def from_samples(cls, values: Tensor, stratified: bool = False) -> Estimate:
-        """Mean and standard error of per-sample values ``(n,)``.
-
-        i.i.d. values: ``se = std / sqrt(n)``. ``stratified=True``: rows ``2j, 2j + 1`` are the
-        two draws of stratum ``j`` (equal allocation, :func:`stratified_uniforms`), and
-        ``se^2 = sum_j (v_2j - v_2j+1)^2 / (4 S^2)`` (the within-stratum variance only).
-        """
-        v = values.detach().double().reshape(-1)
-        n = v.numel()
-        if n < 2:
-            raise ValueError(f"values must hold at least 2 samples for a standard error, got {n}")
-        check_finite(v, "values")
-        return cls(float(v.mean()), _standard_error(v, stratified), n)
-
-    def scaled(self, factor: float) -> Estimate:
-        """The estimate of ``factor * mean``."""
-        return Estimate(factor * self.mean, abs(factor) * self.se, self.n)
-
-    def as_dict(self) -> dict:
-        lo, hi = self.ci95
-        return {**asdict(self), "ci95": [lo, hi]}
-
-
-def _standard_error(v: Tensor, stratified: bool) -> float:
-    n = v.numel()
-    if not stratified:
-        return float(v.std(unbiased=True)) / math.sqrt(n)
-    if n % 2:
-        raise ValueError(f"stratified values come in pairs; got an odd count {n}")
-    d = v[0::2] - v[1::2]
-    return math.sqrt(float((d * d).sum()) / 4.0) / (n // 2)
-
-
-def paired_ratio(num: Tensor, den: Tensor, stratified: bool = False) -> Estimate:
-    """``mean(num) / mean(den)`` of paired samples ``(n,)``, standard error by the delta method.
-
-    ``Var(r) ~ Var(mean(num - r den)) / mean(den)^2``: pairing (common random numbers) makes it
-    small when ``num`` and ``den`` move together; ``stratified`` as in ``Estimate.from_samples``.
-    """
-    num, den = num.detach().double().reshape(-1), den.detach().double().reshape(-1)
-    if num.shape != den.shape or num.numel() < 2:
-        raise ValueError("num and den must be paired samples of the same length >= 2")
-    mden = den.mean()
-    if float(mden) == 0.0:
-        raise ValueError("den has mean 0; the ratio is undefined")
-    r = num.mean() / mden
-    se = _standard_error(num - r * den, stratified) / abs(float(mden))
-    return Estimate(float(r), se, num.numel())
 
 
 # ------------------------------------------------------------------------------------------------
 # Time sampling (importance sampling over t and over the grid index)
 # ------------------------------------------------------------------------------------------------
 def _check_fraction(log_fraction: float) -> float:
-    if not (isinstance(log_fraction, (int, float)) and 0.0 <= float(log_fraction) < 1.0):
-        raise ValueError(f"log_fraction must lie in [0, 1), got {log_fraction!r}")
-    return float(log_fraction)
+    return checks.real(log_fraction, "log_fraction", lo=0.0, hi_open=1.0)
 
 
 def time_density(t: Tensor, process: Process, log_fraction: float = 0.5) -> Tensor:
@@ -246,10 +181,11 @@ def stratified_uniforms(n: int, generator: torch.Generator | None = None) -> Ten
     """``n`` (even) uniforms on ``[0, 1)``, stratified in pairs: ``u_k = (k // 2 + U_k) / (n / 2)``.
 
     Each of the ``S = n / 2`` equal strata receives two independent draws, so the within-stratum
-    variance (hence a standard error) can be estimated (:meth:`Estimate.from_samples`).
+    variance (hence a standard error) can be estimated
+    (:meth:`gcflows.stats.Interval.from_samples`).
     """
-    if isinstance(n, bool) or int(n) != n or n < 2 or n % 2:
-        raise ValueError(f"n must be an even integer >= 2 (pairs per stratum), got {n!r}")
+    if not checks.is_int(n) or n < 2 or n % 2:
+        raise checks.bad("n", n, "use an even integer >= 2 (two draws per stratum)")
     n = int(n)
     strata = torch.arange(n, dtype=torch.float64) // 2
     return (strata + torch.rand(n, generator=generator, dtype=torch.float64)) / (n // 2)
@@ -287,23 +223,35 @@ def sample_times(
     return t.to(dtype), time_density(t, process, log_fraction).to(dtype)
 
 
+def _grid(n_intervals: int, process: Process) -> Tensor:
+    """The equally spaced grid ``t_i = t_min + i T / N``, ``i = 0..N``: ``(N + 1,)`` float64."""
+    return uniform_grid(n_intervals, process.t_min, process.t_max)
+
+
+def grid_interval(t: Tensor, n_intervals: int, process: Process) -> tuple[Tensor, Tensor, Tensor]:
+    """The interval ``[t_i, t_{i+1}]`` of the ``N``-interval grid that contains each ``t`` ``(B,)``.
+
+    Returns ``(i, t_lo, t_hi)``: the index ``(B,)`` (long) and the interval ends in the dtype of
+    ``t``; ``t_lo <= t <= t_hi`` and ``t_hi - t_lo = T / N`` (``t = t_max`` lies in the last
+    interval).
+    """
+    grid = _grid(n_intervals, process)
+    idx = torch.searchsorted(grid, t.double().contiguous(), right=True) - 1
+    idx = idx.clamp_(0, n_intervals - 1)
+    grid = grid.to(t.dtype)
+    return idx, grid[idx], grid[idx + 1]
+
+
 def interval_probs(n_intervals: int, process: Process, log_fraction: float = 0.5) -> Tensor:
     """``p_i = F(t_{i+1}) - F(t_i)``, the mass of ``q`` on each interval of the grid: ``(N,)``.
 
     The interval containing ``t ~ q`` is then ``i ~ p``: one draw of ``t`` serves the continuous
     integral and every grid (common random numbers).
     """
-    grid = uniform_grid(n_intervals, process.t_min, process.t_max)
+    grid = _grid(n_intervals, process)
     cdf = time_cdf(grid, process, log_fraction)
     cdf[0], cdf[-1] = 0.0, 1.0
     return cdf[1:] - cdf[:-1]
-
-
-def _interval_of(t: Tensor, n_intervals: int, process: Process) -> Tensor:
-    """Index ``i`` of the grid interval ``[t_i, t_{i+1}]`` containing each ``t``: ``(B,)`` long."""
-    grid = uniform_grid(n_intervals, process.t_min, process.t_max)
-    idx = torch.searchsorted(grid, t.double().contiguous(), right=True) - 1
-    return idx.clamp_(0, n_intervals - 1)
 
 
 def _weight(weight: Weight | None, t: Tensor) -> Tensor:
@@ -376,8 +324,7 @@ def _path_derivatives(
         return [jvp(model, (x, t), (w, ones))[1] for w in directions]
     if time_derivative != "fd":
         raise ValueError(f"time_derivative must be 'fd' or 'jvp', got {time_derivative!r}")
-    if not 0 < fd_rel_step < 0.1:
-        raise ValueError(f"fd_rel_step must lie in (0, 0.1), got {fd_rel_step}")
+    checks.real(fd_rel_step, "fd_rel_step", lo_open=0.0, hi_open=0.1)
     dfdt = _time_derivative(model, x, t, process, fd_rel_step)
     return [jacobian_vector_product(model, x, t, w) + dfdt for w in directions]
 
@@ -386,9 +333,7 @@ def _path_derivatives(
 # R(theta)
 # ------------------------------------------------------------------------------------------------
 def _check_alpha(alpha: float) -> float:
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 1.0):
-        raise ValueError(f"alpha must be a number >= 1 (Theorem 1), got {alpha!r}")
-    return float(alpha)
+    return checks.real(alpha, "alpha", lo=1.0, fix="use a number >= 1 (Theorem 1)")
 
 
 def _resolve_velocity(target: GaussianMixture, process: Process, velocity):
@@ -447,8 +392,7 @@ def r_integrand(
     alpha 2 without, ``difference`` otherwise.
     """
     alpha = _check_alpha(alpha)
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
+    checks.choice(form, "form", FORMS)
     if form == "auto":
         form = "difference" if alpha != 2.0 else ("posterior" if target is not None else "jacobian")
     if form in ("jacobian", "posterior") and alpha != 2.0:
@@ -471,10 +415,9 @@ def r_integrand(
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of consecutive chunks of an even ``n``, each of even length."""
-    if isinstance(n, bool) or int(n) != n or n < 2 or n % 2:
-        raise ValueError(f"n_samples must be an even integer >= 2 (stratified pairs), got {n!r}")
-    if isinstance(size, bool) or int(size) != size or size < 2:
-        raise ValueError(f"batch_size must be an integer >= 2, got {size!r}")
+    if not checks.is_int(n) or n < 2 or n % 2:
+        raise checks.bad("n_samples", n, "use an even integer >= 2 (stratified pairs)")
+    checks.integer(size, "batch_size", lo=2)
     n, size = int(n), int(size) - int(size) % 2
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -496,7 +439,7 @@ def r_theta(
     fd_rel_step: float = 1e-3,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
-) -> Estimate:
+) -> Interval:
     """``R(theta) = int lambda(t) E[||d_CT f||^alpha - ||d_CD f||^alpha] dt`` by Monte Carlo.
 
     ``t ~ q`` (:func:`sample_times`), ``data ~ target``, ``noise ~ N(0, I)``; per-sample values
@@ -529,7 +472,7 @@ def r_theta(
             fd_rel_step=fd_rel_step,
         )
         values.append(_weight(weight, t) * r / q)
-    return Estimate.from_samples(torch.cat(values), stratified=True)
+    return Interval.from_samples(torch.cat(values), "stratified")
 
 
 def limit_constant(distance: Distance, process: Process) -> float:
@@ -562,8 +505,8 @@ def _is_quadratic(dist: Distance) -> bool:
 
 def _check_ns(n_intervals: Sequence[int]) -> list[int]:
     ns = list(n_intervals)
-    if not ns or any(isinstance(n, bool) or int(n) != n or n < 1 for n in ns):
-        raise ValueError(f"n_intervals must be a non-empty list of positive integers, got {ns!r}")
+    if not ns or not all(checks.is_int(n) and n >= 1 for n in ns):
+        raise checks.bad("n_intervals", ns, "use a non-empty list of integers >= 1")
     return [int(n) for n in ns]
 
 
@@ -572,9 +515,7 @@ def _grid_points(data: Tensor, noise: Tensor, t: Tensor, n: int, process: Proces
 
     Returns ``t_lo, t_hi, y = x_{t_hi}, x_ct = x_{t_lo}, xdot, w_idx = 1 / (n p_i)``.
     """
-    idx = _interval_of(t, n, process)
-    grid = uniform_grid(n, process.t_min, process.t_max).to(data.dtype)
-    t_lo, t_hi = grid[idx], grid[idx + 1]
+    idx, t_lo, t_hi = grid_interval(t.to(data.dtype), n, process)
     y = process.interpolate(data, noise, t_hi)
     x_ct = process.interpolate(data, noise, t_lo)
     xdot = process.xdot(data, noise, t_hi)
@@ -623,7 +564,7 @@ def discrete_terms(
     if index.shape != (data.shape[0],) or bool((index < 0).any()) or bool((index >= n).any()):
         raise ValueError(f"index must be (B,) integers in [0, {n}), one per row of data")
     dist = _distances([distance], target.dim)[0]
-    grid = uniform_grid(n, process.t_min, process.t_max).to(data.dtype)
+    grid = _grid(n, process).to(data.dtype)
     t_lo, t_hi = grid[index], grid[index + 1]
     vel = _resolve_velocity(target, process, velocity)
     b, a_ct, a_cd = _student_and_teachers(model, data, noise, t_lo, t_hi, process, vel)
@@ -643,11 +584,11 @@ class GapResult:
     alpha: float
     C: float
     n_intervals: int
-    scaled_gap: Estimate
-    limit: Estimate
-    ratio: Estimate
-    loss_ct: Estimate
-    loss_cd: Estimate
+    scaled_gap: Interval
+    limit: Interval
+    ratio: Interval
+    loss_ct: Interval
+    loss_cd: Interval
 
     def as_dict(self) -> dict:
         out = {"distance": self.distance, "alpha": self.alpha, "C": self.C, "N": self.n_intervals}
@@ -723,25 +664,24 @@ def loss_gaps(
                 slot["ct"].append(w * d_ct_k)
                 slot["cd"].append(w * d_cd_k)
     limits = {a: torch.cat(vals) for a, vals in lim.items()}
-    results = []
-    for n, k in keys:
-        slot = {name: torch.cat(vals) for name, vals in acc[(n, k)].items()}
-        dist = dists[k]
-        limit = dist.C * limits[dist.alpha]
-        results.append(
-            GapResult(
-                distance=dist.name,
-                alpha=dist.alpha,
-                C=dist.C,
-                n_intervals=n,
-                scaled_gap=Estimate.from_samples(slot["gap"], True),
-                limit=Estimate.from_samples(limit, True),
-                ratio=paired_ratio(slot["gap"], limit, True),
-                loss_ct=Estimate.from_samples(slot["ct"], True),
-                loss_cd=Estimate.from_samples(slot["cd"], True),
-            )
-        )
-    return results
+    return [_gap_result(dists[k], n, acc[(n, k)], limits) for n, k in keys]
+
+
+def _gap_result(dist: Distance, n: int, slot: dict, limits: dict[float, Tensor]) -> GapResult:
+    """Intervals of one ``(N, distance)`` from its per-sample values (stratified draws)."""
+    vals = {name: torch.cat(v) for name, v in slot.items()}
+    limit = dist.C * limits[dist.alpha]
+    return GapResult(
+        distance=dist.name,
+        alpha=dist.alpha,
+        C=dist.C,
+        n_intervals=n,
+        scaled_gap=Interval.from_samples(vals["gap"], "stratified"),
+        limit=Interval.from_samples(limit, "stratified"),
+        ratio=paired_ratio(vals["gap"], limit, True),
+        loss_ct=Interval.from_samples(vals["ct"], "stratified"),
+        loss_cd=Interval.from_samples(vals["cd"], "stratified"),
+    )
 
 
 @dataclass(frozen=True)
@@ -822,14 +762,12 @@ def gradient_gaps(
     ns = _check_ns(n_intervals)
     dists = _distances(distances, target.dim)
     vel = _resolve_velocity(target, process, velocity)
-    if isinstance(n_groups, bool) or int(n_groups) != n_groups or n_groups < 2:
-        raise ValueError(f"n_groups must be an integer >= 2, got {n_groups!r}")
+    checks.integer(n_groups, "n_groups", lo=2)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
     gmm = target.to(dtype=dtype)
-    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 2 * n_groups:
-        raise ValueError(f"n_samples must be an integer >= 2 n_groups, got {n_samples!r}")
+    checks.integer(n_samples, "n_samples", lo=2 * n_groups, fix="use an integer >= 2 n_groups")
     per_group = [2 * (int(n_samples) // (2 * n_groups))] * n_groups
     keys = [(n, k) for n in ns for k in range(len(dists))]
     acc = {key: {"cd": [], "gap": [], "cv": []} for key in keys}
@@ -860,33 +798,31 @@ def gradient_gaps(
                     cv = (w * (dist(a_ct, b) - dist(a_ct + delta1, b))).mean()
                     slot["cv"].append(scale * (g_ct - g_cd - _flat_grad(cv, params)))
             del b
-    results = []
-    for n, k in keys:
-        slot = acc[(n, k)]
-        dist = dists[k]
-        cd_norm, _, _ = _group_stats(slot["cd"])
-        gap_norm, gap_noise, gap_deb = _group_stats(slot["gap"])
-        if slot["cv"]:
-            cv_norm, cv_noise, cv_deb = _group_stats(slot["cv"])
-            rel_cv, noise_cv, deb_cv = cv_norm / cd_norm, cv_noise / cd_norm, cv_deb / cd_norm
-        else:
-            rel_cv = noise_cv = deb_cv = None
-        results.append(
-            GradientGapResult(
-                distance=dist.name,
-                alpha=dist.alpha,
-                n_intervals=n,
-                grad_cd=cd_norm,
-                gap=gap_norm,
-                relative=gap_norm / cd_norm,
-                noise=gap_noise / cd_norm,
-                relative_debiased=gap_deb / cd_norm,
-                relative_cv=rel_cv,
-                noise_cv=noise_cv,
-                relative_cv_debiased=deb_cv,
-            )
-        )
-    return results
+    return [_gradient_result(dists[k], n, acc[(n, k)]) for n, k in keys]
+
+
+def _gradient_result(dist: Distance, n: int, slot: dict) -> GradientGapResult:
+    """Norms and noise floors of one ``(N, distance)`` from its group gradients."""
+    cd_norm, _, _ = _group_stats(slot["cd"])
+    gap_norm, gap_noise, gap_deb = _group_stats(slot["gap"])
+    if slot["cv"]:
+        cv_norm, cv_noise, cv_deb = _group_stats(slot["cv"])
+        rel_cv, noise_cv, deb_cv = cv_norm / cd_norm, cv_noise / cd_norm, cv_deb / cd_norm
+    else:
+        rel_cv = noise_cv = deb_cv = None
+    return GradientGapResult(
+        distance=dist.name,
+        alpha=dist.alpha,
+        n_intervals=n,
+        grad_cd=cd_norm,
+        gap=gap_norm,
+        relative=gap_norm / cd_norm,
+        noise=gap_noise / cd_norm,
+        relative_debiased=gap_deb / cd_norm,
+        relative_cv=rel_cv,
+        noise_cv=noise_cv,
+        relative_cv_debiased=deb_cv,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -907,7 +843,7 @@ def ic_proxy(
     n_samples: int = 20_000,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
-) -> Estimate:
+) -> Interval:
     """``R~_t`` of the independent coupling: ``E[(a' - b' a / b)^2 tr Cov[data | x_t]]``.
 
     Exact given ``x_t`` (the mixture's posterior covariance); Monte Carlo over ``x_t`` only.
@@ -920,14 +856,14 @@ def ic_proxy(
     tt = as_time(t, n_samples, data)
     x = process.interpolate(data, noise, tt)
     coef = process.da(tt) - process.db(tt) * process.a(tt) / process.b(tt)
-    return Estimate.from_samples(coef**2 * gmm.posterior_cov_trace(x, tt, process))
+    return Interval.from_samples(coef**2 * gmm.posterior_cov_trace(x, tt, process))
 
 
-def mc_proxy(xdot: Tensor, v: Tensor) -> Estimate:
+def mc_proxy(xdot: Tensor, v: Tensor) -> Interval:
     """``E||xdot - v||^2`` from per-sample path derivatives and velocities ``(B, d)``."""
     if xdot.shape != v.shape or xdot.dim() != 2:
         raise ValueError("xdot and v must have the same shape (B, d)")
-    return Estimate.from_samples(((xdot - v) ** 2).sum(1))
+    return Interval.from_samples(((xdot - v) ** 2).sum(1))
 
 
 COUPLINGS = ("ic", "ot", "gc")
@@ -955,15 +891,11 @@ def coupled_path(
     """
     process = get_process(process)
     t = _scalar_time(t, process)
-    if kind not in COUPLINGS:
-        raise ValueError(f"kind must be one of {list(COUPLINGS)}, got {kind!r}")
+    checks.choice(kind, "kind", COUPLINGS)
     if kind == "ic":
         d_out, n_out = data, noise
     elif kind == "ot":
-        if isinstance(ot_batch_size, bool) or int(ot_batch_size) != ot_batch_size:
-            raise ValueError(f"ot_batch_size must be a positive integer, got {ot_batch_size!r}")
-        if ot_batch_size < 1:
-            raise ValueError(f"ot_batch_size must be a positive integer, got {ot_batch_size!r}")
+        checks.integer(ot_batch_size, "ot_batch_size", lo=1)
         parts = [
             couplings.ot_coupling(data[s : s + ot_batch_size], noise[s : s + ot_batch_size])
             for s in range(0, data.shape[0], int(ot_batch_size))
@@ -984,7 +916,7 @@ def coupled_path(
 KNN_METHODS = ("local_linear", "mean")
 
 
-def knn_proxy(x_t: Tensor, xdot: Tensor, k: int = 32, method: str = "local_linear") -> Estimate:
+def knn_proxy(x_t: Tensor, xdot: Tensor, k: int = 32, method: str = "local_linear") -> Interval:
     """``R~_t = E||xdot - E[xdot | x_t]||^2`` by leave-one-out k-NN regression.
 
     ``x_t``, ``xdot`` ``(n, d)``: samples of one coupling's path at one time. For each point
@@ -1006,18 +938,16 @@ def knn_proxy(x_t: Tensor, xdot: Tensor, k: int = 32, method: str = "local_linea
 
     if x_t.dim() != 2 or xdot.shape != x_t.shape:
         raise ValueError("x_t and xdot must have the same shape (n, d)")
-    if method not in KNN_METHODS:
-        raise ValueError(f"method must be one of {list(KNN_METHODS)}, got {method!r}")
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    checks.choice(method, "method", KNN_METHODS)
+    checks.integer(k, "k", lo=1)
     n, d = x_t.shape
     k = int(k)
     if method == "local_linear" and k < d + 2:
         raise ValueError(f"k must be >= d + 2 = {d + 2} for local-linear regression, got {k}")
     if n < k + 2:
         raise ValueError(f"need more than k + 1 = {k + 1} samples, got {n}")
-    check_finite(x_t, "x_t")
-    check_finite(xdot, "xdot")
+    checks.finite(x_t, "x_t")
+    checks.finite(xdot, "xdot")
     xs = x_t.detach().double().cpu().numpy()
     ys = xdot.detach().double().cpu().numpy()
     _, idx = NearestNeighbors(n_neighbors=k + 1).fit(xs).kneighbors(xs)
@@ -1040,17 +970,28 @@ def knn_proxy(x_t: Tensor, xdot: Tensor, k: int = 32, method: str = "local_linea
         pred = ybar + np.einsum("ni,nil->nl", dx, coef)
         leverage = 1.0 / k + np.einsum("ni,nij,nj->n", dx, inv, dx)
         values = ((ys - pred) ** 2).sum(1) / (1.0 + leverage)
-    return Estimate.from_samples(torch.from_numpy(values))
+    return Interval.from_samples(torch.from_numpy(values))
 
 
 # ------------------------------------------------------------------------------------------------
 # The exact flow map
 # ------------------------------------------------------------------------------------------------
+FLOW_MAP_METHODS = ("ode", "multistep")
+
+
 class FlowMapGenerator(nn.Module):
-    """The ideal GC generator ``x_t -> flow_map(x_t, t)`` (``GaussianMixture.flow_map``).
+    """The ideal GC generator ``x_t -> flow_map(x_t, t)``, the exact PF-ODE map down to ``t_min``.
 
     ``forward(x (B, d), t (B,) or float) -> (B, d)`` in the dtype of ``x``; no parameters, no
-    gradient. ``rtol`` / ``atol`` go to the ODE solver (dopri5 in log-time, float64).
+    gradient. Two solvers:
+
+    - ``method="ode"`` (default): ``GaussianMixture.flow_map``, adaptive dopri5 in float64 at
+      ``rtol`` / ``atol``; the reference. All rows share the adaptive steps, so rows started at
+      many different times (a training batch) cost many steps.
+    - ``method="multistep"``: :func:`multistep_flow_map` with ``steps`` steps per row, a fixed
+      cost (``steps`` posterior means of the batch). Its mean squared error against the ODE at
+      ``rtol = 1e-10`` on the authors' 2D target is below 3e-7 at 32 steps and 5e-8 at 64
+      (tests/test_discrepancy.py).
     """
 
     def __init__(
@@ -1060,18 +1001,75 @@ class FlowMapGenerator(nn.Module):
         *,
         rtol: float = 1e-6,
         atol: float = 1e-8,
+        method: str = "ode",
+        steps: int = 64,
     ) -> None:
         super().__init__()
         if not isinstance(target, GaussianMixture):
             raise ValueError("target must be a gcflows.gmm.GaussianMixture")
-        if not (0 < rtol < 1 and 0 < atol < 1):
-            raise ValueError(f"rtol and atol must lie in (0, 1), got {rtol}, {atol}")
+        checks.real(rtol, "rtol", lo_open=0.0, hi_open=1.0, where="FlowMapGenerator")
+        checks.real(atol, "atol", lo_open=0.0, hi_open=1.0, where="FlowMapGenerator")
+        self.method = checks.choice(method, "method", FLOW_MAP_METHODS, where="FlowMapGenerator")
+        self.steps = checks.integer(steps, "steps", lo=1, where="FlowMapGenerator")
         self.target = target
         self.process = get_process(process)
         self.rtol, self.atol = float(rtol), float(atol)
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        if self.method == "multistep":
+            return multistep_flow_map(self.target, x, t, self.process, self.steps)
         return self.target.flow_map(x, t, self.process, rtol=self.rtol, atol=self.atol)
+
+
+def _time_of_noise_level(process: Process, sigma: Tensor) -> Tensor:
+    """``t`` with ``b(t) / a(t) = sigma``: closed form for ``ve`` (``t = sigma``) and ``linear``
+    (``t = sigma / (1 + sigma)``), else bisection on ``[t_min, t_max]`` (float64 resolution)."""
+    if process.name == "ve":
+        return sigma.clone()
+    if process.name == "linear":
+        return sigma / (1.0 + sigma)
+    lo, hi = torch.full_like(sigma, process.t_min), torch.full_like(sigma, process.t_max)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        above = process.b(mid) / process.a(mid) > sigma
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+    return 0.5 * (lo + hi)
+
+
+@torch.no_grad()
+def multistep_flow_map(
+    target: GaussianMixture, x: Tensor, t: Tensor | float, process: Process | str, steps: int = 64
+) -> Tensor:
+    """The PF-ODE flow map to ``t_min`` by a second-order multistep exponential integrator.
+
+    In the log noise level ``lam = -log(b / a)`` the PF-ODE is linear in ``x`` up to the posterior
+    mean ``D(x, s) = E[data | x_s = x]``; with ``D`` held at the extrapolation
+    ``1.5 D_k - 0.5 D_{k-1}`` over a step (DPM-Solver++(2M), Lu et al. 2022, arXiv:2211.01095,
+    with equal steps in ``lam``) the step is exact for that ``D``::
+
+        x_{k+1} = (b_{k+1} / b_k) x_k + (a_{k+1} - b_{k+1} a_k / b_k) D_hat_k.
+
+    Every row takes ``steps`` equal steps in ``lam`` from its own ``t`` to ``t_min`` (the first
+    with ``D_0``), so the cost is ``steps`` evaluations of ``D`` on the whole batch, whatever the
+    spread of start times. Shapes ``x (B, d)``, ``t`` float or ``(B,)``; float64 inside, output in
+    the dtype of ``x``.
+    """
+    process = get_process(process)
+    x64 = x.detach().to(torch.float64)
+    t64 = as_time(t, x.shape[0], x64)
+    mix = target.to(dtype=torch.float64, device=x64.device)
+    tm = torch.full_like(t64, process.t_min)
+    s_start, s_end = process.b(t64) / process.a(t64), process.b(tm) / process.a(tm)
+    cur, prev_d = t64, None
+    for k in range(1, steps + 1):
+        level = s_start * (s_end / s_start) ** (k / steps)
+        nxt = tm if k == steps else _time_of_noise_level(process, level)
+        d = mix.denoiser(x64, cur, process)
+        d_hat = d if prev_d is None else 1.5 * d - 0.5 * prev_d
+        a0, b0, a1, b1 = process.a(cur), process.b(cur), process.a(nxt), process.b(nxt)
+        x64 = (b1 / b0)[:, None] * x64 + (a1 - b1 * a0 / b0)[:, None] * d_hat
+        cur, prev_d = nxt, d
+    return x64.to(x.dtype)
 
 
 @torch.no_grad()
@@ -1095,8 +1093,7 @@ def flow_map_reference(
     if times_t.numel() < 1:
         raise ValueError("times must hold at least one time")
     process.check_time(times_t, "times")
-    if isinstance(n_per_time, bool) or int(n_per_time) != n_per_time or n_per_time < 1:
-        raise ValueError(f"n_per_time must be a positive integer, got {n_per_time!r}")
+    checks.integer(n_per_time, "n_per_time", lo=1)
     gmm = target.to(dtype=torch.float64)
     n = int(n_per_time)
     t = times_t.repeat_interleave(n)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gcflows import checks
+
 __all__ = [
     "exact_w2",
     "wasserstein_1d_squared",
@@ -85,16 +87,6 @@ def _as_weights(w, n: int, name: str) -> Tensor:
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError(f"{name} must be finite, non-negative and not all zero")
     return w / w.sum()
-
-
-def _positive_float(v, name: str) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}") from None
-    if isinstance(v, bool) or not math.isfinite(f) or f <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    return f
 
 
 def _sqdist(x: Tensor, y: Tensor) -> Tensor:
@@ -194,10 +186,7 @@ def sliced_w2(
     _check_same_dim(x, y, "x", "y")
     d = x.shape[1]
     if projections is None:
-        if isinstance(n_projections, bool) or int(n_projections) != n_projections:
-            raise ValueError(f"n_projections must be a positive integer, got {n_projections!r}")
-        if n_projections < 1:
-            raise ValueError(f"n_projections must be a positive integer, got {n_projections}")
+        checks.integer(n_projections, "n_projections", lo=1)
         theta = torch.randn(d, int(n_projections), generator=generator, dtype=torch.float64)
     else:
         theta = _as_points(projections, "projections").cpu()
@@ -260,8 +249,7 @@ def mmd(x, y, kernel: str = "rbf", bandwidth: float | None = None) -> float:
     - ``"linear"``: ``a . b`` (``MMD^2 = ||E x - E y||^2``);
     - ``"poly"``: ``(a . b / D + 1)^3``, the kernel of KID.
     """
-    if kernel not in ("rbf", "linear", "poly"):
-        raise ValueError(f"kernel must be 'rbf', 'linear' or 'poly', got {kernel!r}")
+    checks.choice(kernel, "kernel", ("rbf", "linear", "poly"))
     x, y = _as_points(x, "x"), _as_points(y, "y")
     y = y.to(x.device)
     _check_same_dim(x, y, "x", "y")
@@ -272,7 +260,7 @@ def mmd(x, y, kernel: str = "rbf", bandwidth: float | None = None) -> float:
         if bandwidth is None:
             bandwidth = median_bandwidth(x, y)
         else:
-            bandwidth = _positive_float(bandwidth, "bandwidth")
+            bandwidth = checks.real(bandwidth, "bandwidth", lo_open=0.0)
     kxx, kyy = _kernel(x, x, kernel, bandwidth), _kernel(y, y, kernel, bandwidth)
     kxy = _kernel(x, y, kernel, bandwidth)
     sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
@@ -410,11 +398,10 @@ def mode_coverage(
     if radius is not None and stds is not None:
         raise ValueError("pass either radius or stds (with n_std), not both")
     if stds is not None:
-        n_std = _positive_float(n_std, "n_std")
+        n_std = checks.real(n_std, "n_std", lo_open=0.0)
         s = torch.as_tensor(stds, dtype=torch.float64).detach().cpu()
         radius = n_std * s
-    if isinstance(min_count, bool) or int(min_count) != min_count or min_count < 1:
-        raise ValueError(f"min_count must be a positive integer, got {min_count!r}")
+    checks.integer(min_count, "min_count", lo=1)
     w = _as_weights(weights, k, "weights")
     assignment = assign_modes(samples, mu, radius)
     n = assignment.shape[0]

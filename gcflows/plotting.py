@@ -31,6 +31,8 @@ __all__ = [
     "plot_scatter_grid",
     "plot_trajectories",
     "save",
+    "panel_grid",
+    "finish_grid",
 ]
 
 PathLike = str | os.PathLike
@@ -56,6 +58,25 @@ class Curve:
                 raise ValueError(f"{name} must have the shape of y {self.y.shape}")
         self.label = label
         self.style = dict(style or {})
+
+    @classmethod
+    def from_intervals(
+        cls, x, intervals, label: str | None = None, *, band: str = "interval", style=None
+    ) -> Curve:
+        """A curve of the means of :class:`gcflows.stats.Interval` values (or their ``as_dict``)
+        with the band ``[lo, hi]`` (``band="interval"``) or ``mean +- se`` (``band="se"``; an
+        undefined se, e.g. of one seed, draws no band there)."""
+        get = (lambda e, k: e[k]) if intervals and isinstance(intervals[0], Mapping) else getattr
+        mean = np.asarray([get(e, "mean") for e in intervals], dtype=float)
+        if band == "se":
+            se = np.nan_to_num(np.asarray([get(e, "se") for e in intervals], dtype=float))
+            lo, hi = mean - se, mean + se
+        elif band == "interval":
+            lo = np.asarray([get(e, "lo") for e in intervals], dtype=float)
+            hi = np.asarray([get(e, "hi") for e in intervals], dtype=float)
+        else:
+            raise ValueError(f"band={band!r} is invalid: use 'interval' or 'se'")
+        return cls(x, mean, lo, hi, label=label, style=style)
 
 
 def save(fig, path: PathLike) -> Path:
@@ -119,21 +140,30 @@ def plot_curves(
     return save(fig, path)
 
 
-def _panel_grid(n: int, ncols: int, panel_size: tuple[float, float]):
-    """A figure with ``n`` panels in rows of at most ``ncols``: ``(fig, axes (nrows, ncols))``."""
+def panel_grid(n: int, ncols: int, panel_size: tuple[float, float], **kw):
+    """A figure with ``n`` panels in rows of at most ``ncols``: ``(fig, axes (nrows, ncols))``.
+
+    The one panel-grid set-up of every multi-panel figure; close it with :func:`finish_grid`.
+    ``kw`` goes to ``plt.subplots`` (e.g. ``sharex``)."""
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
     w, h = panel_size
-    return plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
+    return plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, **kw)
 
 
-def _finish_grid(fig, axes, n: int, suptitle: str, path: PathLike) -> Path:
-    """Hide the unused panels, add the title, lay out and save."""
+def finish_grid(fig, axes, n: int, suptitle: str, path: PathLike, legend_below: bool = False):
+    """Hide the unused panels, add the title (and, with ``legend_below``, one legend of the first
+    panel's lines under the grid), lay out and save; returns the path."""
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
+    rect = (0, 0, 1, 1)
+    if legend_below:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=max(1, len(labels)))
+        rect = (0, 0.06 / axes.shape[0], 1, 1)
+    fig.tight_layout(rect=rect)
     return save(fig, path)
 
 
@@ -153,13 +183,13 @@ def plot_panels(
     if not panels:
         raise ValueError("panels must hold at least one panel")
     n = len(panels)
-    fig, axes = _panel_grid(n, ncols, (4.6, 3.6))
+    fig, axes = panel_grid(n, ncols, (4.6, 3.6))
     for ax, (name, curves) in zip(axes.flat, panels.items(), strict=False):
         _draw(ax, curves, (hlines or {}).get(name, ()))
         yl = ylabel.get(name, "") if isinstance(ylabel, Mapping) else ylabel
         ly = logy.get(name, False) if isinstance(logy, Mapping) else logy
         _axes_style(ax, xlabel, yl, name, logx, ly)
-    return _finish_grid(fig, axes, n, suptitle, path)
+    return finish_grid(fig, axes, n, suptitle, path)
 
 
 def plot_scatter_grid(
@@ -179,7 +209,7 @@ def plot_scatter_grid(
     if not clouds:
         raise ValueError("clouds must hold at least one cloud")
     n = len(clouds)
-    fig, axes = _panel_grid(n, ncols, (3.2, 3.2))
+    fig, axes = panel_grid(n, ncols, (3.2, 3.2))
     if limits is None and reference is not None:
         ref = np.asarray(reference)
         lo, hi = ref.min(0), ref.max(0)
@@ -196,7 +226,7 @@ def plot_scatter_grid(
             ax.set_ylim(limits[2], limits[3])
         ax.set_title(name, fontsize=9)
         ax.set_aspect("equal", adjustable="box")
-    return _finish_grid(fig, axes, n, suptitle, path)
+    return finish_grid(fig, axes, n, suptitle, path)
 
 
 def plot_trajectories(
@@ -216,7 +246,7 @@ def plot_trajectories(
     if not paths:
         raise ValueError("paths must hold at least one panel")
     n = len(paths)
-    fig, axes = _panel_grid(n, ncols, (3.2, 3.2))
+    fig, axes = panel_grid(n, ncols, (3.2, 3.2))
     for ax, (name, arr) in zip(axes.flat, paths.items(), strict=False):
         arr = np.asarray(arr)
         if arr.ndim != 3 or arr.shape[2] != 2:
@@ -235,4 +265,4 @@ def plot_trajectories(
             ax.set_ylim(limits[2], limits[3])
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_title(name, fontsize=9)
-    return _finish_grid(fig, axes, n, suptitle, path)
+    return finish_grid(fig, axes, n, suptitle, path)

@@ -11,6 +11,7 @@ versions and device; results.json / results.csv; PNG figures; and prints a summa
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -22,10 +23,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gcflows import runrecord
 
 __all__ = [
     "make_run_dir",
+    "check_writable",
     "git_info",
     "git_sha",
     "cpu_model",
@@ -41,7 +45,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_run_dir(out: str | os.PathLike, name: str) -> Path:
-    """Create and return ``out/<name>_<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken)."""
+    """Create and return ``out/<name>_<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken).
+
+    A folder that cannot be created (read-only ``out``, a file in the way) is a ``ValueError``
+    that names ``out`` and says what to do, not a raw ``PermissionError``.
+    """
     if not name or any(c in name for c in "/\\"):
         raise ValueError(f"name must be a plain folder name, got {name!r}")
     base = Path(out) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -51,8 +59,33 @@ def make_run_dir(out: str | os.PathLike, name: str) -> Path:
             run_dir.mkdir(parents=True, exist_ok=False)
             return run_dir
         except FileExistsError:
+            if not Path(out).is_dir():
+                raise _unwritable(out, "it is not a folder") from None
             k += 1
             run_dir = base.with_name(f"{base.name}-{k}")
+        except OSError as err:
+            raise _unwritable(out, err.strerror or str(err)) from None
+
+
+def _unwritable(out: str | os.PathLike, why: str) -> ValueError:
+    return ValueError(
+        f"output folder {str(out)!r} cannot hold a run folder ({why}): pass a writable --out"
+    )
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """Raise ``ValueError`` unless a run folder can be created under ``out`` (checked before any
+    work, so a run never fails at the end for a read-only output folder). Creates ``out``."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise _unwritable(out, "it is not a folder") from None
+    except OSError as err:
+        raise _unwritable(out, err.strerror or str(err)) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise _unwritable(out, "permission denied")
+    return out
 
 
 def git_info() -> dict[str, Any]:
@@ -84,23 +117,51 @@ def environment() -> dict[str, Any]:
     }
 
 
-def jsonable(obj: Any) -> Any:
-    """A JSON-ready copy: tensors / arrays to lists, paths to str, non-finite floats to None."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "as_dict") and callable(obj.as_dict):
-        return jsonable(obj.as_dict())
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch / numpy
-        return jsonable(obj.tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
+def jsonable(obj: Any, where: str = "results") -> Any:
+    """A JSON-ready copy of ``obj``; raises ``TypeError`` on an object it does not know.
+
+    Known: ``None``, ``bool``, ``int``, ``str``; floats (non-finite ones become ``None``);
+    mappings (keys made ``str``); lists, tuples and sets; objects with an ``as_dict()`` method
+    (e.g. :class:`gcflows.stats.Interval` and the result types of gcflows); other dataclasses
+    (field by field); torch tensors and numpy arrays / scalars (as lists / numbers); paths
+    (``str``). Anything else (a module, a model, a function, ...) is an error naming its type and
+    where it sits (``where``, e.g. ``results.theorem1.gaps[3]``): its ``repr`` is never written.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
         return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(items)]
+    as_dict = getattr(obj, "as_dict", None)
+    if callable(as_dict) and not isinstance(obj, type):
+        return jsonable(as_dict(), where)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: jsonable(getattr(obj, f.name), f"{where}.{f.name}")
+            for f in dataclasses.fields(obj)
+        }
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return jsonable(obj.tolist(), where)
+    if _is_tensor(obj):
+        return jsonable(obj.detach().cpu().tolist(), where)
     if isinstance(obj, os.PathLike):
-        return str(obj)
-    return str(obj)
+        return os.fspath(obj)
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which gcflows.records "
+        "does not know how to write as JSON: convert it to numbers, lists or dicts, or give its "
+        "class an as_dict() method"
+    )
+
+
+def _is_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.is_tensor(obj)
 
 
 def write_config(run_dir: str | os.PathLike, args: Any, seed: int | Sequence[int], **extra) -> Path:

@@ -1,4 +1,6 @@
-"""Noise-to-data transport cost of a coupling: IC, batch-OT, Sinkhorn and GC (PAPER.md section 4).
+"""Noise-to-data transport cost of a coupling: IC, batch-OT, Sinkhorn and GC.
+
+docs/paper.md section 4.
 
 The transport cost of a coupling is the mean squared distance ``E ||data - noise||^2`` between
 the data point and the *unscaled* noise it is paired with. gcflows measures it for
@@ -7,7 +9,7 @@ the data point and the *unscaled* noise it is paired with. gcflows measures it f
 - batch-OT: the mean cost after the exact assignment inside a batch of ``B`` pairs
   (:func:`batch_ot_cost`, :func:`batch_ot_curve` for ``B = 16, 128, 512, 2048``), and its entropic
   relaxation (:func:`sinkhorn_cost`, the plan's expected cost ``<P, C>``);
-- GC, the generator-induced coupling of PAPER.md Eq. 13-15: the data point is replaced by the
+- GC, the generator-induced coupling of docs/paper.md Eq. 13-15: the data point is replaced by the
   prediction ``f(x_t, t)`` made from the noised pair, with the same noise, so
 
       c(t) = E_IC || f(x_t, t) - noise ||^2,   x_t = a(t) data + b(t) noise          (Lemma 1)
@@ -16,8 +18,8 @@ the data point and the *unscaled* noise it is paired with. gcflows measures it f
   solution down to ``t_min``) or for any model ``f(x, t)``, e.g. a trained consistency model
   (:func:`gc_cost_curve`).
 
-Lemma 1 (PAPER.md Eq. 20), written for any affine process. With ``w_t = noise - E[noise | x_t]``
-and ``J = d fo / dx (x_t, t)``,
+Lemma 1 (docs/paper.md Eq. 20), written for any affine process. With
+``w_t = noise - E[noise | x_t]`` and ``J = d fo / dx (x_t, t)``,
 
       c'(t) = -2 g(t) E < J w_t, w_t >,     g(t) = b'(t) - a'(t) b(t) / a(t)
 
@@ -57,19 +59,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from scipy.stats import t as student_t
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
-from gcflows import kernels
+from gcflows import checks, kernels
 from gcflows.couplings import ot_coupling, sinkhorn_coupling
 from gcflows.gmm import GaussianMixture
-from gcflows.processes import Process, as_time, check_finite, get_process
+from gcflows.processes import Process, as_time, get_process
+from gcflows.stats import Interval
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
     "DEFAULT_SINKHORN_REG",
-    "CostEstimate",
     "BatchCost",
     "CostCurve",
     "Lemma1Result",
@@ -103,65 +104,20 @@ Sampler = Callable[[int, "torch.Generator | None"], Tensor]
 
 
 # --- interval estimates -------------------------------------------------------------------------
-def _t_quantile(level: float, dof: int) -> float:
-    if dof < 1:
-        return math.inf
-    return float(student_t.ppf(0.5 + level / 2.0, dof))
-
-
-@dataclass(frozen=True)
-class CostEstimate:
-    """A mean with its standard error over ``n`` independent units and a Student-t interval.
-
-    ``lo, hi = mean -/+ q stderr`` with ``q`` the two-sided ``level`` quantile of Student's t with
-    ``n - 1`` degrees of freedom (infinite half-width when ``n = 1``).
-    """
-
-    mean: float
-    stderr: float
-    n: int
-    level: float = 0.95
-
-    @property
-    def halfwidth(self) -> float:
-        return _t_quantile(self.level, self.n - 1) * self.stderr
-
-    @property
-    def lo(self) -> float:
-        return self.mean - self.halfwidth
-
-    @property
-    def hi(self) -> float:
-        return self.mean + self.halfwidth
-
-    def to_dict(self) -> dict:
-        return {
-            "mean": self.mean,
-            "stderr": self.stderr,
-            "n": self.n,
-            "level": self.level,
-            "lo": self.lo,
-            "hi": self.hi,
-        }
-
-
 def _check_level(level: float) -> float:
-    if not (isinstance(level, (int, float)) and 0.0 < float(level) < 1.0):
-        raise ValueError(f"level must be a probability in (0, 1), e.g. 0.95; got {level!r}")
-    return float(level)
+    fix = "use a probability in (0, 1), e.g. 0.95"
+    return checks.real(level, "level", lo_open=0.0, hi_open=1.0, fix=fix)
 
 
-def estimate(values: Tensor, level: float = 0.95) -> CostEstimate:
-    """Mean, standard error ``std / sqrt(n)`` (unbiased std) and interval of ``values`` ``(n,)``."""
+def estimate(values: Tensor, level: float = 0.95) -> Interval:
+    """Mean, standard error ``std / sqrt(n)`` (unbiased std) and Student-t interval of ``values``
+    ``(n,)`` (an unbounded interval for one value)."""
     level = _check_level(level)
     values = torch.as_tensor(values).detach().reshape(-1).to(torch.float64)
     if values.numel() == 0:
         raise ValueError("values is empty; pass at least one number")
-    check_finite(values, "values")
-    n = values.numel()
-    mean = float(values.mean())
-    stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
-    return CostEstimate(mean=mean, stderr=stderr, n=n, level=level)
+    checks.finite(values, "values")
+    return Interval.from_samples(values, "student-t", level)
 
 
 # --- samplers -----------------------------------------------------------------------------------
@@ -179,7 +135,7 @@ def as_sampler(source, name: str = "sample_data") -> Sampler:
                 f"{name} as a tensor must be a non-empty float dataset (N, *dims), "
                 f"got shape {tuple(source.shape)} and dtype {source.dtype}"
             )
-        check_finite(source, name)
+        checks.finite(source, name)
 
         def draw_rows(n: int, generator: torch.Generator | None) -> Tensor:
             dev = generator.device if generator is not None else torch.device("cpu")
@@ -227,24 +183,22 @@ def _row_sqnorm(x: Tensor) -> Tensor:
 
 
 def _check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return checks.integer(value, name, lo=minimum)
 
 
 # --- IC and batch couplings -----------------------------------------------------------------------
-def ic_cost(data: Tensor, noise: Tensor, level: float = 0.95) -> CostEstimate:
+def ic_cost(data: Tensor, noise: Tensor, level: float = 0.95) -> Interval:
     """IC transport cost ``E ||data - noise||^2`` over the rows of the given pairs.
 
-    data, noise: ``(B, *dims)``, rows independent (PAPER.md section 4, ``c(0)``). The per-row cost
-    is accumulated in float64; the interval treats rows as independent samples.
+    data, noise: ``(B, *dims)``, rows independent (docs/paper.md section 4, ``c(0)``). The per-row
+    cost is accumulated in float64; the interval treats rows as independent samples.
     """
     if not torch.is_tensor(data) or not torch.is_tensor(noise) or data.shape != noise.shape:
         raise ValueError("data and noise must be tensors of the same shape (B, *dims)")
     if data.dim() < 1 or data.shape[0] == 0:
         raise ValueError("data is an empty batch; pass at least one pair")
-    check_finite(data, "data")
-    check_finite(noise, "noise")
+    checks.finite(data, "data")
+    checks.finite(noise, "noise")
     return estimate(_row_sqnorm(data.to(torch.float64) - noise.to(torch.float64)), level)
 
 
@@ -258,20 +212,20 @@ class BatchCost:
 
     coupling: str
     batch_size: int
-    cost: CostEstimate
-    ic: CostEstimate
-    gain: CostEstimate
+    cost: Interval
+    ic: Interval
+    gain: Interval
     per_batch: tuple[float, ...]
     reg: float | None = None
     status: str = ""
 
-    def to_dict(self) -> dict:
+    def as_dict(self) -> dict:
         return {
             "coupling": self.coupling,
             "batch_size": self.batch_size,
-            "cost": self.cost.to_dict(),
-            "ic": self.ic.to_dict(),
-            "gain": self.gain.to_dict(),
+            "cost": self.cost.as_dict(),
+            "ic": self.ic.as_dict(),
+            "gain": self.gain.as_dict(),
             "per_batch": list(self.per_batch),
             "reg": self.reg,
             "status": self.status,
@@ -505,9 +459,9 @@ class CostCurve:
     """
 
     times: Tensor
-    points: tuple[CostEstimate, ...]
-    gain: tuple[CostEstimate, ...]
-    ic: CostEstimate
+    points: tuple[Interval, ...]
+    gain: tuple[Interval, ...]
+    ic: Interval
     process: str
     label: str = ""
 
@@ -523,14 +477,14 @@ class CostCurve:
     def hi(self) -> Tensor:
         return torch.tensor([p.hi for p in self.points], dtype=torch.float64)
 
-    def to_dict(self) -> dict:
+    def as_dict(self) -> dict:
         return {
             "label": self.label,
             "process": self.process,
             "times": self.times.tolist(),
-            "cost": [p.to_dict() for p in self.points],
-            "gain_vs_ic": [g.to_dict() for g in self.gain],
-            "ic": self.ic.to_dict(),
+            "cost": [p.as_dict() for p in self.points],
+            "gain_vs_ic": [g.as_dict() for g in self.gain],
+            "ic": self.ic.as_dict(),
         }
 
 
@@ -618,7 +572,8 @@ def gc_cost_curve(
     level: float = 0.95,
     label: str = "",
 ) -> CostCurve:
-    """GC transport cost ``c(t) = E_IC || f(x_t, t) - noise ||^2`` on a grid (PAPER.md section 4).
+    """GC transport cost ``c(t) = E_IC || f(x_t, t) - noise ||^2`` on a grid (docs/paper.md
+    section 4).
 
     Args:
         f: a :class:`GaussianMixture` -- its ideal flow map ``fo`` to ``process.t_min``
@@ -723,7 +678,7 @@ def flow_map_jvp(
         raise ValueError(
             f"direction must have the shape of x {tuple(x.shape)}, got {tuple(direction.shape)}"
         )
-    check_finite(direction, "direction")
+    checks.finite(direction, "direction")
     x64 = x.detach().to(torch.float64)
     u64 = direction.detach().to(torch.float64)
     t64 = as_time(t, x.shape[0], x64)
@@ -782,7 +737,7 @@ def flow_map_jvp(
 
 @dataclass(frozen=True)
 class Lemma1Result:
-    """Both sides of Lemma 1 on a time grid, measured on the same pairs (PAPER.md Eq. 20).
+    """Both sides of Lemma 1 on a time grid, measured on the same pairs (docs/paper.md Eq. 20).
 
     Per time ``t_i``: ``fd`` is the finite-difference slope of the measured curve,
     ``(|fo(x_hi, t_hi) - noise|^2 - |fo(x_lo, t_lo) - noise|^2) / (t_hi - t_lo)`` per pair with
@@ -797,12 +752,12 @@ class Lemma1Result:
     t_lo: Tensor
     t_hi: Tensor
     g: Tensor
-    fd: tuple[CostEstimate, ...]
-    lemma: tuple[CostEstimate, ...]
-    diff: tuple[CostEstimate, ...]
-    w2: tuple[CostEstimate, ...]
-    jww: tuple[CostEstimate, ...]
-    s0: tuple[CostEstimate, ...]
+    fd: tuple[Interval, ...]
+    lemma: tuple[Interval, ...]
+    diff: tuple[Interval, ...]
+    w2: tuple[Interval, ...]
+    jww: tuple[Interval, ...]
+    s0: tuple[Interval, ...]
     process: str
     jvp: str
     exact: Tensor | None = None
@@ -813,7 +768,7 @@ class Lemma1Result:
         """``(T,)`` bool: the paired interval of ``fd - lemma`` contains 0."""
         return torch.tensor([d.lo <= 0.0 <= d.hi for d in self.diff])
 
-    def to_dict(self) -> dict:
+    def as_dict(self) -> dict:
         out = {
             "label": self.label,
             "process": self.process,
@@ -822,12 +777,12 @@ class Lemma1Result:
             "t_lo": self.t_lo.tolist(),
             "t_hi": self.t_hi.tolist(),
             "g": self.g.tolist(),
-            "fd": [e.to_dict() for e in self.fd],
-            "lemma": [e.to_dict() for e in self.lemma],
-            "diff": [e.to_dict() for e in self.diff],
-            "w2": [e.to_dict() for e in self.w2],
-            "jww": [e.to_dict() for e in self.jww],
-            "s0_eff": [e.to_dict() for e in self.s0],
+            "fd": [e.as_dict() for e in self.fd],
+            "lemma": [e.as_dict() for e in self.lemma],
+            "diff": [e.as_dict() for e in self.diff],
+            "w2": [e.as_dict() for e in self.w2],
+            "jww": [e.as_dict() for e in self.jww],
+            "s0_eff": [e.as_dict() for e in self.s0],
             "agree": self.agree().tolist(),
             "info": self.info,
         }
@@ -865,8 +820,7 @@ def lemma1_check(
     process = get_process(process)
     level = _check_level(level)
     n = _check_positive_int(n, "n", 2)
-    if not (0.0 < float(h_rel) < 0.5):
-        raise ValueError(f"h_rel must be in (0, 0.5), got {h_rel}")
+    checks.real(h_rel, "h_rel", lo_open=0.0, hi_open=0.5)
     if not isinstance(mixture, GaussianMixture):
         raise ValueError("mixture must be a GaussianMixture (Lemma 1 needs the exact flow map)")
     times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
@@ -885,44 +839,21 @@ def lemma1_check(
     x_lo, x_hi, _ = _noised_pair(data_r, noise_r, lo_all, hi_all, process)
     x_t, _, _ = _noised_pair(data_r, noise_r, t_all, t_all, process)
     w = noise_r - mix.expected_noise(x_t, t_all, process)
-    f_lo, f_hi, jw = [], [], []
-    for i in range(n_t):  # one solve per time (see _per_time); t_lo and t_hi rows together
-        rows = slice(i * n, (i + 1) * n)
-        ends = ideal_flow_map(
-            mix,
-            torch.cat([x_lo[rows], x_hi[rows]]),
-            torch.cat([lo_all[rows], hi_all[rows]]),
-            process,
-            rtol=rtol,
-            atol=atol,
-        )
-        f_lo.append(ends[:n])
-        f_hi.append(ends[n:])
-        jw.append(
-            flow_map_jvp(
-                mix, x_t[rows], t_all[rows], process, w[rows], method=jvp, rtol=rtol, atol=atol
-            )[1]
-        )
-    f_lo, f_hi, jw = torch.cat(f_lo), torch.cat(f_hi), torch.cat(jw)
+    tol = {"rtol": rtol, "atol": atol}
+    f_lo, f_hi, jw = _lemma1_solves(
+        mix, process, (x_lo, lo_all), (x_hi, hi_all), (x_t, t_all), w, n, jvp, tol
+    )
     slope = (_row_sqnorm(f_hi - noise_r) - _row_sqnorm(f_lo - noise_r)) / (hi_all - lo_all)
     jww = (jw * w).sum(1)
     g = effective_sdot(process, times)
     lemma_rows = -2.0 * g.repeat_interleave(n) * jww
     w2 = (w * w).sum(1)
 
-    def per_t(v: Tensor) -> tuple[CostEstimate, ...]:
+    def per_t(v: Tensor) -> tuple[Interval, ...]:
         v = v.reshape(n_t, n)
         return tuple(estimate(v[i], level) for i in range(n_t))
 
-    b_t = process.b(times)
-    s0 = []
-    for i in range(n_t):
-        jw_i, w2_i = jww.reshape(n_t, n)[i], w2.reshape(n_t, n)[i]
-        w2_mean = w2_i.mean().clamp_min(1e-300)
-        ratio = float(b_t[i] * jw_i.mean() / w2_mean)
-        influence = b_t[i] * (jw_i - ratio / b_t[i] * w2_i) / w2_mean
-        e = estimate(influence, level)
-        s0.append(CostEstimate(mean=ratio, stderr=e.stderr, n=n, level=level))
+    s0 = _s0_estimates(process.b(times), jww.reshape(n_t, n), w2.reshape(n_t, n), level)
     exact = None
     if mix.n_components == 1 and mix.stds is not None:
         exact = gaussian_cost_derivative(times, process, mix.means[0], mix.stds[0])
@@ -945,6 +876,35 @@ def lemma1_check(
     )
 
 
+def _lemma1_solves(mix, process, lo, hi, mid, w, n: int, jvp: str, tol: dict):
+    """``fo`` at ``(x_lo, t_lo)`` and ``(x_hi, t_hi)``, and ``J w`` at ``(x_t, t)``: one flow-map
+    solve per time (see ``_per_time``), its ``t_lo`` and ``t_hi`` rows together."""
+    (x_lo, lo_all), (x_hi, hi_all), (x_t, t_all) = lo, hi, mid
+    f_lo, f_hi, jw = [], [], []
+    for start in range(0, x_t.shape[0], n):
+        rows = slice(start, start + n)
+        xs = torch.cat([x_lo[rows], x_hi[rows]])
+        ends = ideal_flow_map(mix, xs, torch.cat([lo_all[rows], hi_all[rows]]), process, **tol)
+        f_lo.append(ends[:n])
+        f_hi.append(ends[n:])
+        j = flow_map_jvp(mix, x_t[rows], t_all[rows], process, w[rows], method=jvp, **tol)
+        jw.append(j[1])
+    return torch.cat(f_lo), torch.cat(f_hi), torch.cat(jw)
+
+
+def _s0_estimates(b_t: Tensor, jww: Tensor, w2: Tensor, level: float) -> tuple[Interval, ...]:
+    """Corollary 2's ``S0_eff = b E<J w, w> / E|w|^2`` per time (rows of ``jww``, ``w2``
+    ``(T, n)``) with a delta-method Student-t interval (influence
+    ``b (jww_i - S0_eff w2_i / b) / E|w|^2``)."""
+    out = []
+    for i in range(jww.shape[0]):
+        w2_mean = w2[i].mean().clamp_min(1e-300)
+        ratio = float(b_t[i] * jww[i].mean() / w2_mean)
+        influence = b_t[i] * (jww[i] - ratio / b_t[i] * w2[i]) / w2_mean
+        out.append(Interval(ratio, estimate(influence, level).se, jww.shape[1], "delta-t", level))
+    return tuple(out)
+
+
 def effective_s0(result: Lemma1Result) -> Tensor:
     """``S0_eff(t) = b(t) E<J w, w> / E||w||^2`` per time ``(T,)``: the constant ``S0`` for which
     the scaling ``J = (S0 / b(t)) I`` reproduces the measured ``E<J w, w>`` (Corollary 2).
@@ -953,14 +913,14 @@ def effective_s0(result: Lemma1Result) -> Tensor:
     return torch.tensor([e.mean for e in result.s0], dtype=torch.float64)
 
 
-def corollary2_prediction(result: Lemma1Result, s0: float) -> tuple[CostEstimate, ...]:
+def corollary2_prediction(result: Lemma1Result, s0: float) -> tuple[Interval, ...]:
     """Corollary 2's ``c'(t) = -2 g(t) (S0 / b(t)) E||w_t||^2`` per time, with the interval of
     ``E||w_t||^2`` scaled (``S0`` is taken as exact)."""
     process = get_process(result.process)
     factor = -2.0 * result.g * s0 / process.b(result.times)
     out = []
     for k, e in zip(factor.tolist(), result.w2, strict=True):
-        out.append(CostEstimate(mean=k * e.mean, stderr=abs(k) * e.stderr, n=e.n, level=e.level))
+        out.append(e.scaled(k))
     return tuple(out)
 
 

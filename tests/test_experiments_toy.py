@@ -2,17 +2,22 @@
 
 Checks the run folder (config.json with seed / git SHA / versions / device, results.json,
 results.csv, the figures), that every number is finite and the pieces are consistent with each
-other, that the summary table is printed last, and that a changed seed changes the numbers
-within their intervals.
+other, that the summary table is printed last, that a changed seed changes the numbers within
+their intervals, the progress display (a bar on a terminal, log lines with ``--quiet``), and that
+every bad argument fails at once, with one message and no run folder.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import os
+import pty
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,23 +46,45 @@ FIGURES = [
 ]
 
 
-def _run(out: Path, *extra: str) -> tuple[Path, str]:
-    proc = subprocess.run(
+def _run(out: Path, *extra: str) -> tuple[Path, str, str]:
+    """The script in a subprocess whose stderr is a terminal (a pty): ``(run, stdout, stderr)``."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--quick", "--out", str(out), *extra],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=slave,
         text=True,
-        timeout=900,
         cwd=ROOT,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    os.close(slave)
+    err = b""
+    while True:  # drain the terminal while the script runs (a full pty would block it)
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the script closed its end
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    stdout = proc.stdout.read()
+    assert proc.wait(timeout=900) == 0, stdout[-2000:] + err.decode(errors="replace")[-4000:]
     runs = list(out.glob("toy_discrepancy_*"))
     assert len(runs) == 1, runs
-    return runs[0], proc.stdout
+    return runs[0], stdout, err.decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("runs"))
+    return _run(tmp_path_factory.mktemp("runs"), "--quiet")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("toy_discrepancy_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _finite(obj, path="results") -> None:
@@ -73,7 +100,7 @@ def _finite(obj, path="results") -> None:
 
 
 def test_run_folder(quick_run):
-    run_dir, stdout = quick_run
+    run_dir, stdout, stderr = quick_run
     for name in ["config.json", "results.json", "results.csv", *FIGURES]:
         assert (run_dir / name).is_file(), name
     for name in FIGURES:
@@ -87,10 +114,15 @@ def test_run_folder(quick_run):
     tail = stdout.strip().splitlines()
     header = next(i for i, line in enumerate(tail) if line.startswith("method"))
     assert [line.split()[0] for line in tail[header + 2 :]] == METHODS
+    # --quiet on a terminal: one line per job (20 jobs at the quick sizes), no bar redrawn
+    assert "\r" not in stderr.replace("\r\n", "\n")
+    done = [line for line in stderr.splitlines() if " done: " in line]
+    assert len(done) == 20 and done[-1].split()[2] == "20/20"
+    assert "Traceback" not in stderr
 
 
 def test_results_are_finite_and_consistent(quick_run):
-    run_dir, _ = quick_run
+    run_dir, _, _ = quick_run
     res = json.loads((run_dir / "results.json").read_text())
     _finite(res)
     theory = res["theorem1"]["by_model"]
@@ -109,16 +141,16 @@ def test_results_are_finite_and_consistent(quick_run):
         # even at the quick sizes (2000 draws) the alpha = 2 ratio at N = 1280 is within 5 %
         # of 1 up to its interval (Riemann-sum bias ~2 % here, see docs/experiments.md)
         assert abs(ratio["mean"] - 1) < 0.05 + 2 * ratio["se"], (label, ratio)
-        assert ratio["ci95"][0] <= ratio["mean"] <= ratio["ci95"][1]
+        assert ratio["lo"] <= ratio["mean"] <= ratio["hi"] and ratio["method"] == "paired-ratio"
         gaps = {(g["distance"], g["N"]): g for g in t["gaps"]}
         assert {n for (_, n) in gaps} >= {10, 1280}
         for g in t["grads"]:
             assert g["grad_cd"] > 0 and g["relative"] >= 0 and g["noise"] >= 0
-    proxy = res["proxy"]
+    proxy = res["proxy"]["summary"]
     assert set(proxy["by_coupling"]) == {"ic_exact", "ic_knn", "ot", "gc_ideal", "gc_trained"}
     for vals in proxy["by_coupling"].values():
-        assert len(vals["mean"]) == len(proxy["times"])
-        assert all(m > 0 for m in vals["mean"])
+        assert len(vals) == len(proxy["times"])
+        assert all(v["mean"] > 0 and v["lo"] <= v["mean"] <= v["hi"] for v in vals)
     assert len(proxy["ordering_by_t"]) == len(proxy["times"])
     assert set(proxy["large_t_ordering"]) == {"gc_ideal", "gc_trained"}
     # the k-NN estimator agrees with the exact IC value within its noise (|z| < 5)
@@ -144,27 +176,89 @@ def test_results_are_finite_and_consistent(quick_run):
 
 
 def test_changed_seed_changes_the_numbers(quick_run, tmp_path):
-    run_dir, _ = quick_run
-    other, _ = _run(tmp_path, "--seeds", "5", "--skip-training", "--workers", "1")
+    run_dir, _, _ = quick_run
+    other, _, stderr = _run(tmp_path, "--seeds", "5", "--skip-training", "--workers", "1")
+    # on a terminal without --quiet: a tqdm bar, jobs done of total, redrawn in place
+    assert "\r" in stderr and "2/2" in stderr and "job" in stderr
     a = json.loads((run_dir / "results.json").read_text())
     b = json.loads((other / "results.json").read_text())
-    assert a["proxy"]["times"] == b["proxy"]["times"]
-    pa, pb = a["proxy"]["by_coupling"], b["proxy"]["by_coupling"]
+    assert a["proxy"]["summary"]["times"] == b["proxy"]["summary"]["times"]
+    pa, pb = a["proxy"]["summary"]["by_coupling"], b["proxy"]["summary"]["by_coupling"]
     changed = 0
     for coupling in ("ic_exact", "ot", "gc_ideal"):
-        for ma, sa, mb, sb in zip(
-            pa[coupling]["mean"],
-            pa[coupling]["se"],
-            pb[coupling]["mean"],
-            pb[coupling]["se"],
-            strict=True,
-        ):
+        for ea, eb in zip(pa[coupling], pb[coupling], strict=True):
+            ma, sa, mb, sb = ea["mean"], ea["se"], eb["mean"], eb["se"]
             changed += ma != mb
             # the same quantity: within 5 combined standard errors (false alarm ~6e-7 each);
             # 1e-9 relative slack where the value is deterministic (se ~ 0, e.g. IC at small t)
             assert abs(ma - mb) < 5 * math.hypot(sa, sb) + 1e-9 * abs(ma), (coupling, ma, mb)
-    assert changed >= len(pa["ot"]["mean"])  # new draws: the Monte-Carlo values moved
+    assert changed >= len(pa["ot"])  # new draws: the Monte-Carlo values moved
     ra = a["theorem1"]["by_model"]["random init"]["r_theta_alpha2"]["mean"]
     rb = b["theorem1"]["by_model"]["random init"]["r_theta_alpha2"]["mean"]
     assert ra != rb  # another initialisation of the network
     assert b["training"] == {}
+
+
+BAD_ARGUMENTS = [
+    (["--steps", "0"], "--steps=0 is invalid"),
+    (["--batch-size", "0"], "--batch-size=0 is invalid"),
+    (["--lr", "-1"], "--lr=-1.0 is invalid"),
+    (["--ema-decay", "1.5"], "--ema-decay=1.5 is invalid"),
+    (["--hidden", "0"], "--hidden=0 is invalid"),
+    (["--s1", "0"], "--s1=0 is invalid"),
+    (["--n-eval", "1"], "--n-eval=1 is invalid"),
+    (["--workers", "0"], "--workers=0 is invalid"),
+    (["--ideal-mu", "1.5"], "--ideal-mu=1.5 is invalid"),
+    (["--t-min", "-1"], "t_min"),
+    (["--seeds", "1", "1"], "--seeds"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=lambda a: " ".join(a))
+def test_bad_arguments_fail_at_once_without_a_run_folder(argv, message, tmp_path, capsys):
+    module = _load_script()
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--quick", "--out", str(tmp_path), *argv])
+    assert time.perf_counter() - start < 2.0  # checked in the parent, before any work
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "error:" in ln]  # one message
+    assert message in line and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+def test_bad_argument_in_a_subprocess_is_one_message_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--steps", "0", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1].endswith("--steps=0 is invalid: use an integer >= 1")
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        _load_script().main(["--quick", "--out", str(blocker / "runs")])
+    assert exc.value.code == 2
+    assert "cannot hold a run folder" in capsys.readouterr().err
+
+
+def test_explicit_values_win_over_quick_and_unused_ones_are_named(tmp_path, capsys):
+    module = _load_script()
+    args = module.parse_args(["--quick", "--steps", "7", "--n-eval", "30", "--out", str(tmp_path)])
+    assert (args.steps, args.n_eval, args.seeds) == (7, 30, [0, 1])
+    setup = module.build_setup(args)
+    assert setup["steps"] == 7 and setup["n_eval"] == 30
+    args = module.parse_args(["--quick", "--out", str(tmp_path)])
+    assert (args.steps, args.n_eval) == (24, 200)
+    module.parse_args(["--quick", "--skip-training", "--lr", "0.1", "--out", str(tmp_path)])
+    assert capsys.readouterr().err.strip() == "warning: --skip-training ignores --lr"

@@ -1,5 +1,6 @@
 """Smoke test of experiments/transport_cost.py: the --quick run finishes, writes its run folder
-(config, results, figures) with finite numbers, and prints the summary table last."""
+(config, results, figures) with finite numbers, shows its progress on a terminal and prints the
+summary table last; bad arguments fail at once with one message and no run folder."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import csv
 import importlib.util
 import json
 import math
+import os
+import pty
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,21 +34,43 @@ def _finite_numbers(obj) -> list[float]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """The --quick run with stderr on a terminal (a pty): ``(run folder, stdout, stderr)``."""
     out = tmp_path_factory.mktemp("transport")
-    proc = subprocess.run(
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=slave,
         text=True,
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    os.close(slave)
+    err = b""
+    while True:  # drain the terminal while the script runs
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    stdout = proc.stdout.read()
+    assert proc.wait(timeout=900) == 0, err.decode(errors="replace")[-3000:]
     (run_dir,) = list(out.iterdir())
-    return run_dir, proc.stdout
+    return run_dir, stdout, err.decode(errors="replace")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("transport_cost_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_quick_run_writes_the_run_folder(quick_run):
-    run_dir, _ = quick_run
+    run_dir, _, stderr = quick_run
     for name in ("config.json", "results.json", "results.csv", *FIGURES):
         assert (run_dir / name).is_file(), name
         assert (run_dir / name).stat().st_size > 0, name
@@ -52,10 +78,12 @@ def test_quick_run_writes_the_run_folder(quick_run):
     assert config["seed"] == 0
     assert "git_sha" in config and "versions" in config and config["device"] in ("cpu", "cuda")
     assert config["args"]["quick"] is True
+    # progress on a terminal: a tqdm bar over the 7 sections, redrawn in place
+    assert "\r" in stderr and "7/7" in stderr and "Traceback" not in stderr
 
 
 def test_quick_run_numbers_are_finite_and_consistent(quick_run):
-    run_dir, _ = quick_run
+    run_dir, _, _ = quick_run
     res = json.loads((run_dir / "results.json").read_text(), parse_constant=float)
     for row in res["summary"]:
         values = [v for k, v in row.items() if "/IC" in k and v is not None] + [row["IC"]]
@@ -81,7 +109,7 @@ def test_quick_run_numbers_are_finite_and_consistent(quick_run):
 
 
 def test_quick_run_prints_the_summary_table_last(quick_run):
-    _, stdout = quick_run
+    _, stdout, _ = quick_run
     lines = [ln for ln in stdout.splitlines() if ln.strip()]
     title = max(i for i, ln in enumerate(lines) if ln.startswith("Transport cost relative to IC"))
     header, rule, *body = lines[title + 1 :]
@@ -92,9 +120,7 @@ def test_quick_run_prints_the_summary_table_last(quick_run):
 
 def test_unusable_checkpoint_fails_before_any_work(tmp_path, capsys):
     # in-process (argparse exits with status 2 and the message on stderr)
-    spec = importlib.util.spec_from_file_location("transport_cost_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script()
     bad = tmp_path / "missing.pt"
     with pytest.raises(SystemExit) as exc:
         module.main(["--quick", "--out", str(tmp_path), "--checkpoint", str(bad)])
@@ -102,3 +128,46 @@ def test_unusable_checkpoint_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--checkpoint" in err and "does not exist" in err
     assert not any(p.is_dir() for p in tmp_path.iterdir())  # no run folder was created
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "0"], "--threads=0 is invalid"),
+        (["--level", "1.5"], "--level=1.5 is invalid"),
+        (["--mu", "2"], "--mu=2.0 is invalid"),
+        (["--train-steps", "-1"], "--train-steps=-1 is invalid"),
+        (["--checkpoint-n", "0", "--checkpoint", "x.pt"], "--checkpoint-n=0 is invalid"),
+        (["--sinkhorn-reg", "0"], "--sinkhorn-reg=0.0 is invalid"),
+        (["--digits-ideal", "-2"], "--digits-ideal=-2 is invalid"),
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_bad_arguments_fail_at_once_without_a_run_folder(argv, message, tmp_path, capsys):
+    module = _load_script()
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--quick", "--out", str(tmp_path), *argv])
+    assert time.perf_counter() - start < 2.0 and exc.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "error:" in ln]
+    assert message in line and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_arguments_that_do_not_apply_are_named(tmp_path, capsys):
+    module = _load_script()
+    args = module.build_parser().parse_args(
+        ["--checkpoint-n", "5", "--train-steps", "0", "--mu", "0.3", "--out", str(tmp_path)]
+    )
+    module.check_args(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "warning: --mu is not used when --train-steps is 0",
+        "warning: --checkpoint-n is not used without --checkpoint",
+    ]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        module.main(["--quick", "--out", str(blocker)])
+    assert "cannot hold a run folder" in capsys.readouterr().err

@@ -343,7 +343,9 @@ def test_eval_rejects_bad_input(tmp_path, tiny_run):
 # ------------------------------------------------------------------------------------------------
 # digits_comparison.py
 # ------------------------------------------------------------------------------------------------
-def test_digits_comparison_tiny_run_writes_curves_grids_and_summary(tmp_path, classifier_cache):
+def test_digits_comparison_tiny_run_writes_curves_grids_and_summary(
+    tmp_path, classifier_cache, capsys
+):
     figs = tmp_path / "figs"
     res = digits_comparison.main(
         [
@@ -387,3 +389,6 @@ def test_digits_comparison_tiny_run_writes_curves_grids_and_summary(tmp_path, cl
     with open(run_dir / "results.csv", newline="") as fh:
         step0 = [r for r in csv.DictReader(fh) if r["step"] == "0" and r["seed"] == "0"]
     assert len(step0) == 3 and len({r["fd_classifier"] for r in step0}) == 1
+    # progress: stderr is not a terminal here, so one line per run (6 runs), no bar
+    done = [ln for ln in capsys.readouterr().err.splitlines() if " done: " in ln]
+    assert len(done) == 6 and done[-1].split()[2] == "6/6"

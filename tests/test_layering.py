@@ -21,6 +21,8 @@ LAYERS = {
     "checks": -1,  # the validators: below every module that checks its arguments
     "runrecord": 0,
     "records": 1,
+    "stats": 1,
+    "progress": 1,
     "metrics": 1,
     "gmm": 1,
     "data": 2,

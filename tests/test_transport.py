@@ -1,5 +1,5 @@
 """Tests of gcflows.transport: IC / batch-OT / Sinkhorn costs, the GC cost curve c(t), Lemma 1 and
-its corollaries (PAPER.md section 4). Mathematics in float64; statistical checks state n, the
+its corollaries (docs/paper.md section 4). Mathematics in float64; statistical checks state n, the
 interval level and the generator seed."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from gcflows import gmm
 from gcflows import transport as T
 from gcflows.processes import LinearProcess, VEProcess
+from gcflows.stats import Interval
 
 PROCESSES = [VEProcess(), LinearProcess()]
 
@@ -31,10 +32,11 @@ def test_estimate_matches_student_t_interval():
     e = T.estimate(values, level=0.9)
     se = float(values.std(unbiased=True)) / 2.0
     assert e.mean == pytest.approx(3.5)
-    assert e.stderr == pytest.approx(se)
+    assert e.se == pytest.approx(se) and e.method == "student-t" and e.n == 4
     # Student t, 3 degrees of freedom, two-sided 90 %: 2.353363
     assert e.hi - e.mean == pytest.approx(2.353363 * se, rel=1e-6)
-    assert T.estimate(torch.tensor([2.0])).halfwidth == math.inf
+    one = T.estimate(torch.tensor([2.0]))
+    assert one.half_width == math.inf and one.lo == -math.inf and one.hi == math.inf
 
 
 # --- IC and batch-OT ------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def test_gc_cost_curve_of_one_gaussian_matches_closed_form(process):
     curve = T.gc_cost_curve(mix, mix, process, times, 3000, torch.Generator().manual_seed(5))
     exact = T.gaussian_cost_curve(times, process, mix.means[0], 0.5)
     for point, c in zip(curve.points, exact.tolist(), strict=True):
-        e = T.CostEstimate(point.mean, point.stderr, point.n, 0.999)
+        e = Interval(point.mean, point.se, point.n, "student-t", 0.999)
         assert e.lo <= c <= e.hi
     # GC lowers the cost: at t_max the decrease is ~2 (IC 2.63 -> ~0.63), far outside the interval
     assert curve.gain[-1].lo > 1.5
@@ -341,7 +343,7 @@ def test_corollary2_prediction_uses_w2_and_the_scale():
     # in the scaling regime (one Gaussian, t >> std) the prediction sits inside Lemma 1's interval
     # widened by the approximation error of J ~ S0 / t (relative (s / t)^2 < 1e-3)
     for p, lemma in zip(pred, res.lemma, strict=True):
-        assert abs(p.mean - lemma.mean) <= 4 * lemma.stderr + 1e-3 * abs(lemma.mean)
+        assert abs(p.mean - lemma.mean) <= 4 * lemma.se + 1e-3 * abs(lemma.mean)
 
 
 # --- bad input ----------------------------------------------------------------------------------

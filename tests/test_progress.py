@@ -1,0 +1,119 @@
+"""Tests of gcflows.progress: the progress display and the worker pool of the studies."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _fail(x: int) -> int:
+    raise ValueError(f"bad job {x}")
+
+
+def _pid_then_sleep(x: int) -> int:
+    time.sleep(x)
+    return os.getpid()
+
+
+def test_bar_on_a_terminal_and_log_lines_otherwise():
+    term = FakeTerminal()
+    with Progress(3, "study", file=term) as p:
+        for k in range(3):
+            p.done(f"job {k}", 0.5)
+    out = term.getvalue()
+    assert "\r" in out and "3/3" in out and "job" in out  # tqdm: done of total, redrawn in place
+    for quiet, file in ((True, FakeTerminal()), (False, io.StringIO())):
+        with Progress(2, "study", quiet=quiet, file=file) as p:
+            p.done("train ct seed 0", 1.25)
+            p.done("proxy", None)
+        lines = file.getvalue().splitlines()
+        assert "\r" not in file.getvalue() and len(lines) == 2
+        assert lines[0].startswith("[study ") and lines[0].endswith(
+            "1/2 done: train ct seed 0 (1.2 s)"
+        )
+        assert lines[1].endswith("2/2 done: proxy")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_job_pool_yields_every_result_and_accepts_follow_up_jobs(workers):
+    log = io.StringIO()
+    progress = Progress(4, "pool", file=log)
+    seen = {}
+    with JobPool(_square, workers, progress) as pool:
+        for x in (2, 3, 4):
+            pool.submit(x, f"square {x}")
+        for label, res in pool.results():
+            seen[label] = res
+            if label == "square 3":
+                pool.submit(5, "square 5")  # a job that needs another's result
+    assert seen == {"square 2": 4, "square 3": 9, "square 4": 16, "square 5": 25}
+    assert log.getvalue().count(" done: ") == 4
+
+
+def test_a_failed_job_raises_in_the_parent_with_its_label():
+    with pytest.raises(RuntimeError, match="job 'j1' failed: bad job 1"):
+        with JobPool(_fail, 2) as pool:
+            pool.submit(1, "j1")
+            list(pool.results())
+
+
+def test_sigterm_stops_the_pool_and_its_workers():
+    """SIGTERM to the parent under signals_interrupt: Interrupted, and no worker survives."""
+    pool = JobPool(_pid_then_sleep, 2)
+    workers = [p.pid for p in pool.pool._pool]
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(Interrupted) as info:
+        with signals_interrupt(), pool:
+            pool.submit(60, "sleep a")
+            pool.submit(60, "sleep b")
+            list(pool.results())
+    assert info.value.signum == signal.SIGTERM
+    time.sleep(0.2)
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone (terminated and reaped), not orphaned
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_bar_on_a_new_pseudo_terminal():
+    """A fresh pty reports a 0 x 0 window: the bar must still be drawn (80 x 24 assumed)."""
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    code = (
+        "from gcflows.progress import Progress\n"
+        "with Progress(2, 'x') as p:\n p.done('a')\n p.done('b')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    text = out.decode(errors="replace")
+    assert "\r" in text and "2/2" in text and "last: b" in text

@@ -1,0 +1,92 @@
+"""Tests of gcflows.records: the JSON encoder of every result type, run folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gcflows import records
+from gcflows.stats import Interval
+from gcflows.transport import BatchCost
+
+
+@dataclasses.dataclass
+class Plain:
+    name: str
+    values: torch.Tensor
+    inner: Interval
+
+
+def test_jsonable_knows_every_result_type():
+    iv = Interval(1.0, 0.5, 4, "student-t")
+    obj = {
+        "interval": iv,
+        "plain": Plain("a", torch.tensor([1.0, float("inf")]), iv),
+        "array": np.arange(3),
+        "np_scalar": np.float32(0.5),
+        "np_bool": np.bool_(True),
+        "path": Path("/tmp/x"),
+        "nan": float("nan"),
+        "tuple": (1, 2.5, None),
+        1: "int key",
+    }
+    out = records.jsonable(obj)
+    text = json.dumps(out, allow_nan=False)  # strict JSON: no NaN / inf left
+    back = json.loads(text)
+    assert back["interval"] == {
+        "mean": 1.0, "se": 0.5, "lo": iv.lo, "hi": iv.hi, "n": 4, "method": "student-t",
+        "level": 0.95,
+    }  # fmt: skip
+    assert back["plain"]["values"] == [1.0, None] and back["plain"]["inner"]["n"] == 4
+    assert back["array"] == [0, 1, 2] and back["np_scalar"] == 0.5 and back["np_bool"] is True
+    assert back["path"] == "/tmp/x" and back["nan"] is None and back["1"] == "int key"
+
+
+def test_jsonable_writes_transport_results_as_numbers_not_reprs():
+    iv = Interval(2.0, 0.1, 3, "student-t")
+    cost = BatchCost("ot", 16, iv, iv, iv, (1.0, 2.0, 3.0))
+    out = records.jsonable({"ot": [cost]})
+    assert out["ot"][0]["cost"]["mean"] == 2.0
+    assert "Interval(" not in json.dumps(out)
+
+
+def test_jsonable_raises_on_an_unknown_object():
+    with pytest.raises(TypeError, match=r"results\.model\[1\] is a .*Linear"):
+        records.jsonable({"model": [1, torch.nn.Linear(2, 2)]})
+    with pytest.raises(TypeError, match="function"):
+        records.jsonable(math.sqrt)
+
+
+def test_write_results_round_trip(tmp_path):
+    iv = Interval(1.0, 0.5, 4)
+    jpath, cpath = records.write_results(
+        tmp_path, {"a": iv}, [{"x": 1, "v": 2.0}, {"x": 2, "w": float("inf")}]
+    )
+    assert json.loads(jpath.read_text())["a"]["se"] == 0.5
+    lines = cpath.read_text().splitlines()
+    assert lines[0] == "x,v,w" and lines[2] == "2,,"
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for bad in (blocker, blocker / "sub"):
+        with pytest.raises(ValueError, match="cannot hold a run folder.*writable --out"):
+            records.check_writable(bad)
+        with pytest.raises(ValueError, match="cannot hold a run folder"):
+            records.make_run_dir(bad, "study")
+    if os.geteuid() == 0:  # root writes through permission bits: use a read-only file system
+        ro = Path("/sys/gcflows_test_out")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+    with pytest.raises(ValueError, match="cannot hold a run folder"):
+        records.make_run_dir(ro, "study")
