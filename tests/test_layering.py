@@ -1,4 +1,4 @@
-"""Import layering (DESIGN.md): every gcflows module imports only modules of a lower layer, the
+"""Import layering (docs/design.md): every gcflows module imports only modules of a lower layer, the
 kernels import nothing from gcflows, plotting is imported only by experiments, and the library
 imports without triton and without matplotlib."""
 
