@@ -6,7 +6,7 @@
 
 Protocol (also written into ``results.json`` under ``"protocol"``):
 
-- Samplers: **one-step** ``f(t_max z, t_max)`` (PAPER.md section 5) and **two-step**
+- Samplers: **one-step** ``f(t_max z, t_max)`` (docs/paper.md section 5) and **two-step**
   (Song et al. 2023, Algorithm 1): ``x = f(80 z, 80)``, then ``x' = x + sqrt(s^2 - t_min^2)
   z'`` and ``f(x', s)`` at the intermediate time ``s = 0.821``, iCT's CIFAR-10 value, for every
   data set: on the digits it was also the best of s in {0.2, 0.5, 0.821, 1.5, 3} for a
@@ -59,13 +59,10 @@ import torch
 from gcflows.classifier import classification_report, classifier_features, load_classifier
 from gcflows.data import get_image_dataset
 from gcflows.metrics import frechet_distance, sliced_w2
+from gcflows.records import make_run_dir, print_table, write_config, write_results
 from gcflows.sampling import multistep_sample
 from gcflows.training import TrainConfig, derive_seed, load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_images import model_from_checkpoint, save_image_grid  # noqa: E402
-
-from gcflows.records import make_run_dir, print_table, write_config, write_results
+from gcflows.training.images import model_from_checkpoint, save_image_grid
 
 __all__ = [
     "TWO_STEP_SIGMA",
@@ -452,13 +449,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _writable(folder: Path) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the output folder {str(folder)!r} cannot be written; choose another --out"
+        )
+
+
+def check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every argument before any work (the checkpoint is read and its digest verified);
+    returns the checkpoint's training config record. Raises ``ValueError`` with one message."""
+    for flag in ("n_samples", "batch_size", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if any(seed < 0 for seed in args.seeds):
+        raise ValueError(f"--seeds must be non-negative integers, got {args.seeds}")
+    config = load_checkpoint(args.checkpoint)["config"]
+    data = (config.get("model") or {}).get("data")
+    if data == "digits" and args.data_root is not None:
+        print("warning: --data-root is ignored: the digits are bundled", file=sys.stderr)
+    if data not in (None, "digits") and args.data_root is None:
+        raise ValueError(f"{data} checkpoints need --data-root (the reference images)")
+    _writable(Path(args.out) if args.out else Path(args.checkpoint).parent)
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    """Run the command line ``argv``; a bad argument exits with status 2 and one message before
+    any sample is drawn or any file written."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     threads = args.threads
-    if threads is None and args.device == "cpu":
-        record = load_checkpoint(args.checkpoint)["config"].get("model") or {}
-        if record.get("data") == "digits":
-            threads = 1  # 8x8 images: extra threads only add synchronisation
+    if (
+        threads is None
+        and args.device == "cpu"
+        and (config.get("model") or {}).get("data") == "digits"
+    ):
+        threads = 1  # 8x8 images: extra threads only add synchronisation
     if threads is not None:
         torch.set_num_threads(threads)
     res = evaluate_checkpoint(

@@ -183,13 +183,8 @@ def train_models(mix: gmm.GaussianMixture, process: str, steps: int, mu: float, 
 def load_digits_model(path: str):
     """The EMA model of a ``train_images.py`` digits checkpoint, and its process."""
     from gcflows.training import TrainConfig, load_checkpoint
+    from gcflows.training.images import model_from_checkpoint
 
-    try:
-        from train_images import model_from_checkpoint
-    except ImportError as err:
-        raise ValueError(
-            f"--checkpoint needs experiments/train_images.py (model_from_checkpoint): {err}"
-        ) from None
     ckpt = load_checkpoint(path)  # ValueError when missing / corrupt / not gcflows
     config = TrainConfig.from_dict(ckpt["config"])
     data = (config.model or {}).get("data")

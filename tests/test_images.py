@@ -10,8 +10,10 @@ handful of steps.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,16 +24,41 @@ import numpy as np
 import pytest
 import torch
 
+from gcflows.data import load_digits
+from gcflows.sampling import multistep_sample
+from gcflows.training import derive_seed, load_checkpoint
+from gcflows.training.images import model_from_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
-import digits_comparison  # noqa: E402
-import eval_images  # noqa: E402
-import train_images  # noqa: E402
 
-from gcflows.data import load_digits  # noqa: E402
-from gcflows.sampling import multistep_sample  # noqa: E402
-from gcflows.training import derive_seed, load_checkpoint  # noqa: E402
+def _script(name: str):
+    """Load ``experiments/<name>.py`` as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
+
+
+digits_comparison = _script("digits_comparison")
+eval_images = _script("eval_images")
+train_images = _script("train_images")
+
+
+def usage_error(capsys, main, argv, match: str) -> str:
+    """``main(argv)`` exits with status 2 and one ``error:`` message (argparse's) matching
+    ``match``, without a traceback; returns the message."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "Traceback" not in err
+    assert ": error: " in err, err  # argparse's error after the usage line
+    message = err.split(": error: ", 1)[1]
+    assert re.search(match, message), (match, message)
+    return message
+
 
 TINY = ["--preset", "digits_tiny", "--no-progress", "log_every=1", "checkpoint_every=3"]
 
@@ -147,18 +174,17 @@ def test_cifar10_presets_follow_paper_section_5(name, method, dropout):
         assert c.mu == 0.5
 
 
-def test_missing_data_folder_raises_before_any_work(tmp_path):
+def test_missing_data_folder_raises_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        train_images.main(
-            ["--preset", "cifar10_base", "--data-root", str(tmp_path / "no"), "--out", str(out)]
-        )
-    with pytest.raises(ValueError, match="--data-root"):
-        train_images.main(["--preset", "cifar10_base", "--out", str(out)])
+    argv = ["--preset", "cifar10_base", "--data-root", str(tmp_path / "no"), "--out", str(out)]
+    usage_error(capsys, train_images.main, argv, "never downloads")
+    usage_error(
+        capsys, train_images.main, ["--preset", "cifar10_base", "--out", str(out)], "--data-root"
+    )
     assert not out.exists()
 
 
-def test_wrong_image_size_for_the_preset_raises_before_any_work(tmp_path):
+def test_wrong_image_size_for_the_preset_raises_before_any_work(tmp_path, capsys):
     root = tmp_path / "cifar"
     root.mkdir()
     # MNIST-sized images where the CIFAR-10 preset expects 3 x 32 x 32
@@ -168,35 +194,36 @@ def test_wrong_image_size_for_the_preset_raises_before_any_work(tmp_path):
         labels=np.zeros(4, np.int64),
     )
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"expects images of shape \(N, 3, 32, 32\)"):
-        train_images.main(["--preset", "cifar10_base", "--data-root", str(root), "--out", str(out)])
+    argv = ["--preset", "cifar10_base", "--data-root", str(root), "--out", str(out)]
+    usage_error(capsys, train_images.main, argv, r"expects images of shape \(N, 3, 32, 32\)")
     assert not out.exists()
 
 
-def test_checkpoint_from_another_preset_or_coupling_raises_before_any_work(tmp_path, tiny_run):
+def test_checkpoint_from_another_preset_or_coupling_raises_before_any_work(
+    tmp_path, tiny_run, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = _snapshot(run)
-    with pytest.raises(ValueError, match="written by preset 'digits_tiny'"):
-        train_images.main(["--preset", "digits_base", "--out", str(run), "--resume"])
-    with pytest.raises(ValueError, match="coupling 'ic'"):
-        train_images.main([*TINY, "--coupling", "gc", "--out", str(run), "--resume"])
-    with pytest.raises(ValueError, match="another network"):
-        train_images.main([*TINY, "net.base_channels=16", "--out", str(run), "--resume"])
-    with pytest.raises(ValueError, match="already holds a run"):
-        train_images.main([*TINY, "--out", str(run)])
+    main = train_images.main
+    argv = ["--preset", "digits_base", "--out", str(run), "--resume"]
+    usage_error(capsys, main, argv, "written by preset 'digits_tiny'")
+    usage_error(
+        capsys, main, [*TINY, "--coupling", "gc", "--out", str(run), "--resume"], "coupling 'ic'"
+    )
+    argv = [*TINY, "net.base_channels=16", "--out", str(run), "--resume"]
+    usage_error(capsys, main, argv, "another network")
+    usage_error(capsys, main, [*TINY, "--out", str(run)], "already holds a run")
     new = tmp_path / "new"
-    with pytest.raises(ValueError, match="preset"):
-        train_images.main(
-            [
-                "--preset",
-                "digits_base",
-                "--out",
-                str(new),
-                "--resume-from",
-                str(run / "checkpoint.pt"),
-            ]
-        )
+    argv = [
+        "--preset",
+        "digits_base",
+        "--out",
+        str(new),
+        "--resume-from",
+        str(run / "checkpoint.pt"),
+    ]
+    usage_error(capsys, main, argv, "preset")
     assert _snapshot(run) == before and not new.exists()
 
 
@@ -284,7 +311,7 @@ def test_eval_images_writes_results_and_protocol(tmp_path, tiny_run, classifier_
 
 
 def test_generate_is_batch_invariant_and_is_multistep_sample(tiny_run):
-    model = train_images.model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt"))
+    model = model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt"))
     sig = [80.0, 0.5]
     whole = eval_images.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=10)
     parts = eval_images.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=3)
