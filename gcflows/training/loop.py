@@ -40,9 +40,11 @@ from gcflows.training.checkpoint import (
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
     PREVIOUS_NAME,
+    CorruptCheckpointError,
     check_resume_compatible,
     find_checkpoint,
     load_checkpoint,
+    load_payload,
     save_checkpoint,
 )
 from gcflows.training.config import RUN_ONLY, TrainConfig, config_fingerprint
@@ -66,6 +68,7 @@ from gcflows.training.rng import (
 )
 from gcflows.training.rundir import (
     clear_run,
+    remove_temporaries,
     run_files,
     run_record,
     save_samples,
@@ -415,6 +418,8 @@ def _open_run_dir(run: _Run, overwrite: bool, frozen_gc: bool) -> None:
     elif overwrite and run.resumed_from.resolve().parent != run.run_dir.resolve():
         clear_run(run.run_dir)
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(run.run_dir)
+    _set_aside_corrupt_latest(run)
     record = run_record(
         run.state.config,
         fingerprint=run.fingerprint,
@@ -429,6 +434,20 @@ def _open_run_dir(run: _Run, overwrite: bool, frozen_gc: bool) -> None:
     resumed = run.start if run.resumed_from is not None else None
     write_config_json(run.run_dir, record, resumed)
     trim_metrics(run.run_dir / "metrics.jsonl", run.start)
+
+
+def _set_aside_corrupt_latest(run: _Run) -> None:
+    """Resuming from ``checkpoint.prev.pt`` because ``checkpoint.pt`` is corrupt: move the corrupt
+    one to ``checkpoint.corrupt.pt`` (kept for inspection), so that the next checkpoint does not
+    rotate it into ``checkpoint.prev.pt``."""
+    latest = run.run_dir / CHECKPOINT_NAME
+    previous = (run.run_dir / PREVIOUS_NAME).resolve()
+    if run.resumed_from is None or run.resumed_from.resolve() != previous or not latest.exists():
+        return
+    try:
+        load_payload(latest)
+    except CorruptCheckpointError:
+        os.replace(latest, run.run_dir / "checkpoint.corrupt.pt")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "RUN_FILES",
     "run_files",
     "clear_run",
+    "remove_temporaries",
     "run_record",
     "write_config_json",
     "trim_metrics",
@@ -46,6 +47,7 @@ __all__ = [
 RUN_FILES = (
     CHECKPOINT_NAME,
     PREVIOUS_NAME,
+    "checkpoint.corrupt.pt",
     "config.json",
     "metrics.jsonl",
     "results.json",
@@ -73,6 +75,17 @@ def clear_run(run_dir: Path) -> None:
             shutil.rmtree(target)
         else:
             target.unlink()
+
+
+def remove_temporaries(run_dir: Path) -> list[str]:
+    """Delete the temporary files that a killed atomic write of a run file left in ``run_dir``
+    (``.<name>.*.tmp``); returns their names."""
+    gone = []
+    for name in (*RUN_FILES, "checkpoint_"):
+        for tmp in run_dir.glob(f".{name}*.tmp"):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp.name)
+    return gone
 
 
 def run_record(config: TrainConfig, **fields: Any) -> dict[str, Any]:
