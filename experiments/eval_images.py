@@ -319,6 +319,64 @@ def _data_of(config: TrainConfig) -> str:
     return record["data"]
 
 
+def _score_seeds(
+    model,
+    metrics: ImageMetrics,
+    sampler_sigmas: dict[str, list[float]],
+    ref_images: torch.Tensor,
+    floor_images: torch.Tensor | None,
+    *,
+    seeds: Sequence[int],
+    n_samples: int,
+    batch_size: int,
+    device: str,
+    inception: str,
+    inception_weights: str | None,
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], dict[str, Any]]:
+    """Per seed and sampler: samples, their metrics (Inception ones unless ``inception`` is
+    ``"off"``) and the real-data floor; returns (rows, first seed's samples, per-class counts)."""
+    rows: list[dict[str, Any]] = []
+    first: dict[str, torch.Tensor] = {}
+    per_class: dict[str, Any] = {}
+    shape = tuple(ref_images.shape[1:])
+    for seed in seeds:
+        for name, sigmas in sampler_sigmas.items():
+            x = generate(
+                model, n_samples, shape, sigmas, seed, batch_size=batch_size, device=device
+            )
+            vals = metrics(x, details=seed == seeds[0])
+            if "per_class" in vals:
+                per_class[name] = vals.pop("per_class")
+            if inception != "off":
+                inc = inception_metrics(x, ref_images, weights=inception_weights, device=device)
+                if "skipped" in inc:
+                    if inception == "on":
+                        raise RuntimeError(inc["skipped"])
+                    vals["inception"] = inc["skipped"]
+                else:
+                    vals.update(inc)
+            rows.append({"source": "model", "sampler": name, "seed": seed, **vals})
+            if seed == seeds[0]:
+                first[name] = x
+        if floor_images is not None:
+            g = torch.Generator().manual_seed(derive_seed(seed, _STREAM_FLOOR))
+            m = min(n_samples, floor_images.shape[0])
+            idx = torch.randperm(floor_images.shape[0], generator=g)[:m]
+            vals = metrics(floor_images[idx])
+            rows.append({"source": "train_data", "sampler": "data", "seed": seed, **vals})
+    return rows, first, per_class
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and 95 % interval over seeds of every numeric metric, per source / sampler."""
+    summary: dict[str, Any] = {}
+    for source, sampler in sorted({(r["source"], r["sampler"]) for r in rows}):
+        group = [r for r in rows if r["source"] == source and r["sampler"] == sampler]
+        keys = [k for k, v in group[0].items() if isinstance(v, (int, float)) and k != "seed"]
+        summary[f"{source}/{sampler}"] = {k: mean_interval([r[k] for r in group]) for k in keys}
+    return summary
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     *,
@@ -359,42 +417,21 @@ def evaluate_checkpoint(
         label_dist = torch.bincount(ref_labels, minlength=10).double()
     metrics = ImageMetrics(data, ref_images, classifier=classifier, label_distribution=label_dist)
     use_inception = inception == "on" or (inception == "auto" and data != "digits")
-    shape = tuple(ref_images.shape[1:])
 
-    rows: list[dict[str, Any]] = []
-    first: dict[str, torch.Tensor] = {}
-    per_class: dict[str, Any] = {}
-    for seed in seeds:
-        for name, sigmas in sampler_sigmas.items():
-            x = generate(
-                model, n_samples, shape, sigmas, seed, batch_size=batch_size, device=device
-            )
-            vals = metrics(x, details=seed == seeds[0])
-            if "per_class" in vals:
-                per_class[name] = vals.pop("per_class")
-            if use_inception:
-                inc = inception_metrics(x, ref_images, weights=inception_weights, device=device)
-                if "skipped" in inc:
-                    if inception == "on":
-                        raise RuntimeError(inc["skipped"])
-                    vals["inception"] = inc["skipped"]
-                else:
-                    vals.update(inc)
-            rows.append({"source": "model", "sampler": name, "seed": seed, **vals})
-            if seed == seeds[0]:
-                first[name] = x
-        if floor:
-            g = torch.Generator().manual_seed(derive_seed(seed, _STREAM_FLOOR))
-            m = min(n_samples, train_images.shape[0])
-            idx = torch.randperm(train_images.shape[0], generator=g)[:m]
-            vals = metrics(train_images[idx])
-            rows.append({"source": "train_data", "sampler": "data", "seed": seed, **vals})
-
-    summary: dict[str, Any] = {}
-    for source, sampler in sorted({(r["source"], r["sampler"]) for r in rows}):
-        group = [r for r in rows if r["source"] == source and r["sampler"] == sampler]
-        keys = [k for k, v in group[0].items() if isinstance(v, (int, float)) and k != "seed"]
-        summary[f"{source}/{sampler}"] = {k: mean_interval([r[k] for r in group]) for k in keys}
+    rows, first, per_class = _score_seeds(
+        model,
+        metrics,
+        sampler_sigmas,
+        ref_images,
+        train_images if floor else None,
+        seeds=seeds,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        device=device,
+        inception=inception if use_inception else "off",
+        inception_weights=inception_weights,
+    )
+    summary = _summary(rows)
     protocol = {
         "checkpoint": str(checkpoint),
         "step": int(ckpt["step"]),
