@@ -424,6 +424,7 @@ class Plan:
     end: int
     world: int
     rank: int
+    overwrite: bool = False
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -480,7 +481,7 @@ def prepare(args: argparse.Namespace, world: int = 1, rank: int = 0) -> Plan:
     end = run.config.total_steps
     if args.stop_after is not None:
         end = min(end, args.stop_after)
-    return Plan(run, images, resume_path, ckpt, end, world, rank)
+    return Plan(run, images, resume_path, ckpt, end, world, rank, args.overwrite)
 
 
 def resume_command(argv: Sequence[str], out: str) -> str:
@@ -562,7 +563,7 @@ def _train(plan: Plan) -> dict[str, Any]:
         resume=str(plan.resume_path) if plan.resume_path is not None else None,
         callbacks=[grid],
         stop_after=plan.end,
-        overwrite=True,  # checked above: --overwrite, or a folder that holds no other run
+        overwrite=plan.overwrite,
     )
     wall = time.perf_counter() - t0
     if rank != 0:

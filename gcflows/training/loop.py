@@ -413,9 +413,10 @@ def _open_run_dir(run: _Run, overwrite: bool, frozen_gc: bool) -> None:
     """Rank 0: create the folder (clearing a replaced run), write config.json, trim metrics."""
     if run.dinfo.rank != 0 or run.run_dir is None:
         return
-    if overwrite and run.resumed_from is None:
-        clear_run(run.run_dir)
-    elif overwrite and run.resumed_from.resolve().parent != run.run_dir.resolve():
+    own = (
+        run.resumed_from is not None and run.resumed_from.resolve().parent == run.run_dir.resolve()
+    )
+    if overwrite and not own:  # a fresh start, or a resume from elsewhere: replace the old run
         clear_run(run.run_dir)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(run.run_dir)
