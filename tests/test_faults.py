@@ -1,7 +1,8 @@
 """Fault injection: a tiny training run (tests/_fault_worker.py, a toy MLP with GC, dropout, a
-checkpoint every 4 of 30 steps; run in a forked child) is killed with SIGKILL at random steps, interrupted once with
-SIGINT and resumed each time; it must end bit-identical to an uninterrupted run. A run whose
-latest checkpoint is corrupted resumes from the previous one and also ends identical.
+checkpoint every 4 of 30 steps; run in a forked child) is killed with SIGKILL at random steps,
+interrupted once with SIGINT and resumed each time; it must end bit-identical to an
+uninterrupted run. A run whose latest checkpoint is corrupted resumes from the previous one and
+also ends identical.
 """
 
 from __future__ import annotations
