@@ -1,6 +1,6 @@
 """Training-step throughput: the library's CT / batch-OT / GC steps against a bare PyTorch CT loop.
 
-Two workloads (issue 4):
+Two workloads:
 - ``toy``: ToyMLP (width 256) on 2D two_gaussians_1to2, batch 256;
 - ``digits``: the ``digits`` U-Net preset on the 8x8 scikit-learn digits, batch 64.
 
@@ -165,7 +165,7 @@ def workload(name: str):
     return model, sample, 64, info
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workloads", nargs="+", default=["toy", "digits"], choices=["toy", "digits"])
     ap.add_argument("--toy-steps", type=int, default=150, help="measured steps per repeat (toy)")
@@ -181,13 +181,102 @@ def main() -> None:
         help="time base of the goals: process CPU time (auto on CPU) or wall clock (auto on GPU)",
     )
     ap.add_argument("--out", default="runs/bench_training.json")
-    args = ap.parse_args()
+    return ap
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before any work (``ValueError`` with one message)."""
+    for flag, lo in (("toy_steps", 2), ("digits_steps", 2), ("warmup", 1), ("repeats", 1)):
+        if getattr(args, flag) < lo:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} must be >= {lo}, got {getattr(args, flag)}"
+            )
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch default), got {args.threads}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available; use --device cpu")
+
+
+def measure(wl: str, args: argparse.Namespace, device: torch.device, clock: str) -> dict:
+    """Rates and paired step-time ratios of every variant on workload ``wl``."""
+    measured = args.toy_steps if wl == "toy" else args.digits_steps
+    steps = args.warmup + measured
+    template, sample, batch, info = workload(wl)
+    template.to(device)
+    cfg = TrainConfig(
+        batch_size=batch,
+        total_steps=steps,
+        lr=1e-4,
+        optimizer="adam",
+        ema_decay=0.999,
+        distance="pseudo_huber",
+        log_every=100,
+        checkpoint_every=0,
+        progress=False,
+        device=str(device),
+    )
+    clocks = {"wall": 0, "cpu": 1}
+    rates = {c: {v: [] for v in VARIANTS} for c in clocks}
+    for rep in range(args.repeats):
+        order = VARIANTS[rep % 4 :] + VARIANTS[: rep % 4]  # rotate who runs first
+        for v in order:
+            model = copy.deepcopy(template)
+            if v == "bare":
+                times = bare_ct_times(model, sample, cfg, steps, device)
+            else:
+                times = library_times(model, sample, cfg.replace(method=v), device)
+            for c, idx in clocks.items():
+                rates[c][v].append(rate(times, args.warmup, idx))
+    res = {**info, "batch": batch, "clock": clock}
+    for c in clocks:
+        r = rates[c]
+        med = {v: statistics.median(r[v]) for v in VARIANTS}
+        # step-time ratios per repeat (the variants of one repeat ran back to back), median
+        paired = {
+            f"{a}/{b}": statistics.median(x / y for x, y in zip(r[b], r[a], strict=True))
+            for a, b in (("ct", "bare"), ("gc", "ct"), ("ot", "ct"))
+        }
+        res[c] = {
+            "steps_per_s_median": med,
+            "steps_per_s_all": r,
+            "ms_per_step": {v: 1000.0 / med[v] for v in VARIANTS},
+            "ratios": paired,
+        }
+    main_ratios = res[clock]["ratios"]
+    res["goal_ct_within_1.15x_bare"] = main_ratios["ct/bare"] <= 1.15
+    res["goal_gc_within_1.3x_ct"] = main_ratios["gc/ct"] <= 1.3
+    return res
+
+
+def print_summary(record: dict, clock: str, repeats: int, out: Path) -> None:
+    m = record["machine"]
+    print(f"\n{m['cpu']} ({m['device']}, {m['torch_threads']} torch threads), {record['date']}")
+    print(f"median of {repeats} repeats, {clock} time; JSON: {out}")
+    head = "| workload | batch | bare | CT | OT | GC | CT / bare | GC / CT | OT / CT |"
+    print(head)
+    print("| --- " * 9 + "|")
+    for wl, r in record["results"].items():
+        s = r[clock]["steps_per_s_median"]
+        q = r[clock]["ratios"]
+        print(
+            f"| {wl} | {r['batch']} | {s['bare']:.1f} | {s['ct']:.1f} | {s['ot']:.1f} | "
+            f"{s['gc']:.1f} | {q['ct/bare']:.3f} | {q['gc/ct']:.3f} | {q['ot/ct']:.3f} |"
+        )
+    print("(steps/s; ratios are step-time ratios; goals: CT / bare <= 1.15, GC / CT <= 1.3)")
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # process CPU time is robust to other processes sharing the CPU; a GPU needs wall time
     clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
-
     record = {
         "machine": {
             "cpu": cpu_name(),
@@ -202,79 +291,20 @@ def main() -> None:
         "results": {},
     }
     for wl in args.workloads:
-        measured = args.toy_steps if wl == "toy" else args.digits_steps
-        steps = args.warmup + measured
-        template, sample, batch, info = workload(wl)
-        template.to(device)
-        cfg = TrainConfig(
-            batch_size=batch,
-            total_steps=steps,
-            lr=1e-4,
-            optimizer="adam",
-            ema_decay=0.999,
-            distance="pseudo_huber",
-            log_every=100,
-            checkpoint_every=0,
-            progress=False,
-            device=str(device),
-        )
-        clocks = {"wall": 0, "cpu": 1}
-        rates = {c: {v: [] for v in VARIANTS} for c in clocks}
-        for rep in range(args.repeats):
-            order = VARIANTS[rep % 4 :] + VARIANTS[: rep % 4]  # rotate who runs first
-            for v in order:
-                model = copy.deepcopy(template)
-                if v == "bare":
-                    times = bare_ct_times(model, sample, cfg, steps, device)
-                else:
-                    times = library_times(model, sample, cfg.replace(method=v), device)
-                for c, idx in clocks.items():
-                    rates[c][v].append(rate(times, args.warmup, idx))
-        res = {**info, "batch": batch, "clock": clock}
-        for c in clocks:
-            r = rates[c]
-            med = {v: statistics.median(r[v]) for v in VARIANTS}
-            # step-time ratios per repeat (the variants of one repeat ran back to back), median
-            paired = {
-                f"{a}/{b}": statistics.median(x / y for x, y in zip(r[b], r[a], strict=True))
-                for a, b in (("ct", "bare"), ("gc", "ct"), ("ot", "ct"))
-            }
-            res[c] = {
-                "steps_per_s_median": med,
-                "steps_per_s_all": r,
-                "ms_per_step": {v: 1000.0 / med[v] for v in VARIANTS},
-                "ratios": paired,
-            }
-        main_ratios = res[clock]["ratios"]
-        res["goal_ct_within_1.15x_bare"] = main_ratios["ct/bare"] <= 1.15
-        res["goal_gc_within_1.3x_ct"] = main_ratios["gc/ct"] <= 1.3
-        record["results"][wl] = res
+        res = record["results"][wl] = measure(wl, args, device, clock)
+        ratios = res[clock]["ratios"]
         print(
             f"{wl} ({clock} time): "
-            + "  ".join(f"{k} {v:.3f}" for k, v in main_ratios.items())
+            + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items())
             + "   (wall: "
             + "  ".join(f"{k} {v:.3f}" for k, v in res["wall"]["ratios"].items())
             + ")",
             flush=True,
         )
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
-    m = record["machine"]
-    print(f"\n{m['cpu']} ({m['device']}, {m['torch_threads']} torch threads), {record['date']}")
-    print(f"median of {args.repeats} repeats, {clock} time; JSON: {out}")
-    head = "| workload | batch | bare | CT | OT | GC | CT / bare | GC / CT | OT / CT |"
-    print(head)
-    print("| --- " * 9 + "|")
-    for wl, r in record["results"].items():
-        s = r[clock]["steps_per_s_median"]
-        q = r[clock]["ratios"]
-        print(
-            f"| {wl} | {r['batch']} | {s['bare']:.1f} | {s['ct']:.1f} | {s['ot']:.1f} | "
-            f"{s['gc']:.1f} | {q['ct/bare']:.3f} | {q['gc/ct']:.3f} | {q['ot/ct']:.3f} |"
-        )
-    print("(steps/s; ratios are step-time ratios; goals: CT / bare <= 1.15, GC / CT <= 1.3)")
+    print_summary(record, clock, args.repeats, out)
 
 
 if __name__ == "__main__":

@@ -46,13 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_images import ImageMetrics, generate, mean_interval, samplers  # noqa: E402
-from train_images import (  # noqa: E402
-    GridCallback,
-    build_model,
-    image_grid,
-    load_images,
-    resolve_run,
-)
+from train_images import GridCallback, load_images, resolve_run  # noqa: E402
 
 from gcflows import checks  # noqa: E402
 from gcflows.classifier import load_classifier  # noqa: E402
@@ -67,6 +61,7 @@ from gcflows.records import (  # noqa: E402
     write_results,
 )
 from gcflows.training import train  # noqa: E402
+from gcflows.training.images import build_model, image_grid  # noqa: E402
 
 PRESETS = {"ic": "digits_base", "ot": "digits_ot", "gc": "digits_gc_mix50"}
 LABELS = {"ic": "IC (iCT)", "ot": "batch-OT", "gc": "GC, mu = 0.5"}

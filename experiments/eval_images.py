@@ -6,7 +6,7 @@
 
 Protocol (also written into ``results.json`` under ``"protocol"``):
 
-- Samplers: **one-step** ``f(t_max z, t_max)`` (PAPER.md section 5) and **two-step**
+- Samplers: **one-step** ``f(t_max z, t_max)`` (docs/paper.md section 5) and **two-step**
   (Song et al. 2023, Algorithm 1): ``x = f(80 z, 80)``, then ``x' = x + sqrt(s^2 - t_min^2)
   z'`` and ``f(x', s)`` at the intermediate time ``s = 0.821``, iCT's CIFAR-10 value, for every
   data set: on the digits it was also the best of s in {0.2, 0.5, 0.821, 1.5, 3} for a
@@ -59,13 +59,10 @@ import torch
 from gcflows.classifier import classification_report, classifier_features, load_classifier
 from gcflows.data import get_image_dataset
 from gcflows.metrics import frechet_distance, sliced_w2
+from gcflows.records import make_run_dir, print_table, write_config, write_results
 from gcflows.sampling import multistep_sample
 from gcflows.training import TrainConfig, derive_seed, load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_images import model_from_checkpoint, save_image_grid  # noqa: E402
-
-from gcflows.records import make_run_dir, print_table, write_config, write_results
+from gcflows.training.images import model_from_checkpoint, save_image_grid
 
 __all__ = [
     "TWO_STEP_SIGMA",
@@ -322,6 +319,64 @@ def _data_of(config: TrainConfig) -> str:
     return record["data"]
 
 
+def _score_seeds(
+    model,
+    metrics: ImageMetrics,
+    sampler_sigmas: dict[str, list[float]],
+    ref_images: torch.Tensor,
+    floor_images: torch.Tensor | None,
+    *,
+    seeds: Sequence[int],
+    n_samples: int,
+    batch_size: int,
+    device: str,
+    inception: str,
+    inception_weights: str | None,
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], dict[str, Any]]:
+    """Per seed and sampler: samples, their metrics (Inception ones unless ``inception`` is
+    ``"off"``) and the real-data floor; returns (rows, first seed's samples, per-class counts)."""
+    rows: list[dict[str, Any]] = []
+    first: dict[str, torch.Tensor] = {}
+    per_class: dict[str, Any] = {}
+    shape = tuple(ref_images.shape[1:])
+    for seed in seeds:
+        for name, sigmas in sampler_sigmas.items():
+            x = generate(
+                model, n_samples, shape, sigmas, seed, batch_size=batch_size, device=device
+            )
+            vals = metrics(x, details=seed == seeds[0])
+            if "per_class" in vals:
+                per_class[name] = vals.pop("per_class")
+            if inception != "off":
+                inc = inception_metrics(x, ref_images, weights=inception_weights, device=device)
+                if "skipped" in inc:
+                    if inception == "on":
+                        raise RuntimeError(inc["skipped"])
+                    vals["inception"] = inc["skipped"]
+                else:
+                    vals.update(inc)
+            rows.append({"source": "model", "sampler": name, "seed": seed, **vals})
+            if seed == seeds[0]:
+                first[name] = x
+        if floor_images is not None:
+            g = torch.Generator().manual_seed(derive_seed(seed, _STREAM_FLOOR))
+            m = min(n_samples, floor_images.shape[0])
+            idx = torch.randperm(floor_images.shape[0], generator=g)[:m]
+            vals = metrics(floor_images[idx])
+            rows.append({"source": "train_data", "sampler": "data", "seed": seed, **vals})
+    return rows, first, per_class
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and 95 % interval over seeds of every numeric metric, per source / sampler."""
+    summary: dict[str, Any] = {}
+    for source, sampler in sorted({(r["source"], r["sampler"]) for r in rows}):
+        group = [r for r in rows if r["source"] == source and r["sampler"] == sampler]
+        keys = [k for k, v in group[0].items() if isinstance(v, (int, float)) and k != "seed"]
+        summary[f"{source}/{sampler}"] = {k: mean_interval([r[k] for r in group]) for k in keys}
+    return summary
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     *,
@@ -362,42 +417,21 @@ def evaluate_checkpoint(
         label_dist = torch.bincount(ref_labels, minlength=10).double()
     metrics = ImageMetrics(data, ref_images, classifier=classifier, label_distribution=label_dist)
     use_inception = inception == "on" or (inception == "auto" and data != "digits")
-    shape = tuple(ref_images.shape[1:])
 
-    rows: list[dict[str, Any]] = []
-    first: dict[str, torch.Tensor] = {}
-    per_class: dict[str, Any] = {}
-    for seed in seeds:
-        for name, sigmas in sampler_sigmas.items():
-            x = generate(
-                model, n_samples, shape, sigmas, seed, batch_size=batch_size, device=device
-            )
-            vals = metrics(x, details=seed == seeds[0])
-            if "per_class" in vals:
-                per_class[name] = vals.pop("per_class")
-            if use_inception:
-                inc = inception_metrics(x, ref_images, weights=inception_weights, device=device)
-                if "skipped" in inc:
-                    if inception == "on":
-                        raise RuntimeError(inc["skipped"])
-                    vals["inception"] = inc["skipped"]
-                else:
-                    vals.update(inc)
-            rows.append({"source": "model", "sampler": name, "seed": seed, **vals})
-            if seed == seeds[0]:
-                first[name] = x
-        if floor:
-            g = torch.Generator().manual_seed(derive_seed(seed, _STREAM_FLOOR))
-            m = min(n_samples, train_images.shape[0])
-            idx = torch.randperm(train_images.shape[0], generator=g)[:m]
-            vals = metrics(train_images[idx])
-            rows.append({"source": "train_data", "sampler": "data", "seed": seed, **vals})
-
-    summary: dict[str, Any] = {}
-    for source, sampler in sorted({(r["source"], r["sampler"]) for r in rows}):
-        group = [r for r in rows if r["source"] == source and r["sampler"] == sampler]
-        keys = [k for k, v in group[0].items() if isinstance(v, (int, float)) and k != "seed"]
-        summary[f"{source}/{sampler}"] = {k: mean_interval([r[k] for r in group]) for k in keys}
+    rows, first, per_class = _score_seeds(
+        model,
+        metrics,
+        sampler_sigmas,
+        ref_images,
+        train_images if floor else None,
+        seeds=seeds,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        device=device,
+        inception=inception if use_inception else "off",
+        inception_weights=inception_weights,
+    )
+    summary = _summary(rows)
     protocol = {
         "checkpoint": str(checkpoint),
         "step": int(ckpt["step"]),
@@ -452,13 +486,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _writable(folder: Path) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the output folder {str(folder)!r} cannot be written; choose another --out"
+        )
+
+
+def check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every argument before any work (the checkpoint is read and its digest verified);
+    returns the checkpoint's training config record. Raises ``ValueError`` with one message."""
+    for flag in ("n_samples", "batch_size", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if any(seed < 0 for seed in args.seeds):
+        raise ValueError(f"--seeds must be non-negative integers, got {args.seeds}")
+    config = load_checkpoint(args.checkpoint)["config"]
+    data = (config.get("model") or {}).get("data")
+    if data == "digits" and args.data_root is not None:
+        print("warning: --data-root is ignored: the digits are bundled", file=sys.stderr)
+    if data not in (None, "digits") and args.data_root is None:
+        raise ValueError(f"{data} checkpoints need --data-root (the reference images)")
+    _writable(Path(args.out) if args.out else Path(args.checkpoint).parent)
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    """Run the command line ``argv``; a bad argument exits with status 2 and one message before
+    any sample is drawn or any file written."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     threads = args.threads
-    if threads is None and args.device == "cpu":
-        record = load_checkpoint(args.checkpoint)["config"].get("model") or {}
-        if record.get("data") == "digits":
-            threads = 1  # 8x8 images: extra threads only add synchronisation
+    if (
+        threads is None
+        and args.device == "cpu"
+        and (config.get("model") or {}).get("data") == "digits"
+    ):
+        threads = 1  # 8x8 images: extra threads only add synchronisation
     if threads is not None:
         torch.set_num_threads(threads)
     res = evaluate_checkpoint(

@@ -1,5 +1,5 @@
 """Consistency training on images with the independent (IC), batch-OT or generator-induced (GC)
-coupling (PAPER.md sections 2 and 5): a thin script over ``gcflows.training.train``.
+coupling (docs/paper.md sections 2 and 5): a thin script over ``gcflows.training.train``.
 
     # 8x8 scikit-learn digits on a CPU (bundled, no download), about two minutes on one core:
     python experiments/train_images.py --preset digits_base --coupling gc --mu 0.5 --out runs/dg
@@ -18,11 +18,20 @@ U-Net (``net.base_channels=32``, ``net.dropout=0.1``); values are read as JSON, 
 ``batch_size`` is the global batch: each of the N torchrun processes gets ``batch_size / N`` rows,
 and the batch-OT coupling is solved over the global batch.
 
-Checked before any work (nothing is loaded, built or written until these pass): the preset, the
-overrides and the ``TrainConfig``; that the U-Net's input size matches the data set's image size;
-when resuming, that the checkpoint was written by the same preset, coupling and image size; then
-the data (``--data-root`` for MNIST / CIFAR-10: a missing folder raises ``FileNotFoundError``
-saying how to get the data, since nothing is ever downloaded).
+Checked before any work (nothing is built or written until these pass; a failure exits with
+status 2 and one message): every flag (``--threads``, ``--steps``, ``--stop-after`` >= 1;
+``--mu`` only with the GC coupling; ``--data-root`` is ignored, with a warning, by the digits),
+the preset, the overrides and the ``TrainConfig``; that the U-Net's input size matches the data
+set's image size; that ``--out`` can be written; the run folder: a fresh start into a folder that
+holds a run, or ``--resume-from A`` into a ``--out`` that holds another run, is refused unless
+``--overwrite`` (which replaces that run); ``--resume`` needs a checkpoint in ``--out`` (its
+digest is verified; a corrupt latest one falls back to ``checkpoint.prev.pt``, saying so) written
+by the same preset, coupling, network and image size; then the data (``--data-root`` for MNIST /
+CIFAR-10: a missing folder is reported with how to get the data; nothing is ever downloaded).
+``--resume`` on a run already at its last step reports it and changes nothing.
+
+Ctrl-C (SIGINT) or SIGTERM: the current step finishes, a checkpoint is written, the command that
+resumes the run is printed, and the script exits with status 130 / 143.
 
 The run folder (``--out``) gets what ``gcflows.training`` writes (``config.json``: config, seed,
 git SHA, versions, device; ``metrics.jsonl``; ``checkpoint.pt``; one-step samples
@@ -38,8 +47,8 @@ import copy
 import dataclasses
 import inspect
 import json
-import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -47,19 +56,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from gcflows.consistency import ConsistencyModel
 from gcflows.data import IMAGE_SHAPES, get_image_dataset
 from gcflows.networks import UNet
 from gcflows.presets import IMAGE_PRESETS
 from gcflows.processes import get_process
-from gcflows.sampling import one_step_sample
-from gcflows.training import StepInfo, TrainConfig, derive_seed, load_checkpoint, train
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gcflows.records import print_table, write_results
+from gcflows.sampling import one_step_sample
+from gcflows.training import (
+    StepInfo,
+    TrainConfig,
+    TrainingInterrupted,
+    derive_seed,
+    find_checkpoint,
+    load_checkpoint,
+    train,
+)
+from gcflows.training.images import SIGMA_DATA, build_model, save_image_grid
+from gcflows.training.rundir import run_files
 
 __all__ = [
     "COUPLINGS",
@@ -67,24 +82,23 @@ __all__ = [
     "ImageRun",
     "parse_overrides",
     "resolve_run",
-    "build_model",
-    "model_from_checkpoint",
     "check_resume",
+    "check_writable",
     "load_images",
-    "image_grid",
-    "save_image_grid",
     "GridCallback",
+    "Plan",
+    "prepare",
+    "resume_command",
     "main",
 ]
 
 #: --coupling name -> TrainConfig.method (IC = consistency training with independent pairs).
 COUPLINGS = {"ic": "ct", "ot": "ot", "gc": "gc"}
 METHOD_TO_COUPLING = {v: k for k, v in COUPLINGS.items()}
-SIGMA_DATA = 0.5  # PAPER.md Eq. 3
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # fields the script owns: set from the preset / flags, never by key=value
 _RESERVED = {"preset", "model", "data_shape", "dropout", "out_dir"}
-_STREAM_INIT, _STREAM_GRID = 11, 12
+_STREAM_GRID = 12
 
 
 @dataclass
@@ -232,64 +246,57 @@ def resolve_run(
     return ImageRun(preset, data, config, network, int(world_size), global_batch)
 
 
-def build_model(config: TrainConfig, seed: int | None = None) -> ConsistencyModel:
-    """``ConsistencyModel(UNet(**config.model["unet"]), process, sigma_data)``, its weights drawn
-    from a seed derived from ``seed`` (default ``config.seed``) without touching the caller's
-    global RNG."""
-    record = config.model
-    if record.get("arch") != "unet" or "unet" not in record:
-        raise ValueError(
-            f"config.model {record!r} does not describe a U-Net image model; it was not written "
-            "by experiments/train_images.py"
-        )
-    process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed if seed is None else seed, _STREAM_INIT))
-        backbone = UNet(**record["unet"])
-    return ConsistencyModel(backbone, process, sigma_data=float(record.get("sigma_data", 0.5)))
+def check_resume(
+    run: ImageRun, resume: str | None, overwrite: bool = False
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint a run would continue from, and its contents, checked against ``run`` before
+    any work: ``(None, None)`` for a fresh start.
 
-
-def model_from_checkpoint(checkpoint: dict[str, Any], which: str = "ema") -> ConsistencyModel:
-    """The ``"ema"`` (default) or ``"model"`` network of a checkpoint written by this script."""
-    from gcflows.training import load_weights
-
-    config = TrainConfig.from_dict(checkpoint["config"])
-    model = build_model(config)
-    load_weights(model, checkpoint, which=which)
-    return model.eval()
-
-
-def check_resume(run: ImageRun, resume: str | None) -> Path | None:
-    """The checkpoint a run would continue from, checked against ``run`` before any work.
-
-    ``resume``: ``None`` (start fresh: refuse an ``out_dir`` that holds a checkpoint), ``"auto"``
-    (``out_dir/checkpoint.pt`` if present) or a path. Raises ``ValueError`` if the checkpoint was
-    written by another preset, coupling or image size.
+    ``resume``: ``None`` (start fresh: refuse an ``out_dir`` that holds a run unless
+    ``overwrite``), ``"auto"`` (the run in ``out_dir``: its ``checkpoint.pt``, or the previous
+    one if that is corrupt; an error saying where it looked when there is none) or a path (the
+    ``out_dir`` must not hold another run unless ``overwrite``). Raises ``ValueError`` if the
+    checkpoint was written by another preset, coupling, network or image size.
     """
-    out = Path(run.config.out_dir) if run.config.out_dir else None
-    latest = out / "checkpoint.pt" if out is not None else None
+    out = Path(run.config.out_dir)
+    held = run_files(out)
     if resume is None:
-        if latest is not None and latest.exists():
+        if held and not overwrite:
             raise ValueError(
-                f"{str(out)!r} already holds a run (checkpoint.pt): pass --resume to continue it "
-                "or choose a new --out (nothing was overwritten)"
+                f"{str(out)!r} already holds a run ({', '.join(held)}): pass --resume to "
+                "continue it, --overwrite to replace it, or choose a new --out (nothing was "
+                "overwritten)"
             )
-        return None
+        return None, None
     if resume == "auto":
-        if latest is None or not latest.exists():
-            return None
-        path = latest
+        found = find_checkpoint(out)
+        if found is None:
+            raise ValueError(
+                f"--resume: nothing to resume in {str(out)!r} (looked for checkpoint.pt and "
+                "checkpoint.prev.pt there); check --out, or start a new run without --resume"
+            )
+        path, ckpt = found
     else:
         path = Path(resume)
-    ckpt = load_checkpoint(path)  # ValueError if missing / corrupt / not a gcflows checkpoint
-    old = ckpt["config"]
+        if held and path.resolve().parent != out.resolve() and not overwrite:
+            raise ValueError(
+                f"--out {str(out)!r} already holds another run ({', '.join(held)}): resuming "
+                f"{str(path)!r} there would overwrite it; choose a new --out, or pass "
+                "--overwrite to replace it (nothing was overwritten)"
+            )
+        ckpt = load_checkpoint(path)  # ValueError if missing / corrupt / not a gcflows checkpoint
+    _check_same_run(run, path, ckpt["config"], ckpt.get("data_shape"))
+    return path, ckpt
+
+
+def _check_same_run(run: ImageRun, path: Path, old: dict[str, Any], data_shape: Any) -> None:
     if old.get("preset") != run.preset:
         raise ValueError(
             f"checkpoint {str(path)!r} was written by preset {old.get('preset')!r}, this run uses "
             f"preset {run.preset!r}: pass --preset {old.get('preset')} to continue it, or use a "
             "new --out"
         )
-    shape = tuple(ckpt.get("data_shape") or old.get("data_shape") or ())
+    shape = tuple(data_shape or old.get("data_shape") or ())
     if shape != run.image_shape:
         raise ValueError(
             f"checkpoint {str(path)!r} holds a model for images of shape {shape}, this run "
@@ -306,7 +313,24 @@ def check_resume(run: ImageRun, resume: str | None) -> Path | None:
             f"checkpoint {str(path)!r} holds another network ({old.get('model')}); remove the "
             "net.* overrides that differ, or use a new --out"
         )
-    return path
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless ``folder`` can be created / written (its nearest existing
+    ancestor must be a writable folder)."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(
+            f"cannot create the output folder {str(folder)!r}: {str(probe)!r} is a file"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the output folder {str(folder)!r} is not writable (no write permission on "
+            f"{str(probe)!r}); choose another --out"
+        )
 
 
 def load_images(
@@ -326,47 +350,6 @@ def load_images(
 # ------------------------------------------------------------------------------------------------
 # sample grids
 # ------------------------------------------------------------------------------------------------
-def image_grid(
-    images: torch.Tensor, nrow: int | None = None, scale: int = 1, pad: int | None = None
-):
-    """Tile ``images (N, C, H, W)`` (values clipped to [-1, 1], mapped to 0..255) into a uint8
-    array ``(rows (H' + pad) + pad, cols (W' + pad) + pad[, 3])`` with mid-grey separators of
-    ``pad`` pixels (default ``max(1, scale // 2)``), each pixel repeated ``scale`` times (nearest
-    neighbour, ``H' = scale H``) so that 8x8 digits stay legible."""
-    pad = max(1, scale // 2) if pad is None else int(pad)
-    x = images.detach().float().cpu().clamp(-1.0, 1.0)
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must be (N, 1 or 3, H, W), got {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    ncol = nrow
-    nrows = math.ceil(n / ncol)
-    x = ((x + 1.0) * 127.5).round().to(torch.uint8)
-    if scale > 1:
-        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-        h, w = h * scale, w * scale
-    grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), 128, dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        top, left = pad + r * (h + pad), pad + q * (w + pad)
-        grid[:, top : top + h, left : left + w] = x[i]
-    arr = grid[0] if c == 1 else grid.permute(1, 2, 0)
-    return np.ascontiguousarray(arr.numpy())  # Pillow misreads strided views
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, **kw) -> Path:
-    """Write :func:`image_grid` as a PNG (Pillow, installed with matplotlib: ``gcflows[plot]``)."""
-    try:
-        from PIL import Image
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("saving PNG grids needs Pillow: pip install 'gcflows[plot]'") from err
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    default_scale = max(1, 64 // int(images.shape[-1]))  # 8x8 digits -> 8x upscaling
-    Image.fromarray(image_grid(images, scale=kw.pop("scale", default_scale), **kw)).save(path)
-    return path
-
-
 class GridCallback:
     """Training callback: on ``sample_every`` steps, rank 0 writes one-step samples of the EMA
     model from a fixed noise draw (seeded by ``(seed, grid stream)``, identical at every save) as
@@ -412,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--resume-from", default=None, help="continue from this checkpoint file")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run that --out holds (its run files are deleted) instead of refusing",
+    )
     p.add_argument("--stop-after", type=int, default=None, help="stop after this step (resumable)")
     p.add_argument(
         "--threads",
@@ -424,11 +412,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the command line ``argv``; returns the results dict (rank 0; ``{}`` on other ranks)."""
-    args = build_parser().parse_intermixed_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+@dataclass
+class Plan:
+    """A checked command line: the run, its training images, the checkpoint it continues from
+    (``None``: a fresh start) and the step it stops at."""
+
+    run: ImageRun
+    images: torch.Tensor
+    resume_path: Path | None
+    checkpoint: dict[str, Any] | None
+    end: int
+    world: int
+    rank: int
+    overwrite: bool = False
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    for flag in ("threads", "stop_after", "steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.resume and args.resume_from:
+        raise ValueError("use --resume (the run in --out) or --resume-from FILE, not both")
+    if args.overwrite and args.resume:
+        raise ValueError(
+            "--overwrite starts the run in --out over, --resume continues it: pick one"
+        )
+
+
+def prepare(args: argparse.Namespace, world: int = 1, rank: int = 0) -> Plan:
+    """Check every argument, the output folder, the checkpoint and the data; create nothing.
+    Raises ``ValueError`` (or ``FileNotFoundError`` for missing data) with one clear message."""
+    _check_flags(args)
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"total_steps={args.steps}")
@@ -444,21 +459,97 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         world_size=world,
         out_dir=args.out,
     )
+    if args.mu is not None and run.config.method != "gc":
+        raise ValueError(
+            f"--mu applies to the GC coupling only; this run uses coupling {run.coupling!r}: "
+            "drop --mu or pass --coupling gc"
+        )
+    if args.data_root is not None and run.data == "digits" and rank == 0:
+        print("warning: --data-root is ignored: the digits are bundled", file=sys.stderr)
     if args.out is None:
         name = f"{run.preset}_{run.coupling}_s{run.config.seed}"
         run.config = run.config.replace(out_dir=str(Path("runs") / "images" / name))
+    check_writable(run.config.out_dir)
+    mode = args.resume_from or ("auto" if args.resume else None)
+    resume_path, ckpt = check_resume(run, mode, args.overwrite)
     threads = args.threads
     if threads is None and run.data == "digits" and run.config.device == "cpu":
         threads = 1  # 8x8 images: extra threads only add synchronisation (measured, see docs)
     if threads is not None:
         torch.set_num_threads(threads)
-    resume_path = check_resume(run, args.resume_from or ("auto" if args.resume else None))
     images = load_images(run.data, args.data_root, "train")  # FileNotFoundError when missing
+    end = run.config.total_steps
+    if args.stop_after is not None:
+        end = min(end, args.stop_after)
+    return Plan(run, images, resume_path, ckpt, end, world, rank, args.overwrite)
+
+
+def resume_command(argv: Sequence[str], out: str) -> str:
+    """The command line that continues the run of ``argv`` in ``out``."""
+    keep: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in ("--resume-from", "--out"):
+            next(it, None)
+        elif not a.startswith(("--resume", "--out=", "--overwrite")):
+            keep.append(a)
+    cmd = ["python", "experiments/train_images.py", *keep, "--out", out, "--resume"]
+    return " ".join(shlex.quote(x) for x in cmd)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the command line ``argv``; returns the results dict (rank 0; ``{}`` on other ranks).
+    A bad argument exits with status 2 and one message before anything is created; SIGINT /
+    SIGTERM exit with 130 / 143 after a checkpoint (the message says how to resume)."""
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        plan = prepare(args, world, rank)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    if plan.checkpoint is not None and plan.checkpoint["step"] >= plan.end:
+        return _already_done(plan)
+    try:
+        return _train(plan)
+    except TrainingInterrupted as stop:
+        if rank == 0:
+            print(
+                f"{stop}\nresume with: {resume_command(_argv(argv), plan.run.config.out_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(stop.exit_code) from None
+
+
+def _argv(argv: Sequence[str] | None) -> list[str]:
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def _already_done(plan: Plan) -> dict[str, Any]:
+    """``--resume`` of a run already at its last step: report it, change nothing."""
+    out = Path(plan.run.config.out_dir)
+    step = plan.checkpoint["step"]
+    if plan.rank == 0:
+        print(
+            f"the run in {str(out)!r} is already at step {step} (of {plan.run.config.total_steps}"
+            f"; stop at {plan.end}): nothing to train, nothing changed",
+            flush=True,
+        )
+    results = out / "results.json"
+    if plan.rank != 0:
+        return {}
+    return json.loads(results.read_text()) if results.is_file() else {"step": step}
+
+
+def _train(plan: Plan) -> dict[str, Any]:
+    run, rank, world = plan.run, plan.rank, plan.world
     model = build_model(run.config)
     grid = GridCallback(run.config, run.image_shape)
     if rank == 0:
         print(
-            f"preset {run.preset}: {run.data} {tuple(images.shape)}, coupling {run.coupling}"
+            f"preset {run.preset}: {run.data} {tuple(plan.images.shape)}, coupling {run.coupling}"
             + (f" (mu={run.config.mu})" if run.config.method == "gc" else "")
             + f", global batch {run.global_batch} = {world} x {run.config.batch_size}, "
             f"{run.config.total_steps} steps -> {run.config.out_dir}",
@@ -468,10 +559,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = train(
         run.config,
         model,
-        images,
-        resume=str(resume_path) if resume_path is not None else None,
+        plan.images,
+        resume=str(plan.resume_path) if plan.resume_path is not None else None,
         callbacks=[grid],
-        stop_after=args.stop_after,
+        stop_after=plan.end,
+        overwrite=plan.overwrite,
     )
     wall = time.perf_counter() - t0
     if rank != 0:
@@ -485,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seed": run.config.seed,
         "step": result.step,
         "total_steps": run.config.total_steps,
-        "resumed_from": str(resume_path) if resume_path else None,
+        "resumed_from": str(plan.resume_path) if plan.resume_path else None,
         "world_size": world,
         "global_batch": run.global_batch,
         "final_loss": last.get("loss"),

@@ -189,6 +189,7 @@ def load_digits_model(path: str):
     move into the library with the image-training code).
     """
     from gcflows.training import TrainConfig, load_checkpoint
+    from gcflows.training.images import model_from_checkpoint
 
     ckpt = load_checkpoint(path)  # ValueError when missing / corrupt / not gcflows
     config = TrainConfig.from_dict(ckpt["config"])

@@ -1,7 +1,7 @@
 """A small digits classifier, trained and cached deterministically, for evaluating generated digits.
 
 The scikit-learn digits (8x8, ``gcflows.data.load_digits``) have no Inception network; image
-quality is measured in the feature space of this classifier instead (issue 7):
+quality is measured in the feature space of this classifier instead:
 
 - :class:`DigitsClassifier`: ``conv3(1 -> c1) ReLU conv3(c1 -> c2) ReLU maxpool2 -> linear ->
   ReLU`` gives the features ``(B, feature_dim)``; a linear head gives the 10 class logits.
@@ -24,12 +24,10 @@ shapes and non-finite values.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gcflows.atomic import atomic_torch_save
 from gcflows.data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, load_digits
 from gcflows.metrics import frechet_distance
 
@@ -277,21 +276,6 @@ def _train(cfg: dict[str, Any]) -> tuple[DigitsClassifier, dict]:
     return model, info
 
 
-def _atomic_save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def load_classifier(
     config: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -341,7 +325,7 @@ def load_classifier(
         print(f"training the digits classifier (cached at {path}) ...", flush=True)
     model, info = train_classifier(cfg)
     payload = {"format": CACHE_FORMAT, "state_dict": model.state_dict(), **info}
-    _atomic_save(path, payload)
+    atomic_torch_save(path, payload)
     return model, {**info, "path": str(path), "cached": False}
 
 

@@ -1,9 +1,9 @@
 """Consistency models: parametrization, iCT schedules, distances, and the CT / CD / OT / GC loss.
 
-PAPER.md sections 1-2. Time runs from data (``t_min``) to noise (``t_max``); a batch is
+docs/paper.md sections 1-2. Time runs from data (``t_min``) to noise (``t_max``); a batch is
 ``(B, *dims)``, per-sample times ``(B,)``.
 
-Parametrization (PAPER.md Eq. 3), :class:`ConsistencyModel`::
+Parametrization (docs/paper.md Eq. 3), :class:`ConsistencyModel`::
 
     f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))
 
@@ -27,7 +27,7 @@ with ``sigma(t) = b(t) / a(t)``, and the PF-ODE of ``x`` maps to the PF-ODE of t
 For ``ve`` (``a = 1``, ``sigma = t``) this is exactly Eq. 3. At ``t = t_min``: ``c_skip = 1`` and
 ``c_out = 0`` exactly in floating point, so ``f(x, t_min) = x`` holds bit for bit.
 
-Schedules (PAPER.md section 2): :func:`ict_curriculum` (number of grid points ``N(k)``),
+Schedules (docs/paper.md section 2): :func:`ict_curriculum` (number of grid points ``N(k)``),
 ``processes.karras_grid`` (the grid), :func:`lognormal_index_probs`, :func:`sample_indices`,
 :func:`ict_weights`; an equally spaced grid (``processes.uniform_grid``) can be passed as
 ``fixed_grid`` for the theory checks of section 3.
@@ -37,31 +37,24 @@ Distances ``D(a, b)`` with the small-distance behaviour ``phi(u) ~ C u^alpha`` o
 C 1 / (2c)), ``pseudo_huber_elementwise`` (summed per element; not a function of the norm),
 ``l2_norm`` (alpha 1, C 1).
 
-Loss: :class:`ConsistencyObjective` (CT, CD, batch-OT, GC; PAPER.md Eq. 4-6, 13-15, 21).
+Loss: :class:`ConsistencyObjective` (CT, CD, batch-OT, GC; docs/paper.md Eq. 4-6, 13-15, 21).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from gcflows import couplings, velocity
+from gcflows.checks import bad as bad_value
+from gcflows.checks import batch_times, choice, finite, integer, probability, real
 from gcflows.kernels import interpolate_pair
-from gcflows.processes import (
-    LinearProcess,
-    Process,
-    VEProcess,
-    as_time,
-    check_finite,
-    get_process,
-    karras_grid,
-)
+from gcflows.processes import LinearProcess, Process, VEProcess, get_process, karras_grid
 
 __all__ = [
     "ConsistencyModel",
@@ -79,6 +72,10 @@ __all__ = [
     "default_huber_c",
     "LossOutput",
     "Schedule",
+    "METHODS",
+    "CD_STEPS",
+    "INDEX_PROBS",
+    "ObjectiveConfig",
     "ConsistencyObjective",
     "shared_dropout_passes",
 ]
@@ -88,7 +85,7 @@ __all__ = [
 # Parametrization
 # ================================================================================================
 class ConsistencyModel(nn.Module):
-    """``f(x, t) = c_skip(t) x + c_out(t) backbone(c_in(t) x, c_noise(t))`` (PAPER.md Eq. 3).
+    """``f(x, t) = c_skip(t) x + c_out(t) backbone(c_in(t) x, c_noise(t))`` (docs/paper.md Eq. 3).
 
     Args:
         backbone: module called as ``backbone(x_in (B, *dims), c_noise (B,)) -> (B, *dims)``.
@@ -129,7 +126,7 @@ class ConsistencyModel(nn.Module):
 
     def _times(self, x: Tensor, t: Tensor | float) -> Tensor:
         like = t.to(x.device) if torch.is_tensor(t) and t.is_floating_point() else x
-        t = as_time(t, x.shape[0], like, "t")
+        t = batch_times(t, x.shape[0], like, "t")
         if self.check_inputs:
             self.process.check_time(t.detach(), "t")
         return t
@@ -177,28 +174,18 @@ class ConsistencyModel(nn.Module):
 # ================================================================================================
 # Schedules
 # ================================================================================================
-def _int_arg(value, name: str, minimum: int) -> int:
-    try:
-        ok = not isinstance(value, bool) and int(value) == value and value >= minimum
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def ict_curriculum(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """Number of grid **points** ``N(k)`` of the iCT curriculum at training step ``k``.
 
     ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` with ``K' = floor(K / (log2 floor(s1 / s0) + 1))``
-    (PAPER.md section 2, ``K = total_steps``). The grid has ``N(k)`` points and ``N(k) - 1``
+    (docs/paper.md section 2, ``K = total_steps``). The grid has ``N(k)`` points and ``N(k) - 1``
     intervals: ``processes.karras_grid(N(k) - 1, ...)``. ``K'`` is clamped to at least 1 so that
     runs shorter than ``log2(s1 / s0) + 1`` steps still double once per step.
     """
-    step = _int_arg(step, "step", 0)
-    total_steps = _int_arg(total_steps, "total_steps", 1)
-    s0 = _int_arg(s0, "s0", 1)
-    s1 = _int_arg(s1, "s1", 1)
+    step = integer(step, "step", lo=0)
+    total_steps = integer(total_steps, "total_steps", lo=1)
+    s0 = integer(s0, "s0", lo=1)
+    s1 = integer(s1, "s1", lo=1)
     if s0 > s1:
         raise ValueError(f"need s0 <= s1 (initial and final number of intervals), got {s0} > {s1}")
     k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
@@ -209,7 +196,7 @@ def ict_curriculum(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
 def _check_grid(grid: Tensor, name: str = "grid") -> Tensor:
     if not torch.is_tensor(grid) or grid.dim() != 1 or grid.numel() < 2:
         raise ValueError(f"{name} must be a 1-D tensor of at least 2 times")
-    check_finite(grid, name)
+    finite(grid, name)
     if not bool((grid[1:] > grid[:-1]).all()):
         raise ValueError(
             f"{name} must be strictly increasing (data at the start, noise at the end)"
@@ -220,10 +207,10 @@ def _check_grid(grid: Tensor, name: str = "grid") -> Tensor:
 def lognormal_index_probs(grid: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
     """Discretised lognormal over the intervals of ``grid`` ``(N+1,) -> (N,)`` (float64, sum 1).
 
-    ``p(i) ∝ erf((log s_{i+1} - Pm) / (sqrt2 Ps)) - erf((log s_i - Pm) / (sqrt2 Ps))`` (PAPER.md
-    section 2): the probability that ``log sigma ~ N(Pm, Ps^2)`` falls in ``[s_i, s_{i+1})``,
-    renormalised over the grid. Differences of ``erf`` near +1 are taken as differences of
-    ``erfc`` to avoid cancellation. ``grid`` must be positive and strictly increasing.
+    ``p(i) ∝ erf((log s_{i+1} - Pm) / (sqrt2 Ps)) - erf((log s_i - Pm) / (sqrt2 Ps))``
+    (docs/paper.md section 2): the probability that ``log sigma ~ N(Pm, Ps^2)`` falls in
+    ``[s_i, s_{i+1})``, renormalised over the grid. Differences of ``erf`` near +1 are taken as
+    differences of ``erfc`` to avoid cancellation. ``grid``: positive, strictly increasing.
     """
     grid = _check_grid(grid).to(torch.float64)
     if not bool((grid > 0).all()):
@@ -247,7 +234,7 @@ def sample_indices(probs: Tensor, n: int, generator: torch.Generator | None = No
 
     Drawn on the generator's device (probs' device without one) and returned there.
     """
-    n = _int_arg(n, "n", 1)
+    n = integer(n, "n", lo=1)
     if not torch.is_tensor(probs) or probs.dim() != 1 or probs.numel() < 1:
         raise ValueError("probs must be a non-empty 1-D tensor")
     if bool((probs < 0).any()) or not bool(probs.sum() > 0):
@@ -258,7 +245,7 @@ def sample_indices(probs: Tensor, n: int, generator: torch.Generator | None = No
 
 
 def ict_weights(grid: Tensor) -> Tensor:
-    """``lambda_i = 1 / (s_{i+1} - s_i)`` ``(N+1,) -> (N,)`` (PAPER.md section 2)."""
+    """``lambda_i = 1 / (s_{i+1} - s_i)`` ``(N+1,) -> (N,)`` (docs/paper.md section 2)."""
     grid = _check_grid(grid)
     return 1.0 / (grid[1:] - grid[:-1])
 
@@ -267,8 +254,8 @@ def ict_weights(grid: Tensor) -> Tensor:
 # Distances
 # ================================================================================================
 def default_huber_c(dim: int) -> float:
-    """``c = 0.00054 sqrt(d)`` (iCT; PAPER.md section 2) for ``d`` elements per sample."""
-    return 0.00054 * math.sqrt(_int_arg(dim, "dim", 1))
+    """``c = 0.00054 sqrt(d)`` (iCT; docs/paper.md section 2) for ``d`` elements per sample."""
+    return 0.00054 * math.sqrt(integer(dim, "dim", lo=1))
 
 
 def _flat_diff(a: Tensor, b: Tensor) -> Tensor:
@@ -343,7 +330,7 @@ def get_distance(name: str | Distance, dim: int, *, c: float | None = None) -> D
         return name
     if name not in DISTANCES:
         raise ValueError(f"distance must be one of {list(DISTANCES)}, got {name!r}")
-    dim = _int_arg(dim, "dim", 1)
+    dim = integer(dim, "dim", lo=1)
     if name == "squared_l2":
         return Distance("squared_l2", 2.0, 1.0, True, None, squared_l2)
     if name == "l2_norm":
@@ -454,8 +441,88 @@ CD_STEPS = ("euler", "heun")
 INDEX_PROBS = ("lognormal", "uniform")
 
 
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The settings of a :class:`ConsistencyObjective`, validated once at construction.
+
+    Fields (docs/paper.md section 2):
+        method: ``"ct"``, ``"cd"``, ``"ot"`` or ``"gc"``.
+        mu: probability that a sample is generator-induced (``gc``), in ``[0, 1]``.
+        distance: a name in ``DISTANCES`` or a :class:`Distance` (pseudo-Huber's ``c`` defaults to
+            ``0.00054 sqrt(d)`` with ``d`` the elements per sample).
+        s0, s1, total_steps: the iCT curriculum (:func:`ict_curriculum`), ``s0 <= s1``;
+            ``total_steps`` is required unless ``fixed_grid`` is given.
+        p_mean, p_std: the lognormal over the VE-equivalent noise level ``sigma = b(t) / a(t)``
+            (``t`` itself for ``ve``).
+        rho: Karras grid exponent.
+        cd_step: ``"euler"`` or ``"heun"`` (``cd``).
+        index_probs: ``"lognormal"`` (iCT) or ``"uniform"`` (every interval equally likely, the
+            discrete sum of Theorem 1).
+        fixed_grid: a strictly increasing 1-D tensor of times that replaces the curriculum (e.g.
+            ``processes.uniform_grid`` for Theorem 1 checks); stored as float64 on the CPU. That
+            it lies in the process domain is checked by the objective (which knows the process).
+        owner: the name error messages give the fields (``"TrainConfig"`` when a training
+            config builds it: ``TrainConfig.mu=1.5 is invalid: ...``); not compared.
+    """
+
+    method: str = "ct"
+    mu: float = 0.5
+    distance: str | Distance = "pseudo_huber"
+    s0: int = 10
+    s1: int = 1280
+    total_steps: int | None = None
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    rho: float = 7.0
+    cd_step: str = "euler"
+    index_probs: str = "lognormal"
+    fixed_grid: Tensor | None = field(default=None, compare=False)
+    owner: str = field(default="ObjectiveConfig", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        w, put = self.owner, self._put
+        choice(self.method, "method", METHODS, w)
+        put("mu", probability(self.mu, "mu", "that a sample is generator-induced", w))
+        if not isinstance(self.distance, Distance):
+            choice(self.distance, "distance", DISTANCES, w)
+        put(
+            "s0",
+            integer(self.s0, "s0", lo=1, fix="use a positive number of grid intervals", where=w),
+        )
+        put(
+            "s1",
+            integer(self.s1, "s1", lo=1, fix="use a positive number of grid intervals", where=w),
+        )
+        if self.s0 > self.s1:
+            raise bad_value("s0", self.s0, f"need s0 <= s1 (s1={self.s1}): s0 is the initial N", w)
+        put("p_mean", real(self.p_mean, "p_mean", fix="use a finite p_mean", where=w))
+        put("p_std", real(self.p_std, "p_std", lo_open=0.0, fix="use a positive p_std", where=w))
+        put(
+            "rho",
+            real(self.rho, "rho", lo_open=0.0, fix="use a positive rho (7 in the paper)", where=w),
+        )
+        choice(self.cd_step, "cd_step", CD_STEPS, w)
+        choice(self.index_probs, "index_probs", INDEX_PROBS, w)
+        if self.fixed_grid is not None:
+            grid = _check_grid(torch.as_tensor(self.fixed_grid), "fixed_grid")
+            put("fixed_grid", grid.detach().to("cpu", torch.float64))
+        elif self.total_steps is None:
+            raise bad_value(
+                "total_steps",
+                None,
+                "total_steps is required for the curriculum (or pass fixed_grid)",
+                w,
+            )
+        if self.total_steps is not None:
+            fix = "use total_steps >= 1"
+            put("total_steps", integer(self.total_steps, "total_steps", lo=1, fix=fix, where=w))
+
+    def _put(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # frozen: only __post_init__ normalises fields
+
+
 class ConsistencyObjective:
-    """One entry point for the consistency losses (PAPER.md section 2).
+    """One entry point for the consistency losses (docs/paper.md section 2).
 
     For a batch of data, noise ``z`` and interval indices ``i ~ p`` on the step's grid ``s``
     (``t_lo = s_i``, ``t_hi = s_{i+1}``)::
@@ -475,23 +542,12 @@ class ConsistencyObjective:
 
     Args:
         process: a ``Process`` or its name.
-        method: ``"ct"``, ``"cd"``, ``"ot"`` or ``"gc"``.
-        distance: a name in ``DISTANCES`` or a :class:`Distance` (pseudo-Huber's ``c`` defaults to
-            ``0.00054 sqrt(d)`` with ``d`` the elements per sample).
-        mu: probability that a sample is generator-induced (``gc``), in ``[0, 1]``.
-        s0, s1, total_steps: the iCT curriculum (:func:`ict_curriculum`); ``total_steps`` is
-            required unless ``fixed_grid`` is given.
-        p_mean, p_std: the lognormal over the VE-equivalent noise level ``sigma = b(t) / a(t)``
-            (``t`` itself for ``ve``).
-        rho: Karras grid exponent.
+        config: an :class:`ObjectiveConfig` (used as given: it validated itself), or a method
+            name with the config's other fields as keyword arguments
+            (``ConsistencyObjective("ve", "ct", total_steps=100)`` builds the config).
         velocity: a ``gcflows.velocity`` estimator (``cd`` only, required there).
-        cd_step: ``"euler"`` or ``"heun"`` (``cd``).
         ot_coupling_fn: ``(data, noise) -> CouplingResult`` for ``ot`` (default
             ``couplings.ot_coupling``; the trainer passes a distributed version).
-        fixed_grid: a strictly increasing 1-D tensor of times in the process domain that replaces
-            the curriculum (e.g. ``processes.uniform_grid`` for Theorem 1 checks).
-        index_probs: ``"lognormal"`` (iCT) or ``"uniform"`` (every interval equally likely, the
-            discrete sum of Theorem 1).
 
     Random draws, in order, from ``generator`` (the global RNG if None): the noise (unless
     given), the interval indices (unless given), then the GC mask. Dropout draws come from the
@@ -501,99 +557,65 @@ class ConsistencyObjective:
     def __init__(
         self,
         process: Process | str,
-        method: str,
+        config: ObjectiveConfig | str,
         *,
-        distance: str | Distance = "pseudo_huber",
-        mu: float = 0.5,
-        s0: int = 10,
-        s1: int = 1280,
-        total_steps: int | None = None,
-        p_mean: float = -1.1,
-        p_std: float = 2.0,
-        rho: float = 7.0,
         velocity=None,
-        cd_step: str = "euler",
         ot_coupling_fn: Callable | None = None,
-        fixed_grid: Tensor | None = None,
-        index_probs: str = "lognormal",
+        **settings: Any,
     ) -> None:
-        self.process = get_process(process)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-        self.method = method
-        if not isinstance(distance, Distance) and distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {list(DISTANCES)}, got {distance!r}")
-        self.distance = distance
-        if isinstance(mu, bool) or not isinstance(mu, numbers.Real):
-            raise ValueError(f"mu must be a float in [0, 1], got {mu!r}")
-        if not (math.isfinite(mu) and 0.0 <= mu <= 1.0):
+        if not isinstance(config, ObjectiveConfig):
+            config = ObjectiveConfig(method=config, **settings)
+        elif settings:
             raise ValueError(
-                f"mu must lie in [0, 1] (probability that a sample is generator-induced), got {mu}"
+                f"pass the settings {sorted(settings)} inside the ObjectiveConfig, not beside it"
             )
-        self.mu = float(mu)
-        self.s0, self.s1 = _int_arg(s0, "s0", 1), _int_arg(s1, "s1", 1)
-        if self.s0 > self.s1:
-            raise ValueError(f"need s0 <= s1, got s0={s0}, s1={s1}")
-        if not (math.isfinite(p_std) and p_std > 0 and math.isfinite(p_mean)):
-            raise ValueError(f"need finite p_mean and p_std > 0, got {p_mean}, {p_std}")
-        self.p_mean, self.p_std = float(p_mean), float(p_std)
-        if not (math.isfinite(rho) and rho > 0):
-            raise ValueError(f"rho must be positive, got {rho}")
-        self.rho = float(rho)
-        if cd_step not in CD_STEPS:
-            raise ValueError(f"cd_step must be one of {list(CD_STEPS)}, got {cd_step!r}")
-        self.cd_step = cd_step
-        if method == "cd" and velocity is None:
+        self.process = get_process(process)
+        self.config = config
+        if config.fixed_grid is not None:
+            self.process.check_time(config.fixed_grid, "fixed_grid")
+        if config.method == "cd" and velocity is None:
             raise ValueError(
                 "method='cd' needs velocity=, a gcflows.velocity estimator (e.g. TrueVelocity)"
             )
-        if method != "cd" and velocity is not None:
-            raise ValueError(f"velocity= is used by method='cd' only, got method={method!r}")
+        if config.method != "cd" and velocity is not None:
+            raise ValueError(f"velocity= is used by method='cd' only, got method={config.method!r}")
         if velocity is not None and not callable(velocity):
             raise ValueError("velocity must be callable as velocity(x_t, t, data=, noise=)")
-        self.velocity = velocity
         if ot_coupling_fn is not None and not callable(ot_coupling_fn):
             raise ValueError("ot_coupling_fn must be callable as ot_coupling_fn(data, noise)")
+        self.velocity = velocity
         self.ot_coupling_fn = ot_coupling_fn or couplings.ot_coupling
-        if index_probs not in INDEX_PROBS:
-            raise ValueError(f"index_probs must be one of {list(INDEX_PROBS)}, got {index_probs!r}")
-        self.index_probs = index_probs
-        if fixed_grid is not None:
-            fixed_grid = _check_grid(torch.as_tensor(fixed_grid), "fixed_grid")
-            fixed_grid = fixed_grid.detach().to("cpu", torch.float64)
-            self.process.check_time(fixed_grid, "fixed_grid")
-        self.fixed_grid = fixed_grid
-        if fixed_grid is None:
-            if total_steps is None:
-                raise ValueError("total_steps is required for the curriculum (or pass fixed_grid)")
-            total_steps = _int_arg(total_steps, "total_steps", 1)
-        self.total_steps = total_steps
         self._schedules: dict[int, Schedule] = {}
         self._device_schedules: dict[tuple[int, str], Schedule] = {}
         self._distances: dict[int, Distance] = {}
 
+    @property
+    def method(self) -> str:
+        return self.config.method
+
     # --- schedule -------------------------------------------------------------------------------
     def num_intervals(self, step: int) -> int:
         """Intervals of the grid at ``step``: ``N(k) - 1`` (or those of ``fixed_grid``)."""
-        if self.fixed_grid is not None:
-            return self.fixed_grid.numel() - 1
-        return ict_curriculum(step, self.total_steps, self.s0, self.s1) - 1
+        c = self.config
+        if c.fixed_grid is not None:
+            return c.fixed_grid.numel() - 1
+        return ict_curriculum(step, c.total_steps, c.s0, c.s1) - 1
 
     def schedule(self, step: int) -> Schedule:
         """Grid, index probabilities and weights at ``step`` (cached per number of intervals)."""
         n = self.num_intervals(step)
         if n not in self._schedules:
-            p = self.process
+            p, c = self.process, self.config
             grid = (
-                self.fixed_grid
-                if self.fixed_grid is not None
-                else karras_grid(n, p.t_min, p.t_max, self.rho)
+                c.fixed_grid
+                if c.fixed_grid is not None
+                else karras_grid(n, p.t_min, p.t_max, c.rho)
             )
-            if self.index_probs == "uniform":
+            if c.index_probs == "uniform":
                 probs = torch.full((n,), 1.0 / n, dtype=torch.float64)
             else:
                 sigma = p.b(grid) / p.a(grid)  # VE-equivalent noise level; = grid for ve
-                probs = lognormal_index_probs(sigma, self.p_mean, self.p_std)
+                probs = lognormal_index_probs(sigma, c.p_mean, c.p_std)
             self._schedules[n] = Schedule(grid, probs, ict_weights(grid))
         return self._schedules[n]
 
@@ -612,17 +634,10 @@ class ConsistencyObjective:
 
     def get_distance(self, dim: int) -> Distance:
         if dim not in self._distances:
-            self._distances[dim] = get_distance(self.distance, dim)
+            self._distances[dim] = get_distance(self.config.distance, dim)
         return self._distances[dim]
 
     # --- the loss -------------------------------------------------------------------------------
-    def _noised(self, data: Tensor, noise: Tensor, t_lo: Tensor, t_hi: Tensor):
-        if isinstance(self.process, (VEProcess, LinearProcess)):
-            return interpolate_pair(data, noise, t_lo, t_hi, process=self.process.name)
-        x_lo = self.process.interpolate(data, noise, t_lo)
-        x_hi = self.process.interpolate(data, noise, t_hi)
-        return x_lo, x_hi, couplings.squared_cost(data, noise)
-
     def __call__(
         self,
         model: Callable[[Tensor, Tensor], Tensor],
@@ -634,7 +649,7 @@ class ConsistencyObjective:
         gc_model: Callable[[Tensor, Tensor], Tensor] | None = None,
         indices: Tensor | None = None,
     ) -> LossOutput:
-        """Loss of ``model`` on ``data`` ``(B, *dims)`` at training ``step`` (module doc).
+        """Loss of ``model`` on ``data`` ``(B, *dims)`` at training ``step`` (class doc).
 
         ``model(x, t)`` is the consistency function (e.g. a :class:`ConsistencyModel`);
         ``noise`` ``(B, *dims)`` is drawn with ``generator`` when None; ``gc_model(x_t, t)``
@@ -642,74 +657,35 @@ class ConsistencyObjective:
         ``indices`` ``(B,)`` long fixes the interval of each sample instead of drawing it (theory
         checks: an exact average over the grid's intervals).
         """
-        if not torch.is_tensor(data) or not data.is_floating_point():
-            raise ValueError("data must be a floating-point tensor of shape (B, *dims)")
-        if data.dim() < 2 or data.shape[0] < 1:
-            raise ValueError(
-                f"data must have shape (B, *dims) with B >= 1, got {tuple(data.shape)}"
-            )
-        check_finite(data, "data")
-        if self.method == "gc" and gc_model is None:
-            raise ValueError(
-                "method='gc' needs gc_model=, the generator f_gen(x_t, t) (EMA or frozen model)"
-            )
-        if self.method != "gc" and gc_model is not None:
-            raise ValueError(f"gc_model= is used by method='gc' only, got method={self.method!r}")
-        if self.fixed_grid is None:
-            _int_arg(step, "step", 0)
-        bsz, device, dtype = data.shape[0], data.device, data.dtype
+        self._check_call(data, step, noise, gc_model)
         if noise is None:
-            noise_device = generator.device if generator is not None else device
-            noise = torch.randn(data.shape, generator=generator, device=noise_device, dtype=dtype)
-            noise = noise.to(device)
-        else:
-            if not torch.is_tensor(noise) or noise.shape != data.shape:
-                raise ValueError(
-                    f"noise must be a tensor of the data's shape {tuple(data.shape)}, got "
-                    f"{tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}"
-                )
-            check_finite(noise, "noise")
-            noise = noise.to(device=device, dtype=dtype)
-
+            noise_device = generator.device if generator is not None else data.device
+            noise = torch.randn(
+                data.shape, generator=generator, device=noise_device, dtype=data.dtype
+            )
+        noise = noise.to(device=data.device, dtype=data.dtype)
         sched = self.schedule(step)
-        n = sched.probs.numel()
-        if indices is None:
-            # Drawn on the generator's device from the cached probabilities (no host sync).
-            draw_device = generator.device if generator is not None else torch.device("cpu")
-            probs = self._on_device(sched, draw_device).probs
-            idx = torch.multinomial(probs, bsz, replacement=True, generator=generator)
-        else:
-            if (
-                not torch.is_tensor(indices)
-                or indices.shape != (bsz,)
-                or indices.is_floating_point()
-            ):
-                raise ValueError(f"indices must be an integer tensor of shape ({bsz},)")
-            idx = indices.detach().long()
-            if bool((idx < 0).any()) or bool((idx >= n).any()):
-                raise ValueError(
-                    f"indices must lie in [0, {n}) (the grid's intervals at this step)"
-                )
-        on_dev = self._on_device(sched, device)
-        idx = idx.to(device)
-        t_lo = on_dev.grid[idx].to(dtype)
-        t_hi = on_dev.grid[idx + 1].to(dtype)
-        weight = on_dev.weights[idx].to(dtype)
+        idx = self._indices(sched, data.shape[0], generator, indices)
+        on_dev = self._on_device(sched, data.device)
+        idx = idx.to(data.device)
+        t_lo = on_dev.grid[idx].to(data.dtype)
+        t_hi = on_dev.grid[idx + 1].to(data.dtype)
+        weight = on_dev.weights[idx].to(data.dtype)
 
         coupling = None
         data_used, noise_used = data, noise
-        if self.method == "ot":
+        if self.config.method == "ot":
             coupling = self.ot_coupling_fn(data, noise)
             data_used, noise_used = coupling.data, coupling.noise
-        elif self.method == "gc":
+        elif self.config.method == "gc":
             coupling = couplings.generator_induced_coupling(
-                data, noise, gc_model, t_lo, self.process, mu=self.mu, generator=generator
+                data, noise, gc_model, t_lo, self.process, mu=self.config.mu, generator=generator
             )
             data_used, noise_used = coupling.data, coupling.noise
 
         x_lo, x_hi, pair_cost = self._noised(data_used, noise_used, t_lo, t_hi)
-        if self.method == "cd":
-            step_fn = velocity.euler_step if self.cd_step == "euler" else velocity.heun_step
+        if self.config.method == "cd":
+            step_fn = velocity.euler_step if self.config.cd_step == "euler" else velocity.heun_step
             with torch.no_grad():
                 x_lo = step_fn(self.velocity, x_hi, t_hi, t_lo, data=data, noise=noise)
 
@@ -721,7 +697,7 @@ class ConsistencyObjective:
 
         gc_mask = coupling.gc_mask if coupling is not None else None
         if gc_mask is None:
-            gc_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
+            gc_mask = torch.zeros(data.shape[0], dtype=torch.bool, device=data.device)
         diagnostics = {
             "t_lo": t_lo,
             "t_hi": t_hi,
@@ -732,3 +708,54 @@ class ConsistencyObjective:
             "gc_mask": gc_mask,
         }
         return LossOutput(loss, diagnostics, sched.grid.numel() - 1, coupling)
+
+    def _check_call(self, data: Tensor, step: int, noise: Tensor | None, gc_model: Any) -> None:
+        """The checks of ``__call__``'s arguments (each ``ValueError`` names the argument)."""
+        if not torch.is_tensor(data) or not data.is_floating_point():
+            raise ValueError("data must be a floating-point tensor of shape (B, *dims)")
+        if data.dim() < 2 or data.shape[0] < 1:
+            raise ValueError(
+                f"data must have shape (B, *dims) with B >= 1, got {tuple(data.shape)}"
+            )
+        finite(data, "data")
+        method = self.config.method
+        if method == "gc" and gc_model is None:
+            raise ValueError(
+                "method='gc' needs gc_model=, the network gc_model(x_t, t) that predicts data "
+                "(EMA or frozen model)"
+            )
+        if method != "gc" and gc_model is not None:
+            raise ValueError(f"gc_model= is used by method='gc' only, got method={method!r}")
+        if self.config.fixed_grid is None:
+            integer(step, "step", lo=0)
+        if noise is not None:
+            if not torch.is_tensor(noise) or noise.shape != data.shape:
+                got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+                raise ValueError(
+                    f"noise must be a tensor of the data's shape {tuple(data.shape)}, got {got}"
+                )
+            finite(noise, "noise")
+
+    def _indices(
+        self, sched: Schedule, bsz: int, generator: torch.Generator | None, indices: Tensor | None
+    ) -> Tensor:
+        """Interval index of each sample: drawn ``~ sched.probs`` or the given ``indices``."""
+        n = sched.probs.numel()
+        if indices is None:
+            # Drawn on the generator's device from the cached probabilities (no host sync).
+            draw_device = generator.device if generator is not None else torch.device("cpu")
+            probs = self._on_device(sched, draw_device).probs
+            return torch.multinomial(probs, bsz, replacement=True, generator=generator)
+        if not torch.is_tensor(indices) or indices.shape != (bsz,) or indices.is_floating_point():
+            raise ValueError(f"indices must be an integer tensor of shape ({bsz},)")
+        idx = indices.detach().long()
+        if bool((idx < 0).any()) or bool((idx >= n).any()):
+            raise ValueError(f"indices must lie in [0, {n}) (the grid's intervals at this step)")
+        return idx
+
+    def _noised(self, data: Tensor, noise: Tensor, t_lo: Tensor, t_hi: Tensor):
+        if isinstance(self.process, (VEProcess, LinearProcess)):
+            return interpolate_pair(data, noise, t_lo, t_hi, process=self.process.name)
+        x_lo = self.process.interpolate(data, noise, t_lo)
+        x_hi = self.process.interpolate(data, noise, t_hi)
+        return x_lo, x_hi, couplings.squared_cost(data, noise)

@@ -276,7 +276,7 @@ def batch_ot_cost(
     n_batches: int,
     generator: torch.Generator | None = None,
     *,
-    solver: str = "lsa",
+    solver: str = "auto",
     level: float = 0.95,
 ) -> BatchCost:
     """Batch-OT transport cost: mean ``||data_j - noise_perm(j)||^2`` after the exact assignment.
@@ -342,7 +342,7 @@ def batch_ot_curve(
     generator: torch.Generator | None = None,
     *,
     min_batches: int = 3,
-    solver: str = "lsa",
+    solver: str = "auto",
     level: float = 0.95,
 ) -> list[BatchCost]:
     """Batch-OT cost against batch size: one :func:`batch_ot_cost` per size in ``batch_sizes``.

@@ -1,9 +1,9 @@
 """consistency.py: parametrization (Eq. 3), iCT schedules, distances, CT / CD / OT / GC losses.
 
 The mathematics is checked in float64 against closed forms: the boundary condition bit for bit,
-the curriculum and lognormal formulas of PAPER.md section 2, the order of the CD loss with the
+the curriculum and lognormal formulas of docs/paper.md section 2, the order of the CD loss with the
 exact velocity on one Gaussian (closed-form flow map), the leading term of the CT - CD gap
-(PAPER.md section 3, Eq. 11 integrand), and the identities GC(mu=0) = CT, GC(paired data) = CT,
+(docs/paper.md section 3, Eq. 11 integrand), and the identities GC(mu=0) = CT, GC(paired data) = CT,
 OT(optimal batch) = CT, CD(one-sample velocity) = CT.
 """
 
@@ -23,6 +23,7 @@ from gcflows.consistency import (
     DISTANCES,
     ConsistencyModel,
     ConsistencyObjective,
+    ObjectiveConfig,
     default_huber_c,
     get_distance,
     ict_curriculum,
@@ -246,7 +247,7 @@ def test_curriculum_matches_the_formula_at_the_ends_and_doublings(total, s0, s1)
 
 
 def test_curriculum_paper_values():
-    # PAPER.md: s0 = 10, s1 = 1280, K = 8000 -> K' = 8000 / (log2 128 + 1) = 1000; the grid
+    # docs/paper.md: s0 = 10, s1 = 1280, K = 8000 -> K' = 8000 / (log2 128 + 1) = 1000; the grid
     # doubles every 1000 steps: 11, 21, 41, 81, 161, 321, 641, 1281 points.
     got = [ict_curriculum(k, 8000) for k in range(0, 8000, 1000)]
     assert got == [11, 21, 41, 81, 161, 321, 641, 1281]
@@ -497,7 +498,7 @@ def _ct_cd_terms(process, t_hi, h, model, data, noise, velocity):
 
 @pytest.mark.parametrize("name, t_hi, h", [("ve", 1.0, 0.05), ("linear", 0.5, 0.025)])
 def test_ct_minus_cd_is_the_eq11_leading_term(name, t_hi, h):
-    # PAPER.md section 3 for squared L2, one interval [t_hi - h, t_hi], a generic smooth model f.
+    # docs/paper.md section 3 for squared L2, one interval [t_hi - h, t_hi], a smooth model f.
     # Per sample, with A = f(x_CD) - f(x_hi) = O(h) and delta = f(x_CT) - f(x_CD)
     # = -h J (xdot - v) + O(h^2):
     #   D_CT - D_CD = 2 <A, delta> + ||delta||^2 = cross + quad + O(h^3).      (1)
@@ -818,18 +819,18 @@ _VEL = TrueVelocity(one_gaussian(), "ve")
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(method="ctx"), "method must be one of"),
-        (dict(method="gc", mu=-0.1), "mu must lie in"),
-        (dict(method="gc", mu=1.5), "mu must lie in"),
-        (dict(method="gc", mu=float("nan")), "mu must lie in"),
-        (dict(method="gc", mu=True), "mu must be a float"),
+        (dict(method="ctx"), r"method='ctx' is invalid: use one of"),
+        (dict(method="gc", mu=-0.1), r"mu=-0.1 is invalid: use a probability in \[0, 1\]"),
+        (dict(method="gc", mu=1.5), r"mu=1.5 is invalid: use a probability"),
+        (dict(method="gc", mu=float("nan")), r"mu=nan is invalid: use a probability"),
+        (dict(method="gc", mu=True), r"mu=True is invalid: use a probability"),
         (dict(method="ct", s0=20, s1=10), "s0 <= s1"),
         (dict(method="ct", total_steps=None), "total_steps is required"),
         (dict(method="ct", total_steps=0), "total_steps"),
         (dict(method="cd"), "needs velocity"),
         (dict(method="ct", velocity=_VEL), "velocity= is used by method='cd' only"),
         (dict(method="cd", velocity=_VEL, cd_step="rk4"), "cd_step"),
-        (dict(method="ct", distance="l1"), "distance must be one of"),
+        (dict(method="ct", distance="l1"), r"distance='l1' is invalid: use one of"),
         (dict(method="ct", p_std=0.0), "p_std"),
         (dict(method="ct", rho=0.0), "rho"),
         (dict(method="ct", index_probs="beta"), "index_probs"),
@@ -867,3 +868,17 @@ def test_bad_call_raises():
         ct(model, data[:0], 0)
     with pytest.raises(ValueError, match="indices must lie in"):
         ct(model, data, 0, indices=torch.full((8,), 10))
+
+
+def test_objective_config_validates_once_and_the_objective_uses_it_whole():
+    cfg = ObjectiveConfig(method="gc", mu=0.25, s0=2, s1=16, total_steps=40, rho=5.0)
+    obj = ConsistencyObjective("ve", cfg)
+    assert obj.config is cfg and obj.method == "gc"
+    keywords = ConsistencyObjective("ve", "gc", mu=0.25, s0=2, s1=16, total_steps=40, rho=5.0)
+    assert keywords.config == cfg
+    assert torch.equal(obj.schedule(39).grid, keywords.schedule(39).grid)
+    assert obj.num_intervals(39) == 16 and obj.num_intervals(0) == 2
+    with pytest.raises(ValueError, match=r"TrainConfig\.mu=2\.0 is invalid"):
+        ObjectiveConfig(method="gc", mu=2.0, total_steps=10, owner="TrainConfig")
+    with pytest.raises(ValueError, match="inside the ObjectiveConfig"):
+        ConsistencyObjective("ve", cfg, mu=0.5)

@@ -107,10 +107,12 @@ def test_ddp_training_keeps_the_ranks_identical(ddp_out, method):
 def test_only_rank_zero_writes_and_the_checkpoint_holds_every_ranks_rng(ddp_out):
     run = ddp_out / "ot"
     assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.prev.pt",  # the checkpoint of step 3, kept when step 6 was written
         "checkpoint.pt",
         "config.json",
         "metrics.jsonl",
     ]
+    assert load_checkpoint(run / "checkpoint.prev.pt")["step"] == 3
     rec = json.loads((run / "config.json").read_text())
     assert rec["world_size"] == WORLD
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -10,28 +10,57 @@ handful of steps.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from gcflows.data import load_digits
+from gcflows.sampling import multistep_sample
+from gcflows.training import derive_seed, load_checkpoint
+from gcflows.training.images import model_from_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
-import digits_comparison  # noqa: E402
-import eval_images  # noqa: E402
-import train_images  # noqa: E402
 
-from gcflows.data import load_digits  # noqa: E402
-from gcflows.sampling import multistep_sample  # noqa: E402
-from gcflows.training import derive_seed, load_checkpoint  # noqa: E402
+def _script(name: str):
+    """Load ``experiments/<name>.py`` as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
+
+
+digits_comparison = _script("digits_comparison")
+eval_images = _script("eval_images")
+train_images = _script("train_images")
+
+
+def usage_error(capsys, main, argv, match: str) -> str:
+    """``main(argv)`` exits with status 2 and one ``error:`` message (argparse's) matching
+    ``match``, without a traceback; returns the message."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "Traceback" not in err
+    assert ": error: " in err, err  # argparse's error after the usage line
+    message = err.split(": error: ", 1)[1]
+    assert re.search(match, message), (match, message)
+    return message
+
 
 TINY = ["--preset", "digits_tiny", "--no-progress", "log_every=1", "checkpoint_every=3"]
 
@@ -147,18 +176,17 @@ def test_cifar10_presets_follow_paper_section_5(name, method, dropout):
         assert c.mu == 0.5
 
 
-def test_missing_data_folder_raises_before_any_work(tmp_path):
+def test_missing_data_folder_raises_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        train_images.main(
-            ["--preset", "cifar10_base", "--data-root", str(tmp_path / "no"), "--out", str(out)]
-        )
-    with pytest.raises(ValueError, match="--data-root"):
-        train_images.main(["--preset", "cifar10_base", "--out", str(out)])
+    argv = ["--preset", "cifar10_base", "--data-root", str(tmp_path / "no"), "--out", str(out)]
+    usage_error(capsys, train_images.main, argv, "never downloads")
+    usage_error(
+        capsys, train_images.main, ["--preset", "cifar10_base", "--out", str(out)], "--data-root"
+    )
     assert not out.exists()
 
 
-def test_wrong_image_size_for_the_preset_raises_before_any_work(tmp_path):
+def test_wrong_image_size_for_the_preset_raises_before_any_work(tmp_path, capsys):
     root = tmp_path / "cifar"
     root.mkdir()
     # MNIST-sized images where the CIFAR-10 preset expects 3 x 32 x 32
@@ -168,35 +196,36 @@ def test_wrong_image_size_for_the_preset_raises_before_any_work(tmp_path):
         labels=np.zeros(4, np.int64),
     )
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"expects images of shape \(N, 3, 32, 32\)"):
-        train_images.main(["--preset", "cifar10_base", "--data-root", str(root), "--out", str(out)])
+    argv = ["--preset", "cifar10_base", "--data-root", str(root), "--out", str(out)]
+    usage_error(capsys, train_images.main, argv, r"expects images of shape \(N, 3, 32, 32\)")
     assert not out.exists()
 
 
-def test_checkpoint_from_another_preset_or_coupling_raises_before_any_work(tmp_path, tiny_run):
+def test_checkpoint_from_another_preset_or_coupling_raises_before_any_work(
+    tmp_path, tiny_run, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = _snapshot(run)
-    with pytest.raises(ValueError, match="written by preset 'digits_tiny'"):
-        train_images.main(["--preset", "digits_base", "--out", str(run), "--resume"])
-    with pytest.raises(ValueError, match="coupling 'ic'"):
-        train_images.main([*TINY, "--coupling", "gc", "--out", str(run), "--resume"])
-    with pytest.raises(ValueError, match="another network"):
-        train_images.main([*TINY, "net.base_channels=16", "--out", str(run), "--resume"])
-    with pytest.raises(ValueError, match="already holds a run"):
-        train_images.main([*TINY, "--out", str(run)])
+    main = train_images.main
+    argv = ["--preset", "digits_base", "--out", str(run), "--resume"]
+    usage_error(capsys, main, argv, "written by preset 'digits_tiny'")
+    usage_error(
+        capsys, main, [*TINY, "--coupling", "gc", "--out", str(run), "--resume"], "coupling 'ic'"
+    )
+    argv = [*TINY, "net.base_channels=16", "--out", str(run), "--resume"]
+    usage_error(capsys, main, argv, "another network")
+    usage_error(capsys, main, [*TINY, "--out", str(run)], "already holds a run")
     new = tmp_path / "new"
-    with pytest.raises(ValueError, match="preset"):
-        train_images.main(
-            [
-                "--preset",
-                "digits_base",
-                "--out",
-                str(new),
-                "--resume-from",
-                str(run / "checkpoint.pt"),
-            ]
-        )
+    argv = [
+        "--preset",
+        "digits_base",
+        "--out",
+        str(new),
+        "--resume-from",
+        str(run / "checkpoint.pt"),
+    ]
+    usage_error(capsys, main, argv, "preset")
     assert _snapshot(run) == before and not new.exists()
 
 
@@ -284,7 +313,7 @@ def test_eval_images_writes_results_and_protocol(tmp_path, tiny_run, classifier_
 
 
 def test_generate_is_batch_invariant_and_is_multistep_sample(tiny_run):
-    model = train_images.model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt"))
+    model = model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt"))
     sig = [80.0, 0.5]
     whole = eval_images.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=10)
     parts = eval_images.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=3)
@@ -338,6 +367,147 @@ def test_eval_rejects_bad_input(tmp_path, tiny_run):
         eval_images.evaluate_checkpoint(tiny_run / "checkpoint.pt", mid_sigma=100.0)
     with pytest.raises(ValueError, match="reference"):
         eval_images.evaluate_checkpoint(tiny_run / "checkpoint.pt", reference="val")
+
+
+# ------------------------------------------------------------------------------------------------
+# runs are never lost or silently corrupted (one test per case of the reliability checks)
+# ------------------------------------------------------------------------------------------------
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _flip(path: Path, offset: int, n: int = 64) -> None:
+    blob = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        blob[i] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_corrupted_checkpoint_bytes_are_refused_and_resume_uses_the_previous_one(
+    tmp_path, tiny_run, capsys, classifier_cache
+):
+    run = _copy_run(tiny_run, tmp_path / "run")  # checkpoints at steps 3 (previous) and 4
+    latest = run / "checkpoint.pt"
+    _flip(latest, latest.stat().st_size // 2)  # 64 real flipped bytes inside the tensors
+    argv = [
+        str(latest),
+        "--n-samples",
+        "8",
+        "--seeds",
+        "0",
+        "--classifier-cache",
+        str(classifier_cache),
+    ]
+    usage_error(capsys, eval_images.main, argv, "checkpoint.pt' is corrupt.*digest")
+    assert not list(run.glob("eval_*"))
+    # --resume: the latest checkpoint is refused, the previous one (step 3) is used, said plainly
+    with pytest.warns(UserWarning, match=r"resuming from the previous checkpoint .*\(step 3\)"):
+        res = train_images.main([*TINY, "--steps", "4", "--out", str(run), "--resume"])
+    assert res["resumed_from"] == str(run / "checkpoint.prev.pt") and res["step"] == 4
+    a, b = load_checkpoint(tiny_run / "checkpoint.pt"), load_checkpoint(latest)
+    for name in a["ema"]:
+        assert torch.equal(a["ema"][name], b["ema"][name]), name  # step 4 trained again, exactly
+    assert (run / "checkpoint.corrupt.pt").is_file()  # kept aside for inspection
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        _flip(run / name, 3000)
+    argv = [*TINY, "--steps", "4", "--out", str(run), "--resume"]
+    usage_error(capsys, train_images.main, argv, "no intact checkpoint")
+
+
+def test_resume_from_into_another_run_is_refused_unless_overwrite(tmp_path, tiny_run, capsys):
+    a = _copy_run(tiny_run, tmp_path / "a")
+    b = _copy_run(tiny_run, tmp_path / "b")
+    (b / "results.json").write_text('{"mine": true}\n')
+    before = _snapshot(b)
+    argv = [*TINY, "--steps", "5", "--resume-from", str(a / "checkpoint.pt"), "--out", str(b)]
+    usage_error(capsys, train_images.main, argv, "already holds another run.*--overwrite")
+    assert _snapshot(b) == before
+    res = train_images.main([*argv, "--overwrite"])  # said explicitly: B is replaced
+    assert res["step"] == 5 and res["resumed_from"] == str(a / "checkpoint.pt")
+    assert [s for s, _ in _losses(b)] == [5]  # B's old lines are gone, not continued
+    assert "mine" not in json.loads((b / "results.json").read_text())
+
+
+def test_resume_of_a_finished_run_reports_it_and_changes_nothing(tmp_path, tiny_run, capsys):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    before = _snapshot(run)
+    res = train_images.main([*TINY, "--steps", "4", "--out", str(run), "--resume"])
+    assert "already at step 4" in capsys.readouterr().out
+    assert _snapshot(run) == before  # results.json untouched
+    assert res["step"] == 4 and res["final_loss"] is not None
+
+
+def test_resume_with_nothing_to_resume_says_where_it_looked(tmp_path, capsys):
+    typo = tmp_path / "runz"
+    message = usage_error(
+        capsys, train_images.main, [*TINY, "--out", str(typo), "--resume"], "nothing to resume"
+    )
+    assert str(typo) in message and "checkpoint.pt" in message
+    assert not typo.exists()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])
+def test_sigterm_checkpoints_the_current_step_and_prints_how_to_resume(tmp_path, sig, code):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "train_images.py"),
+        *TINY,
+        "checkpoint_every=1000",
+        "--steps",
+        "400",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    step = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert 2 <= step < 400 and json.loads(metrics.read_text().splitlines()[-1])["step"] == step
+    assert f"after step {step}" in err and "Traceback" not in err
+    assert "resume with: python experiments/train_images.py" in err
+    assert f"--out {out} --resume" in err
+
+
+def test_script_arguments_are_checked_before_any_work(tmp_path, tiny_run, capsys, monkeypatch):
+    out = tmp_path / "run"
+    main = train_images.main
+    usage_error(
+        capsys, main, [*TINY, "--threads", "0", "--out", str(out)], "--threads must be >= 1"
+    )
+    usage_error(capsys, main, [*TINY, "--steps", "0", "--out", str(out)], "--steps must be >= 1")
+    usage_error(
+        capsys, main, [*TINY, "total_steps=0", "--out", str(out)], r"TrainConfig\.total_steps=0"
+    )
+    argv = [*TINY, "--coupling", "ic", "--mu", "0.3", "--out", str(out)]
+    usage_error(capsys, main, argv, "--mu applies to the GC coupling only")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    usage_error(capsys, main, [*TINY, "--out", str(blocker / "run")], "is a file")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only file system
+    usage_error(capsys, main, [*TINY, "--out", str(out)], "not writable")
+    argv = [str(tiny_run / "checkpoint.pt"), "--out", str(tmp_path / "ev")]
+    usage_error(capsys, eval_images.main, argv, "cannot be written")
+    monkeypatch.undo()
+    argv = [str(tiny_run / "checkpoint.pt"), "--batch-size", "0", "--out", str(tmp_path / "ev")]
+    usage_error(capsys, eval_images.main, argv, "--batch-size must be >= 1")
+    assert not out.exists() and not (tmp_path / "ev").exists()
+    # an argument that does not apply: one line of warning, and the run goes on
+    res = main([*TINY, "--steps", "1", "--data-root", str(tmp_path), "--out", str(out)])
+    assert res["step"] == 1
+    assert "warning: --data-root is ignored" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Import layering (DESIGN.md): every gcflows module imports only modules of a lower layer, the
+"""Import layering (docs/design.md): every gcflows module imports only modules of a lower layer, the
 kernels import nothing from gcflows, plotting is imported only by experiments, and the library
 imports without triton and without matplotlib."""
 
@@ -19,6 +19,7 @@ LAYERS = {
     "__init__": 0,
     "processes": 0,
     "checks": -1,  # the validators: below every module that checks its arguments
+    "atomic": 0,
     "runrecord": 0,
     "records": 1,
     "stats": 1,
@@ -38,6 +39,21 @@ LAYERS = {
     "discrepancy": 7,
     "transport": 7,
     "plotting": 8,
+}
+
+# The sub-modules of the gcflows.training package (layer 6 as a whole): each imports only lower
+# sub-modules; the package's __init__ re-exports them.
+TRAINING_LAYERS = {
+    "config": 0,
+    "rng": 0,
+    "batches": 0,
+    "distributed": 0,
+    "checkpoint": 1,
+    "rundir": 2,
+    "step": 2,
+    "loop": 3,
+    "images": 3,
+    "__init__": 4,
 }
 
 
@@ -64,9 +80,49 @@ def _gcflows_imports(path: Path) -> set[str]:
     return found
 
 
+def _modules(path: Path) -> set[str]:
+    """Dotted names of every gcflows module the file imports (relative imports resolved)."""
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("gcflows."))
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else ()
+            mod = ".".join([*base, *(node.module or "").split(".")]).strip(".")
+            if mod == "gcflows" or (node.level and not node.module):
+                found.update(f"{mod}.{a.name}" for a in node.names)
+            elif mod.startswith("gcflows."):
+                found.add(mod)
+    return found
+
+
 def test_every_library_module_has_a_layer():
     missing = [p.stem for p in (ROOT / "gcflows").glob("*.py") if p.stem not in LAYERS]
     assert not missing, f"add these modules to LAYERS in tests/test_layering.py: {missing}"
+    subs = [p.stem for p in (ROOT / "gcflows" / "training").glob("*.py")]
+    missing = [m for m in subs if m not in TRAINING_LAYERS]
+    assert not missing, f"add these modules to TRAINING_LAYERS in tests/test_layering.py: {missing}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "gcflows" / "training").glob("*.py")), ids=lambda p: p.stem
+)
+def test_training_submodules_import_lower_layers_only(path):
+    me = TRAINING_LAYERS[path.stem]
+    for dep in _modules(path):
+        parts = dep.split(".")
+        if parts[1] == "training":
+            if len(parts) == 2:
+                raise AssertionError(f"training/{path.name} imports the training package itself")
+            sub = parts[2]
+            assert sub in TRAINING_LAYERS, f"training/{path.name} imports unknown {dep}"
+            assert TRAINING_LAYERS[sub] < me, (
+                f"training/{path.name} (sub-layer {me}) imports {sub} (sub-layer "
+                f"{TRAINING_LAYERS[sub]}): reversed or cyclic edge"
+            )
+        elif parts[1] != "kernels":
+            assert LAYERS[parts[1]] < LAYERS["training"], f"training/{path.name} imports {dep}"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "gcflows").glob("*.py")), ids=lambda p: p.stem)
@@ -82,9 +138,9 @@ def test_imports_point_to_lower_layers(path):
 
 
 def test_plotting_is_imported_only_by_experiments():
-    for path in (ROOT / "gcflows").glob("*.py"):
+    for path in [*(ROOT / "gcflows").glob("*.py"), *(ROOT / "gcflows" / "training").glob("*.py")]:
         if path.stem != "plotting":
-            assert "plotting" not in _gcflows_imports(path), f"{path.name} imports plotting"
+            assert "gcflows.plotting" not in _modules(path), f"{path.name} imports plotting"
 
 
 def test_kernels_import_nothing_from_gcflows():
@@ -112,9 +168,10 @@ sys.meta_path.insert(0, Block())
 import gcflows, gcflows.kernels
 import pkgutil
 skip = ('plotting', 'kernels')
-mods = [m.name for m in pkgutil.iter_modules(gcflows.__path__) if m.name not in skip]
+mods = [m.name for m in pkgutil.walk_packages(gcflows.__path__, 'gcflows.')
+        if m.name.split('.')[1] not in skip]
 for m in mods:
-    importlib.import_module('gcflows.' + m)
+    importlib.import_module(m)
 assert 'torch.cuda' not in sys.modules or not sys.modules['torch'].cuda.is_initialized()
 print('imported', len(mods))
 """

@@ -1,0 +1,170 @@
+"""The training step: data draw -> coupling + loss -> optimiser -> EMA (docs/paper.md section 2).
+
+:func:`train_step` is one optimiser step on a :class:`TrainState`; the pieces it uses are built
+here too: the objective from the config (:func:`make_objective`, the one place a new method is
+added), the optimiser (:func:`build_optimizer`), the EMA (:func:`make_ema` /
+:func:`update_ema`, the one place another EMA class is wired in) and the learning rate
+(:func:`lr_at`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from gcflows.consistency import ConsistencyObjective, LossOutput
+from gcflows.processes import Process
+from gcflows.training.batches import DataSource
+from gcflows.training.config import OPTIMIZERS, TrainConfig
+from gcflows.training.distributed import all_sum, distributed_ot_coupling
+
+__all__ = [
+    "TrainState",
+    "StepOutput",
+    "train_step",
+    "make_objective",
+    "build_optimizer",
+    "make_ema",
+    "update_ema",
+    "lr_at",
+    "step_metrics",
+]
+
+
+def make_objective(
+    config: TrainConfig, process: Process, velocity: Any, world: int
+) -> ConsistencyObjective:
+    """The loss of ``config.method``, given ``config.objective`` whole (under DDP the batch-OT
+    coupling is solved over the global batch)."""
+    return ConsistencyObjective(
+        process,
+        config.objective,
+        velocity=velocity,
+        ot_coupling_fn=distributed_ot_coupling if world > 1 else None,
+    )
+
+
+def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """Adam / RAdam (``torch.optim``) or Lion (``lion_pytorch``) with ``config.lr``, ``betas``
+    (the optimiser's default when ``None``) and ``weight_decay``."""
+    kw: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.betas is not None:
+        kw["betas"] = tuple(config.betas)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, **kw)
+    if config.optimizer == "radam":
+        return torch.optim.RAdam(params, **kw)
+    if config.optimizer == "lion":
+        from lion_pytorch import Lion  # imported here: it is slow to import and only Lion needs it
+
+        return Lion(params, **kw)
+    raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """EMA of ``model`` (parameters and buffers): ``AveragedModel`` with
+    ``get_ema_multi_avg_fn(decay)``; kept in eval mode (no dropout in the GC model). The EMA
+    object must offer ``.module``, ``state_dict`` / ``load_state_dict`` and :func:`update_ema`."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+def update_ema(ema: AveragedModel, model: nn.Module, step: int) -> None:
+    """Fold the online weights into the EMA after optimiser step ``step`` (1-based)."""
+    ema.update_parameters(model)
+
+
+def lr_at(config: TrainConfig, k: int) -> float:
+    """Learning rate of the 0-based step k: linear warm-up over ``warmup_steps``, then constant."""
+    if config.warmup_steps > 0:
+        return config.lr * min(1.0, (k + 1) / config.warmup_steps)
+    return config.lr
+
+
+@dataclass
+class TrainState:
+    """Everything one step reads or advances. ``net`` is what the loss calls (``model`` or its
+    DDP wrapper); ``gc_model`` the network that produces GC pairs (EMA or frozen; None unless
+    GC); ``step`` counts completed optimiser steps."""
+
+    config: TrainConfig
+    model: nn.Module
+    net: nn.Module
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    objective: ConsistencyObjective
+    source: DataSource
+    data_gen: torch.Generator
+    noise_gen: torch.Generator
+    gc_model: Callable | None
+    world: int
+    step: int = 0
+
+
+@dataclass
+class StepOutput:
+    """What a step produced: the loss output, the loss averaged over the ranks, the learning rate,
+    and ``bad`` (what was not finite; then nothing was updated)."""
+
+    out: LossOutput | None
+    loss: float
+    lr: float
+    bad: str | None = None
+
+
+def train_step(s: TrainState) -> StepOutput:
+    """One optimiser step at the 0-based index ``k = s.step`` (the iCT curriculum index).
+
+    A NaN / inf data batch or loss (the same decision on every rank) returns ``bad`` before any
+    weight, optimiser or EMA state changes."""
+    k = s.step
+    lr = lr_at(s.config, k)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    data = s.source.draw(s.config.batch_size, s.data_gen)
+    if bool(all_sum((~torch.isfinite(data)).any().double(), s.world)):
+        return StepOutput(None, math.nan, lr, "a data batch with NaN / inf")
+    out = s.objective(s.net, data, k, generator=s.noise_gen, gc_model=s.gc_model)
+    loss_sum = float(all_sum(out.loss.detach().double(), s.world))
+    if not math.isfinite(loss_sum):
+        return StepOutput(out, loss_sum, lr, f"a non-finite loss ({loss_sum})")
+    s.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if s.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.config.grad_clip)
+    s.optimizer.step()
+    update_ema(s.ema, s.model, k + 1)
+    s.step = k + 1
+    return StepOutput(out, loss_sum / s.world, lr)
+
+
+def step_metrics(res: StepOutput, step: int, world: int) -> dict[str, Any]:
+    """The metrics.jsonl record of a step: loss, lr, N, mean pair cost, GC fraction (rank means)."""
+    diag = res.out.diagnostics
+    zero = torch.zeros((), dtype=torch.float64)
+    pair, gc = diag.get("pair_cost"), diag.get("gc_mask")
+    vals = torch.stack(
+        [
+            pair.detach().double().mean() if pair is not None else zero,
+            gc.double().mean() if gc is not None else zero,
+        ]
+    )
+    if world > 1:
+        vals = all_sum(vals.to(res.out.loss.device), world) / world
+    pair_mean, gc_frac = vals.tolist()
+    return {
+        "step": step,
+        "loss": res.loss,
+        "lr": res.lr,
+        "N": int(res.out.num_intervals),
+        "pair_cost": pair_mean,
+        "gc_fraction": gc_frac,
+    }
