@@ -163,6 +163,7 @@ class Ensemble:
     buffers: dict[str, Tensor]
     ema: dict[str, Tensor] | None = None
     losses: list[Tensor] = field(default_factory=list)  # (S,) per step
+    pair_costs: list[Tensor] = field(default_factory=list)  # (S,) mean ||data - noise||^2
     base: nn.Module | None = None
 
     def _base(self) -> nn.Module:
@@ -264,6 +265,7 @@ def train_ensemble(
         weight = sched.weights[idx].float()
         if spec.method == "gc" and bool(mask.any()):
             data = _gc_data(ens, spec, data, noise, t_lo, mask, ideal)
+        ens.pair_costs.append(((data - noise) ** 2).sum(-1).mean(1))
         flat = (s_count * b, dim)
         x_lo, x_hi, _ = interpolate_pair(
             data.reshape(flat), noise.reshape(flat), t_lo.reshape(-1), t_hi.reshape(-1), "ve"
