@@ -1,6 +1,6 @@
 """The paper's headline claims in high dimension, against exact Gaussian-mixture oracles.
 
-    python experiments/highdim_study.py [--quick] [--out runs] [--seeds 10] [--steps 300]
+    python experiments/highdim_study.py [--quick] [--out runs] [--seeds 10] [--steps 160]
 
 Three parts, one run folder (``config.json``, ``results.json``, ``results.csv``, figures):
 
@@ -109,7 +109,7 @@ def settings(quick: bool) -> dict:
         couplings=["ic", "ot512", "ot2048", "gc1-ideal", "gc0.5-ideal"],
         n_train=2048,
         n_test=2048,
-        reg_steps=300,
+        reg_steps=200,
         reg_hidden=128,
         train_targets=["random_64", "digits_mixture"],
         methods=list(METHODS),
@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
     p.add_argument("--out", default="runs", help="parent folder of the run folder")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (10; quick 3)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (300; quick 40)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (160; quick 40)")
     p.add_argument("--train-256", action="store_true", help="also train on the 256-D mixture")
     p.add_argument("--skip-proxy", action="store_true")
     p.add_argument("--skip-train", action="store_true")
@@ -139,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.seeds is None:
         args.seeds = 3 if args.quick else 10
     if args.steps is None:
-        args.steps = 40 if args.quick else 300
+        args.steps = 40 if args.quick else 160
     if args.seeds < 2:
         p.error(f"--seeds={args.seeds} is invalid: use >= 2 (paired intervals need 2 seeds)")
     if args.steps < 4:
