@@ -1,6 +1,6 @@
 """Seed-steps per second of the vectorized ensemble against one-by-one training, same run.
 
-    python experiments/bench_ensemble.py [--seeds 8] [--steps 10] [--threads 1]
+    python experiments/bench_ensemble.py [--seeds 8] [--steps 10] [--threads 1] [--clock cpu]
 
 Each configuration (target dimension, hidden width, batch, method) trains ``--seeds`` seeds for
 ``--steps`` steps both ways (``gcflows.ensemble.train_ensemble`` and, seed after seed,
@@ -37,6 +37,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (robust when cores are shared)",
+    )
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or args.threads < 1:
         p.error("--seeds, --steps and --threads must be >= 1")

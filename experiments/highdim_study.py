@@ -130,6 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (10; quick 3)")
     p.add_argument("--steps", type=int, default=None, help="training steps (160; quick 40)")
     p.add_argument("--train-256", action="store_true", help="also train on the 256-D mixture")
+    p.add_argument("--proxy-targets", nargs="+", default=None, help="subset of the proxy targets")
+    p.add_argument("--pairs", type=int, default=None, help="regressor pairs per time (2048)")
+    p.add_argument("--reg-steps", type=int, default=None, help="regressor Adam steps (200)")
     p.add_argument("--skip-proxy", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -144,6 +147,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--seeds={args.seeds} is invalid: use >= 2 (paired intervals need 2 seeds)")
     if args.steps < 4:
         p.error(f"--steps={args.steps} is invalid: use >= 4 (curves at quarters of training)")
+    known = settings(False)["proxy_targets"]
+    for name in args.proxy_targets or []:
+        if name not in known:
+            p.error(f"--proxy-targets: {name!r} is invalid: use names from {known}")
+    for flag, v in (("--pairs", args.pairs), ("--reg-steps", args.reg_steps)):
+        if v is not None and v < 16:
+            p.error(f"{flag}={v} is invalid: use >= 16")
     if args.threads < 1:
         p.error(f"--threads={args.threads} is invalid: use >= 1")
     if args.skip_proxy and args.skip_train:
@@ -600,6 +610,12 @@ def figures(run_dir: Path, proxy_curves: dict, train_curves: dict) -> list[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = settings(args.quick)
+    if args.proxy_targets:
+        cfg["proxy_targets"] = list(args.proxy_targets)
+    if args.pairs:
+        cfg["n_train"] = cfg["n_test"] = args.pairs
+    if args.reg_steps:
+        cfg["reg_steps"] = args.reg_steps
     torch.set_num_threads(args.threads)
     run_dir = make_run_dir(args.out, "highdim_quick" if args.quick else "highdim")
     write_config(run_dir, args, list(range(args.seeds)), settings=cfg)
