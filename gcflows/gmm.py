@@ -587,6 +587,12 @@ PRESETS: dict[str, Callable[..., GaussianMixture]] = {
     "two_diracs": two_diracs,
     "eight_gaussians": eight_gaussians,
     "random_mixture": random_mixture,
+    # high-dimensional targets with exact oracles (defined at the end of this module)
+    "random_16": lambda **kw: random_mixture_preset(16, **kw),
+    "random_64": lambda **kw: random_mixture_preset(64, **kw),
+    "random_256": lambda **kw: random_mixture_preset(256, **kw),
+    "random_3072": lambda **kw: random_mixture_preset(3072, **kw),
+    "digits_mixture": lambda **kw: digits_mixture(**kw),
 }
 
 
@@ -595,3 +601,72 @@ def get_preset(name: str, **kwargs) -> GaussianMixture:
     if name not in PRESETS:
         raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name](**kwargs)
+
+
+# --- high-dimensional presets -----------------------------------------------------------------
+HIGHDIM_DIMS = (16, 64, 256, 3072)
+
+
+def random_mixture_preset(
+    dim: int, seed: int = 0, n_components: int = 8, dtype: torch.dtype = torch.float64, device=None
+) -> GaussianMixture:
+    """The fixed random well-separated mixture in R^dim (presets ``random_16`` ... ``random_3072``).
+
+    ``random_mixture(dim, n_components, generator=seed)``: 8 equal-weight isotropic components,
+    means of expected norm 1, every pair at least 10 standard deviations apart.
+    """
+    return random_mixture(dim, n_components, generator=int(seed), dtype=dtype, device=device)
+
+
+def digits_mixture(
+    split: str = "all",
+    shrinkage: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    device=None,
+) -> GaussianMixture:
+    """A 64-D mixture fitted to scikit-learn's 8x8 digits: image statistics with an exact oracle.
+
+    One component per class ``c = 0..9``: weight = the class's share of ``split``, mean = the
+    class mean of the images as ``gcflows.data.load_digits`` scales them (``pixel / 8 - 1`` in
+    ``[-1, 1]``, flattened row-major to 64 values), covariance = the class's sample covariance
+    ``S_c`` (divided by ``n_c``) shrunk towards a multiple of the identity,
+    ``(1 - a_c) S_c + a_c (tr S_c / 64) I``, which is positive definite for ``a_c > 0`` (pixels
+    that are constant within a class, e.g. the corners, have zero variance in ``S_c``).
+    ``shrinkage=None`` takes the Ledoit-Wolf ``a_c`` of each class (scikit-learn); a float in
+    ``(0, 1]`` uses that ``a`` for every class.
+    """
+    import numpy as np
+    from sklearn.covariance import ledoit_wolf
+
+    from gcflows.data import load_digits
+
+    if shrinkage is not None and not (
+        isinstance(shrinkage, (int, float))
+        and not isinstance(shrinkage, bool)
+        and 0 < shrinkage <= 1
+    ):
+        raise ValueError(
+            f"shrinkage must be None (Ledoit-Wolf) or a float in (0, 1], got {shrinkage!r}"
+        )
+    images, labels = load_digits(split, dtype=torch.float64)
+    x = images.reshape(images.shape[0], -1).numpy()
+    y = labels.numpy()
+    weights, means, covs = [], [], []
+    for c in range(10):
+        xc = x[y == c]
+        mean = xc.mean(axis=0)
+        if shrinkage is None:
+            cov, _ = ledoit_wolf(xc - mean, assume_centered=True)
+        else:
+            s = np.cov(xc, rowvar=False, bias=True)
+            cov = (1 - shrinkage) * s + shrinkage * np.trace(s) / s.shape[0] * np.eye(s.shape[0])
+        weights.append(xc.shape[0] / x.shape[0])
+        means.append(mean)
+        covs.append(0.5 * (cov + cov.T))
+    return GaussianMixture(
+        torch.tensor(weights, dtype=torch.float64),
+        torch.from_numpy(np.stack(means)),
+        covs=torch.from_numpy(np.stack(covs)),
+        dtype=dtype,
+        device=device,
+    )

@@ -1,0 +1,92 @@
+"""Seed-steps per second of the vectorized ensemble against one-by-one training, same run.
+
+    python experiments/bench_ensemble.py [--seeds 8] [--steps 10] [--threads 1] [--clock cpu]
+
+Each configuration (target dimension, hidden width, batch, method) trains ``--seeds`` seeds for
+``--steps`` steps both ways (``gcflows.ensemble.train_ensemble`` and, seed after seed,
+``train_sequential`` with the library objective) after one untimed warm-up step of each, and
+prints seed-steps per second and their ratio. Ratios are measured within one run so that a
+loaded machine affects both sides alike (not perfectly: say "under load" when it was).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from gcflows.ensemble import EnsembleSpec, seed_steps_per_second
+from gcflows.gmm import get_preset, two_gaussians_1to2
+
+CONFIGS = [
+    # (target, hidden, batch, method, gc_model)
+    ("2d", 64, 64, "ct", "ema"),
+    ("2d", 256, 256, "ct", "ema"),
+    ("random_64", 64, 128, "ct", "ema"),
+    ("random_64", 64, 128, "gc", "ema"),
+    ("random_64", 256, 512, "ct", "ema"),
+    ("random_64", 256, 512, "gc", "ema"),
+]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (robust when cores are shared)",
+    )
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.steps < 1 or args.threads < 1:
+        p.error("--seeds, --steps and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name, hidden, batch, method, gc_model in CONFIGS:
+        target = two_gaussians_1to2() if name == "2d" else get_preset(name)
+        spec = EnsembleSpec(method=method, gc_model=gc_model, hidden=hidden, depth=3, batch=batch)
+        seeds = list(range(args.seeds))
+        warm = EnsembleSpec(**{**spec.as_dict(), "steps": 1})
+        seed_steps_per_second(target, warm, seeds[:1], True)
+        seed_steps_per_second(target, warm, seeds[:1], False)
+        timed = EnsembleSpec(**{**spec.as_dict(), "steps": args.steps})
+        start = time.perf_counter()
+        vec = seed_steps_per_second(target, timed, seeds, True)
+        seq = seed_steps_per_second(target, timed, seeds, False)
+        row = dict(
+            target=name,
+            hidden=hidden,
+            batch=batch,
+            method=method,
+            gc_model=gc_model,
+            seeds=args.seeds,
+            steps=args.steps,
+            vectorized=round(vec, 2),
+            sequential=round(seq, 2),
+            ratio=round(vec / seq, 2),
+            wall_s=round(time.perf_counter() - start, 1),
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(
+        f"{'target':>10} {'hidden':>6} {'batch':>5} {'method':>9} {'vec/s':>7} {'seq/s':>7} "
+        f"{'ratio':>6}",
+        file=sys.stdout,
+    )
+    for r in rows:
+        m = r["method"] + ("-" + r["gc_model"] if r["method"] == "gc" else "")
+        print(
+            f"{r['target']:>10} {r['hidden']:>6} {r['batch']:>5} {m:>9} {r['vectorized']:>7} "
+            f"{r['sequential']:>7} {r['ratio']:>6}"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,683 @@
+"""The paper's headline claims in high dimension, against exact Gaussian-mixture oracles.
+
+    python experiments/highdim_study.py [--quick] [--out runs] [--seeds 10] [--steps 160]
+
+Three parts, one run folder (``config.json``, ``results.json``, ``results.csv``, figures):
+
+1. **Proxy** ``R~_t`` per coupling and target (docs/paper.md Eq. 17, Fig. 2): IC exactly
+   (posterior covariance trace) and by the learned regressor (``gcflows.regression``; the IC
+   validation table: regressor vs exact at every d and t), batch-OT at batch 512 and 2048, GC
+   with the ideal generator (exact flow map, RK4) at mu = 1 and 0.5, GC with trained generators
+   (the warm-up EMA of a GC run at two points of training), on the random mixtures at d = 16, 64,
+   256 (and 3072 with fewer couplings), the digits-like mixture and the real digits (IC and
+   batch-OT only; no exact reference there). Ordering per t and a verdict on
+   "GC < batch-OT < IC, the gap growing with t" per target.
+2. **Training head to head** on the 64-D random mixture and the digits-like mixture (``--train``
+   adds d = 256): CD (exact velocity), CT (IC), batch-OT, GC mu in {0.3, 0.5, 1.0} (warm-up EMA
+   generator), GC with the ideal generator, ``--seeds`` seeds each through the vectorized
+   ensemble (``gcflows.ensemble``), same network, optimizer, schedule and budget. Exact metrics:
+   consistency error against the exact flow map over t, mode-mass total variation, per-mode mean
+   and covariance error of one- and two-step samples, sliced W2 against fresh target samples;
+   paired-by-seed differences against CT with 95 % t-intervals; metric-vs-step curves.
+3. **EMA ablation** (the same training part): GC mu = 0.5 with the online network, the warm-up
+   EMA (the authors') and a constant 0.9999 EMA as generator.
+
+Metrics are per coordinate (divided by d) where marked ``/d``. A summary table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gcflows import couplings  # noqa: E402
+from gcflows.data import load_digits  # noqa: E402
+from gcflows.ensemble import Ensemble, EnsembleSpec, train_ensemble  # noqa: E402
+from gcflows.gmm import GaussianMixture, get_preset  # noqa: E402
+from gcflows.metrics import sliced_w2  # noqa: E402
+from gcflows.records import make_run_dir, print_table, write_config, write_results  # noqa: E402
+from gcflows.regression import estimate_proxy, exact_ic_proxy, rk4_flow_map  # noqa: E402
+
+T_MAX = 80.0
+TWO_STEP_T = 0.8
+EVAL_TIMES = (0.05, 0.2, 1.0, 5.0, 20.0, 80.0)
+METHODS = {
+    # name: (method, mu, gc_model)
+    "cd": ("cd", 0.0, "ema"),
+    "ct": ("ct", 0.0, "ema"),
+    "ot": ("ot", 0.0, "ema"),
+    "gc0.3": ("gc", 0.3, "ema"),
+    "gc0.5": ("gc", 0.5, "ema"),
+    "gc1.0": ("gc", 1.0, "ema"),
+    "gc0.5-ideal": ("gc", 0.5, "ideal"),
+    "gc0.5-online": ("gc", 0.5, "online"),
+    "gc0.5-constema": ("gc", 0.5, "const_ema"),
+}
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, file=sys.stderr, disable=not enabled, smoothing=0.1)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+# ------------------------------------------------------------------------------------------------
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(
+            proxy_targets=["random_16", "digits_mixture"],
+            proxy_times=[0.1, 1.0, 10.0],
+            couplings=["ic", "ot512", "gc1-ideal"],
+            n_train=512,
+            n_test=512,
+            reg_steps=60,
+            reg_hidden=32,
+            train_targets=["random_16"],
+            methods=["ct", "ot", "gc0.5", "gc0.5-online"],
+            hidden=32,
+            depth=2,
+            batch=128,
+            n_samples=256,
+            n_eval=64,
+            ideal_steps=8,
+            trained_gc_proxy=True,
+        )
+    return dict(
+        proxy_targets=[
+            "random_16",
+            "random_64",
+            "random_256",
+            "random_3072",
+            "digits_mixture",
+            "digits",
+        ],
+        proxy_times=[0.05, 0.2, 0.5, 1.0, 2.0, 10.0],
+        couplings=["ic", "ot512", "ot2048", "gc1-ideal", "gc0.5-ideal"],
+        n_train=2048,
+        n_test=2048,
+        reg_steps=200,
+        reg_hidden=128,
+        train_targets=["random_64", "digits_mixture"],
+        methods=list(METHODS),
+        hidden=64,
+        depth=2,
+        batch=256,
+        n_samples=1000,
+        n_eval=256,
+        ideal_steps=12,
+        trained_gc_proxy=True,
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
+    p.add_argument("--out", default="runs", help="parent folder of the run folder")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (10; quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (160; quick 40)")
+    p.add_argument("--train-256", action="store_true", help="also train on the 256-D mixture")
+    p.add_argument("--proxy-targets", nargs="+", default=None, help="subset of the proxy targets")
+    p.add_argument("--pairs", type=int, default=None, help="regressor pairs per time (2048)")
+    p.add_argument("--reg-steps", type=int, default=None, help="regressor Adam steps (200)")
+    p.add_argument("--skip-proxy", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: best when shared)")
+    args = p.parse_args(argv)
+    # validate everything before a run folder exists
+    if args.seeds is None:
+        args.seeds = 3 if args.quick else 10
+    if args.steps is None:
+        args.steps = 40 if args.quick else 160
+    if args.seeds < 2:
+        p.error(f"--seeds={args.seeds} is invalid: use >= 2 (paired intervals need 2 seeds)")
+    if args.steps < 4:
+        p.error(f"--steps={args.steps} is invalid: use >= 4 (curves at quarters of training)")
+    known = settings(False)["proxy_targets"]
+    for name in args.proxy_targets or []:
+        if name not in known:
+            p.error(f"--proxy-targets: {name!r} is invalid: use names from {known}")
+    for flag, v in (("--pairs", args.pairs), ("--reg-steps", args.reg_steps)):
+        if v is not None and v < 16:
+            p.error(f"{flag}={v} is invalid: use >= 16")
+    if args.threads < 1:
+        p.error(f"--threads={args.threads} is invalid: use >= 1")
+    if args.skip_proxy and args.skip_train:
+        p.error("--skip-proxy and --skip-train together leave nothing to run")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out={args.out} is invalid: it is a file; give a folder")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# part 1: the proxy
+# ------------------------------------------------------------------------------------------------
+def _real_digits() -> torch.Tensor:
+    images, _ = load_digits("all", dtype=torch.float64)
+    return images.reshape(images.shape[0], -1)
+
+
+def _data_sampler(target):
+    """``(n, generator) -> data (n, d)`` float64 for a mixture or the real digits (resampled)."""
+    if isinstance(target, GaussianMixture):
+        return lambda n, g: target.sample(n, generator=g)
+    return lambda n, g: target[torch.randint(0, target.shape[0], (n,), generator=g)]
+
+
+def make_sampler(name: str, target, ideal_steps: int, gc_model=None):
+    """The pairs ``(x_t, noise)`` of a coupling at time ``t`` (ve)."""
+    draw = _data_sampler(target)
+
+    def ic(t, n, g):
+        data = draw(n, g)
+        noise = torch.randn(data.shape, generator=g, dtype=data.dtype)
+        return data + t * noise, noise
+
+    def ot(batch):
+        def sampler(t, n, g):
+            xs, zs = [], []
+            for _ in range(math.ceil(n / batch)):
+                data = draw(batch, g)
+                noise = torch.randn(data.shape, generator=g, dtype=data.dtype)
+                noise = couplings.ot_coupling(data, noise).noise
+                xs.append(data + t * noise)
+                zs.append(noise)
+            return torch.cat(xs)[:n], torch.cat(zs)[:n]
+
+        return sampler
+
+    def gc(mu, model):
+        def sampler(t, n, g):
+            data = draw(n, g)
+            noise = torch.randn(data.shape, generator=g, dtype=data.dtype)
+            mask = torch.rand(n, generator=g) < mu
+            if bool(mask.any()):
+                x_t = data[mask] + t * noise[mask]
+                data = data.clone()
+                data[mask] = model(x_t, torch.full((x_t.shape[0],), t, dtype=x_t.dtype))
+            return data + t * noise, noise
+
+        return sampler
+
+    if name == "ic":
+        return ic
+    if name.startswith("ot"):
+        return ot(int(name[2:]))
+    mu = float(name[2:].split("-")[0])
+    if name.endswith("-ideal"):
+        return gc(mu, lambda x, t: rk4_flow_map(target, x, t, "ve", steps=ideal_steps))
+    return gc(mu, gc_model)
+
+
+def proxy_part(cfg: dict, bar) -> tuple[list[dict], list[dict], dict]:
+    rows, validation, curves = [], [], {}
+    for tname in cfg["proxy_targets"]:
+        target = _real_digits() if tname == "digits" else get_preset(tname)
+        dim = target.shape[1] if tname == "digits" else target.dim
+        names = list(cfg["couplings"])
+        n_train, n_test = cfg["n_train"], cfg["n_test"]
+        if tname == "digits":  # no exact oracle, no ideal generator
+            names = [c for c in names if not c.startswith("gc")]
+        if dim >= 1000:  # 3072-D: fewer couplings and pairs (cost ~ d)
+            names = [c for c in names if c in ("ic", "ot512", "gc1-ideal")]
+            n_train, n_test = max(256, n_train // 4), max(256, n_test // 4)
+        curves[tname] = {}
+        for cname in names:
+            t0 = time.perf_counter()
+            sampler = make_sampler(cname, target, cfg["ideal_steps"])
+            est = estimate_proxy(
+                sampler,
+                cfg["proxy_times"],
+                n_train=n_train,
+                n_test=n_test,
+                steps=cfg["reg_steps"],
+                hidden=cfg["reg_hidden"],
+                generator=torch.Generator().manual_seed(1),
+            )
+            curves[tname][cname] = est.as_dict()
+            for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
+                rows.append(
+                    dict(
+                        part="proxy",
+                        target=tname,
+                        d=dim,
+                        coupling=cname,
+                        t=t,
+                        proxy_per_d=v / dim,
+                        half_width_per_d=h / dim,
+                        fit_s=round(time.perf_counter() - t0, 1),
+                    )
+                )
+            if cname == "ic" and tname != "digits":
+                g = torch.Generator().manual_seed(2)
+                for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
+                    exact, eh = exact_ic_proxy(target, t, n_test, g)
+                    validation.append(
+                        dict(
+                            target=tname,
+                            d=dim,
+                            t=t,
+                            exact_per_d=exact / dim,
+                            exact_hw_per_d=eh / dim,
+                            regressor_per_d=v / dim,
+                            regressor_hw_per_d=h / dim,
+                            rel_bias=(v - exact) / exact,
+                        )
+                    )
+            if bar is not None:
+                bar.update(1)
+    return rows, validation, curves
+
+
+def ordering_verdicts(curves: dict, times: list[float]) -> list[dict]:
+    """Per target and t: the coupling order (lowest R~ first) and the paper's claim."""
+    out = []
+    for tname, per in curves.items():
+        gc_name = "gc1-ideal" if "gc1-ideal" in per else None
+        for i, t in enumerate(times):
+            vals = {c: per[c]["value"][i] for c in per if i < len(per[c]["value"])}
+            hws = {c: per[c]["half_width"][i] for c in per if i < len(per[c]["value"])}
+            order = sorted(vals, key=vals.get)
+            row = dict(target=tname, t=t, order=" < ".join(order))
+            if gc_name and "ot512" in vals and "ic" in vals:
+                gc_ot = vals[gc_name] + hws[gc_name] < vals["ot512"] - hws["ot512"]
+                ot_ic = vals["ot512"] + hws["ot512"] < vals["ic"] - hws["ic"]
+                row["gc<ot<ic"] = bool(gc_ot and ot_ic)
+                row["gc/ic"] = vals[gc_name] / vals["ic"]
+                row["ot/ic"] = vals["ot512"] / vals["ic"]
+            out.append(row)
+    return out
+
+
+def target_verdict(order_rows: list[dict]) -> list[dict]:
+    out = []
+    for tname in dict.fromkeys(r["target"] for r in order_rows):
+        rs = [r for r in order_rows if r["target"] == tname and "gc<ot<ic" in r]
+        if not rs:
+            out.append(dict(target=tname, verdict="not testable (no GC oracle)", held=None))
+            continue
+        held = sum(r["gc<ot<ic"] for r in rs)
+        gap = [1 - r["gc/ic"] for r in rs]
+        growing = all(b >= a - 0.02 for a, b in zip(gap, gap[1:], strict=False))
+        if held == len(rs):
+            verdict = "confirmed" + (" (gap growing with t)" if growing else " (gap not monotone)")
+        elif held == 0:
+            verdict = "refuted at every t"
+        else:
+            verdict = f"holds at {held} of {len(rs)} times"
+        out.append(dict(target=tname, verdict=verdict, held=held, of=len(rs)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# part 2: training
+# ------------------------------------------------------------------------------------------------
+def sigma_data(target: GaussianMixture) -> float:
+    var = float(target.second_moment() - (target.mean() ** 2).sum()) / target.dim
+    return math.sqrt(var)
+
+
+def eval_set(target: GaussianMixture, n: int, ideal_steps: int) -> dict:
+    """``x_t`` (IC) at ``EVAL_TIMES`` and its exact flow map (RK4, 48 steps)."""
+    g = torch.Generator().manual_seed(12345)
+    out = {}
+    for t in EVAL_TIMES:
+        data = target.sample(n, generator=g)
+        x = data + t * torch.randn(data.shape, generator=g, dtype=data.dtype)
+        out[t] = (x.float(), rk4_flow_map(target, x, t, "ve", steps=48).float())
+    return out
+
+
+def consistency_errors(ens: Ensemble, ev: dict, weights=None) -> torch.Tensor:
+    """``(S, len(EVAL_TIMES))`` mean ``||f(x_t, t) - fo(x_t, t)||^2 / d``."""
+    s = len(ens.seeds)
+    cols = []
+    with torch.no_grad():
+        for t, (x, ref) in ev.items():
+            xs = x.expand(s, *x.shape)
+            ts = torch.full((s, x.shape[0]), t)
+            f = ens.apply(xs, ts, weights)
+            cols.append(((f - ref) ** 2).sum(-1).mean(-1) / x.shape[1])
+    return torch.stack(cols, 1)
+
+
+def samples(ens: Ensemble, n: int, two_step: bool, g: torch.Generator) -> torch.Tensor:
+    s, d = len(ens.seeds), ens.dim
+    z = torch.randn(s, n, d, generator=g)
+    with torch.no_grad():
+        x = ens.apply(T_MAX * z, torch.full((s, n), T_MAX))
+        if two_step:
+            z2 = torch.randn(s, n, d, generator=g)
+            x = ens.apply(x + TWO_STEP_T * z2, torch.full((s, n), TWO_STEP_T))
+    return x.detach()
+
+
+def sample_metrics(target: GaussianMixture, x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Exact-oracle metrics of one seed's samples ``x (n, d)``."""
+    x64 = x.double()
+    d = target.dim
+    comp = target.responsibilities(x64, target_tmin(), "ve").argmax(1)
+    k = target.n_components
+    mass = torch.bincount(comp, minlength=k).double() / x.shape[0]
+    tv = 0.5 * float((mass - target.weights).abs().sum())
+    means, covs, w = target.means, target.covariances, target.weights
+    mean_err, cov_err, wsum = 0.0, 0.0, 0.0
+    for j in range(k):
+        xj = x64[comp == j]
+        if xj.shape[0] < 2:
+            continue
+        mean_err += float(w[j]) * float(((xj.mean(0) - means[j]) ** 2).sum()) / d
+        c = torch.cov(xj.T)
+        cov_err += float(w[j]) * float((c - covs[j]).norm() / covs[j].norm())
+        wsum += float(w[j])
+    sw = sliced_w2(x64, ref, n_projections=128, generator=torch.Generator().manual_seed(7))
+    return dict(
+        mode_tv=tv,
+        mean_err_per_d=mean_err / max(wsum, 1e-12),
+        cov_rel_err=cov_err / max(wsum, 1e-12),
+        sw2=sw,
+    )
+
+
+def target_tmin() -> float:
+    from gcflows.processes import get_process
+
+    return get_process("ve").t_min
+
+
+def paired(values: dict[str, np.ndarray], base: str = "ct") -> dict[str, tuple]:
+    """``method -> (mean diff, lo, hi)`` of per-seed ``method - base`` (95 % t-interval)."""
+    out = {}
+    for m, v in values.items():
+        if m == base:
+            continue
+        diff = v - values[base]
+        n = diff.size
+        hw = stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n)
+        out[m] = (float(diff.mean()), float(diff.mean() - hw), float(diff.mean() + hw))
+    return out
+
+
+def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
+    rows, curves, paired_out = [], {}, {}
+    seeds = list(range(args.seeds))
+    checkpoints = [args.steps * q // 4 for q in (1, 2, 3, 4)]
+    trained_gc = {}
+    targets = list(cfg["train_targets"]) + (["random_256"] if args.train_256 else [])
+    for tname in targets:
+        target = get_preset(tname)
+        ev = eval_set(target, cfg["n_eval"], cfg["ideal_steps"])
+        ref = target.sample(cfg["n_samples"], generator=torch.Generator().manual_seed(99)).float()
+        per_metric: dict[str, dict[str, np.ndarray]] = {}
+        curves[tname] = {}
+        for mname in cfg["methods"]:
+            method, mu, gc_model = METHODS[mname]
+            spec = EnsembleSpec(
+                method=method,
+                mu=mu if method == "gc" else 0.5,
+                gc_model=gc_model,
+                steps=args.steps,
+                batch=cfg["batch"],
+                hidden=cfg["hidden"],
+                depth=cfg["depth"],
+                sigma_data=sigma_data(target),
+                ideal_steps=cfg["ideal_steps"],
+            )
+            curve = []
+            snaps = {}
+
+            def callback(step, ens, curve=curve, snaps=snaps, mname=mname, ev=ev, ref=ref):
+                ce = consistency_errors(ens, ev).mean(1)
+                x1 = samples(ens, cfg["n_samples"] // 4, False, torch.Generator().manual_seed(5))
+                sw = [
+                    sliced_w2(x1[i].double(), ref.double(), 64, torch.Generator().manual_seed(7))
+                    for i in range(len(ens.seeds))
+                ]
+                curve.append(dict(step=step, cons_err=ce.tolist(), sw2_1step=sw))
+                if mname == "gc0.5" and ens.ema is not None:
+                    snaps[step] = {k: v[0].detach().clone() for k, v in ens.ema.items()}
+
+            t0 = time.perf_counter()
+            ens = train_ensemble(target, spec, seeds, callback=callback, callback_steps=checkpoints)
+            wall = time.perf_counter() - t0
+            curves[tname][mname] = curve
+            if snaps:
+                trained_gc[tname] = (ens, snaps)
+            ce = consistency_errors(ens, ev)
+            g = torch.Generator().manual_seed(11)
+            one, two = (
+                samples(ens, cfg["n_samples"], False, g),
+                samples(ens, cfg["n_samples"], True, g),
+            )
+            costs = torch.stack(ens.pair_costs)  # (steps, S)
+            late = costs[-max(1, args.steps // 4) :].mean(0) / target.dim
+            for i, seed in enumerate(seeds):
+                m1 = sample_metrics(target, one[i], ref)
+                m2 = sample_metrics(target, two[i], ref)
+                row = dict(
+                    part="train",
+                    target=tname,
+                    method=mname,
+                    seed=seed,
+                    cons_err=float(ce[i].mean()),
+                    **{f"cons_err_t{t:g}": float(ce[i, j]) for j, t in enumerate(EVAL_TIMES)},
+                    **{f"{k}_1step": v for k, v in m1.items()},
+                    **{f"{k}_2step": v for k, v in m2.items()},
+                    pair_cost_per_d=float(late[i]),
+                    train_wall_s=round(wall, 1),
+                )
+                rows.append(row)
+                for k, v in row.items():
+                    if isinstance(v, float) and k != "train_wall_s":
+                        per_metric.setdefault(k, {}).setdefault(mname, []).append(v)
+            if bar is not None:
+                bar.update(1)
+        paired_out[tname] = {
+            k: paired({m: np.asarray(v) for m, v in per.items()})
+            for k, per in per_metric.items()
+            if "ct" in per
+        }
+        # curves: paired difference against CT at each checkpoint
+        if "ct" in curves[tname]:
+            for curve in curves[tname].values():
+                for j, pt in enumerate(curve):
+                    base = curves[tname]["ct"][j]
+                    for key in ("cons_err", "sw2_1step"):
+                        diff = np.asarray(pt[key]) - np.asarray(base[key])
+                        n = diff.size
+                        hw = stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n)
+                        pt[f"{key}_minus_ct"] = [float(diff.mean()), float(hw)]
+    return rows, curves, {"paired": paired_out, "trained_gc": trained_gc}
+
+
+def trained_gc_proxy(cfg: dict, trained: dict, bar) -> tuple[list[dict], dict]:
+    """Proxy of GC (mu = 1) with the warm-up EMA of the gc0.5 run (seed 0) at two checkpoints."""
+    rows, curves = [], {}
+    for tname, (ens, snaps) in trained.items():
+        target = get_preset(tname)
+        steps = sorted(snaps)
+        for step in (steps[len(steps) // 2 - 1], steps[-1]):
+            model = ens.seed_model(0)
+            state = {k: v.clone() for k, v in snaps[step].items()}
+            state.update({k: v[0].clone() for k, v in ens.buffers.items()})
+            model.load_state_dict(state)
+
+            def gc_model(x, t, model=model):
+                with torch.no_grad():
+                    return model(x.float(), t.float()).double()
+
+            sampler = make_sampler("gc1", target, cfg["ideal_steps"], gc_model)
+            est = estimate_proxy(
+                sampler,
+                cfg["proxy_times"],
+                n_train=cfg["n_train"],
+                n_test=cfg["n_test"],
+                steps=cfg["reg_steps"],
+                hidden=cfg["reg_hidden"],
+                generator=torch.Generator().manual_seed(1),
+            )
+            name = f"gc1-trained@{step}"
+            curves.setdefault(tname, {})[name] = est.as_dict()
+            for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
+                rows.append(
+                    dict(
+                        part="proxy",
+                        target=tname,
+                        d=target.dim,
+                        coupling=name,
+                        t=t,
+                        proxy_per_d=v / target.dim,
+                        half_width_per_d=h / target.dim,
+                    )
+                )
+            if bar is not None:
+                bar.update(1)
+    return rows, curves
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------
+def figures(run_dir: Path, proxy_curves: dict, train_curves: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if proxy_curves:
+        n = len(proxy_curves)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False)
+        for ax, (tname, per) in zip(axes[0], proxy_curves.items(), strict=True):
+            for cname, est in per.items():
+                t = np.asarray(est["times"])
+                v = np.asarray(est["value"]) / est["dim"]
+                h = np.asarray(est["half_width"]) / est["dim"]
+                ax.errorbar(t, v, yerr=h, marker="o", ms=3, capsize=2, label=cname)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(tname, fontsize=9)
+            ax.set_xlabel("t")
+        axes[0][0].set_ylabel("R~_t / d")
+        axes[0][-1].legend(fontsize=6)
+        fig.tight_layout()
+        path = run_dir / "proxy.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        made.append(path.name)
+    if train_curves:
+        n = len(train_curves)
+        fig, axes = plt.subplots(2, n, figsize=(4.0 * n, 6.0), squeeze=False)
+        for j, (tname, per) in enumerate(train_curves.items()):
+            for mname, curve in per.items():
+                steps = [p["step"] for p in curve]
+                for i, key in enumerate(("cons_err", "sw2_1step")):
+                    vals = np.asarray([p[key] for p in curve])
+                    mean = vals.mean(1)
+                    hw = 1.96 * vals.std(1, ddof=1) / math.sqrt(vals.shape[1])
+                    axes[i][j].errorbar(steps, mean, yerr=hw, marker="o", ms=3, label=mname)
+            axes[0][j].set_title(tname, fontsize=9)
+            axes[0][j].set_ylabel("consistency error / d")
+            axes[1][j].set_ylabel("sliced W2 (one step)")
+            axes[1][j].set_xlabel("training step")
+            for i in range(2):
+                axes[i][j].set_yscale("log")
+        axes[0][-1].legend(fontsize=6)
+        fig.tight_layout()
+        path = run_dir / "training_curves.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        made.append(path.name)
+    return made
+
+
+# ------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = settings(args.quick)
+    if args.proxy_targets:
+        cfg["proxy_targets"] = list(args.proxy_targets)
+    if args.pairs:
+        cfg["n_train"] = cfg["n_test"] = args.pairs
+    if args.reg_steps:
+        cfg["reg_steps"] = args.reg_steps
+    torch.set_num_threads(args.threads)
+    run_dir = make_run_dir(args.out, "highdim_quick" if args.quick else "highdim")
+    write_config(run_dir, args, list(range(args.seeds)), settings=cfg)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    n_proxy = 0 if args.skip_proxy else len(cfg["proxy_targets"]) * len(cfg["couplings"])
+    n_train = 0 if args.skip_train else len(cfg["train_targets"]) * len(cfg["methods"])
+    bar = _progress(n_proxy + n_train, not args.no_progress)
+    results: dict = {"settings": cfg}
+    rows: list[dict] = []
+    proxy_curves: dict = {}
+    if not args.skip_proxy:
+        prow, validation, proxy_curves = proxy_part(cfg, bar)
+        rows += prow
+        results["ic_validation"] = validation
+        write_results(run_dir, {**results, "proxy_curves": proxy_curves, "partial": True}, rows)
+    train_curves: dict = {}
+    if not args.skip_train:
+        trow, train_curves, extra = train_part(cfg, args, bar)
+        rows += trow
+        results["paired_vs_ct"] = extra["paired"]
+        results["train_curves"] = train_curves
+        if cfg["trained_gc_proxy"] and not args.skip_proxy and extra["trained_gc"]:
+            grows, gcurves = trained_gc_proxy(cfg, extra["trained_gc"], bar)
+            rows += grows
+            for tname, per in gcurves.items():
+                proxy_curves.setdefault(tname, {}).update(per)
+    if bar is not None:
+        bar.close()
+    if proxy_curves:
+        results["proxy_curves"] = proxy_curves
+        order = ordering_verdicts(proxy_curves, cfg["proxy_times"])
+        results["ordering"] = order
+        results["verdicts"] = target_verdict(order)
+    results["figures"] = figures(run_dir, proxy_curves, train_curves)
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    results["cpu_s"] = round(time.process_time() - cpu_start, 1)
+    write_results(run_dir, results, rows)
+    _summary(results)
+    print(f"run folder: {run_dir}  wall {results['wall_s']} s  cpu {results['cpu_s']} s")
+    return results
+
+
+def _summary(results: dict) -> None:
+    if "ic_validation" in results:
+        print_table(
+            results["ic_validation"],
+            ["target", "d", "t", "exact_per_d", "regressor_per_d", "rel_bias"],
+            title="IC validation of the regressor (R~_t / d)",
+        )
+    if "verdicts" in results:
+        print_table(results["verdicts"], title="Fig. 2 claim: GC < batch-OT < IC (per target)")
+    for tname, per in results.get("paired_vs_ct", {}).items():
+        table = []
+        for m in per.get("cons_err", {}):
+            row = {"method": m}
+            for k in ("cons_err", "mode_tv_1step", "sw2_1step", "sw2_2step", "pair_cost_per_d"):
+                if k in per and m in per[k]:
+                    mean, lo, hi = per[k][m]
+                    row[k] = f"{mean:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+            table.append(row)
+        print_table(table, title=f"{tname}: paired difference vs CT (95 % CI over seeds)")
+
+
+if __name__ == "__main__":
+    main()
