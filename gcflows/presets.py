@@ -37,6 +37,8 @@ _CIFAR10_TRAIN = {
     "optimizer": "lion",
     "lr": 1e-4,
     "ema_decay": 0.9999,
+    "ema_warmup": True,  # the authors' ema-pytorch warm-up (docs/paper.md section 5)
+    "ema_every": 5,
     "process": "ve",
     "t_min": 0.002,
     "t_max": 80.0,

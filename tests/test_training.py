@@ -234,22 +234,27 @@ def test_optimizers_follow_the_config():
 # exact resume
 # ------------------------------------------------------------------------------------------------
 RESUME_CASES = [
-    # method, optimizer, data source, dropout, warm-up
-    ("ct", "adam", "tensor", 0.2, 0),
-    ("ot", "lion", "sampler", 0.0, 5),
-    ("gc", "radam", "sampler", 0.1, 0),
+    # method, optimizer, data source, dropout, warm-up, extra config
+    ("ct", "adam", "tensor", 0.2, 0, {}),
+    ("ot", "lion", "sampler", 0.0, 5, {}),
+    ("gc", "radam", "sampler", 0.1, 0, {}),
+    # the authors' warm-up EMA as GC model, averaged every 5 steps (gcflows.ema)
+    ("gc", "adam", "sampler", 0.0, 0, {"ema_warmup": True, "ema_every": 5}),
+    # continuous time (gcflows.continuous), with both sCM stabilizers
+    ("gc", "adam", "sampler", 0.1, 0, {"continuous": True, "tangent_warmup": 4}),
+    ("ot", "radam", "tensor", 0.0, 0, {"continuous": True, "tangent_norm": None}),
 ]
 
 
-@pytest.mark.parametrize("method,opt,source,dropout,warmup", RESUME_CASES)
+@pytest.mark.parametrize("method,opt,source,dropout,warmup,extra", RESUME_CASES)
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(
-    tmp_path, method, opt, source, dropout, warmup
+    tmp_path, method, opt, source, dropout, warmup, extra
 ):
     data = (
         GMM.sample(100, generator=torch.Generator().manual_seed(3)) if source == "tensor" else None
     )
     src = data if data is not None else GMM.sample
-    kw = dict(method=method, optimizer=opt, warmup_steps=warmup, ema_decay=0.9, seed=5)
+    kw = dict(method=method, optimizer=opt, warmup_steps=warmup, ema_decay=0.9, seed=5, **extra)
     full = train(toy_config(tmp_path / "full", **kw), toy_model(dropout=dropout), src)
     assert full.step == 12
 
@@ -497,6 +502,52 @@ def test_ema_is_the_decay_recurrence_of_the_online_weights():
         # float32 recurrence evaluated in another order than torch._foreach_lerp_: a few ulps
         torch.testing.assert_close(v, ema[k], rtol=1e-6, atol=1e-7)
     assert res.ema.n_averaged.item() == 5
+
+
+def test_warmup_ema_follows_the_authors_decay_every_k_steps():
+    """``ema_warmup=True, ema_every=3``: the average is updated after the optimiser steps with
+    0-based index k = 0, 3, 6, ... with decay ``min(beta, 1 - (1 + k)^(-2/3))``, so the first
+    update (decay 0) copies the network (docs/paper.md section 5)."""
+    beta, every = 0.95, 3
+    seen: list[dict] = []
+
+    def record(info):
+        seen.append({k: v.detach().clone() for k, v in info.model.state_dict().items()})
+
+    cfg = toy_config(None, ema_decay=beta, ema_warmup=True, ema_every=every, total_steps=8)
+    res = train(cfg, toy_model(), GMM.sample, callbacks=[record])
+    ema = None
+    for k, w in enumerate(seen):
+        if k % every:
+            continue
+        d = min(beta, 1.0 - (1.0 + k) ** (-2.0 / 3.0))
+        ema = dict(w) if ema is None else {n: d * ema[n] + (1 - d) * w[n] for n in ema}
+    assert ema is not None and len(seen) == 8
+    for n, v in res.ema_model.named_parameters():
+        torch.testing.assert_close(v, ema[n], rtol=1e-6, atol=1e-7)  # a few float32 ulps
+    assert int(res.ema.last_step) == 7
+
+
+@pytest.mark.parametrize("method", ["ct", "cd", "ot", "gc"])
+def test_continuous_time_trains_every_method_through_the_loop(method):
+    kw = {"velocity": TrueVelocity(GMM, VEProcess(0.002, 80.0))} if method == "cd" else {}
+    cfg = toy_config(None, method=method, continuous=True, total_steps=6, distance="squared_l2")
+    res = train(cfg, toy_model(), GMM.sample, **kw)
+    assert res.step == 6
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    before = toy_model().state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in res.model.state_dict().items())
+
+
+def test_continuous_config_needs_a_quadratic_distance_and_valid_stabilizers():
+    with pytest.raises(ValueError, match="TrainConfig.distance='l2_norm'.*alpha = 2"):
+        TrainConfig(continuous=True, distance="l2_norm")
+    with pytest.raises(ValueError, match="TrainConfig.tangent_norm=0.0"):
+        TrainConfig(continuous=True, tangent_norm=0.0)
+    with pytest.raises(ValueError, match="TrainConfig.ema_every=0"):
+        TrainConfig(ema_every=0)
+    with pytest.raises(ValueError, match="TrainConfig.continuous='yes'"):
+        TrainConfig(continuous="yes")
 
 
 def test_gc_uses_the_frozen_generator_when_given():

@@ -48,6 +48,7 @@ FINGERPRINT_FIELDS = (
     "model",
     "data_shape",
     "method",
+    "continuous",
     "process",
     "t_min",
     "t_max",
@@ -76,12 +77,18 @@ class TrainConfig:
     [0, 1]); ``process`` ve | linear on ``[t_min, t_max]`` (``None``: the process default, ve
     0.002..80, linear 1e-3..0.999); ``distance`` pseudo_huber | pseudo_huber_elementwise |
     squared_l2 | l2_norm; the iCT curriculum ``s0 <= s1``; lognormal index sampling ``p_mean``,
-    ``p_std``; Karras ``rho``; ``cd_step`` euler | heun (CD only).
+    ``p_std``; Karras ``rho``; ``cd_step`` euler | heun (CD only). ``continuous=True`` trains the
+    same method in continuous time (:class:`gcflows.continuous.ContinuousObjective`, docs/theory.md
+    section 6: times drawn from the lognormal of ``p_mean`` / ``p_std``, no grid, no curriculum)
+    with sCM's stabilizers ``tangent_norm`` (``c`` of ``g / (||g|| + c)``; None = off) and
+    ``tangent_warmup`` (steps of the tangent warm-up; 0 = none); it needs a distance with alpha = 2.
 
     Optimisation: ``batch_size`` (per process under DDP), ``total_steps``, ``lr``, ``optimizer``
     adam | radam | lion, ``betas`` (``None``: the optimiser's default), ``weight_decay``,
     ``warmup_steps`` (linear warm-up of the learning rate, 0 = none), ``grad_clip`` (max global
-    gradient norm, 0 = none), ``ema_decay`` in [0, 1).
+    gradient norm, 0 = none), ``ema_decay`` in [0, 1); ``ema_warmup`` (the authors' warm-up decay
+    ``min(ema_decay, 1 - (1 + k)^(-2/3))``, :mod:`gcflows.ema`) and ``ema_every`` (average every
+    ``ema_every`` steps; the authors use 5). ``ema_warmup=False, ema_every=1`` is a plain EMA.
 
     Record (not used by the loop, part of the checkpoint fingerprint): ``preset`` (a name),
     ``model`` (a JSON dict describing how the caller built the model, e.g. its kwargs), ``dropout``
@@ -110,6 +117,9 @@ class TrainConfig:
     p_std: float = 2.0
     rho: float = 7.0
     cd_step: str = "euler"
+    continuous: bool = False
+    tangent_norm: float | None = 0.1
+    tangent_warmup: int = 0
     # optimisation
     batch_size: int = 256
     total_steps: int = 10_000
@@ -120,6 +130,8 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 0.0
     ema_decay: float = 0.999
+    ema_warmup: bool = False
+    ema_every: int = 1
     # record
     preset: str = ""
     model: dict[str, Any] = field(default_factory=dict)
@@ -143,6 +155,7 @@ class TrainConfig:
         objective = self.objective  # validates method, mu, distance, s0 / s1, p_*, rho, cd_step
         for name in ("mu", "s0", "s1", "p_mean", "p_std", "rho", "total_steps"):
             setattr(self, name, getattr(objective, name))
+        self._check_continuous()
         self._check_optimisation()
         self._check_record()
         self._check_run()
@@ -185,6 +198,18 @@ class TrainConfig:
         if self.process == "linear" and self.t_max >= 1.0:
             raise bad("t_max", self.t_max, "the linear process needs t_max < 1", _OWNER)
 
+    def _check_continuous(self) -> None:
+        if not isinstance(self.continuous, bool):
+            raise bad("continuous", self.continuous, "use True or False", _OWNER)
+        if self.tangent_norm is not None:
+            self._real(
+                "tangent_norm", "use a positive number, or None for no normalization", lo_open=0.0
+            )
+        self._int("tangent_warmup", 0, "use tangent_warmup >= 0 (0 = no warm-up)")
+        if self.continuous and self.distance == "l2_norm":
+            fix = "continuous time needs a distance with alpha = 2 (pseudo_huber, squared_l2)"
+            raise bad("distance", self.distance, fix, _OWNER)
+
     def _check_optimisation(self) -> None:
         self._int("batch_size", 1, "use batch_size >= 1")
         self._real("lr", "use a positive, finite learning rate", lo_open=0.0)
@@ -199,6 +224,9 @@ class TrainConfig:
         self._int("warmup_steps", 0, "use warmup_steps >= 0 (0 = no warm-up)")
         self._real("grad_clip", "use grad_clip >= 0 (0 = no clipping)", lo=0.0)
         self._real("ema_decay", "use a decay in [0, 1) (e.g. 0.999, 0.9999)", lo=0.0, hi_open=1.0)
+        if not isinstance(self.ema_warmup, bool):
+            raise bad("ema_warmup", self.ema_warmup, "use True or False", _OWNER)
+        self._int("ema_every", 1, "use ema_every >= 1 (1 = every step; the authors use 5)")
 
     def _check_record(self) -> None:
         if not isinstance(self.preset, str):

@@ -281,7 +281,7 @@ def _start(config, model, data_source, velocity, gc_model, resume, overwrite, di
     if ckpt is not None:
         _check_checkpoint(ckpt, ckpt_path, config, source.shape, model)
     process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
-    ema = make_ema(model, config.ema_decay)
+    ema = make_ema(model, config.ema_decay, warmup=config.ema_warmup, every=config.ema_every)
     if isinstance(gc_model, nn.Module):
         gc_model.to(device).eval().requires_grad_(False)
     if gc_model is None and config.method == "gc":

@@ -19,6 +19,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gcflows.consistency import ConsistencyObjective, LossOutput
+from gcflows.continuous import ContinuousObjective
+from gcflows.ema import EMA
 from gcflows.processes import Process
 from gcflows.training.batches import DataSource
 from gcflows.training.config import OPTIMIZERS, TrainConfig
@@ -39,9 +41,23 @@ __all__ = [
 
 def make_objective(
     config: TrainConfig, process: Process, velocity: Any, world: int
-) -> ConsistencyObjective:
-    """The loss of ``config.method``, given ``config.objective`` whole (under DDP the batch-OT
-    coupling is solved over the global batch)."""
+) -> ConsistencyObjective | ContinuousObjective:
+    """The loss of ``config.method``, given ``config.objective`` whole, in discrete time or, with
+    ``config.continuous``, in continuous time (under DDP the batch-OT coupling is solved over the
+    global batch). Both are called as ``objective(net, data, k, generator=, gc_model=)``."""
+    if config.continuous:
+        return ContinuousObjective(
+            process,
+            config.method,
+            distance=config.distance,
+            mu=config.mu,
+            p_mean=config.p_mean,
+            p_std=config.p_std,
+            velocity=velocity,
+            ot_coupling_fn=distributed_ot_coupling if world > 1 else None,
+            tangent_norm=config.tangent_norm,
+            warmup_steps=config.tangent_warmup,
+        )
     return ConsistencyObjective(
         process,
         config.objective,
@@ -67,19 +83,31 @@ def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """EMA of ``model`` (parameters and buffers): ``AveragedModel`` with
-    ``get_ema_multi_avg_fn(decay)``; kept in eval mode (no dropout in the GC model). The EMA
-    object must offer ``.module``, ``state_dict`` / ``load_state_dict`` and :func:`update_ema`."""
+def make_ema(
+    model: nn.Module, decay: float, *, warmup: bool = False, every: int = 1
+) -> AveragedModel | EMA:
+    """EMA of ``model``, kept in eval mode (no dropout in the GC model).
+
+    ``warmup=False, every=1``: a plain EMA of parameters and buffers (``AveragedModel`` with
+    ``get_ema_multi_avg_fn(decay)``). Otherwise :class:`gcflows.ema.EMA`: the authors' warm-up
+    decay ``min(decay, 1 - (1 + k)^(-2/3))`` (or the constant ``decay``), averaged every ``every``
+    steps (docs/paper.md section 5). Both offer ``.module``, ``state_dict`` / ``load_state_dict``
+    (keys ``module.*``) and :func:`update_ema`."""
+    if warmup or every > 1:
+        return EMA(model, beta=decay, update_every=every, warmup=warmup)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     ema.eval()
     ema.requires_grad_(False)
     return ema
 
 
-def update_ema(ema: AveragedModel, model: nn.Module, step: int) -> None:
-    """Fold the online weights into the EMA after optimiser step ``step`` (1-based)."""
-    ema.update_parameters(model)
+def update_ema(ema: AveragedModel | EMA, model: nn.Module, step: int) -> None:
+    """Fold the online weights into the EMA after optimiser step ``step`` (1-based; the warm-up
+    EMA counts the 0-based step ``step - 1``, so its first update copies the network)."""
+    if isinstance(ema, EMA):
+        ema.update(model, step - 1)
+    else:
+        ema.update_parameters(model)
 
 
 def lr_at(config: TrainConfig, k: int) -> float:
@@ -100,7 +128,7 @@ class TrainState:
     net: nn.Module
     ema: AveragedModel
     optimizer: torch.optim.Optimizer
-    objective: ConsistencyObjective
+    objective: ConsistencyObjective | ContinuousObjective
     source: DataSource
     data_gen: torch.Generator
     noise_gen: torch.Generator
