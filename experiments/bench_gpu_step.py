@@ -28,47 +28,43 @@ from pathlib import Path
 
 import torch
 
-from gcflows.consistency import ConsistencyModel, ConsistencyObjective
+from gcflows.consistency import ConsistencyModel
 from gcflows.networks import UNet
 from gcflows.presets import IMAGE_PRESETS
+from gcflows.processes import get_process
 from gcflows.records import cpu_model, git_sha
-from gcflows.training import TrainConfig, build_optimizer, make_ema
+from gcflows.training import TrainConfig, build_optimizer, make_ema, make_objective, update_ema
 
 PRESETS = {"ct": "cifar10_base", "ot": "cifar10_ot", "gc": "cifar10_gc_mix50"}
-OBJECTIVE_KEYS = ("distance", "s0", "s1", "p_mean", "p_std", "rho")
 
 
 def build(method: str, device: torch.device, seed: int):
-    """``(model, ema, optimizer, objective, note)`` for one method's preset on ``device``."""
+    """``(model, ema, optimizer, objective, note)`` for one method's preset on ``device``, built by
+    the training library from the preset's ``TrainConfig`` (the loss, the EMA with its warm-up)."""
     preset = IMAGE_PRESETS[PRESETS[method]]
     train = dict(preset["train"])
     torch.manual_seed(seed)
-    process = train["process"]
-    model = ConsistencyModel(UNet(**preset["network"]), process, sigma_data=0.5, check_inputs=False)
+    model = ConsistencyModel(
+        UNet(**preset["network"]), train["process"], sigma_data=0.5, check_inputs=False
+    )
     model.to(device).train()
-    ema = make_ema(model, train["ema_decay"])
     note = ""
     try:
-        optimizer = build_optimizer(TrainConfig(**train), model.parameters())
-    except ImportError as err:  # Lion's package is absent from some GPU images
+        import lion_pytorch  # noqa: F401  (Lion's package is absent from some GPU images)
+    except ImportError as err:
         note = f"{train['optimizer']} unavailable ({err}); Adam stands in"
-        optimizer = build_optimizer(
-            TrainConfig(**{**train, "optimizer": "adam"}), model.parameters()
-        )
-    objective = ConsistencyObjective(
-        process,
-        method,
-        mu=train.get("mu", 0.5),
-        total_steps=train["total_steps"],
-        **{k: train[k] for k in OBJECTIVE_KEYS},
-    )
+        train["optimizer"] = "adam"
+    config = TrainConfig(**train)
+    ema = make_ema(model, config.ema_decay, warmup=config.ema_warmup, every=config.ema_every)
+    optimizer = build_optimizer(config, model.parameters())
+    objective = make_objective(config, get_process(config.process), velocity=None, world=1)
     return model, ema, optimizer, objective, note
 
 
 def time_method(method: str, args, device: torch.device, pool: list[torch.Tensor]) -> dict:
     model, ema, optimizer, objective, note = build(method, device, args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    at_step = args.at_step if args.at_step >= 0 else objective.total_steps // 2
+    at_step = args.at_step if args.at_step >= 0 else objective.config.total_steps // 2
 
     def step(k: int) -> torch.Tensor:
         out = objective(
@@ -81,7 +77,7 @@ def time_method(method: str, args, device: torch.device, pool: list[torch.Tensor
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        ema.update_parameters(model)
+        update_ema(ema, model, k + 1)
         return out.loss.detach()
 
     for k in range(args.warmup):
