@@ -35,6 +35,7 @@ import copy
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -206,6 +207,46 @@ def summarize(train_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+COUPLING_LABELS = {"ic": "IC", "ot": "batch-OT", "gc_ideal": "GC ideal", "gc_trained": "GC trained"}
+
+
+def make_figure(noise_rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Gradient noise ``E||gamma - gamma_CD||^2`` against t, one panel per target, one curve per
+    coupling with +-2 SE bands (the lower edge clipped at y / 20 on the log axis), and IC's exact
+    value (docs/theory.md section 6)."""
+    if not noise_rows:
+        return None
+    from gcflows.plotting import Curve, plot_panels  # matplotlib only when a figure is drawn
+
+    panels: dict[str, list] = {}
+    for target in dict.fromkeys(r["target"] for r in noise_rows):
+        curves = []
+        for coupling in dict.fromkeys(r["coupling"] for r in noise_rows):
+            rows = [r for r in noise_rows if r["target"] == target and r["coupling"] == coupling]
+            if not rows:
+                continue
+            t = [r["t"] for r in rows]
+            y = [r["noise"] for r in rows]
+            lo = [max(r["noise"] - 2 * r["noise_se"], r["noise"] / 20) for r in rows]  # log axis
+            hi = [r["noise"] + 2 * r["noise_se"] for r in rows]
+            curves.append(Curve(t, y, lo, hi, label=COUPLING_LABELS.get(coupling, coupling)))
+        exact = [r for r in noise_rows if r["target"] == target and r["exact_noise"] is not None]
+        if exact:
+            ex_t, ex_y = [r["t"] for r in exact], [r["exact_noise"] for r in exact]
+            curves.append(Curve(ex_t, ex_y, label="IC exact", style={"ls": "--", "color": "k"}))
+        panels[f"{target} target"] = curves
+    return plot_panels(
+        panels,
+        path,
+        xlabel="t",
+        ylabel="gradient noise E||gamma - gamma_CD||^2",
+        logx=True,
+        logy=True,
+        ncols=2,
+        suptitle="Continuous CT gradient noise per coupling",
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     run_dir = make_run_dir(args.out, "continuous_study")
@@ -243,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "timing": timing,
     }
     write_results(run_dir, results, summary)
+    make_figure(noise_rows, run_dir / "continuous_gradient_noise.png")
     print_table(
         [
             {
