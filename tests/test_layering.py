@@ -35,9 +35,10 @@ LAYERS = {
     "sampling": 5,
     "continuous": 5,
     "training": 6,
-    "presets": 7,
+    "presets": 0,  # plain data: imports nothing (gcflows.training.images resolves the presets)
     "discrepancy": 7,
     "transport": 7,
+    "evaluation": 7,
     "plotting": 8,
 }
 
