@@ -61,29 +61,21 @@ from gcflows.training import TrainingInterrupted, find_checkpoint, load_checkpoi
 from gcflows.training.images import (
     COUPLINGS,
     METHOD_TO_COUPLING,
-    SIGMA_DATA,
     GridCallback,
     ImageRun,
     build_model,
     load_images,
-    parse_overrides,
     resolve_run,
 )
 from gcflows.training.rundir import run_files
 
 __all__ = [
-    "COUPLINGS",
-    "SIGMA_DATA",
-    "ImageRun",
-    "parse_overrides",
-    "resolve_run",
     "check_resume",
     "check_writable",
-    "load_images",
-    "GridCallback",
     "Plan",
     "prepare",
     "resume_command",
+    "build_parser",
     "main",
 ]
 
