@@ -44,15 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_images import ImageMetrics, generate, mean_interval, samplers  # noqa: E402
-from train_images import GridCallback, load_images, resolve_run  # noqa: E402
-
-from gcflows import checks  # noqa: E402
-from gcflows.classifier import load_classifier  # noqa: E402
-from gcflows.data import load_digits  # noqa: E402
-from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt  # noqa: E402
-from gcflows.records import (  # noqa: E402
+from gcflows import checks
+from gcflows.classifier import load_classifier
+from gcflows.data import load_digits
+from gcflows.evaluation import ImageMetrics, generate, samplers, seed_interval
+from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt
+from gcflows.records import (
     check_writable,
     jsonable,
     make_run_dir,
@@ -60,8 +57,14 @@ from gcflows.records import (  # noqa: E402
     write_config,
     write_results,
 )
-from gcflows.training import train  # noqa: E402
-from gcflows.training.images import build_model, image_grid  # noqa: E402
+from gcflows.training import train
+from gcflows.training.images import (
+    GridCallback,
+    build_model,
+    image_grid,
+    load_images,
+    resolve_run,
+)
 
 PRESETS = {"ic": "digits_base", "ot": "digits_ot", "gc": "digits_gc_mix50"}
 LABELS = {"ic": "IC (iCT)", "ot": "batch-OT", "gc": "GC, mu = 0.5"}
@@ -156,7 +159,7 @@ def data_floor(classifier, n: int, seeds: Sequence[int]) -> dict[str, Any]:
         g = torch.Generator().manual_seed(10_000 + int(seed))
         idx = torch.randperm(train_images.shape[0], generator=g)[: min(n, train_images.shape[0])]
         rows.append(metrics(train_images[idx]))
-    return {k: mean_interval([r[k] for r in rows]) for k in rows[0]}
+    return {k: seed_interval([r[k] for r in rows]) for k in rows[0]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +269,8 @@ def plot_along_training(records: list[dict], seed: int, path: Path, n_cols: int 
 
 
 def fmt(s: dict) -> str:
-    """``mean [lo, hi]`` of a :func:`mean_interval` dict (just the mean for one seed)."""
+    """``mean [lo, hi]`` of a :func:`gcflows.evaluation.seed_interval` record (just the mean for
+    one seed)."""
     if s["mean"] is None:
         return "-"
     if s["lo"] is None:
@@ -303,7 +307,7 @@ def summarize(records, rows, final_rows, floor, seeds) -> tuple[dict, list[dict]
     for coupling in PRESETS:
         fin = {
             name: {
-                k: mean_interval(
+                k: seed_interval(
                     [r[k] for r in final_rows if r["coupling"] == coupling and r["sampler"] == name]
                 )
                 for k in ("fd_classifier", "sw2_pixels", "confident_fraction", "classes_covered")
@@ -311,9 +315,9 @@ def summarize(records, rows, final_rows, floor, seeds) -> tuple[dict, list[dict]
             for name in ("one_step", "two_step")
         }
         recs = [r for r in records if r["coupling"] == coupling]
-        own = {k: mean_interval([per_seed[(coupling, s)][k] for s in seeds]) for k in keys}
+        own = {k: seed_interval([per_seed[(coupling, s)][k] for s in seeds]) for k in keys}
         paired = {
-            k: mean_interval([per_seed[(coupling, s)][k] - per_seed[("ic", s)][k] for s in seeds])
+            k: seed_interval([per_seed[(coupling, s)][k] - per_seed[("ic", s)][k] for s in seeds])
             for k in keys
         }
         summary[coupling] = {

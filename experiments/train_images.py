@@ -43,9 +43,6 @@ table is printed last. Evaluate a checkpoint with ``experiments/eval_images.py``
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import inspect
 import json
 import os
 import shlex
@@ -58,192 +55,29 @@ from typing import Any
 
 import torch
 
-from gcflows.data import IMAGE_SHAPES, get_image_dataset
-from gcflows.networks import UNet
 from gcflows.presets import IMAGE_PRESETS
-from gcflows.processes import get_process
 from gcflows.records import print_table, write_results
-from gcflows.sampling import one_step_sample
-from gcflows.training import (
-    StepInfo,
-    TrainConfig,
-    TrainingInterrupted,
-    derive_seed,
-    find_checkpoint,
-    load_checkpoint,
-    train,
+from gcflows.training import TrainingInterrupted, find_checkpoint, load_checkpoint, train
+from gcflows.training.images import (
+    COUPLINGS,
+    METHOD_TO_COUPLING,
+    GridCallback,
+    ImageRun,
+    build_model,
+    load_images,
+    resolve_run,
 )
-from gcflows.training.images import SIGMA_DATA, build_model, save_image_grid
 from gcflows.training.rundir import run_files
 
 __all__ = [
-    "COUPLINGS",
-    "SIGMA_DATA",
-    "ImageRun",
-    "parse_overrides",
-    "resolve_run",
     "check_resume",
     "check_writable",
-    "load_images",
-    "GridCallback",
     "Plan",
     "prepare",
     "resume_command",
+    "build_parser",
     "main",
 ]
-
-#: --coupling name -> TrainConfig.method (IC = consistency training with independent pairs).
-COUPLINGS = {"ic": "ct", "ot": "ot", "gc": "gc"}
-METHOD_TO_COUPLING = {v: k for k, v in COUPLINGS.items()}
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-# fields the script owns: set from the preset / flags, never by key=value
-_RESERVED = {"preset", "model", "data_shape", "dropout", "out_dir"}
-_STREAM_GRID = 12
-
-
-@dataclass
-class ImageRun:
-    """A resolved image run: preset name, data set, validated config (per-process batch) and the
-    U-Net keyword arguments. ``global_batch`` = ``config.batch_size * world_size``."""
-
-    preset: str
-    data: str
-    config: TrainConfig
-    network: dict[str, Any]
-    world_size: int
-    global_batch: int
-
-    @property
-    def coupling(self) -> str:
-        return METHOD_TO_COUPLING[self.config.method]
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return IMAGE_SHAPES[self.data]
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_overrides(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``["lr=2e-4", "net.dropout=0.1"]`` -> (TrainConfig overrides, U-Net overrides).
-
-    Values are parsed as JSON (numbers, lists, true / false / null), otherwise kept as strings.
-    Unknown keys raise ``ValueError`` listing the accepted ones.
-    """
-    train_over: dict[str, Any] = {}
-    net_over: dict[str, Any] = {}
-    net_keys = set(inspect.signature(UNet).parameters)
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. lr=2e-4)")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        value = _parse_value(text.strip())
-        if key.startswith("net."):
-            name = key[4:]
-            if name not in net_keys:
-                raise ValueError(
-                    f"unknown U-Net field {name!r} in {item!r}; known: {sorted(net_keys)}"
-                )
-            net_over[name] = value
-        elif key in _RESERVED:
-            raise ValueError(
-                f"{key!r} cannot be overridden (it is set from --preset / --out; for the dropout "
-                "use net.dropout=...)"
-            )
-        elif key in _TRAIN_FIELDS:
-            train_over[key] = value
-        else:
-            known = sorted(_TRAIN_FIELDS - _RESERVED)
-            raise ValueError(
-                f"unknown key {key!r} in {item!r}: use a TrainConfig field ({', '.join(known)}) "
-                "or net.<U-Net argument>"
-            )
-    return train_over, net_over
-
-
-def resolve_run(
-    preset: str,
-    *,
-    coupling: str | None = None,
-    mu: float | None = None,
-    overrides: Sequence[str] = (),
-    seed: int | None = None,
-    out_dir: str | os.PathLike | None = None,
-    device: str | None = None,
-    world_size: int = 1,
-) -> ImageRun:
-    """Preset + flags + ``key=value`` overrides -> a validated :class:`ImageRun`.
-
-    Raises ``ValueError`` for an unknown preset / coupling / key, a bad value (via ``TrainConfig``),
-    a global batch not divisible by ``world_size``, or a U-Net whose input does not match the
-    preset's image size.
-    """
-    if preset not in IMAGE_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(IMAGE_PRESETS)}, got {preset!r}")
-    spec = copy.deepcopy(IMAGE_PRESETS[preset])
-    data, train_kw, network = spec["data"], spec["train"], spec["network"]
-    train_over, net_over = parse_overrides(overrides)
-    train_kw.update(train_over)
-    network.update(net_over)
-    if coupling is not None:
-        if coupling not in COUPLINGS:
-            raise ValueError(f"coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
-        train_kw["method"] = COUPLINGS[coupling]
-    if train_kw.get("method") not in METHOD_TO_COUPLING:
-        raise ValueError(
-            f"method must be one of {sorted(METHOD_TO_COUPLING)} for image training (ct = IC), "
-            f"got {train_kw.get('method')!r}"
-        )
-    if mu is not None:
-        train_kw["mu"] = mu
-    if seed is not None:
-        train_kw["seed"] = seed
-    if device is not None:
-        train_kw["device"] = device
-    if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    global_batch = train_kw.get("batch_size")
-    if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1:
-        raise ValueError(
-            f"batch_size must be a positive int (the global batch), got {global_batch!r}"
-        )
-    if global_batch % world_size:
-        raise ValueError(
-            f"batch_size={global_batch} (global) is not divisible by the {world_size} processes; "
-            f"use a multiple of {world_size}"
-        )
-    train_kw["batch_size"] = global_batch // world_size
-    shape = IMAGE_SHAPES[data]
-    net_shape = (network.get("in_channels"), network.get("image_size"), network.get("image_size"))
-    if net_shape != shape:
-        raise ValueError(
-            f"preset {preset!r} trains on {data} images of shape {shape} (C, H, W) but the U-Net "
-            f"takes {net_shape}: wrong image size for the preset; drop the net.in_channels / "
-            "net.image_size override or use a preset made for this data"
-        )
-    if "dropout" in network and float(network["dropout"]) > 0 and train_kw["method"] == "gc":
-        print(
-            f"note: GC with dropout {network['dropout']} (the paper trains GC with dropout 0; "
-            "set net.dropout=0 to match)",
-            file=sys.stderr,
-        )
-    network = json.loads(json.dumps(network))  # tuples -> lists, as stored in the checkpoint
-    model_record = {"arch": "unet", "unet": network, "sigma_data": SIGMA_DATA, "data": data}
-    config = TrainConfig(
-        **train_kw,
-        preset=preset,
-        model=model_record,
-        dropout=float(network.get("dropout", 0.0)),
-        data_shape=shape,
-        out_dir=None if out_dir is None else str(out_dir),
-    )
-    return ImageRun(preset, data, config, network, int(world_size), global_batch)
 
 
 def check_resume(
@@ -331,49 +165,6 @@ def check_writable(folder: str | os.PathLike) -> None:
             f"the output folder {str(folder)!r} is not writable (no write permission on "
             f"{str(probe)!r}); choose another --out"
         )
-
-
-def load_images(
-    data: str, data_root: str | os.PathLike | None, split: str = "train"
-) -> torch.Tensor:
-    """Images ``(N, C, H, W)`` in [-1, 1] of ``data`` (digits are bundled; MNIST / CIFAR-10 come
-    from ``data_root`` and raise ``FileNotFoundError`` with instructions when missing)."""
-    if data != "digits" and data_root is None:
-        raise ValueError(
-            f"the {data} presets need --data-root: the folder holding the {data} files (gcflows "
-            "never downloads data; see gcflows.data for the accepted layouts)"
-        )
-    images, _ = get_image_dataset(data, root=data_root, split=split)
-    return images
-
-
-# ------------------------------------------------------------------------------------------------
-# sample grids
-# ------------------------------------------------------------------------------------------------
-class GridCallback:
-    """Training callback: on ``sample_every`` steps, rank 0 writes one-step samples of the EMA
-    model from a fixed noise draw (seeded by ``(seed, grid stream)``, identical at every save) as
-    ``run_dir/samples/grid_<step>.png``. The training RNG streams are not touched."""
-
-    def __init__(self, config: TrainConfig, shape: tuple[int, ...]) -> None:
-        self.config = config
-        self.shape = tuple(shape)
-        self.process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
-        self.paths: list[Path] = []
-
-    def noise(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(derive_seed(self.config.seed, _STREAM_GRID))
-        n = self.config.sample_count
-        return torch.randn((n, *self.shape), generator=gen).to(device=device, dtype=dtype)
-
-    def __call__(self, info: StepInfo) -> bool:
-        if info.rank != 0 or info.run_dir is None or not info.sample_due:
-            return False
-        p = next(info.ema_model.parameters())
-        samples = one_step_sample(info.ema_model, self.noise(p.device, p.dtype), self.process)
-        path = Path(info.run_dir) / "samples" / f"grid_{info.step:08d}.png"
-        self.paths.append(save_image_grid(samples, path))
-        return False
 
 
 # ------------------------------------------------------------------------------------------------

@@ -185,8 +185,7 @@ def load_digits_model(path: str):
     """The EMA model of a ``train_images.py`` digits checkpoint, and its process.
 
     The checkpoint is read and checked first (missing, corrupt, not a digits model: ValueError);
-    the network is then rebuilt by ``model_from_checkpoint`` of experiments/train_images.py (to
-    move into the library with the image-training code).
+    the network is then rebuilt by ``gcflows.training.images.model_from_checkpoint``.
     """
     from gcflows.training import TrainConfig, load_checkpoint
     from gcflows.training.images import model_from_checkpoint
@@ -199,12 +198,6 @@ def load_digits_model(path: str):
             f"--checkpoint must be a digits model of experiments/train_images.py (model['data'] "
             f"== 'digits'), got {data!r}: the transport study evaluates the 8x8 digits only"
         )
-    try:
-        from train_images import model_from_checkpoint
-    except ImportError as err:
-        raise ValueError(
-            f"--checkpoint needs experiments/train_images.py (model_from_checkpoint): {err}"
-        ) from None
     model = model_from_checkpoint(ckpt, which="ema")
     process = get_process(config.process, t_min=config.t_min, t_max=config.t_max)
     return model, process, config

@@ -6,6 +6,7 @@ One torchrun launch (tests/_ddp_worker.py) serves every test of this file.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -19,10 +20,20 @@ import torch
 from gcflows.couplings import ot_coupling
 from gcflows.training import load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _ddp_worker import PER_RANK, global_batch  # noqa: E402
-
 WORKER = Path(__file__).parent / "_ddp_worker.py"
+
+
+def _load_worker():
+    """``tests/_ddp_worker.py`` as a module, loaded from its file path (it is run by torchrun as a
+    script, so it is not importable as part of a package)."""
+    spec = importlib.util.spec_from_file_location("_ddp_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_worker = _load_worker()
+PER_RANK, global_batch = _worker.PER_RANK, _worker.global_batch
 WORLD = 2
 
 pytestmark = pytest.mark.distributed

@@ -1,6 +1,7 @@
 """Tests of the image experiments: experiments/train_images.py (each coupling trains, exact resume,
 torchrun, bad input before any work, the CIFAR-10 presets), experiments/eval_images.py (runs on
-a checkpoint and writes its protocol; sampling and metric details) and a tiny
+a checkpoint and writes its protocol) with the library it stands on (gcflows.training.images:
+run resolution; gcflows.evaluation: sampling and metric details) and a tiny
 experiments/digits_comparison.py run.
 
 Everything trains the ``digits_tiny`` preset (a U-Net of 8 base channels on the 8x8 digits) for a
@@ -26,10 +27,11 @@ import numpy as np
 import pytest
 import torch
 
+from gcflows import evaluation
 from gcflows.data import load_digits
 from gcflows.sampling import multistep_sample
 from gcflows.training import derive_seed, load_checkpoint
-from gcflows.training.images import model_from_checkpoint
+from gcflows.training.images import model_from_checkpoint, resolve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +130,7 @@ def test_each_coupling_trains_and_resumes_bit_for_bit(tmp_path, coupling):
 
 
 def test_overrides_and_presets_resolve():
-    run = train_images.resolve_run(
+    run = resolve_run(
         "digits_tiny", coupling="gc", mu=0.3, overrides=["lr=2e-4", "net.base_channels=16"]
     )
     assert run.config.method == "gc" and run.config.mu == 0.3 and run.config.lr == 2e-4
@@ -144,13 +146,13 @@ def test_overrides_and_presets_resolve():
         (["net.in_channels=3"], "wrong image size"),
     ]:
         with pytest.raises(ValueError, match=match):
-            train_images.resolve_run("digits_tiny", overrides=bad)
+            resolve_run("digits_tiny", overrides=bad)
     with pytest.raises(ValueError, match="not divisible"):
-        train_images.resolve_run("digits_tiny", world_size=3)  # global batch 16
+        resolve_run("digits_tiny", world_size=3)  # global batch 16
     with pytest.raises(ValueError, match="preset must be one of"):
-        train_images.resolve_run("cifar100")
+        resolve_run("cifar100")
     with pytest.raises(ValueError, match="coupling must be one of"):
-        train_images.resolve_run("digits_tiny", coupling="cd")
+        resolve_run("digits_tiny", coupling="cd")
 
 
 @pytest.mark.parametrize(
@@ -158,7 +160,7 @@ def test_overrides_and_presets_resolve():
     [("cifar10_base", "ct", 0.3), ("cifar10_ot", "ot", 0.3), ("cifar10_gc_mix50", "gc", 0.0)],
 )
 def test_cifar10_presets_follow_paper_section_5(name, method, dropout):
-    run = train_images.resolve_run(name, world_size=8)
+    run = resolve_run(name, world_size=8)
     c, net = run.config, run.network
     assert run.data == "cifar10" and run.global_batch == 512 and c.batch_size == 64
     assert (c.method, c.total_steps, c.optimizer, c.lr, c.ema_decay) == (
@@ -315,21 +317,21 @@ def test_eval_images_writes_results_and_protocol(tmp_path, tiny_run, classifier_
 def test_generate_is_batch_invariant_and_is_multistep_sample(tiny_run):
     model = model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt"))
     sig = [80.0, 0.5]
-    whole = eval_images.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=10)
-    parts = eval_images.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=3)
+    whole = evaluation.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=10)
+    parts = evaluation.generate(model, 10, (1, 8, 8), sig, seed=3, batch_size=3)
     # the draws do not depend on batching; float32 convolutions may block a batch of 3 and of 10
     # differently, so allow round-off (values are O(1), float32 eps 1.2e-7)
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
     z = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(derive_seed(3, 101)))
     g = torch.Generator().manual_seed(derive_seed(3, 102))
     assert torch.equal(whole, multistep_sample(model, z, sig, model.process, generator=g))
-    other = eval_images.generate(model, 10, (1, 8, 8), sig, seed=4, batch_size=10)
+    other = evaluation.generate(model, 10, (1, 8, 8), sig, seed=4, batch_size=10)
     assert not torch.equal(whole, other)
 
 
 def test_metrics_clip_and_never_rescale():
     ref, _ = load_digits("test")
-    m = eval_images.ImageMetrics("digits", ref)
+    m = evaluation.ImageMetrics("digits", ref)
     assert m(ref)["sw2_pixels"] == 0.0 and m(ref)["clipped_fraction"] == 0.0
     x = ref.clone()
     x[:, :, 0, 0] = 5.0  # one pixel of 64 out of range in every image
@@ -340,21 +342,21 @@ def test_metrics_clip_and_never_rescale():
     assert m(ref / 2)["sw2_pixels"] > 0.1
 
 
-def test_mean_interval_is_the_student_t_interval():
-    s = eval_images.mean_interval([1.0, 2.0, 3.0])
+def test_seed_interval_is_the_student_t_interval():
+    s = evaluation.seed_interval([1.0, 2.0, 3.0])
     # mean 2, std 1, t_{0.975, 2} = 4.302653 -> half-width 4.302653 / sqrt(3) = 2.484138
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
     assert s["hi"] - 2.0 == pytest.approx(2.484138, abs=1e-6)
-    assert eval_images.mean_interval([5.0])["lo"] is None
+    assert evaluation.seed_interval([5.0])["lo"] is None
 
 
 def test_inception_metrics_explain_why_they_are_skipped(monkeypatch, tmp_path):
     x = torch.zeros(4, 3, 32, 32)
-    monkeypatch.setattr(eval_images.importlib.util, "find_spec", lambda name: None)
-    assert "torchmetrics is not installed" in eval_images.inception_metrics(x, x)["skipped"]
-    monkeypatch.setattr(eval_images.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(evaluation.importlib.util, "find_spec", lambda name: None)
+    assert "torchmetrics is not installed" in evaluation.inception_metrics(x, x)["skipped"]
+    monkeypatch.setattr(evaluation.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    msg = eval_images.inception_metrics(x, x)["skipped"]
+    msg = evaluation.inception_metrics(x, x)["skipped"]
     assert "Inception weights not found" in msg and "never downloads" in msg
 
 
@@ -362,11 +364,11 @@ def test_eval_rejects_bad_input(tmp_path, tiny_run):
     bogus = tmp_path / "x.pt"
     torch.save({"a": 1}, bogus)
     with pytest.raises(ValueError, match="not a gcflows training checkpoint"):
-        eval_images.evaluate_checkpoint(bogus)
+        evaluation.evaluate_checkpoint(bogus)
     with pytest.raises(ValueError, match="two-step sigma"):
-        eval_images.evaluate_checkpoint(tiny_run / "checkpoint.pt", mid_sigma=100.0)
+        evaluation.evaluate_checkpoint(tiny_run / "checkpoint.pt", mid_sigma=100.0)
     with pytest.raises(ValueError, match="reference"):
-        eval_images.evaluate_checkpoint(tiny_run / "checkpoint.pt", reference="val")
+        evaluation.evaluate_checkpoint(tiny_run / "checkpoint.pt", reference="val")
 
 
 # ------------------------------------------------------------------------------------------------

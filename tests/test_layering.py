@@ -38,9 +38,10 @@ LAYERS = {
     "continuous": 5,
     "ensemble": 5,
     "training": 6,
-    "presets": 7,
+    "presets": 0,  # plain data: imports nothing (gcflows.training.images resolves the presets)
     "discrepancy": 7,
     "transport": 7,
+    "evaluation": 7,
     "plotting": 8,
 }
 
