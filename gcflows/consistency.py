@@ -755,7 +755,10 @@ class ConsistencyObjective:
 
     def _noised(self, data: Tensor, noise: Tensor, t_lo: Tensor, t_hi: Tensor):
         if isinstance(self.process, (VEProcess, LinearProcess)):
-            return interpolate_pair(data, noise, t_lo, t_hi, process=self.process.name)
+            # the objective checked data, noise and times at its entry: no second check here
+            return interpolate_pair(
+                data, noise, t_lo, t_hi, process=self.process.name, validate=False
+            )
         x_lo = self.process.interpolate(data, noise, t_lo)
         x_hi = self.process.interpolate(data, noise, t_hi)
         return x_lo, x_hi, couplings.squared_cost(data, noise)
