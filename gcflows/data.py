@@ -1,8 +1,7 @@
-"""Datasets: the 2D Gaussian-mixture presets, image sets from local files, a minibatch sampler.
+"""Datasets: image sets from local files and a minibatch sampler.
 
-- 2D presets: ``toy_dataset(name, **kw)`` returns the :class:`gcflows.gmm.GaussianMixture` of a
-  named preset (``two_gaussians_1to2``, ``two_diracs``, ``eight_gaussians``, ``random_mixture``);
-  the mixture is both the sampler and the oracle (exact denoiser / velocity / flow map).
+- Gaussian-mixture targets (2D presets, the high-dimensional ones and the digits-like mixture)
+  are built by :func:`gcflows.gmm.get_preset`: the mixture is both the sampler and the oracle.
 - Images, always returned as ``(images (N, C, H, W) float in [-1, 1], labels (N,) int64)``:
 
   * ``load_digits``: scikit-learn's bundled 8x8 digits (no download, the CPU default);
@@ -34,8 +33,6 @@ from torch import Tensor
 from gcflows.checks import choice, integer
 
 __all__ = [
-    "toy_dataset",
-    "toy_preset_names",
     "DIGITS_SPLIT_SEED",
     "DIGITS_TEST_FRACTION",
     "IMAGE_SHAPES",
@@ -50,30 +47,6 @@ __all__ = [
     "TensorSampler",
     "sample_batch",
 ]
-
-# ------------------------------------------------------------------------------------------------
-# 2D presets (Gaussian mixtures, defined in gcflows.gmm)
-# ------------------------------------------------------------------------------------------------
-
-
-def toy_dataset(name: str, **kwargs):
-    """The 2D (or ``random_mixture``: any-dimensional) preset ``name`` as a ``GaussianMixture``.
-
-    Thin re-export of :func:`gcflows.gmm.get_preset`; ``kwargs`` go to the preset function
-    (e.g. ``random_mixture(dim=..., n_components=..., generator=...)``). Draw training data with
-    ``toy_dataset(name).sample(n, generator=g)`` -> ``(n, d)``.
-    """
-    from gcflows import gmm  # lazy: keeps `import gcflows.data` light
-
-    return gmm.get_preset(name, **kwargs)
-
-
-def toy_preset_names() -> list[str]:
-    """Names accepted by :func:`toy_dataset` (sorted)."""
-    from gcflows import gmm
-
-    return sorted(gmm.PRESETS)
-
 
 # ------------------------------------------------------------------------------------------------
 # image shapes

@@ -26,34 +26,23 @@ from gcflows.data import (
     load_npz_images,
     read_idx,
     sample_batch,
-    toy_dataset,
 )
 
 # ------------------------------------------------------------------------------------------------
-# 2D presets
+# Gaussian-mixture presets (built by gcflows.gmm)
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["two_gaussians_1to2", "two_diracs", "eight_gaussians"])
-def test_toy_dataset_is_the_gmm_preset(name):
+def test_get_preset_passes_keyword_arguments_and_names_the_choices():
     from gcflows import gmm
 
-    a = toy_dataset(name).sample(64, generator=torch.Generator().manual_seed(3))
-    b = gmm.get_preset(name).sample(64, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert name in data.toy_preset_names()
-
-
-def test_toy_dataset_passes_keyword_arguments():
-    from gcflows import gmm
-
-    a = toy_dataset("random_mixture", dim=5, n_components=3, generator=11)
-    b = gmm.get_preset("random_mixture", dim=5, n_components=3, generator=11)
+    a = gmm.get_preset("random_mixture", dim=5, n_components=3, generator=11)
+    b = gmm.random_mixture(5, 3, generator=11)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     torch.testing.assert_close(a.sample(10, generator=g1), b.sample(10, generator=g2))
     assert a.sample(1).shape == (1, 5)
     with pytest.raises(ValueError, match="name must be one of"):
-        toy_dataset("nine_gaussians")
+        gmm.get_preset("nine_gaussians")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ LAYERS = {
     "metrics": 1,
     "gmm": 1,
     "ema": 1,
-    "data": 2,
+    "data": 0,
     "velocity": 2,
     "couplings": 3,
     "classifier": 3,
