@@ -37,15 +37,13 @@ import numpy as np
 import torch
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gcflows import couplings  # noqa: E402
-from gcflows.data import load_digits  # noqa: E402
-from gcflows.ensemble import Ensemble, EnsembleSpec, train_ensemble  # noqa: E402
-from gcflows.gmm import GaussianMixture, get_preset  # noqa: E402
-from gcflows.metrics import sliced_w2  # noqa: E402
-from gcflows.records import make_run_dir, print_table, write_config, write_results  # noqa: E402
-from gcflows.regression import estimate_proxy, exact_ic_proxy, rk4_flow_map  # noqa: E402
+from gcflows import couplings
+from gcflows.data import load_digits
+from gcflows.ensemble import Ensemble, EnsembleSpec, train_ensemble
+from gcflows.gmm import GaussianMixture, get_preset
+from gcflows.metrics import sliced_w2
+from gcflows.records import make_run_dir, print_table, write_config, write_results
+from gcflows.regression import estimate_proxy, exact_ic_proxy, rk4_flow_map
 
 T_MAX = 80.0
 TWO_STEP_T = 0.8

@@ -1,5 +1,6 @@
 """experiments/highdim_study.py: the --quick run end to end, and its exact metrics."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from gcflows.gmm import get_preset
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import highdim_study as hs  # noqa: E402
-
-from gcflows.gmm import get_preset  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location(
+    "highdim_study", ROOT / "experiments/highdim_study.py"
+)
+hs = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(hs)
 
 
 def test_quick_run_writes_the_run_folder(tmp_path):
