@@ -528,7 +528,9 @@ def test_presets():
     torch.testing.assert_close(eight.means.norm(dim=1), torch.full((8,), 2.0, dtype=F64))
     dist = torch.cdist(eight.means, eight.means) + 1e9 * torch.eye(8, dtype=F64)
     assert float(dist.min()) / float(eight.stds.max()) > 30
-    assert set(PRESETS) == {"two_gaussians_1to2", "two_diracs", "eight_gaussians", "random_mixture"}
+    two_d = {"two_gaussians_1to2", "two_diracs", "eight_gaussians", "random_mixture"}
+    high_d = {"random_16", "random_64", "random_256", "random_3072", "digits_mixture"}
+    assert set(PRESETS) == two_d | high_d
     assert get_preset("eight_gaussians", radius=3.0).means.norm(dim=1).max() == pytest.approx(3.0)
 
 
