@@ -79,6 +79,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from gcflows import checks, couplings
+from gcflows.checks import batch_times, finite
 from gcflows.consistency import (
     DISTANCES,
     Distance,
@@ -87,7 +88,7 @@ from gcflows.consistency import (
     shared_dropout_passes,
 )
 from gcflows.gmm import GaussianMixture
-from gcflows.processes import Process, TrigFlowProcess, as_time, check_finite, get_process
+from gcflows.processes import Process, TrigFlowProcess, get_process
 
 __all__ = [
     "METHODS",
@@ -137,7 +138,7 @@ class TrigFlowConsistencyModel(nn.Module):
         self.sigma_data = checks.real(sigma_data, "sigma_data", lo_open=0.0)
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        t = as_time(t, x.shape[0], x)
+        t = batch_times(t, x.shape[0], x)
         shape = (-1,) + (1,) * (x.dim() - 1)
         sd = self.sigma_data
         c_in = torch.rsqrt(torch.cos(t) ** 2 * sd * sd + torch.sin(t) ** 2).reshape(shape)
@@ -336,7 +337,7 @@ class ContinuousObjective:
         ``pair_cost``, ``gc_mask``; ``num_intervals`` is 0 (continuous time)."""
         if not torch.is_tensor(data) or not data.is_floating_point() or data.dim() < 2:
             raise checks.bad("data", type(data).__name__, "pass a float tensor (B, *dims)")
-        check_finite(data, "data")
+        finite(data, "data")
         if (self.method == "gc") != (gc_model is not None):
             raise checks.bad("gc_model", gc_model, "pass gc_model(x_t, t) for method='gc' only")
         step = checks.integer(step, "step", lo=0)
@@ -348,7 +349,7 @@ class ContinuousObjective:
             raise checks.bad("noise", type(noise).__name__, "pass a tensor shaped like data")
         noise = noise.to(device=device, dtype=dtype)
         checks.same_shape(data, noise)
-        check_finite(noise, "noise")
+        finite(noise, "noise")
         if times is None:
             times = sample_times(
                 self.process,
@@ -358,7 +359,7 @@ class ContinuousObjective:
                 p_std=self.p_std,
                 generator=generator,
             )
-        t = as_time(times, bsz, data, "times").to(device=device, dtype=dtype)
+        t = batch_times(times, bsz, data, "times").to(device=device, dtype=dtype)
         self.process.check_time(t.detach(), "times")
 
         data_used, noise_used, coupling = self._pairs(data, noise, t, gc_model, generator)
@@ -583,7 +584,7 @@ def gradient_noise(
             data, noise, gc_model, t, process, mu=mu, generator=generator
         )
         data, noise = res.data, res.noise
-    tt = as_time(t, n, data).contiguous()
+    tt = batch_times(t, n, data).contiguous()
     x, xdot = process.interpolate(data, noise, tt), process.xdot(data, noise, tt)
     v = gmm.velocity(x, tt, process)
     with _unchecked(model), torch.no_grad():

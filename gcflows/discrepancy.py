@@ -123,9 +123,10 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from gcflows import checks, couplings
+from gcflows.checks import batch_times
 from gcflows.consistency import Distance, get_distance
 from gcflows.gmm import GaussianMixture
-from gcflows.processes import Process, as_time, get_process, uniform_grid
+from gcflows.processes import Process, get_process, uniform_grid
 from gcflows.stats import Interval, paired_ratio
 from gcflows.velocity import TrueVelocity
 
@@ -853,7 +854,7 @@ def ic_proxy(
     gmm = target.to(dtype=dtype)
     data = gmm.sample(n_samples, generator)
     noise = torch.randn(data.shape, generator=generator, dtype=dtype)
-    tt = as_time(t, n_samples, data)
+    tt = batch_times(t, n_samples, data)
     x = process.interpolate(data, noise, tt)
     coef = process.da(tt) - process.db(tt) * process.a(tt) / process.b(tt)
     return Interval.from_samples(coef**2 * gmm.posterior_cov_trace(x, tt, process))
@@ -909,7 +910,7 @@ def coupled_path(
             data, noise, gc_model, t, process, mu=mu, generator=generator
         )
         d_out, n_out = res.data, res.noise
-    tt = as_time(t, data.shape[0], data)
+    tt = batch_times(t, data.shape[0], data)
     return process.interpolate(d_out, n_out, tt), process.xdot(d_out, n_out, tt)
 
 
@@ -1056,7 +1057,7 @@ def multistep_flow_map(
     """
     process = get_process(process)
     x64 = x.detach().to(torch.float64)
-    t64 = as_time(t, x.shape[0], x64)
+    t64 = batch_times(t, x.shape[0], x64)
     mix = target.to(dtype=torch.float64, device=x64.device)
     tm = torch.full_like(t64, process.t_min)
     s_start, s_end = process.b(t64) / process.a(t64), process.b(tm) / process.a(tm)

@@ -30,24 +30,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gcflows.checks import bad, batch_times, finite, integer, real, same_shape
+from gcflows.checks import bad, batch_times, integer, real, same_shape
 
 __all__ = [
     "Process",
     "VEProcess",
     "LinearProcess",
     "get_process",
-    "as_time",
     "expand_time",
     "karras_grid",
     "uniform_grid",
-    "check_finite",
 ]
-
-
-# Re-exported under the names other modules import: the validators live in gcflows.checks.
-check_finite = finite
-as_time = batch_times
 
 
 def expand_time(t: Tensor, x: Tensor) -> Tensor:
@@ -150,23 +143,23 @@ class Process(ABC):
     # --- conversions (all from a, b, a', b') --------------------------------------------------
     def noise_from_denoiser(self, x: Tensor, denoised: Tensor, t: Tensor | float) -> Tensor:
         """``E[noise | x] = (x - a D) / b``."""
-        t = expand_time(as_time(t, x.shape[0], x), x)
+        t = expand_time(batch_times(t, x.shape[0], x), x)
         return (x - self.a(t) * denoised) / self.b(t)
 
     def denoiser_from_noise(self, x: Tensor, noise_pred: Tensor, t: Tensor | float) -> Tensor:
         """``D = (x - b E[noise | x]) / a``."""
-        t = expand_time(as_time(t, x.shape[0], x), x)
+        t = expand_time(batch_times(t, x.shape[0], x), x)
         return (x - self.b(t) * noise_pred) / self.a(t)
 
     def velocity_from_denoiser(self, x: Tensor, denoised: Tensor, t: Tensor | float) -> Tensor:
         """``v = a' D + b' (x - a D) / b``; equals ``(x - D) / t`` for ``ve`` and ``linear``."""
-        t = expand_time(as_time(t, x.shape[0], x), x)
+        t = expand_time(batch_times(t, x.shape[0], x), x)
         a, b, da, db = self.a(t), self.b(t), self.da(t), self.db(t)
         return da * denoised + db * (x - a * denoised) / b
 
     def denoiser_from_velocity(self, x: Tensor, velocity: Tensor, t: Tensor | float) -> Tensor:
         """Invert ``velocity_from_denoiser``: ``D = (v - b' x / b) / (a' - b' a / b)``."""
-        t = expand_time(as_time(t, x.shape[0], x), x)
+        t = expand_time(batch_times(t, x.shape[0], x), x)
         a, b, da, db = self.a(t), self.b(t), self.da(t), self.db(t)
         return (velocity - db * x / b) / (da - db * a / b)
 
@@ -180,7 +173,7 @@ class Process(ABC):
 
     def score_from_denoiser(self, x: Tensor, denoised: Tensor, t: Tensor | float) -> Tensor:
         """Tweedie: ``grad log p_t(x) = -(x - a D) / b^2``."""
-        t = expand_time(as_time(t, x.shape[0], x), x)
+        t = expand_time(batch_times(t, x.shape[0], x), x)
         return -(x - self.a(t) * denoised) / self.b(t) ** 2
 
 

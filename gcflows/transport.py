@@ -63,9 +63,10 @@ from torch import Tensor, nn
 from torchdiffeq import odeint
 
 from gcflows import checks, kernels
+from gcflows.checks import batch_times
 from gcflows.couplings import ot_coupling, sinkhorn_coupling
 from gcflows.gmm import GaussianMixture
-from gcflows.processes import Process, as_time, get_process
+from gcflows.processes import Process, get_process
 from gcflows.stats import Interval
 
 __all__ = [
@@ -432,7 +433,7 @@ def ideal_flow_map(
     """
     process = get_process(process)
     x64 = x.detach().to(torch.float64)
-    t64 = as_time(t, x.shape[0], x64)
+    t64 = batch_times(t, x.shape[0], x64)
     process.check_time(t64)
     tm = torch.tensor(process.t_min, dtype=torch.float64, device=x64.device)
     s_start = process.b(t64) / process.a(t64)
@@ -681,7 +682,7 @@ def flow_map_jvp(
     checks.finite(direction, "direction")
     x64 = x.detach().to(torch.float64)
     u64 = direction.detach().to(torch.float64)
-    t64 = as_time(t, x.shape[0], x64)
+    t64 = batch_times(t, x.shape[0], x64)
     process.check_time(t64)
     te = float(process.t_min if t_end is None else t_end)
     if method == "fd":
@@ -960,7 +961,7 @@ def gaussian_flow_map(
     affine map ``fo(x, t) = a(t_min) m + sqrt(V(t_min) / V(t)) (x - a(t) m)``.
     """
     process = get_process(process)
-    t = as_time(t, x.shape[0], x.to(torch.float64))
+    t = batch_times(t, x.shape[0], x.to(torch.float64))
     process.check_time(t)
     mean = torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1)
     std = torch.as_tensor(std, dtype=torch.float64)
