@@ -7,6 +7,11 @@ on any other device (one block, no worker threads). It trusts its inputs: the pu
 
 ``interpolate_pair``:
 
+- float32 / float64 on CPU from ``_FUSED_MIN_ELEMENTS`` elements: one fused pass per block of rows
+  (``_fused_rows``, compiled by numba): each element of ``data`` and ``noise`` is read once and
+  each output written once, the traffic of two ``copy_`` calls, with the squared cost summed in
+  float64 on the way. Other dtypes, devices or sizes, or numba missing: the four ``out=`` passes
+  below.
 - Rows are processed in blocks of about ``_BLOCK_ELEMENTS`` (4 MiB of float32 per operand), so
   that a block of ``data``, ``noise`` and their difference stays in L3 across the four ``out=``
   passes over it (difference, ``vector_norm``, two ``addcmul``): ``data`` and ``noise`` come from
@@ -51,6 +56,9 @@ _BLOCK_ELEMENTS = 1 << 20
 # Below this many elements per worker, a thread hand-off costs more than it saves: one block,
 # run in the calling thread.
 _MIN_PARALLEL_ELEMENTS = 1 << 16
+# The fused numba pass from this many elements: below it the op is short next to importing numba
+# (about 1 s, once per process), so small calls (a training step on 2D data) never import it.
+_FUSED_MIN_ELEMENTS = 1 << 16
 # Huge pages from 4 MiB (two pages of 2 MiB); below that the hint has nothing to cover. Outputs
 # from this size come from the pool of reused buffers (``empty_reused``).
 _HUGE_PAGE_MIN_BYTES = 4 << 20
@@ -275,6 +283,56 @@ def _pair_rows(d, n, c_lo, c_hi, linear: bool, x_lo, x_hi, norm, s) -> None:
     torch.addcmul(d, c_hi, other, out=x_hi)
 
 
+_numba_kernel = None
+
+
+def _fused_kernel():
+    """The compiled row kernel, or ``None`` when numba is not installed (compiled on first use,
+    cached on disk beside this file where it is writable)."""
+    global _numba_kernel
+    if _numba_kernel is None:
+        try:
+            import numba
+        except ImportError:
+            _numba_kernel = False
+        else:
+            _numba_kernel = numba.njit(nogil=True, cache=True)(_fused_rows)
+    return _numba_kernel or None
+
+
+def _fused_rows(d, n, c_lo, c_hi, linear, x_lo, x_hi, sqcost, r0, r1):  # pragma: no cover
+    """Rows ``r0:r1`` in one pass (plain Python; run compiled by numba): with ``s = d - n``,
+    ``sqcost = ||s||^2`` summed in float64, ``x = d + c n`` (ve, ``c = t``) or ``x = d + c s``
+    (linear, ``c = -t``). d, n, x_lo, x_hi: ``(B, D)`` arrays of one float dtype; c_lo, c_hi:
+    ``(B,)`` of the same dtype; sqcost: ``(B,)``."""
+    D = d.shape[1]
+    for i in range(r0, r1):
+        a = c_lo[i]
+        b = c_hi[i]
+        acc = 0.0
+        for j in range(D):
+            x = d[i, j]
+            s = x - n[i, j]
+            acc += s * s
+            y = s if linear else n[i, j]
+            x_lo[i, j] = x + a * y
+            x_hi[i, j] = x + b * y
+        sqcost[i] = acc
+
+
+def _fusable(*xs: Tensor) -> bool:
+    """Whether the fused pass applies: CPU tensors, all float32 or all float64, contiguous, the
+    first of at least ``_FUSED_MIN_ELEMENTS`` elements."""
+    dtype = xs[0].dtype
+    return (
+        xs[0].device.type == "cpu"
+        and xs[0].numel() >= _FUSED_MIN_ELEMENTS
+        and dtype in (torch.float32, torch.float64)
+        and all(x.dtype == dtype and x.is_contiguous() for x in xs)
+        and _fused_kernel() is not None
+    )
+
+
 def interpolate_pair(
     data: Tensor,
     noise: Tensor,
@@ -309,6 +367,17 @@ def interpolate_pair(
     c_lo, c_hi = c_lo[:, None], c_hi[:, None]
     rows, n_blocks, threads = _plan(B, D, data.device)
     linear = process == "linear"
+    if _fusable(data2, noise2, lo2, hi2, sqcost):
+        kernel = _fused_kernel()
+        coef = (c_lo[:, 0].contiguous(), c_hi[:, 0].contiguous())
+        arrays = [x.numpy() for x in (data2, noise2, *coef)]
+        outs = [x.numpy() for x in (lo2, hi2, sqcost)]
+
+        def fused(k: int) -> None:
+            kernel(*arrays, linear, *outs, k * rows, min(B, (k + 1) * rows))
+
+        _run_blocks(fused, n_blocks, threads)
+        return x_lo, x_hi, sqcost
     if n_blocks == 1:  # the whole batch in this thread, no slicing
         scratch = torch.empty((B, D), dtype=acc, device=data.device)
         _pair_rows(data2, noise2, c_lo, c_hi, linear, lo2, hi2, sqcost, scratch)

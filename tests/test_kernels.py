@@ -18,6 +18,7 @@ Tolerances are bounds of floating-point error, stated where they are defined (``
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
 import os
@@ -416,6 +417,7 @@ def test_public_ops_use_reference_on_cpu_and_import_no_triton():
         "assert torch.equal(K.pairwise_sqdist(x, y), K.cpu.pairwise_sqdist(x, y))\n"
         "assert 'triton' not in sys.modules, 'triton imported on the CPU path'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
+        "assert 'numba' not in sys.modules, 'numba imported for a small call'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -594,6 +596,31 @@ def test_torch_backend_worker_threads(gen, monkeypatch):
         res = _torch_pair(data, noise, t_lo, t_hi, process)
     assert res[0].is_inference()
     _check_pair(res, data, noise, t_lo, t_hi, process)
+
+
+def test_fused_pass_matches_the_four_pass_path(gen, monkeypatch):
+    # numba is a dependency, so float32 / float64 on CPU take the fused one-pass kernel; it must
+    # meet the reference bounds of ``_check_pair`` and agree with the four ``out=`` passes to
+    # 2 ulp of the terms' magnitude (one rounding either side: the passes' addcmul may fuse the
+    # multiply-add, the kernel rounds the product first). Multi-block (2 workers) and one block.
+    assert C._fused_kernel() is not None
+    for B, D, block in [(37, 1000, 4096), (5, 7, C._BLOCK_ELEMENTS)]:
+        monkeypatch.setattr(C, "_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(C, "_MIN_PARALLEL_ELEMENTS", 1024)
+        monkeypatch.setattr(C, "_FUSED_MIN_ELEMENTS", 1)
+        for dtype, process in itertools.product((torch.float32, torch.float64), ("ve", "linear")):
+            data, noise = _rand((B, D), dtype, gen), _rand((B, D), dtype, gen)
+            t_lo, t_hi = _times(B, process, gen), _times(B, process, gen)
+            fused = _torch_pair(data, noise, t_lo, t_hi, process, out=_nan_out_pair(data))
+            with monkeypatch.context() as m:
+                m.setattr(C, "_fused_kernel", lambda: None)
+                passes = _torch_pair(data, noise, t_lo, t_hi, process)
+            for res in (fused, passes):
+                _check_pair(res, data, noise, t_lo, t_hi, process)
+            scales = _ref64(data, noise, t_lo, t_hi, process)[3]  # |data| + |c other| per element
+            ulp = torch.finfo(dtype).eps
+            for x, y, scale in zip(fused[:2], passes[:2], scales, strict=True):
+                _assert_within(x, y.double(), 2 * ulp * scale, "fused vs four passes")
 
 
 def test_torch_backend_worker_threads_after_fork(gen, monkeypatch):
