@@ -139,7 +139,28 @@ def _solve_lsa(cost: np.ndarray) -> np.ndarray:
     Row then column minima are subtracted first: every permutation's total shifts by the same
     constant, so the optimal assignment is unchanged, and the solver starts from tighter duals
     (about 3x faster on high-dimensional batches). Works in place on ``cost``.
+
+    Orientation: the solver adds one row at a time and its augmenting path is long when that
+    row's cheapest columns are already taken. When the rows agree on few cheapest columns while
+    the columns disagree more (data from a few tight clusters against Gaussian noise: in the toy
+    study's 2D batches of 256 the data rows have 2 to 4 distinct cheapest noise rows, the noise
+    rows about 16 distinct cheapest data rows), the transposed problem is solved instead, the same
+    optimum about 1.6x faster there (docs/performance.md); the count costs two ``argmin`` passes.
     """
+    n = cost.shape[0]
+    rows_distinct = np.count_nonzero(np.bincount(cost.argmin(axis=1), minlength=n))
+    cols_distinct = np.count_nonzero(np.bincount(cost.argmin(axis=0), minlength=n))
+    if cols_distinct > 2 * rows_distinct:
+        # noise j is assigned data row back[j]; invert to data row i -> noise perm[i]
+        back = _solve_reduced(np.ascontiguousarray(cost.T))
+        perm = np.empty(n, dtype=np.int64)
+        perm[back] = np.arange(n)
+        return perm
+    return _solve_reduced(cost)
+
+
+def _solve_reduced(cost: np.ndarray) -> np.ndarray:
+    """Row and column reduction, then ``linear_sum_assignment``: ``perm[row] = column``."""
     cost -= cost.min(axis=1, keepdims=True)
     cost -= cost.min(axis=0, keepdims=True)
     rows, cols = linear_sum_assignment(cost)
