@@ -497,6 +497,39 @@ def test_multistep_flow_map_matches_the_exact_ode(process, steps, bound):
         dsc.FlowMapGenerator(gmm, process, method="euler")
 
 
+def test_row_chunks_give_the_same_values(monkeypatch):
+    """Large batches are evaluated EVAL_ROWS rows at a time: the same values as one call (the
+    model is row-wise), for the JVP, both time derivatives and the loss gaps built on them."""
+    model, gmm = TinyModel(), two_gaussians_1to2()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(101, 2, generator=g, dtype=torch.float64)
+    t = 0.01 + 4 * torch.rand(101, generator=g, dtype=torch.float64)
+    w = torch.randn(101, 2, generator=g, dtype=torch.float64)
+
+    def values():
+        return [
+            dsc.jacobian_vector_product(model, x, t, w),
+            dsc.directional_derivative(model, x, t, w, VE),
+            dsc.directional_derivative(model, x, t, w, VE, time_derivative="jvp"),
+            *[
+                torch.tensor([r.scaled_gap.mean, r.ratio.mean, r.loss_ct.mean])
+                for r in dsc.loss_gaps(
+                    model,
+                    gmm,
+                    VE,
+                    [10, 1000],
+                    n_samples=200,
+                    generator=torch.Generator().manual_seed(5),
+                )
+            ],
+        ]
+
+    whole = values()
+    monkeypatch.setattr(dsc, "EVAL_ROWS", 16)  # 101 rows: six full chunks and a partial one
+    for a, b in zip(values(), whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
 def _mixtures():
     """Diagonal (isotropic, per-axis, Dirac and zero-weight components) and full covariances."""
     yield "isotropic", two_gaussians_1to2()
