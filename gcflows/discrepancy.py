@@ -289,6 +289,37 @@ def jacobian_vector_product(model: Model, x: Tensor, t: Tensor, vector: Tensor) 
     return _by_rows(lambda xx, tt, vv: jvp(lambda z: model(z, tt), (xx,), (vv,))[1], x, t, vector)
 
 
+def _jacobian_rows(model: Model, x: Tensor, t: Tensor) -> Tensor:
+    """``df/dx (x, t)`` per sample ``(B, d_out, d)``: ``d_out`` reverse-mode passes of
+    ``sum_rows f_i`` (rows are independent, so its gradient is each row's ``df_i/dx``).
+
+    Preferred to JVPs when at least ``d_out`` directions are needed: on the toy study's ToyMLP
+    (float64, 2000 rows) the whole 2 x 2 Jacobian took 17 ms, one JVP 25 ms.
+    """
+
+    def rows(xx: Tensor, tt: Tensor) -> Tensor:
+        with torch.enable_grad():
+            xx = xx.detach().requires_grad_(True)
+            out = model(xx, tt)
+            n_out = out.shape[1]
+            grads = [
+                torch.autograd.grad(out[:, i].sum(), xx, retain_graph=i + 1 < n_out)[0]
+                for i in range(n_out)
+            ]
+        return torch.stack(grads, dim=1)
+
+    return _by_rows(rows, x, t)
+
+
+def _jacobian_products(model: Model, x: Tensor, t: Tensor, vectors: Sequence[Tensor]) -> list:
+    """``df/dx (x, t) w`` for each ``w`` ``(B, d)``: by the Jacobian when there are at least
+    ``d`` vectors, else one JVP each (the same values up to rounding)."""
+    if len(vectors) >= x.shape[1]:
+        jac = _jacobian_rows(model, x, t)
+        return [(jac @ w[:, :, None])[:, :, 0] for w in vectors]
+    return [jacobian_vector_product(model, x, t, w) for w in vectors]
+
+
 def _time_derivative(model: Model, x: Tensor, t: Tensor, process: Process, rel_step: float):
     """``df/dt`` by a second-order one-sided difference inside ``[t_min, t_max]``: ``(B, d)``.
 
@@ -347,7 +378,7 @@ def _path_derivatives(
         raise ValueError(f"time_derivative must be 'fd' or 'jvp', got {time_derivative!r}")
     checks.real(fd_rel_step, "fd_rel_step", lo_open=0.0, hi_open=0.1)
     dfdt = _time_derivative(model, x, t, process, fd_rel_step)
-    return [jacobian_vector_product(model, x, t, w) + dfdt for w in directions]
+    return [jw + dfdt for jw in _jacobian_products(model, x, t, directions)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,15 +403,16 @@ def posterior_jacobian_trace(
 
     ``Sigma = Cov[xdot | x_t] = (a' - b' a / b)^2 Cov[data | x_t]`` from the mixture's posterior
     covariance; with ``Sigma = L L^T`` (``L = U diag(sqrt(lam))`` from ``eigh``, robust for a
-    singular ``Sigma``), ``tr(J Sigma J^T) = sum_k ||J L e_k||^2``: ``d`` Jacobian-vector products.
+    singular ``Sigma``), ``tr(J Sigma J^T) = sum_k ||J L e_k||^2 = ||J L||_F^2``: the ``d``
+    products ``J L e_k`` (:func:`_jacobian_products`).
     """
     coef = process.da(t) - process.db(t) * process.a(t) / process.b(t)
     cov = target.posterior_cov(x, t, process) * (coef**2)[:, None, None]
     lam, vecs = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)))
     root = vecs * lam.clamp_min(0.0).sqrt()[:, None, :]
+    columns = [root[:, :, k].contiguous() for k in range(x.shape[1])]
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for k in range(x.shape[1]):
-        jl = jacobian_vector_product(model, x, t, root[:, :, k].contiguous())
+    for jl in _jacobian_products(model, x, t, columns):
         total = total + (jl * jl).sum(1)
     return total
 

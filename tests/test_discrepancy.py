@@ -497,6 +497,22 @@ def test_multistep_flow_map_matches_the_exact_ode(process, steps, bound):
         dsc.FlowMapGenerator(gmm, process, method="euler")
 
 
+def test_jacobian_products_equal_jvps():
+    """With at least d directions the products come from the reverse-mode Jacobian (d passes);
+    they equal one JVP per direction up to float64 rounding."""
+    model = TinyModel()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(50, 2, generator=g, dtype=torch.float64)
+    t = 0.01 + 4 * torch.rand(50, generator=g, dtype=torch.float64)
+    ws = [torch.randn(50, 2, generator=g, dtype=torch.float64) for _ in range(3)]
+    with torch.no_grad():  # as inside r_theta / loss_gaps
+        for k in (1, 2, 3):  # k = 1 < d: the JVP path; k >= d: the Jacobian
+            got = dsc._jacobian_products(model, x, t, ws[:k])
+            for g_k, w in zip(got, ws[:k], strict=True):
+                want = dsc.jacobian_vector_product(model, x, t, w)
+                torch.testing.assert_close(g_k, want, rtol=1e-12, atol=1e-14)
+
+
 def test_row_chunks_give_the_same_values(monkeypatch):
     """Large batches are evaluated EVAL_ROWS rows at a time: the same values as one call (the
     model is row-wise), for the JVP, both time derivatives and the loss gaps built on them."""
