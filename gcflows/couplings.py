@@ -29,7 +29,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -192,6 +191,8 @@ def _solve_emd(cost: np.ndarray, max_iter: int) -> tuple[np.ndarray | None, str]
     ``B * plan`` is a permutation matrix; anything else (iteration limit, infeasible, a plan that
     is not a permutation) is reported as a failure, never accepted.
     """
+    import ot  # here, not at the top: POT imports scikit-learn and networkx (~1.5 s)
+
     n = cost.shape[0]
     w = np.full(n, 1.0 / n)
     with warnings.catch_warnings():
@@ -358,6 +359,8 @@ def sinkhorn_coupling(
         CouplingResult with ``plan`` ``(B, B)`` float64 (total mass 1), ``permutation=None``,
         ``data`` unchanged, ``noise`` the drawn rows.
     """
+    import ot  # here, not at the top: POT imports scikit-learn and networkx (~1.5 s)
+
     pair(data, noise)
     fix = "use a positive finite float ({})"
     reg = real(reg, "reg", lo_open=0.0, fix=fix.format("the entropic weight / the mean cost"))
