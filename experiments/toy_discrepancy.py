@@ -298,14 +298,17 @@ def seeded(*words: int) -> torch.Generator:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class EvalContext:
-    """What every evaluation shares: the W2 target sample and its floor (two target samples), the
-    flow-map reference of the consistency error, the mode radius, exact PF-ODE trajectories."""
+    """What every evaluation shares: the W2 target sample, a second target sample for the W2
+    floor, the flow-map reference of the consistency error, the mode radius, exact PF-ODE
+    trajectories; ``w2_floor`` (the exact W2 of the two target samples) is filled in by
+    :func:`run_jobs` once the first jobs run."""
 
     w2_target: torch.Tensor
-    w2_floor: float
+    floor_sample: torch.Tensor
     reference: dict
     mode_radius: float
     trajectory: dict
+    w2_floor: float | None = None
 
 
 def eval_context(setup: dict) -> EvalContext:
@@ -313,7 +316,7 @@ def eval_context(setup: dict) -> EvalContext:
     base = setup["seeds"][0]
     g = seeded(base, 11)
     w2_target = target.sample(setup["n_eval"], g)
-    w2_floor = exact_w2(w2_target, target.sample(setup["n_eval"], g))
+    floor_sample = target.sample(setup["n_eval"], g)
     # rtol 1e-4: squared errors ~1e-8, far below any consistency error measured here
     reference = dsc.flow_map_reference(
         target,
@@ -339,7 +342,7 @@ def eval_context(setup: dict) -> EvalContext:
     stds = target.stds
     radius = max(0.05, 10.0 * float(stds.max())) if stds is not None else 0.5
     trajectory = {"x": path, "t": t_end, "shape": (n_traj, n_tt, 2), "endpoints": endpoints}
-    return EvalContext(w2_target, w2_floor, reference, radius, trajectory)
+    return EvalContext(w2_target, floor_sample, reference, radius, trajectory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -720,21 +723,33 @@ def figure_jobs(out: JobResults, done: set[str], setup: dict, ctx: EvalContext, 
     return jobs
 
 
-def run_jobs(setup: dict, ctx: EvalContext, args: argparse.Namespace, run_dir: Path) -> JobResults:
-    """Every job, the figures included, in ``args.workers`` processes with progress on stderr;
-    SIGINT / SIGTERM stop the workers (:class:`gcflows.progress.Interrupted`).
+def job_count(args: argparse.Namespace) -> int:
+    """Jobs of the run: trainings, Theorem 1 and the proxy (twice each with training: on the
+    random and on a trained network), figure groups."""
+    if args.skip_training:
+        return 2 + 2
+    return len(METHODS) * len(args.seeds) + 4 + len(FIGURE_PARTS)
 
+
+def run_jobs(
+    setup: dict, args: argparse.Namespace, run_dir: Path
+) -> tuple[JobResults, EvalContext, float]:
+    """Every job, the figures included, in ``args.workers`` processes with progress on stderr;
+    SIGINT / SIGTERM stop the workers (:class:`gcflows.progress.Interrupted`). Returns the raw
+    results, the evaluation context and the ``perf_counter`` time at which it was ready.
+
+    The workers are started first: they import while the parent prepares the evaluation context.
     Scheduling: a job starts only when a worker is free, taken from a queue kept in
     :func:`job_priority` order, into which the follow-up and figure jobs are inserted as their
     inputs complete; so the jobs others wait for run first and the longest ones next."""
-    queue = initial_jobs(setup, ctx, args.skip_training)
-    n_figures = 2 if args.skip_training else len(FIGURE_PARTS)
-    total = len(queue) + (0 if args.skip_training else 2) + n_figures
     out, figures_queued = JobResults(), set()
     with (
-        Progress(total, "toy_discrepancy", quiet=args.quiet) as progress,
+        Progress(job_count(args), "toy_discrepancy", quiet=args.quiet) as progress,
         JobPool(run_job, args.workers, progress) as pool,
     ):
+        ctx = eval_context(setup)
+        ctx_ready = time.perf_counter()
+        queue = initial_jobs(setup, ctx, args.skip_training)
         kinds = {}
 
         def start_free_workers() -> None:
@@ -744,6 +759,8 @@ def run_jobs(setup: dict, ctx: EvalContext, args: argparse.Namespace, run_dir: P
                 pool.submit(job, job_label(job))
 
         start_free_workers()
+        # now, while the first jobs run: exact_w2 imports POT (~1.5 s), off the path to them
+        ctx.w2_floor = exact_w2(ctx.w2_target, ctx.floor_sample)
         for label, res in pool.results():
             out.job_s[label] = res["job_s"]
             out.cpu_s[label] = res["cpu_s"]
@@ -763,7 +780,7 @@ def run_jobs(setup: dict, ctx: EvalContext, args: argparse.Namespace, run_dir: P
             queue.extend(new)
             queue.sort(key=lambda job: job_priority(job, setup))
             start_free_workers()
-    return out
+    return out, ctx, ctx_ready
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1255,17 +1272,14 @@ def main(argv=None) -> dict:
     # the parent only prepares the evaluation context (small tensors, where a second thread
     # only adds synchronisation; under load it made this step 20x slower) and collects results
     torch.set_num_threads(1)
-    ctx = eval_context(setup)
-    prep_s = time.perf_counter() - wall0
     print(
         f"[toy_discrepancy] {args.dataset}, {process.name} on [{process.t_min}, {process.t_max}], "
         f"seeds {args.seeds}, {setup['steps']} steps, {args.workers} workers -> {run_dir}",
         flush=True,
     )
-    t_jobs = time.perf_counter()
     try:
         with signals_interrupt():
-            raw = run_jobs(setup, ctx, args, run_dir)
+            raw, ctx, t_jobs = run_jobs(setup, args, run_dir)
     except Interrupted as err:
         print(
             f"[toy_discrepancy] {err}: workers stopped, nothing written to {run_dir} "
@@ -1274,6 +1288,7 @@ def main(argv=None) -> dict:
         )
         raise SystemExit(128 + err.signum) from None
     jobs_s = time.perf_counter() - t_jobs
+    prep_s = t_jobs - wall0
     theory = theorem1_section(raw.theory)
     checks_by_label = theorem_checks(theory)
     proxy = proxy_section(raw.proxy_rows, process)
