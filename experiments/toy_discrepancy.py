@@ -1,6 +1,6 @@
 """The CT / CD discrepancy measured exactly on 2D Gaussian mixtures (docs/paper.md section 3).
 
-    python experiments/toy_discrepancy.py                 # default run (~280 s CPU, 2 workers)
+    python experiments/toy_discrepancy.py                 # default run (~160 s CPU, 2 workers)
     python experiments/toy_discrepancy.py --quick         # smoke run (under a minute)
     python experiments/toy_discrepancy.py --dataset eight_gaussians --process linear --seeds 0 1 2
 
@@ -28,9 +28,10 @@ What it computes (the library does the work, this script wires it), one function
    over t, mode balance, and R(theta).
 
 Outputs in ``<out>/toy_discrepancy_<time>/``: config.json, results.json, results.csv, PNG figures;
-the summary table is printed last. Jobs run in ``--workers`` processes (default 2); progress on
-stderr (a bar on a terminal, one line per job with ``--quiet`` or in a log). Every argument is
-checked before the run folder is created.
+the summary table is printed last. Jobs, the figures included, run in ``--workers`` processes
+(default 2), the longest first (:func:`job_priority`); progress on stderr (a bar on a terminal,
+one line per job with ``--quiet`` or in a log). Every argument is checked before the run folder
+is created.
 """
 
 from __future__ import annotations
