@@ -1,6 +1,6 @@
 """The CT / CD discrepancy measured exactly on 2D Gaussian mixtures (docs/paper.md section 3).
 
-    python experiments/toy_discrepancy.py                 # default run (~160 s CPU, 2 workers)
+    python experiments/toy_discrepancy.py                 # default run (~190 s CPU, 2 workers)
     python experiments/toy_discrepancy.py --quick         # smoke run (under a minute)
     python experiments/toy_discrepancy.py --dataset eight_gaussians --process linear --seeds 0 1 2
 
