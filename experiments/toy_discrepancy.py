@@ -1,6 +1,6 @@
 """The CT / CD discrepancy measured exactly on 2D Gaussian mixtures (docs/paper.md section 3).
 
-    python experiments/toy_discrepancy.py                 # default run (~280 s CPU, 2 workers)
+    python experiments/toy_discrepancy.py                 # default run (~190 s CPU, 2 workers)
     python experiments/toy_discrepancy.py --quick         # smoke run (under a minute)
     python experiments/toy_discrepancy.py --dataset eight_gaussians --process linear --seeds 0 1 2
 
@@ -28,9 +28,10 @@ What it computes (the library does the work, this script wires it), one function
    over t, mode balance, and R(theta).
 
 Outputs in ``<out>/toy_discrepancy_<time>/``: config.json, results.json, results.csv, PNG figures;
-the summary table is printed last. Jobs run in ``--workers`` processes (default 2); progress on
-stderr (a bar on a terminal, one line per job with ``--quiet`` or in a log). Every argument is
-checked before the run folder is created.
+the summary table is printed last. Jobs, the figures included, run in ``--workers`` processes
+(default 2), the longest first (:func:`job_priority`); progress on stderr (a bar on a terminal,
+one line per job with ``--quiet`` or in a log). Every argument is checked before the run folder
+is created.
 """
 
 from __future__ import annotations
@@ -298,14 +299,17 @@ def seeded(*words: int) -> torch.Generator:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class EvalContext:
-    """What every evaluation shares: the W2 target sample and its floor (two target samples), the
-    flow-map reference of the consistency error, the mode radius, exact PF-ODE trajectories."""
+    """What every evaluation shares: the W2 target sample, a second target sample for the W2
+    floor, the flow-map reference of the consistency error, the mode radius, exact PF-ODE
+    trajectories; ``w2_floor`` (the exact W2 of the two target samples) is filled in by
+    :func:`run_jobs` once the first jobs run."""
 
     w2_target: torch.Tensor
-    w2_floor: float
+    floor_sample: torch.Tensor
     reference: dict
     mode_radius: float
     trajectory: dict
+    w2_floor: float | None = None
 
 
 def eval_context(setup: dict) -> EvalContext:
@@ -313,7 +317,7 @@ def eval_context(setup: dict) -> EvalContext:
     base = setup["seeds"][0]
     g = seeded(base, 11)
     w2_target = target.sample(setup["n_eval"], g)
-    w2_floor = exact_w2(w2_target, target.sample(setup["n_eval"], g))
+    floor_sample = target.sample(setup["n_eval"], g)
     # rtol 1e-4: squared errors ~1e-8, far below any consistency error measured here
     reference = dsc.flow_map_reference(
         target,
@@ -339,7 +343,7 @@ def eval_context(setup: dict) -> EvalContext:
     stds = target.stds
     radius = max(0.05, 10.0 * float(stds.max())) if stds is not None else 0.5
     trajectory = {"x": path, "t": t_end, "shape": (n_traj, n_tt, 2), "endpoints": endpoints}
-    return EvalContext(w2_target, w2_floor, reference, radius, trajectory)
+    return EvalContext(w2_target, floor_sample, reference, radius, trajectory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -537,10 +541,30 @@ def proxy_job(job: dict) -> dict:
     return {"rows": rows, "job_s": time.perf_counter() - t0}
 
 
+def figures_job(job: dict) -> dict:
+    """Draw one group of figures (``job["part"]``) into ``job["run_dir"]``; returns their names.
+
+    Run in a worker like the computations, so that figures drawn from finished sections overlap
+    the jobs still running and the last ones are drawn by both workers at once."""
+    t0 = time.perf_counter()
+    run_dir, part, data = Path(job["run_dir"]), job["part"], job["data"]
+    if part == "theorem1":
+        paths = figure_theorem1(run_dir, theorem1_section(data))
+    elif part == "proxy":
+        _, process = problem(job["setup"])
+        paths = [figure_proxy(run_dir, proxy_section(data, process))]
+    elif part == "training":
+        paths = figure_training(run_dir, data)
+    else:
+        paths = figure_samples(run_dir, data, job["ctx"])
+    return {"part": part, "figures": [p.name for p in paths], "job_s": time.perf_counter() - t0}
+
+
 def run_job(job: dict) -> dict:
     """Run one job; its result also holds ``cpu_s``, the CPU time of the job's process."""
     cpu0 = time.process_time()
-    res = {"train": train_job, "theory": theorem1_job, "proxy": proxy_job}[job["kind"]](job)
+    jobs = {"train": train_job, "theory": theorem1_job, "proxy": proxy_job, "figures": figures_job}
+    res = jobs[job["kind"]](job)
     res["cpu_s"] = time.process_time() - cpu0
     return res
 
@@ -557,13 +581,57 @@ class JobResults:
     proxy_rows: list[dict] = field(default_factory=list)
     job_s: dict[str, float] = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, list[str]] = field(default_factory=dict)
+    proxy_jobs: int = 0
+
+    def train_summary(self) -> dict:
+        return training_section(self.train)
+
+    def figure_names(self) -> list[str]:
+        """The figures' file names in the order of FIGURE_PARTS."""
+        return [name for part in FIGURE_PARTS for name in self.figures.get(part, [])]
+
+
+FIGURE_PARTS = ("theorem1", "proxy", "training", "samples")
+# CPU seconds of each job at the default sizes (docs/experiments.md, toy section; measured under
+# load, so only their order matters): the longest start first, so that the workers end together.
+TRAIN_COST_S = {"ot": 8.0, "cd_distilled": 6.0, "gc_ideal": 5.5}
+OTHER_TRAIN_COST_S = 4.0
+FIGURE_COST_S = {"theorem1": 4.5, "proxy": 0.5, "training": 3.0, "samples": 2.0}
+
+
+def job_cost(job: dict) -> float:
+    """The expected CPU seconds of a job (its place in the queue)."""
+    if job["kind"] == "train":
+        return TRAIN_COST_S.get(job["name"], OTHER_TRAIN_COST_S)
+    if job["kind"] == "theory":
+        return 10.0
+    if job["kind"] == "proxy":
+        return 1.2 if job["kinds"] == ["gc_trained"] else 10.0
+    return FIGURE_COST_S[job["part"]]
+
+
+def job_priority(job: dict, setup: dict) -> tuple:
+    """Sort key of the queue: first the jobs another job waits for (the first seed's CT and GC
+    trainings, then their follow-ups, which complete the inputs of the Theorem 1 and proxy
+    figures), then the figures whose data is complete (the training figures can only start
+    after the last training: nothing else should be left then), then the longest first."""
+    first = job.get("seed") == setup["seeds"][0]
+    waited_for = (
+        (job["kind"] == "train" and first and job["name"] in (THEORY_MODEL_FROM, GC_GENERATOR_FROM))
+        or (job["kind"] == "theory" and job.get("state") is not None)
+        or (job["kind"] == "proxy" and job["kinds"] == ["gc_trained"])
+    )
+    rank = 0 if waited_for else (1 if job["kind"] == "figures" else 2)
+    return (rank, -job_cost(job))
 
 
 def initial_jobs(setup: dict, ctx: EvalContext, skip_training: bool) -> list[dict]:
-    """GC-ideal trainings first (the longest), then Theorem 1 and the proxy, then the others."""
+    """Every training, Theorem 1 on the random network and the proxy, in queue order
+    (:func:`job_priority`)."""
     _, process = problem(setup)
     seeds, base = setup["seeds"], setup["seeds"][0]
-    names = [] if skip_training else ["gc_ideal"] + [m[0] for m in METHODS if m[0] != "gc_ideal"]
+    names = [] if skip_training else [m[0] for m in METHODS]
     train = [
         {"kind": "train", "setup": setup, "ctx": ctx, "name": n, "seed": s}
         for n in names
@@ -577,7 +645,7 @@ def initial_jobs(setup: dict, ctx: EvalContext, skip_training: bool) -> list[dic
         "kinds": ["ic_exact", "ic_knn", "ot", "gc_ideal"],
         "times": log_times(process, setup["proxy_times"]),
     }
-    return train[: len(seeds)] + [theory, proxy] + train[len(seeds) :]
+    return sorted(train + [theory, proxy], key=lambda job: job_priority(job, setup))
 
 
 def follow_up_jobs(res: dict, setup: dict) -> list[dict]:
@@ -616,37 +684,104 @@ def job_label(job: dict) -> str:
         return f"train {job['name']} seed {job['seed']}"
     if job["kind"] == "theory":
         return f"theorem 1, {job['label']}"
+    if job["kind"] == "figures":
+        return f"figures: {job['part']}"
     return f"proxy {'/'.join(job['kinds'])}"
 
 
-def run_jobs(setup: dict, ctx: EvalContext, args: argparse.Namespace) -> JobResults:
-    """Every job in ``args.workers`` processes with progress on stderr; SIGINT / SIGTERM stop
-    the workers (:class:`gcflows.progress.Interrupted`)."""
-    jobs = initial_jobs(setup, ctx, args.skip_training)
-    total = len(jobs) + (0 if args.skip_training else 2)
-    out = JobResults()
+def figure_jobs(out: JobResults, done: set[str], setup: dict, ctx: EvalContext, args, run_dir):
+    """The figure jobs whose data is now complete (each once; ``done`` holds the parts queued)."""
+    per_section = 1 if args.skip_training else 2  # the random network only / and a trained one
+    trained = not args.skip_training and len(out.train) == len(METHODS) * len(args.seeds)
+    ready = {
+        "theorem1": len(out.theory) == per_section,
+        "proxy": out.proxy_jobs == per_section,
+        "training": trained,
+        "samples": trained,
+    }
+    jobs = []
+    for part in FIGURE_PARTS:
+        if ready[part] and part not in done:
+            done.add(part)
+            if part == "theorem1":
+                data = out.theory
+            elif part == "proxy":
+                data = out.proxy_rows
+            elif part == "training":
+                data = out.train_summary()
+            else:
+                data = first_seed_samples(out.train)
+            jobs.append(
+                {
+                    "kind": "figures",
+                    "part": part,
+                    "run_dir": str(run_dir),
+                    "data": data,
+                    "setup": setup,
+                    "ctx": ctx if part == "samples" else None,
+                }
+            )
+    return jobs
+
+
+def job_count(args: argparse.Namespace) -> int:
+    """Jobs of the run: trainings, Theorem 1 and the proxy (twice each with training: on the
+    random and on a trained network), figure groups."""
+    if args.skip_training:
+        return 2 + 2
+    return len(METHODS) * len(args.seeds) + 4 + len(FIGURE_PARTS)
+
+
+def run_jobs(
+    setup: dict, args: argparse.Namespace, run_dir: Path
+) -> tuple[JobResults, EvalContext, float]:
+    """Every job, the figures included, in ``args.workers`` processes with progress on stderr;
+    SIGINT / SIGTERM stop the workers (:class:`gcflows.progress.Interrupted`). Returns the raw
+    results, the evaluation context and the ``perf_counter`` time at which it was ready.
+
+    The workers are started first: they import while the parent prepares the evaluation context.
+    Scheduling: a job starts only when a worker is free, taken from a queue kept in
+    :func:`job_priority` order, into which the follow-up and figure jobs are inserted as their
+    inputs complete; so the jobs others wait for run first and the longest ones next."""
+    out, figures_queued = JobResults(), set()
     with (
-        Progress(total, "toy_discrepancy", quiet=args.quiet) as progress,
+        Progress(job_count(args), "toy_discrepancy", quiet=args.quiet) as progress,
         JobPool(run_job, args.workers, progress) as pool,
     ):
+        ctx = eval_context(setup)
+        ctx_ready = time.perf_counter()
+        queue = initial_jobs(setup, ctx, args.skip_training)
         kinds = {}
-        for job in jobs:
-            kinds[job_label(job)] = job["kind"]
-            pool.submit(job, job_label(job))
+
+        def start_free_workers() -> None:
+            while queue and pool.pending < args.workers:
+                job = queue.pop(0)
+                kinds[job_label(job)] = job["kind"]
+                pool.submit(job, job_label(job))
+
+        start_free_workers()
+        # now, while the first jobs run: exact_w2 imports POT (~1.5 s), off the path to them
+        ctx.w2_floor = exact_w2(ctx.w2_target, ctx.floor_sample)
         for label, res in pool.results():
             out.job_s[label] = res["job_s"]
             out.cpu_s[label] = res["cpu_s"]
             kind = kinds[label]
+            new = []
             if kind == "train":
                 out.train.append(res)
-                for nxt in follow_up_jobs(res, setup):
-                    kinds[job_label(nxt)] = nxt["kind"]
-                    pool.submit(nxt, job_label(nxt))
+                new += follow_up_jobs(res, setup)
             elif kind == "theory":
                 out.theory.append(res)
-            else:
+            elif kind == "proxy":
                 out.proxy_rows.extend(res["rows"])
-    return out
+                out.proxy_jobs += 1
+            else:
+                out.figures[res["part"]] = res["figures"]
+            new += figure_jobs(out, figures_queued, setup, ctx, args, run_dir)
+            queue.extend(new)
+            queue.sort(key=lambda job: job_priority(job, setup))
+            start_free_workers()
+    return out, ctx, ctx_ready
 
 
 # ------------------------------------------------------------------------------------------------
@@ -940,10 +1075,8 @@ TRAINING_PANELS = {
 }
 
 
-def figure_training(
-    run_dir: Path, training: dict[str, MethodSummary], samples: dict, ctx: EvalContext
-) -> list[Path]:
-    """training_curves.png, consistency_vs_t.png, samples.png, trajectories.png."""
+def figure_training(run_dir: Path, training: dict[str, MethodSummary]) -> list[Path]:
+    """training_curves.png, consistency_vs_t.png."""
     from gcflows import plotting as pl
 
     panels = {
@@ -958,7 +1091,6 @@ def figure_training(
         pl.Curve(res.consistency_by_t["times"], res.consistency_by_t["mean"], label=method)
         for method, res in training.items()
     ]
-    reference = ctx.w2_target.numpy()
     return [
         pl.plot_panels(
             panels,
@@ -977,6 +1109,15 @@ def figure_training(
             logy=True,
             title="Consistency error at the end of training",
         ),
+    ]
+
+
+def figure_samples(run_dir: Path, samples: dict, ctx: EvalContext) -> list[Path]:
+    """samples.png, trajectories.png (the first seed's EMA models)."""
+    from gcflows import plotting as pl
+
+    reference = ctx.w2_target.numpy()
+    return [
         pl.plot_scatter_grid(
             samples["samples"],
             run_dir / "samples.png",
@@ -1129,18 +1270,17 @@ def main(argv=None) -> dict:
     run_dir = make_run_dir(args.out, "toy_discrepancy")
     write_config(run_dir, args, seed=args.seeds, setup=setup, methods=[m[0] for m in METHODS])
     _, process = problem(setup)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    ctx = eval_context(setup)
-    prep_s = time.perf_counter() - wall0
+    # the parent only prepares the evaluation context (small tensors, where a second thread
+    # only adds synchronisation; under load it made this step 20x slower) and collects results
+    torch.set_num_threads(1)
     print(
         f"[toy_discrepancy] {args.dataset}, {process.name} on [{process.t_min}, {process.t_max}], "
         f"seeds {args.seeds}, {setup['steps']} steps, {args.workers} workers -> {run_dir}",
         flush=True,
     )
-    t_jobs = time.perf_counter()
     try:
         with signals_interrupt():
-            raw = run_jobs(setup, ctx, args)
+            raw, ctx, t_jobs = run_jobs(setup, args, run_dir)
     except Interrupted as err:
         print(
             f"[toy_discrepancy] {err}: workers stopped, nothing written to {run_dir} "
@@ -1149,13 +1289,11 @@ def main(argv=None) -> dict:
         )
         raise SystemExit(128 + err.signum) from None
     jobs_s = time.perf_counter() - t_jobs
+    prep_s = t_jobs - wall0
     theory = theorem1_section(raw.theory)
     checks_by_label = theorem_checks(theory)
     proxy = proxy_section(raw.proxy_rows, process)
     training = training_section(raw.train)
-    figures = figure_theorem1(run_dir, theory) + [figure_proxy(run_dir, proxy)]
-    if training:
-        figures += figure_training(run_dir, training, first_seed_samples(raw.train), ctx)
     results = {
         "setting": {
             "dataset": args.dataset,
@@ -1169,7 +1307,7 @@ def main(argv=None) -> dict:
         "theorem1": {"by_model": theory, "checks": checks_by_label},
         "proxy": {"summary": proxy, "rows": raw.proxy_rows},
         "training": training,
-        "figures": [f.name for f in figures],
+        "figures": raw.figure_names(),
         "timing_s": {
             "total": time.perf_counter() - wall0,
             "preparation": prep_s,

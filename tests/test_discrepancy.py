@@ -497,6 +497,102 @@ def test_multistep_flow_map_matches_the_exact_ode(process, steps, bound):
         dsc.FlowMapGenerator(gmm, process, method="euler")
 
 
+def test_jacobian_products_equal_jvps():
+    """With at least d directions the products come from the reverse-mode Jacobian (d passes);
+    they equal one JVP per direction up to float64 rounding."""
+    model = TinyModel()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(50, 2, generator=g, dtype=torch.float64)
+    t = 0.01 + 4 * torch.rand(50, generator=g, dtype=torch.float64)
+    ws = [torch.randn(50, 2, generator=g, dtype=torch.float64) for _ in range(3)]
+    with torch.no_grad():  # as inside r_theta / loss_gaps
+        for k in (1, 2, 3):  # k = 1 < d: the JVP path; k >= d: the Jacobian
+            got = dsc._jacobian_products(model, x, t, ws[:k])
+            for g_k, w in zip(got, ws[:k], strict=True):
+                want = dsc.jacobian_vector_product(model, x, t, w)
+                torch.testing.assert_close(g_k, want, rtol=1e-12, atol=1e-14)
+
+
+def test_row_chunks_give_the_same_values(monkeypatch):
+    """Large batches are evaluated EVAL_ROWS rows at a time: the same values as one call (the
+    model is row-wise), for the JVP, both time derivatives and the loss gaps built on them."""
+    model, gmm = TinyModel(), two_gaussians_1to2()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(101, 2, generator=g, dtype=torch.float64)
+    t = 0.01 + 4 * torch.rand(101, generator=g, dtype=torch.float64)
+    w = torch.randn(101, 2, generator=g, dtype=torch.float64)
+
+    def values():
+        return [
+            dsc.jacobian_vector_product(model, x, t, w),
+            dsc.directional_derivative(model, x, t, w, VE),
+            dsc.directional_derivative(model, x, t, w, VE, time_derivative="jvp"),
+            *[
+                torch.tensor([r.scaled_gap.mean, r.ratio.mean, r.loss_ct.mean])
+                for r in dsc.loss_gaps(
+                    model,
+                    gmm,
+                    VE,
+                    [10, 1000],
+                    n_samples=200,
+                    generator=torch.Generator().manual_seed(5),
+                )
+            ],
+        ]
+
+    whole = values()
+    monkeypatch.setattr(dsc, "EVAL_ROWS", 16)  # 101 rows: six full chunks and a partial one
+    for a, b in zip(values(), whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
+def _mixtures():
+    """Diagonal (isotropic, per-axis, Dirac and zero-weight components) and full covariances."""
+    yield "isotropic", two_gaussians_1to2()
+    yield (
+        "per-axis",
+        GaussianMixture(
+            [0.2, 0.5, 0.3],
+            [[0.0, 1.0], [1.0, -1.0], [-2.0, 0.5]],
+            stds=[[0.1, 0.3], [0.5, 0.05], [0.2, 0.2]],
+        ),
+    )
+    yield (
+        "dirac+zero-weight",
+        GaussianMixture(
+            [0.0, 0.6, 0.4], [[3.0, 0.0], [0.0, 0.5], [0.0, -0.5]], stds=[0.1, 0.0, 0.02]
+        ),
+    )
+    covs = torch.tensor([[[0.04, 0.01], [0.01, 0.02]], [[0.01, -0.005], [-0.005, 0.03]]])
+    yield "full", GaussianMixture([0.4, 0.6], [[0.0, 0.5], [0.5, -0.5]], covs=covs)
+
+
+@pytest.mark.parametrize("process", [VE, LIN], ids=["ve", "linear"])
+def test_multistep_scheduled_denoiser_equals_the_mixture_denoiser(process, monkeypatch):
+    """The precomputed posterior mean of the multistep loop (diagonal covariances) is
+    GaussianMixture.denoiser's formula: the flow map agrees with the loop over ``denoiser`` to
+    float64 rounding (1e-13 absolute on points of size ~1), and full covariances take that loop."""
+    g = torch.Generator().manual_seed(11)
+    for name, gmm in _mixtures():
+        n = 200
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        t = process.t_min * (process.t_max / process.t_min) ** u
+        t[:2] = torch.tensor([process.t_min, process.t_max], dtype=torch.float64)
+        x = process.interpolate(
+            gmm.sample(n, g), torch.randn(n, 2, generator=g, dtype=torch.float64), t
+        )
+        fast = dsc.multistep_flow_map(gmm, x, t, process, steps=16)
+        monkeypatch.setattr(dsc, "_SCHEDULE_ELEMENTS", 0)  # forces the per-step denoiser
+        slow = dsc.multistep_flow_map(gmm, x, t, process, steps=16)
+        monkeypatch.undo()
+        assert torch.isfinite(fast).all(), name
+        torch.testing.assert_close(fast, slow, rtol=0, atol=1e-13, msg=name)
+        if gmm.stds is None:
+            assert torch.equal(fast, slow)  # the same code path
+        ones = torch.ones(2, 3, dtype=torch.float64)
+        assert (dsc._scheduled_denoiser(gmm, ones, ones) is None) == (gmm.stds is None)
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------

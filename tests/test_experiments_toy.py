@@ -114,10 +114,16 @@ def test_run_folder(quick_run):
     tail = stdout.strip().splitlines()
     header = next(i for i, line in enumerate(tail) if line.startswith("method"))
     assert [line.split()[0] for line in tail[header + 2 :]] == METHODS
-    # --quiet on a terminal: one line per job (20 jobs at the quick sizes), no bar redrawn
+    # --quiet on a terminal: one line per job (20 computations and 4 figure jobs at the quick
+    # sizes), no bar redrawn
     assert "\r" not in stderr.replace("\r\n", "\n")
     done = [line for line in stderr.splitlines() if " done: " in line]
-    assert len(done) == 20 and done[-1].split()[2] == "20/20"
+    assert len(done) == 24 and done[-1].split()[2] == "24/24"
+    # the jobs others wait for ran first: the first seed's CT and GC models, then their follow-ups
+    first = {" ".join(line.split(" done: ")[1].split()[:4]) for line in done[:2]}
+    assert first == {"train ct seed 0", "train gc_mu0.5 seed 0"}, done[:2]
+    assert sum(": figures: " in line for line in done) == 4
+    assert list(json.loads((run_dir / "results.json").read_text())["figures"]) == FIGURES
     assert "Traceback" not in stderr
 
 
@@ -179,7 +185,7 @@ def test_changed_seed_changes_the_numbers(quick_run, tmp_path):
     run_dir, _, _ = quick_run
     other, _, stderr = _run(tmp_path, "--seeds", "5", "--skip-training", "--workers", "1")
     # on a terminal without --quiet: a tqdm bar, jobs done of total, redrawn in place
-    assert "\r" in stderr and "2/2" in stderr and "job" in stderr
+    assert "\r" in stderr and "4/4" in stderr and "job" in stderr  # 2 computations, 2 figures
     a = json.loads((run_dir / "results.json").read_text())
     b = json.loads((other / "results.json").read_text())
     assert a["proxy"]["summary"]["times"] == b["proxy"]["summary"]["times"]
