@@ -29,8 +29,10 @@ rotating order, each whole call timed (model set-up included) after one untimed 
 rates are medians over repeats, ratios medians of the per-repeat ratios. Goal: ensemble >= 4x
 the sequential seed-steps per second, judged on wall time (the ensemble may use both cores,
 where the small per-seed operations of the sequential run cannot), with the process-CPU-time
-ratio beside it (the work ratio, which load from other processes disturbs less). The load
-average is recorded before and after.
+ratio beside it (the work ratio, which load from other processes disturbs less). Each row also
+gives the matrix-product FLOPs of a seed-step (counted) and their CPU time at the measured
+``torch.bmm`` rate: the floor that bounds any batching (at width 256 the sequential step is close
+to it). The load average is recorded before and after.
 
     python experiments/bench_training.py --threads 1 --out runs/bench_training.json
     python experiments/bench_training.py --workloads ensemble --threads 2
@@ -51,6 +53,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from gcflows.consistency import ConsistencyModel
 from gcflows.data import load_digits
@@ -324,8 +327,31 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
+def matmul_floor(target, spec: EnsembleSpec, seeds: int) -> tuple[float, float]:
+    """``(matmul FLOPs per seed-step, matmul FLOPs per CPU second)``.
+
+    The FLOPs are counted (``FlopCounterMode``: the matrix products of the forward and backward
+    passes) in one sequential step; the rate is that of ``torch.bmm`` on the ensemble's largest
+    hidden-layer product, ``(S, B, width) @ (S, width, width)``, in process CPU time. Their
+    quotient is a lower bound on the CPU time of a seed-step, batched or not."""
+    one = EnsembleSpec(**{**spec.as_dict(), "steps": 1})
+    with FlopCounterMode(display=False) as counter:
+        train_sequential(target, one, 0)
+    flops = counter.get_total_flops()
+    a = torch.randn(seeds, spec.batch, spec.hidden)
+    b = torch.randn(seeds, spec.hidden, spec.hidden)
+    torch.bmm(a, b)
+    n, start = 0, time.process_time()
+    while time.process_time() - start < 0.3:
+        torch.bmm(a, b)
+        n += 1
+    rate = n * 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2] / (time.process_time() - start)
+    return float(flops), rate
+
+
 def measure_ensemble(target_name: str, width: int, args: argparse.Namespace) -> list[dict]:
-    """One row per S: seed-steps per second of the ensemble and of sequential training."""
+    """One row per S: seed-steps per second of the ensemble and of sequential training, and the
+    matmul floor of a seed-step (:func:`matmul_floor`)."""
     target = get_preset(target_name)
     spec = EnsembleSpec(
         method=args.ens_method,
@@ -356,9 +382,13 @@ def measure_ensemble(target_name: str, width: int, args: argparse.Namespace) -> 
             wall, cpu = _timed(runs[k])
             rates["wall"][k].append(seed_steps[k] / wall)
             rates["cpu"][k].append(seed_steps[k] / cpu)
+    flops, rate = matmul_floor(target, spec, max(args.ens_seeds))
+    floor_ms = 1000.0 * flops / rate
     rows = []
     for n in args.ens_seeds:
         row = dict(target=target_name, dim=target.dim, width=width, seeds=n)
+        row.update(mflop_per_seed_step=flops / 1e6, matmul_gflop_per_cpu_s=rate / 1e9)
+        row["matmul_floor_ms"] = floor_ms
         for c in ("wall", "cpu"):
             r = rates[c]
             row[f"sequential_{c}"] = statistics.median(r["seq"])
@@ -366,6 +396,8 @@ def measure_ensemble(target_name: str, width: int, args: argparse.Namespace) -> 
             row[f"ratio_{c}"] = statistics.median(
                 e / q for e, q in zip(r[n], r["seq"], strict=True)
             )
+        # the best CPU-time ratio any batching could reach if only the matmuls remained
+        row["cpu_ratio_ceiling"] = (1000.0 / row["sequential_cpu"]) / floor_ms
         row["goal_met"] = row["ratio_wall"] >= ENSEMBLE_GOAL
         rows.append(row)
     return rows
@@ -380,15 +412,21 @@ def print_ensemble(rows: list[dict], info: dict) -> None:
     )
     print(
         "| target | width | S | sequential seed-steps/s | ensemble seed-steps/s | ratio (wall) "
-        "| ratio (CPU time) | goal >= 4x (wall) |"
+        "| ratio (CPU time) | MFLOP / seed-step | matmul floor ms (CPU) | CPU ratio ceiling "
+        "| goal >= 4x (wall) |"
     )
-    print("| --- " * 8 + "|")
+    print("| --- " * 11 + "|")
     for r in rows:
         print(
             f"| {r['target']} | {r['width']} | {r['seeds']} | {r['sequential_wall']:.0f} | "
             f"{r['ensemble_wall']:.0f} | {r['ratio_wall']:.2f} | {r['ratio_cpu']:.2f} | "
-            f"{'met' if r['goal_met'] else 'not met'} |"
+            f"{r['mflop_per_seed_step']:.0f} | {r['matmul_floor_ms']:.2f} | "
+            f"{r['cpu_ratio_ceiling']:.1f} | {'met' if r['goal_met'] else 'not met'} |"
         )
+    print(
+        "(seed-steps/s by wall time; the CPU ratio ceiling is the sequential CPU time per "
+        "seed-step over the matmul floor: no batching of the seeds' arithmetic can do better)"
+    )
 
 
 def print_summary(record: dict, clock: str, repeats: int, out: Path) -> None:

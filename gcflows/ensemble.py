@@ -312,6 +312,8 @@ class _Sampler:
         # sample() uses (tests/test_ensemble.py compares with it on a rotated mixture).
         self.scale = target._lam.sqrt()
         self.rot = target._rot
+        isotropic = bool((self.scale == self.scale[:, :1]).all())
+        self.row_scale = self.scale[:, 0].contiguous() if isotropic else None
 
     def __call__(self, probs: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, ...]:
         """``(data, noise, idx, mask)``: ``(S, B, d)`` float32 twice, ``(S, B)`` long, bool."""
@@ -337,21 +339,29 @@ class _Sampler:
         return data, noise, idx, mask
 
     def _mixture_rows(self, comp: Tensor, eps: Tensor) -> Tensor:
-        """``means[c] + U_c (scale[c] * eps)`` row by row, ``(S, B, d)`` in the mixture's dtype."""
-        z = eps * self.scale[comp]
-        if self.rot is not None:
-            flat_c, flat_z = comp.reshape(-1), z.reshape(-1, z.shape[-1])
-            rotated = torch.empty_like(flat_z)
+        """``means[c] + U_c (scale[c] * eps)`` row by row, ``(S, B, d)`` in the mixture's dtype.
+
+        The same products and sums as ``GaussianMixture.sample`` (bitwise, but for the rotation,
+        whose matrix products sum in another order); an isotropic component's scale multiplies
+        as one number per row instead of a gathered ``(S, B, d)`` tensor."""
+        if self.row_scale is not None:
+            z = eps * self.row_scale[comp][..., None]
+        else:
+            z = eps * self.scale[comp]
+        if self.rot is not None:  # rows sorted by component: one product per component
+            flat_c = comp.reshape(-1)
             order = torch.argsort(flat_c, stable=True)
+            by_comp = z.reshape(-1, z.shape[-1])[order]
+            rotated = torch.empty_like(by_comp)
             counts = torch.bincount(flat_c, minlength=self.rot.shape[0]).tolist()
             start = 0
             for k, n in enumerate(counts):
                 if n:
-                    rows = order[start : start + n]
-                    rotated[rows] = flat_z[rows] @ self.rot[k].T
-                    start += n
-            z = rotated.reshape(z.shape)
-        return self.means[comp] + z
+                    end = start + n
+                    torch.mm(by_comp[start:end], self.rot[k].T, out=rotated[start:end])
+                    start = end
+            z = torch.empty_like(rotated).index_copy_(0, order, rotated).reshape(z.shape)
+        return z.add_(self.means[comp])
 
 
 def train_ensemble(
