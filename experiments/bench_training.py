@@ -432,20 +432,21 @@ def print_ensemble(rows: list[dict], info: dict) -> None:
 def print_summary(record: dict, clock: str, repeats: int, out: Path) -> None:
     m = record["machine"]
     print(f"\n{m['cpu']} ({m['device']}, {m['torch_threads']} torch threads), {record['date']}")
-    print(f"median of {repeats} repeats, {clock} time; JSON: {out}")
-    head = "| workload | batch | bare | CT | OT | GC | CT / bare | GC / CT | OT / CT |"
-    print(head)
-    print("| --- " * 9 + "|")
-    for wl, r in record["results"].items():
-        if wl == "ensemble":
-            continue
+    print(f"median of {repeats} repeats; JSON: {out}")
+    steps = {wl: r for wl, r in record["results"].items() if wl != "ensemble"}
+    if steps:
+        print(f"training step, {clock} time:")
+        print("| workload | batch | bare | CT | OT | GC | CT / bare | GC / CT | OT / CT |")
+        print("| --- " * 9 + "|")
+    for wl, r in steps.items():
         s = r[clock]["steps_per_s_median"]
         q = r[clock]["ratios"]
         print(
             f"| {wl} | {r['batch']} | {s['bare']:.1f} | {s['ct']:.1f} | {s['ot']:.1f} | "
             f"{s['gc']:.1f} | {q['ct/bare']:.3f} | {q['gc/ct']:.3f} | {q['ot/ct']:.3f} |"
         )
-    print("(steps/s; ratios are step-time ratios; goals: CT / bare <= 1.15, GC / CT <= 1.3)")
+    if steps:
+        print("(steps/s; ratios are step-time ratios; goals: CT / bare <= 1.15, GC / CT <= 1.3)")
     if "ensemble" in record["results"]:
         print_ensemble(record["results"]["ensemble"]["rows"], record["results"]["ensemble"])
 
