@@ -25,8 +25,9 @@ seeds in one step) against ``train_sequential`` (seed after seed, the library ob
 high-dimensional study's MLP targets (``random_64``, ``digits_mixture``, ``random_256``; ToyMLP
 depth 2, batch 256, ``--ens-method``) at widths ``--ens-widths`` and S in ``--ens-seeds``. Per
 repeat the sequential run (``--ens-seq-seeds`` seeds) and the ensembles run back to back in a
-rotating order, each whole call timed (model set-up included) after one untimed warm-up call;
-rates are medians over repeats, ratios medians of the per-repeat ratios. Goal: ensemble >= 4x
+rotating order; steps 2 to ``--ens-steps`` of each run are timed (callback timestamps: model
+set-up, optimizer state and first-step costs stay out on both sides); rates are medians over
+repeats, ratios medians of the per-repeat ratios. Goal: ensemble >= 4x
 the sequential seed-steps per second, judged on wall time (the ensemble may use both cores,
 where the small per-seed operations of the sequential run cannot), with the process-CPU-time
 ratio beside it (the work ratio, which load from other processes disturbs less). Each row also
@@ -212,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ens-targets", nargs="+", default=list(ENSEMBLE_TARGETS))
     ap.add_argument("--ens-widths", nargs="+", type=int, default=[64, 128, 256])
     ap.add_argument("--ens-seeds", nargs="+", type=int, default=[4, 8, 10], help="values of S")
-    ap.add_argument("--ens-steps", type=int, default=20, help="training steps per timed call")
+    ap.add_argument(
+        "--ens-steps", type=int, default=20, help="training steps per call (steps 2.. timed)"
+    )
     ap.add_argument("--ens-seq-seeds", type=int, default=2, help="seeds of the sequential run")
     ap.add_argument("--ens-method", default="ct", choices=["ct", "cd", "ot", "gc"])
     ap.add_argument(
@@ -245,7 +248,7 @@ def check_args(args: argparse.Namespace) -> None:
         ("digits_steps", 2),
         ("warmup", 1),
         ("repeats", 1),
-        ("ens_steps", 1),
+        ("ens_steps", 2),
         ("ens_seq_seeds", 1),
     ):
         if getattr(args, flag) < lo:
@@ -320,11 +323,18 @@ def measure(wl: str, args: argparse.Namespace, device: torch.device, clock: str)
 # ------------------------------------------------------------------------------------------------
 # seed ensemble against sequential training
 # ------------------------------------------------------------------------------------------------
-def _timed(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of ``fn()``."""
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
+def _step_clock(train, seeds: list[int], steps: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of steps 2..``steps`` of ``train(seeds, callback=,
+    callback_steps=)``, summed over its calls: model set-up, optimizer state and the first
+    step's one-off costs stay outside, on both sides alike."""
+    stamps: list[tuple[float, float]] = []
+
+    def stamp(step, _):
+        stamps.append((time.perf_counter(), time.process_time()))
+
+    train(seeds, callback=stamp, callback_steps=[1, steps])
+    pairs = list(zip(stamps[::2], stamps[1::2], strict=True))
+    return sum(b[0] - a[0] for a, b in pairs), sum(b[1] - a[1] for a, b in pairs)
 
 
 def matmul_floor(target, spec: EnsembleSpec, seeds: int) -> tuple[float, float]:
@@ -360,28 +370,27 @@ def measure_ensemble(target_name: str, width: int, args: argparse.Namespace) -> 
         batch=ENSEMBLE_BATCH,
         steps=args.ens_steps,
     )
-    warm = EnsembleSpec(**{**spec.as_dict(), "steps": 1})
     prefetch = args.ens_prefetch == "on"
-    seq_seeds = list(range(args.ens_seq_seeds))
 
-    def sequential() -> None:
-        for s in seq_seeds:
-            train_sequential(target, spec, s)
+    def sequential(seeds, **kw) -> None:
+        for s in seeds:
+            train_sequential(target, spec, s, **kw)
 
-    runs = {"seq": sequential}
+    def ensemble(seeds, **kw) -> None:
+        train_ensemble(target, spec, seeds, prefetch=prefetch, **kw)
+
+    runs = {"seq": (sequential, list(range(args.ens_seq_seeds)))}
     for n in args.ens_seeds:
-        runs[n] = lambda n=n: train_ensemble(target, spec, range(n), prefetch=prefetch)
-    train_sequential(target, warm, 0)
-    for n in args.ens_seeds:
-        train_ensemble(target, warm, range(n), prefetch=prefetch)
+        runs[n] = (ensemble, list(range(n)))
     names = list(runs)
-    seed_steps = {k: (len(seq_seeds) if k == "seq" else k) * args.ens_steps for k in names}
+    measured = args.ens_steps - 1
     rates = {c: {k: [] for k in names} for c in ("wall", "cpu")}
     for rep in range(args.repeats):
         for k in names[rep % len(names) :] + names[: rep % len(names)]:
-            wall, cpu = _timed(runs[k])
-            rates["wall"][k].append(seed_steps[k] / wall)
-            rates["cpu"][k].append(seed_steps[k] / cpu)
+            train, seeds = runs[k]
+            wall, cpu = _step_clock(train, seeds, args.ens_steps)
+            rates["wall"][k].append(len(seeds) * measured / wall)
+            rates["cpu"][k].append(len(seeds) * measured / cpu)
     flops, rate = matmul_floor(target, spec, max(args.ens_seeds))
     floor_ms = 1000.0 * flops / rate
     rows = []

@@ -470,11 +470,17 @@ def _gc_data(
 
 
 def train_sequential(
-    target: GaussianMixture, spec: EnsembleSpec, seed: int
+    target: GaussianMixture,
+    spec: EnsembleSpec,
+    seed: int,
+    *,
+    callback: Callable[[int, nn.Module], None] | None = None,
+    callback_steps: Sequence[int] = (),
 ) -> tuple[nn.Module, nn.Module | None, list[float]]:
     """One seed with the library objective and an ordinary module: the reference of
     :func:`train_ensemble` (same draws, same numbers). Returns the model, its EMA (or None) and
-    the losses."""
+    the losses. ``callback(step, model)`` runs after the steps in ``callback_steps`` (0 = before
+    training), as in :func:`train_ensemble`."""
     spec = copy.copy(spec).validate()
     model = make_model(target.dim, spec, seed)
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
@@ -490,6 +496,9 @@ def train_sequential(
             spec.gc_model, ema
         )
     losses = []
+    checkpoints = set(int(k) for k in callback_steps)
+    if callback is not None and 0 in checkpoints:
+        callback(0, model)
     for step in range(spec.steps):
         data = target.sample(spec.batch, generator=g).float()
         out = objective(model, data, step, generator=g, gc_model=gc_model)
@@ -499,6 +508,8 @@ def train_sequential(
         losses.append(float(out.loss.detach()))
         if ema is not None:
             ema.update(model, step)
+        if callback is not None and step + 1 in checkpoints:
+            callback(step + 1, model)
     return model, ema, losses
 
 

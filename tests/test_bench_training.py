@@ -55,7 +55,7 @@ def test_ensemble_workload_tiny(bench, tmp_path, capsys):
     [
         (["--ens-targets", "random_16"], "--ens-targets"),
         (["--ens-seeds", "0"], "--ens-seeds"),
-        (["--ens-steps", "0"], "--ens-steps"),
+        (["--ens-steps", "1"], "--ens-steps"),
     ],
 )
 def test_bad_ensemble_arguments_are_refused(bench, extra, word, capsys):

@@ -179,6 +179,15 @@ def test_callback_steps_and_bad_arguments():
         callback_steps=[0, 4, 8],
     )
     assert seen == [0, 4, 8]
+    seen_seq = []
+    train_sequential(
+        target,
+        _spec("ct", "ema", steps=3),
+        0,
+        callback=lambda k, m: seen_seq.append((k, type(m).__name__)),
+        callback_steps=[1, 3],
+    )
+    assert seen_seq == [(1, "ConsistencyModel"), (3, "ConsistencyModel")]
     with pytest.raises(ValueError, match="seeds"):
         train_ensemble(target, _spec("ct", "ema"), [1, 1])
     with pytest.raises(ValueError, match="method"):
