@@ -7,6 +7,10 @@ Each configuration (target dimension, hidden width, batch, method) trains ``--se
 ``train_sequential`` with the library objective) after one untimed warm-up step of each, and
 prints seed-steps per second and their ratio. Ratios are measured within one run so that a
 loaded machine affects both sides alike (not perfectly: say "under load" when it was).
+
+The tracked numbers (the high-dimensional study's MLP targets and widths, S in {4, 8, 10}, the 4x
+goal, repeats and both clocks) come from the ``ensemble`` workload of
+``experiments/bench_training.py``; this script times other configurations (2D, batch 512).
 """
 
 from __future__ import annotations

@@ -20,7 +20,24 @@ time. Rates are medians over ``--repeats``; ratios are medians of the per-repeat
 1.15x of the bare step time; GC at most 1.3x the CT step time. Prints a table last; ``--out``
 receives the JSON record.
 
+Third workload, ``ensemble``: seed-steps per second of ``gcflows.ensemble.train_ensemble`` (S
+seeds in one step) against ``train_sequential`` (seed after seed, the library objective) for the
+high-dimensional study's MLP targets (``random_64``, ``digits_mixture``, ``random_256``; ToyMLP
+depth 2, batch 256, ``--ens-method``) at widths ``--ens-widths`` and S in ``--ens-seeds``. Per
+repeat the sequential run (``--ens-seq-seeds`` seeds) and the ensembles run back to back in a
+rotating order; steps 2 to ``--ens-steps`` of each run are timed (callback timestamps: model
+set-up, optimizer state and first-step costs stay out on both sides); rates are medians over
+repeats, ratios medians of the per-repeat ratios. Goal: ensemble >= 4x
+the sequential seed-steps per second, judged on wall time (the ensemble may use both cores,
+where the small per-seed operations of the sequential run cannot), with the process-CPU-time
+ratio beside it (the work ratio, which load from other processes disturbs less). Each row also
+gives the matrix-product FLOPs of a seed-step (counted) and their CPU time at the measured
+``torch.bmm`` rate: the floor that bounds any batching (at width 256 the sequential step is close
+to it). The load average is recorded before and after.
+
     python experiments/bench_training.py --threads 1 --out runs/bench_training.json
+    python experiments/bench_training.py --workloads ensemble --threads 2
+    python experiments/bench_training.py --quick        # every workload, small, < 60 s
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -36,16 +54,23 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from gcflows.consistency import ConsistencyModel
 from gcflows.data import load_digits
-from gcflows.gmm import two_gaussians_1to2
+from gcflows.ensemble import EnsembleSpec, train_ensemble, train_sequential
+from gcflows.gmm import get_preset, two_gaussians_1to2
 from gcflows.networks import ToyMLP, build_unet
 from gcflows.processes import VEProcess, karras_grid
 from gcflows.training import TrainConfig, train
 
 SIGMA_DATA = 0.5
 VARIANTS = ("bare", "ct", "ot", "gc")
+WORKLOADS = ("toy", "digits", "ensemble")
+# the MLP trainings of experiments/highdim_study.py (docs/highdim.md): ToyMLP depth 2, batch 256
+ENSEMBLE_TARGETS = ("random_64", "digits_mixture", "random_256")
+ENSEMBLE_DEPTH, ENSEMBLE_BATCH = 2, 256
+ENSEMBLE_GOAL = 4.0
 
 
 def cpu_name() -> str:
@@ -167,7 +192,12 @@ def workload(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--workloads", nargs="+", default=["toy", "digits"], choices=["toy", "digits"])
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small smoke run of every workload (< 60 s; numbers indicative only)",
+    )
     ap.add_argument("--toy-steps", type=int, default=150, help="measured steps per repeat (toy)")
     ap.add_argument("--digits-steps", type=int, default=30, help="measured steps (digits)")
     ap.add_argument("--warmup", type=int, default=10)
@@ -180,17 +210,59 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="time base of the goals: process CPU time (auto on CPU) or wall clock (auto on GPU)",
     )
+    ap.add_argument("--ens-targets", nargs="+", default=list(ENSEMBLE_TARGETS))
+    ap.add_argument("--ens-widths", nargs="+", type=int, default=[64, 128, 256])
+    ap.add_argument("--ens-seeds", nargs="+", type=int, default=[4, 8, 10], help="values of S")
+    ap.add_argument(
+        "--ens-steps", type=int, default=20, help="training steps per call (steps 2.. timed)"
+    )
+    ap.add_argument("--ens-seq-seeds", type=int, default=2, help="seeds of the sequential run")
+    ap.add_argument("--ens-method", default="ct", choices=["ct", "cd", "ot", "gc"])
+    ap.add_argument(
+        "--ens-prefetch",
+        choices=["on", "off"],
+        default="on",
+        help="the ensemble draws the next step's random numbers in a background thread",
+    )
     ap.add_argument("--out", default="runs/bench_training.json")
     return ap
 
 
+QUICK = dict(
+    toy_steps=20,
+    digits_steps=4,
+    warmup=2,
+    repeats=1,
+    ens_targets=["random_64", "digits_mixture"],
+    ens_widths=[64, 256],
+    ens_seeds=[4, 10],
+    ens_steps=4,
+    ens_seq_seeds=1,
+)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every argument, before any work (``ValueError`` with one message)."""
-    for flag, lo in (("toy_steps", 2), ("digits_steps", 2), ("warmup", 1), ("repeats", 1)):
+    for flag, lo in (
+        ("toy_steps", 2),
+        ("digits_steps", 2),
+        ("warmup", 1),
+        ("repeats", 1),
+        ("ens_steps", 2),
+        ("ens_seq_seeds", 1),
+    ):
         if getattr(args, flag) < lo:
             raise ValueError(
                 f"--{flag.replace('_', '-')} must be >= {lo}, got {getattr(args, flag)}"
             )
+    for flag in ("ens_widths", "ens_seeds"):
+        if any(v < 1 for v in getattr(args, flag)):
+            raise ValueError(f"--{flag.replace('_', '-')} must be integers >= 1")
+    unknown = sorted(set(args.ens_targets) - set(ENSEMBLE_TARGETS))
+    if unknown:
+        raise ValueError(f"--ens-targets {unknown}: use some of {list(ENSEMBLE_TARGETS)}")
+    if "ensemble" in args.workloads and args.device != "cpu":
+        raise ValueError("the ensemble workload runs on the CPU; use --device cpu")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch default), got {args.threads}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -248,26 +320,152 @@ def measure(wl: str, args: argparse.Namespace, device: torch.device, clock: str)
     return res
 
 
+# ------------------------------------------------------------------------------------------------
+# seed ensemble against sequential training
+# ------------------------------------------------------------------------------------------------
+def _step_clock(train, seeds: list[int], steps: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of steps 2..``steps`` of ``train(seeds, callback=,
+    callback_steps=)``, summed over its calls: model set-up, optimizer state and the first
+    step's one-off costs stay outside, on both sides alike."""
+    stamps: list[tuple[float, float]] = []
+
+    def stamp(step, _):
+        stamps.append((time.perf_counter(), time.process_time()))
+
+    train(seeds, callback=stamp, callback_steps=[1, steps])
+    pairs = list(zip(stamps[::2], stamps[1::2], strict=True))
+    return sum(b[0] - a[0] for a, b in pairs), sum(b[1] - a[1] for a, b in pairs)
+
+
+def matmul_floor(target, spec: EnsembleSpec, seeds: int) -> tuple[float, float]:
+    """``(matmul FLOPs per seed-step, matmul FLOPs per CPU second)``.
+
+    The FLOPs are counted (``FlopCounterMode``: the matrix products of the forward and backward
+    passes) in one sequential step; the rate is that of ``torch.bmm`` on the ensemble's largest
+    hidden-layer product, ``(S, B, width) @ (S, width, width)``, in process CPU time. Their
+    quotient is a lower bound on the CPU time of a seed-step, batched or not."""
+    one = EnsembleSpec(**{**spec.as_dict(), "steps": 1})
+    with FlopCounterMode(display=False) as counter:
+        train_sequential(target, one, 0)
+    flops = counter.get_total_flops()
+    a = torch.randn(seeds, spec.batch, spec.hidden)
+    b = torch.randn(seeds, spec.hidden, spec.hidden)
+    torch.bmm(a, b)
+    n, start = 0, time.process_time()
+    while time.process_time() - start < 0.3:
+        torch.bmm(a, b)
+        n += 1
+    rate = n * 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2] / (time.process_time() - start)
+    return float(flops), rate
+
+
+def measure_ensemble(target_name: str, width: int, args: argparse.Namespace) -> list[dict]:
+    """One row per S: seed-steps per second of the ensemble and of sequential training, and the
+    matmul floor of a seed-step (:func:`matmul_floor`)."""
+    target = get_preset(target_name)
+    spec = EnsembleSpec(
+        method=args.ens_method,
+        hidden=width,
+        depth=ENSEMBLE_DEPTH,
+        batch=ENSEMBLE_BATCH,
+        steps=args.ens_steps,
+    )
+    prefetch = args.ens_prefetch == "on"
+
+    def sequential(seeds, **kw) -> None:
+        for s in seeds:
+            train_sequential(target, spec, s, **kw)
+
+    def ensemble(seeds, **kw) -> None:
+        train_ensemble(target, spec, seeds, prefetch=prefetch, **kw)
+
+    runs = {"seq": (sequential, list(range(args.ens_seq_seeds)))}
+    for n in args.ens_seeds:
+        runs[n] = (ensemble, list(range(n)))
+    names = list(runs)
+    measured = args.ens_steps - 1
+    rates = {c: {k: [] for k in names} for c in ("wall", "cpu")}
+    for rep in range(args.repeats):
+        for k in names[rep % len(names) :] + names[: rep % len(names)]:
+            train, seeds = runs[k]
+            wall, cpu = _step_clock(train, seeds, args.ens_steps)
+            rates["wall"][k].append(len(seeds) * measured / wall)
+            rates["cpu"][k].append(len(seeds) * measured / cpu)
+    flops, rate = matmul_floor(target, spec, max(args.ens_seeds))
+    floor_ms = 1000.0 * flops / rate
+    rows = []
+    for n in args.ens_seeds:
+        row = dict(target=target_name, dim=target.dim, width=width, seeds=n)
+        row.update(mflop_per_seed_step=flops / 1e6, matmul_gflop_per_cpu_s=rate / 1e9)
+        row["matmul_floor_ms"] = floor_ms
+        for c in ("wall", "cpu"):
+            r = rates[c]
+            row[f"sequential_{c}"] = statistics.median(r["seq"])
+            row[f"ensemble_{c}"] = statistics.median(r[n])
+            row[f"ratio_{c}"] = statistics.median(
+                e / q for e, q in zip(r[n], r["seq"], strict=True)
+            )
+        # the best CPU-time ratio any batching could reach if only the matmuls remained
+        row["cpu_ratio_ceiling"] = (1000.0 / row["sequential_cpu"]) / floor_ms
+        row["goal_met"] = row["ratio_wall"] >= ENSEMBLE_GOAL
+        rows.append(row)
+    return rows
+
+
+def print_ensemble(rows: list[dict], info: dict) -> None:
+    print(
+        f"\nseed ensemble vs sequential ({info['method']}, ToyMLP depth {ENSEMBLE_DEPTH}, batch "
+        f"{ENSEMBLE_BATCH}, {info['steps']} steps per call, median of {info['repeats']} "
+        f"repeats, prefetch {info['prefetch']}; load average {info['load_before']} before, "
+        f"{info['load_after']} after)"
+    )
+    print(
+        "| target | width | S | sequential seed-steps/s | ensemble seed-steps/s | ratio (wall) "
+        "| ratio (CPU time) | MFLOP / seed-step | matmul floor ms (CPU) | CPU ratio ceiling "
+        "| goal >= 4x (wall) |"
+    )
+    print("| --- " * 11 + "|")
+    for r in rows:
+        print(
+            f"| {r['target']} | {r['width']} | {r['seeds']} | {r['sequential_wall']:.0f} | "
+            f"{r['ensemble_wall']:.0f} | {r['ratio_wall']:.2f} | {r['ratio_cpu']:.2f} | "
+            f"{r['mflop_per_seed_step']:.0f} | {r['matmul_floor_ms']:.2f} | "
+            f"{r['cpu_ratio_ceiling']:.1f} | {'met' if r['goal_met'] else 'not met'} |"
+        )
+    print(
+        "(seed-steps/s by wall time; the CPU ratio ceiling is the sequential CPU time per "
+        "seed-step over the matmul floor: no batching of the seeds' arithmetic can do better)"
+    )
+
+
 def print_summary(record: dict, clock: str, repeats: int, out: Path) -> None:
     m = record["machine"]
     print(f"\n{m['cpu']} ({m['device']}, {m['torch_threads']} torch threads), {record['date']}")
-    print(f"median of {repeats} repeats, {clock} time; JSON: {out}")
-    head = "| workload | batch | bare | CT | OT | GC | CT / bare | GC / CT | OT / CT |"
-    print(head)
-    print("| --- " * 9 + "|")
-    for wl, r in record["results"].items():
+    print(f"median of {repeats} repeats; JSON: {out}")
+    steps = {wl: r for wl, r in record["results"].items() if wl != "ensemble"}
+    if steps:
+        print(f"training step, {clock} time:")
+        print("| workload | batch | bare | CT | OT | GC | CT / bare | GC / CT | OT / CT |")
+        print("| --- " * 9 + "|")
+    for wl, r in steps.items():
         s = r[clock]["steps_per_s_median"]
         q = r[clock]["ratios"]
         print(
             f"| {wl} | {r['batch']} | {s['bare']:.1f} | {s['ct']:.1f} | {s['ot']:.1f} | "
             f"{s['gc']:.1f} | {q['ct/bare']:.3f} | {q['gc/ct']:.3f} | {q['ot/ct']:.3f} |"
         )
-    print("(steps/s; ratios are step-time ratios; goals: CT / bare <= 1.15, GC / CT <= 1.3)")
+    if steps:
+        print("(steps/s; ratios are step-time ratios; goals: CT / bare <= 1.15, GC / CT <= 1.3)")
+    if "ensemble" in record["results"]:
+        print_ensemble(record["results"]["ensemble"]["rows"], record["results"]["ensemble"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
     try:
         check_args(args)
     except ValueError as err:
@@ -287,10 +485,29 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "args": vars(args),
         "results": {},
     }
     for wl in args.workloads:
+        if wl == "ensemble":
+            info = dict(
+                method=args.ens_method,
+                steps=args.ens_steps,
+                repeats=args.repeats,
+                prefetch=args.ens_prefetch,
+                load_before=[round(v, 2) for v in os.getloadavg()],
+                rows=[],
+            )
+            for name in args.ens_targets:
+                for width in args.ens_widths:
+                    rows = measure_ensemble(name, width, args)
+                    info["rows"].extend(rows)
+                    for r in rows:
+                        print(json.dumps(r), flush=True)
+            info["load_after"] = [round(v, 2) for v in os.getloadavg()]
+            record["results"]["ensemble"] = info
+            continue
         res = record["results"][wl] = measure(wl, args, device, clock)
         ratios = res[clock]["ratios"]
         print(
@@ -305,6 +522,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print_summary(record, clock, args.repeats, out)
+    return record
 
 
 if __name__ == "__main__":

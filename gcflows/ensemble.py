@@ -1,17 +1,24 @@
 """Train an ensemble of seeds of a small consistency model in one vectorized step.
 
-S seeds of ``ConsistencyModel(ToyMLP)`` on a Gaussian-mixture target are trained at once: the
-parameters are stacked along a leading seed axis (``torch.func.stack_module_state``) and the two
-forward passes of the consistency loss run under ``torch.func.vmap`` of ``functional_call``; the
-loss is the sum of the per-seed losses, so each seed's slice of the gradient is its own gradient,
-and Adam (elementwise) updates every slice as it would update that seed alone.
+S seeds of ``ConsistencyModel(ToyMLP)`` on a Gaussian-mixture target are trained at once, as one
+network with grouped layers (:func:`stack_seeds`): every ``nn.Linear`` becomes a
+:class:`SeedStackedLinear` holding the S seeds' weights ``(S, out, in)`` and applying them to
+seed-major rows in one ``torch.baddbmm``, while the rest of ``ToyMLP`` and of the preconditioning
+(row-wise operations) runs unchanged on the ``S * B`` rows. A step therefore costs the Python and
+dispatch overhead of one seed. The loss is the sum of the per-seed losses, so each seed's slice of
+the gradient is its own gradient, and Adam (elementwise; one fused kernel over the stacked
+weights) updates every slice as it would update that seed alone. There is no gradient clipping
+and no weight decay here; either would have to be computed per seed (a global-norm clip over the
+stacked weights would couple the seeds).
 
 Per-seed RNG streams: seed ``s`` owns ``torch.Generator().manual_seed(s)`` and draws, at every
 step and in this order, exactly what :class:`gcflows.consistency.ConsistencyObjective` draws for a
 single run: the data (``target.sample``), the noise, the interval indices, then the GC mask. Its
 initial weights come from ``torch.manual_seed(s)``. So seed ``s`` of an ensemble equals a plain
 run of the library objective with that seed (:func:`train_sequential`), to float tolerance (the
-test asserts it); only the arithmetic is batched.
+test asserts it); only the arithmetic is batched. The random calls run seed after seed (in a
+background thread by default, overlapping the previous step's arithmetic); the mixture's
+arithmetic on the draws and everything after them run for all seeds at once.
 
 Methods (docs/paper.md section 2): ``cd`` (one Euler step of the exact velocity of the target),
 ``ct`` (IC), ``ot`` (exact batch-OT, per seed, on the CPU), ``gc`` with probability ``mu`` per
@@ -31,11 +38,13 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, stack_module_state
 
 from gcflows import couplings
 from gcflows.checks import bad, is_int, is_real
@@ -55,6 +64,8 @@ from gcflows.velocity import TrueVelocity
 __all__ = [
     "EnsembleSpec",
     "Ensemble",
+    "SeedStackedLinear",
+    "stack_seeds",
     "make_model",
     "train_ensemble",
     "train_sequential",
@@ -152,34 +163,108 @@ def _ideal(target: GaussianMixture, steps: int) -> Callable[[Tensor, Tensor], Te
     return gc_model
 
 
+class SeedStackedLinear(nn.Module):
+    """``S`` seeds' ``nn.Linear(n_in, n_out)`` layers applied as one batched matmul.
+
+    ``weight (S, n_out, n_in)`` and ``bias (S, n_out)`` (or None) hold seed ``s``'s layer in slice
+    ``s`` (the layout of ``torch.func.stack_module_state``). The input rows are seed-major:
+    ``x (S * B, ..., n_in)`` holds seed ``s``'s rows at ``s * B .. (s + 1) * B - 1``, and
+    ``y[s B + j] = W_s x[s B + j] + b_s`` for all seeds in one ``torch.baddbmm``
+    (``(S, B, n_in) @ (S, n_in, n_out)``). A network made of such layers and of row-wise operations
+    therefore runs S seeds on their own batches in one call, with the dispatch cost of one seed.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        if weight.dim() != 3 or (bias is not None and bias.shape != weight.shape[:2]):
+            raise ValueError(
+                f"weight must be (S, n_out, n_in) and bias (S, n_out) or None, got "
+                f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}"
+            )
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s, n_in = self.weight.shape[0], self.weight.shape[2]
+        if x.shape[-1] != n_in or x.shape[0] % s:
+            raise ValueError(
+                f"x must be (S * B, ..., {n_in}) with S = {s} seed-major blocks, got "
+                f"{tuple(x.shape)}"
+            )
+        xs = x.reshape(s, -1, n_in)
+        w = self.weight.transpose(1, 2)
+        y = torch.bmm(xs, w) if self.bias is None else torch.baddbmm(self.bias[:, None], xs, w)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def stack_seeds(models: Sequence[nn.Module]) -> nn.Module:
+    """One module that runs ``len(models)`` same-architecture models on seed-major rows.
+
+    A copy of ``models[0]`` whose ``nn.Linear`` layers become :class:`SeedStackedLinear` layers
+    holding every model's weights (``(S, ...)``, named as in the models). The result maps
+    ``(S * B, ...)`` inputs (seed ``s`` in rows ``s B .. (s + 1) B - 1``) to ``(S * B, ...)``,
+    seed ``s``'s rows by model ``s``. Only networks whose parameters all sit in ``nn.Linear``
+    layers and whose other operations act row by row qualify (``ToyMLP`` does; dropout must be
+    off, its masks would not follow the seeds' streams); anything else is a ``ValueError``.
+    """
+    models = list(models)
+    stacked = copy.deepcopy(models[0])
+    for name, mod in list(stacked.named_modules()):
+        if isinstance(mod, nn.Dropout) and mod.p > 0:
+            raise bad(f"{name} dropout", mod.p, "use dropout 0 in a seed ensemble")
+        if not isinstance(mod, nn.Linear):
+            continue
+        layers = [m.get_submodule(name) for m in models]
+        weight = torch.stack([lay.weight.detach() for lay in layers])
+        bias = None if mod.bias is None else torch.stack([lay.bias.detach() for lay in layers])
+        parent, _, child = name.rpartition(".")
+        setattr(stacked.get_submodule(parent), child, SeedStackedLinear(weight, bias))
+    for name, _ in stacked.named_parameters():
+        owner = stacked.get_submodule(name.rpartition(".")[0])
+        if not isinstance(owner, SeedStackedLinear):
+            raise bad("models", type(owner).__name__, f"parameter {name!r} is not in an nn.Linear")
+    for name, buf in models[0].named_buffers():
+        if any(not torch.equal(m.get_buffer(name), buf) for m in models[1:]):
+            raise bad("models", name, "buffers must be equal across seeds (they are shared)")
+    return stacked
+
+
 @dataclass
 class Ensemble:
-    """Stacked weights of S seeds: ``params`` / ``ema`` map names to ``(S, ...)`` tensors."""
+    """S seeds trained together.
+
+    ``module``: the seed-stacked network (:func:`stack_seeds`); ``params`` / ``ema`` map the
+    single-seed parameter names to ``(S, ...)`` tensors (``params`` are ``module``'s own
+    parameters, updated in place); ``buffers``: the seeds' buffers stacked ``(S, ...)``.
+    ``losses`` / ``pair_costs``: one ``(S,)`` tensor per step (loss; mean ``||data - noise||^2``).
+    """
 
     seeds: list[int]
     spec: EnsembleSpec
     dim: int
+    module: nn.Module
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
     ema: dict[str, Tensor] | None = None
-    losses: list[Tensor] = field(default_factory=list)  # (S,) per step
-    pair_costs: list[Tensor] = field(default_factory=list)  # (S,) mean ||data - noise||^2
-    base: nn.Module | None = None
-
-    def _base(self) -> nn.Module:
-        if self.base is None:
-            self.base = make_model(self.dim, self.spec, 0, check_inputs=False).to("meta")
-        return self.base
+    losses: list[Tensor] = field(default_factory=list)
+    pair_costs: list[Tensor] = field(default_factory=list)
 
     def apply(self, x: Tensor, t: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
-        """``f_s(x_s, t_s)`` for every seed: ``x (S, B, d)``, ``t (S, B)`` -> ``(S, B, d)``."""
-        base = self._base()
-        weights = self.params if weights is None else weights
+        """``f_s(x_s, t_s)`` for every seed: ``x (S, B, d)``, ``t (S, B)`` -> ``(S, B, d)``.
 
-        def one(p: dict, b: dict, xx: Tensor, tt: Tensor) -> Tensor:
-            return functional_call(base, (p, b), (xx, tt))
-
-        return vmap(one)(weights, self.buffers, x, t)
+        ``weights``: ``(S, ...)`` tensors under the parameter names (e.g. ``ema``) instead of
+        ``params``."""
+        s = len(self.seeds)
+        if x.dim() != 3 or x.shape[0] != s or x.shape[2] != self.dim:
+            raise bad("x", tuple(x.shape), f"use shape (S, B, d) = ({s}, B, {self.dim})")
+        if tuple(t.shape) != tuple(x.shape[:2]):
+            raise bad("t", tuple(t.shape), f"use shape (S, B) = {tuple(x.shape[:2])}")
+        flat_x, flat_t = x.reshape(-1, self.dim), t.reshape(-1)
+        if weights is None:
+            out = self.module(flat_x, flat_t)
+        else:
+            out = functional_call(self.module, weights, (flat_x, flat_t))
+        return out.reshape(x.shape)
 
     def seed_model(self, i: int, use_ema: bool = False) -> nn.Module:
         """Seed ``i`` as an ordinary ``ConsistencyModel`` (a copy of its weights)."""
@@ -191,6 +276,16 @@ class Ensemble:
         return model
 
 
+def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam over the stacked weights as one fused kernel (torch >= 2.4 on the CPU), else the
+    multi-tensor path: per element the arithmetic of the single-tensor Adam of a sequential run
+    (to float rounding)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # no fused CPU Adam in this torch
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
     seeds = list(seeds)
     if not seeds or any(not is_int(s) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
@@ -198,30 +293,75 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
     return [int(s) for s in seeds]
 
 
-def _draw(
-    target: GaussianMixture,
-    spec: EnsembleSpec,
-    probs: Tensor,
-    gens: list[torch.Generator],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Each seed's data, noise, indices and GC mask, drawn in the library's order: ``(S, B, ...)``.
+class _Sampler:
+    """Every seed's draws of one step, each from its own generator in the library's order.
 
-    batch-OT re-pairs the noise per seed (exact assignment, ``couplings.ot_coupling``)."""
-    datas, noises, idxs, masks = [], [], [], []
-    b = spec.batch
-    for g in gens:
-        data = target.sample(b, generator=g).float()
-        noise = torch.randn(data.shape, generator=g, dtype=data.dtype)
-        idx = torch.multinomial(probs, b, replacement=True, generator=g)
-        if spec.method == "gc":
-            masks.append(torch.rand(b, generator=g) < float(spec.mu))
-        elif spec.method == "ot":
-            noise = couplings.ot_coupling(data, noise).noise
-        datas.append(data)
-        noises.append(noise)
-        idxs.append(idx)
-    mask = torch.stack(masks) if masks else torch.zeros(len(gens), b, dtype=torch.bool)
-    return torch.stack(datas), torch.stack(noises), torch.stack(idxs), mask
+    Per seed ``g``: ``target.sample(B, generator=g)`` (component indices by ``multinomial``, then
+    standard normals ``(B, d)`` in the mixture's dtype), the noise ``randn (B, d)`` (float32), the
+    interval indices (``multinomial`` of the schedule's probabilities), then for ``gc`` the mask
+    ``rand (B,) < mu``. Only the random calls run seed by seed, straight into ``(S, ...)``
+    buffers; the mixture's arithmetic on them (``mean_k + U_k (sqrt(lam_k) * eps)``, the body of
+    ``GaussianMixture.sample``) runs once for all seeds, the rotation grouped by component.
+    """
+
+    def __init__(self, target: GaussianMixture, spec: EnsembleSpec) -> None:
+        self.target, self.spec = target, spec
+        self.weights = target.weights
+        self.means = target.means
+        # GaussianMixture keeps its eigen-decomposition private; these are the tensors its own
+        # sample() uses (tests/test_ensemble.py compares with it on a rotated mixture).
+        self.scale = target._lam.sqrt()
+        self.rot = target._rot
+        isotropic = bool((self.scale == self.scale[:, :1]).all())
+        self.row_scale = self.scale[:, 0].contiguous() if isotropic else None
+
+    def __call__(self, probs: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, ...]:
+        """``(data, noise, idx, mask)``: ``(S, B, d)`` float32 twice, ``(S, B)`` long, bool."""
+        s, b, d = len(gens), self.spec.batch, self.target.dim
+        gc = self.spec.method == "gc"
+        comp = torch.empty(s, b, dtype=torch.long)
+        eps = torch.empty(s, b, d, dtype=self.target.dtype)
+        noise = torch.empty(s, b, d)
+        idx = torch.empty(s, b, dtype=torch.long)
+        u = torch.empty(s, b)
+        for i, g in enumerate(gens):
+            torch.multinomial(self.weights, b, replacement=True, generator=g, out=comp[i])
+            torch.randn(b, d, generator=g, dtype=eps.dtype, out=eps[i])
+            torch.randn(b, d, generator=g, out=noise[i])
+            torch.multinomial(probs, b, replacement=True, generator=g, out=idx[i])
+            if gc:
+                torch.rand(b, generator=g, out=u[i])
+        data = self._mixture_rows(comp, eps).float()
+        if self.spec.method == "ot":  # exact assignment per seed (no random draws)
+            for i in range(s):
+                noise[i] = couplings.ot_coupling(data[i], noise[i]).noise
+        mask = u < float(self.spec.mu) if gc else torch.zeros(s, b, dtype=torch.bool)
+        return data, noise, idx, mask
+
+    def _mixture_rows(self, comp: Tensor, eps: Tensor) -> Tensor:
+        """``means[c] + U_c (scale[c] * eps)`` row by row, ``(S, B, d)`` in the mixture's dtype.
+
+        The same products and sums as ``GaussianMixture.sample`` (bitwise, but for the rotation,
+        whose matrix products sum in another order); an isotropic component's scale multiplies
+        as one number per row instead of a gathered ``(S, B, d)`` tensor."""
+        if self.row_scale is not None:
+            z = eps * self.row_scale[comp][..., None]
+        else:
+            z = eps * self.scale[comp]
+        if self.rot is not None:  # rows sorted by component: one product per component
+            flat_c = comp.reshape(-1)
+            order = torch.argsort(flat_c, stable=True)
+            by_comp = z.reshape(-1, z.shape[-1])[order]
+            rotated = torch.empty_like(by_comp)
+            counts = torch.bincount(flat_c, minlength=self.rot.shape[0]).tolist()
+            start = 0
+            for k, n in enumerate(counts):
+                if n:
+                    end = start + n
+                    torch.mm(by_comp[start:end], self.rot[k].T, out=rotated[start:end])
+                    start = end
+            z = torch.empty_like(rotated).index_copy_(0, order, rotated).reshape(z.shape)
+        return z.add_(self.means[comp])
 
 
 def train_ensemble(
@@ -231,66 +371,81 @@ def train_ensemble(
     *,
     callback: Callable[[int, Ensemble], None] | None = None,
     callback_steps: Sequence[int] = (),
+    prefetch: bool = True,
 ) -> Ensemble:
     """Train ``len(seeds)`` runs of ``spec`` on ``target`` at once (module doc).
 
     ``callback(step, ensemble)`` runs after the steps listed in ``callback_steps`` (``step`` =
     number of optimizer steps done; 0 = before training), e.g. for metric curves.
+    ``prefetch``: draw step ``k + 1``'s random numbers (and batch-OT's assignments) in a
+    background thread while step ``k`` computes; the draws do not depend on the weights, and
+    each generator is used by that one thread in the same order, so the numbers are the same.
     """
     spec = copy.copy(spec).validate()
     seeds = _check_seeds(seeds)
     dim = target.dim
     models = [make_model(dim, spec, s, check_inputs=False) for s in seeds]
-    params, buffers = stack_module_state(models)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    ens = Ensemble(seeds, spec, dim, params, buffers)
+    module = stack_seeds(models)
+    params = dict(module.named_parameters())
+    _, buffers = stack_module_state(models)
+    ens = Ensemble(seeds, spec, dim, module, params, buffers)
     uses_ema = spec.method == "gc" and spec.gc_model in ("ema", "const_ema")
     if uses_ema:
         ens.ema = {k: v.detach().clone() for k, v in params.items()}
         ema_every, warmup = _ema_settings(spec)
-    opt = torch.optim.Adam(list(params.values()), lr=spec.lr)
+        ema_list, param_list = list(ens.ema.values()), [p.detach() for p in params.values()]
+    opt = _adam(list(params.values()), spec.lr)
     objective = _objective(spec, target)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
+    draw = _Sampler(target, spec)
     ideal = _ideal(target, spec.ideal_steps) if spec.gc_model == "ideal" else None
     c = default_huber_c(dim)
     s_count, b = len(seeds), spec.batch
+    flat = (s_count * b, dim)
     checkpoints = set(int(k) for k in callback_steps)
     if callback is not None and 0 in checkpoints:
         callback(0, ens)
-    for step in range(spec.steps):
-        sched = objective.schedule(step)
-        data, noise, idx, mask = _draw(target, spec, sched.probs, gens)
-        t_lo = sched.grid[idx].float()
-        t_hi = sched.grid[idx + 1].float()
-        weight = sched.weights[idx].float()
-        if spec.method == "gc" and bool(mask.any()):
-            data = _gc_data(ens, spec, data, noise, t_lo, mask, ideal)
-        ens.pair_costs.append(((data - noise) ** 2).sum(-1).mean(1))
-        flat = (s_count * b, dim)
-        x_lo, x_hi, _ = interpolate_pair(
-            data.reshape(flat), noise.reshape(flat), t_lo.reshape(-1), t_hi.reshape(-1), "ve"
-        )
-        if spec.method == "cd":
+    with ThreadPoolExecutor(max_workers=1) if prefetch else nullcontext() as pool:
+
+        def request(step: int) -> Callable[[], tuple[Tensor, ...]]:
+            args = (objective.schedule(step).probs, gens)
+            if pool is None:
+                return lambda: draw(*args)
+            return pool.submit(draw, *args).result
+
+        pending = request(0)
+        for step in range(spec.steps):
+            data, noise, idx, mask = pending()
+            if step + 1 < spec.steps:
+                pending = request(step + 1)
+            sched = objective.schedule(step)
+            t_lo = sched.grid[idx].float()
+            t_hi = sched.grid[idx + 1].float()
+            weight = sched.weights[idx].float()
+            if spec.method == "gc" and bool(mask.any()):
+                data = _gc_data(ens, spec, data, noise, t_lo, mask, ideal)
+            x_lo, x_hi, sqcost = interpolate_pair(
+                data.reshape(flat), noise.reshape(flat), t_lo.reshape(-1), t_hi.reshape(-1), "ve"
+            )
+            ens.pair_costs.append(sqcost.reshape(s_count, b).mean(1))
+            if spec.method == "cd":
+                with torch.no_grad():
+                    v = target.velocity(x_hi, t_hi.reshape(-1), "ve")
+                    x_lo = x_hi + (t_lo - t_hi).reshape(-1, 1) * v
             with torch.no_grad():
-                v = target.velocity(x_hi, t_hi.reshape(-1), "ve")
-                x_lo = x_hi + (t_lo - t_hi).reshape(-1, 1) * v
-        x_lo, x_hi = x_lo.reshape(s_count, b, dim), x_hi.reshape(s_count, b, dim)
-        with torch.no_grad():
-            f_lo = ens.apply(x_lo, t_lo)
-        f_hi = ens.apply(x_hi, t_hi)
-        dist = pseudo_huber(f_lo.reshape(flat), f_hi.reshape(flat), c).reshape(s_count, b)
-        per_seed = (weight * dist).mean(1)
-        opt.zero_grad(set_to_none=True)
-        per_seed.sum().backward()
-        opt.step()
-        ens.losses.append(per_seed.detach())
-        if uses_ema and step % ema_every == 0:
-            d = ema_decay(step, spec.ema_beta, warmup=warmup)
-            with torch.no_grad():
-                for k, v in ens.ema.items():
-                    v.lerp_(params[k].detach(), 1.0 - d)
-        if callback is not None and step + 1 in checkpoints:
-            callback(step + 1, ens)
+                f_lo = module(x_lo, t_lo.reshape(-1))
+            f_hi = module(x_hi, t_hi.reshape(-1))
+            dist = pseudo_huber(f_lo, f_hi, c).reshape(s_count, b)
+            per_seed = (weight * dist).mean(1)
+            opt.zero_grad(set_to_none=True)
+            per_seed.sum().backward()
+            opt.step()
+            ens.losses.append(per_seed.detach())
+            if uses_ema and step % ema_every == 0:
+                d = ema_decay(step, spec.ema_beta, warmup=warmup)
+                torch._foreach_lerp_(ema_list, param_list, 1.0 - d)
+            if callback is not None and step + 1 in checkpoints:
+                callback(step + 1, ens)
     return ens
 
 
@@ -310,18 +465,22 @@ def _gc_data(
             xhat = data.clone()
             xhat[mask] = ideal(x_t[mask], t_lo[mask])
         else:
-            weights = ens.params if spec.gc_model == "online" else ens.ema
-            weights = {k: v.detach() for k, v in weights.items()}
-            xhat = ens.apply(x_t, t_lo, weights)
+            xhat = ens.apply(x_t, t_lo, None if spec.gc_model == "online" else ens.ema)
     return torch.where(mask[..., None], xhat, data)
 
 
 def train_sequential(
-    target: GaussianMixture, spec: EnsembleSpec, seed: int
+    target: GaussianMixture,
+    spec: EnsembleSpec,
+    seed: int,
+    *,
+    callback: Callable[[int, nn.Module], None] | None = None,
+    callback_steps: Sequence[int] = (),
 ) -> tuple[nn.Module, nn.Module | None, list[float]]:
     """One seed with the library objective and an ordinary module: the reference of
     :func:`train_ensemble` (same draws, same numbers). Returns the model, its EMA (or None) and
-    the losses."""
+    the losses. ``callback(step, model)`` runs after the steps in ``callback_steps`` (0 = before
+    training), as in :func:`train_ensemble`."""
     spec = copy.copy(spec).validate()
     model = make_model(target.dim, spec, seed)
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
@@ -337,6 +496,9 @@ def train_sequential(
             spec.gc_model, ema
         )
     losses = []
+    checkpoints = set(int(k) for k in callback_steps)
+    if callback is not None and 0 in checkpoints:
+        callback(0, model)
     for step in range(spec.steps):
         data = target.sample(spec.batch, generator=g).float()
         out = objective(model, data, step, generator=g, gc_model=gc_model)
@@ -346,6 +508,8 @@ def train_sequential(
         losses.append(float(out.loss.detach()))
         if ema is not None:
             ema.update(model, step)
+        if callback is not None and step + 1 in checkpoints:
+            callback(step + 1, model)
     return model, ema, losses
 
 

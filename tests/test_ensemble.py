@@ -1,10 +1,30 @@
-"""The vectorized ensemble equals sequential training of each seed with the library objective."""
+"""The seed ensemble equals sequential training of each seed with the library objective.
+
+Tolerance: the ensemble runs each layer as one ``torch.baddbmm`` over the seeds and Adam as one
+fused kernel over the stacked weights, the sequential run ``addmm`` per seed and the
+single-tensor Adam; the same products summed in another order, and Adam's update computed by
+another kernel, differ by float32 rounding (a few ulp per step). ``rtol = 1e-5`` and
+``atol = 1e-6`` (weights of order 0.1 and Adam steps of ``lr = 1e-3``) allow that over 8
+steps while a wrong draw, a wrong order of draws or a mixed-up seed changes the weights by
+``~lr`` per step and the losses by their whole size.
+"""
 
 import pytest
 import torch
+from torch import nn
 
-from gcflows.ensemble import EnsembleSpec, train_ensemble, train_sequential
-from gcflows.gmm import get_preset
+from gcflows.ensemble import (
+    EnsembleSpec,
+    SeedStackedLinear,
+    _Sampler,
+    stack_seeds,
+    train_ensemble,
+    train_sequential,
+)
+from gcflows.gmm import GaussianMixture, get_preset
+from gcflows.networks import ToyMLP
+
+TOL = dict(rtol=1e-5, atol=1e-6)
 
 CASES = [
     ("ct", "ema"),
@@ -17,8 +37,8 @@ CASES = [
 ]
 
 
-def _spec(method, gc_model):
-    return EnsembleSpec(
+def _spec(method, gc_model, **kw):
+    base = dict(
         method=method,
         gc_model=gc_model,
         mu=0.5,
@@ -32,6 +52,33 @@ def _spec(method, gc_model):
         s0=2,
         s1=8,
     )
+    return EnsembleSpec(**{**base, **kw})
+
+
+def _rotated_mixture(dim=6, k=3):
+    """Full covariances: ``GaussianMixture.sample`` rotates each row by its component's basis."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(k, dim, dim, generator=g, dtype=torch.float64)
+    covs = a @ a.transpose(1, 2) / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
+    means = torch.randn(k, dim, generator=g, dtype=torch.float64)
+    return GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), means, covs=covs)
+
+
+def _assert_seeds_match(ens, target, spec, seeds):
+    for i, seed in enumerate(seeds):
+        model, ema, losses = train_sequential(target, spec, seed)
+        ref = model.state_dict()
+        for k, v in ens.params.items():
+            torch.testing.assert_close(v[i].detach(), ref[k], **TOL)
+        got = torch.stack(ens.losses)[:, i]
+        torch.testing.assert_close(got, torch.tensor(losses), rtol=1e-5, atol=1e-7)
+        if ema is not None:
+            ref_ema = ema.module.state_dict()
+            for k, v in ens.ema.items():
+                torch.testing.assert_close(v[i], ref_ema[k], **TOL)
+            # the average is not the online network
+            key = "backbone.out.weight"
+            assert not torch.allclose(ens.ema[key][i], ens.params[key][i].detach())
 
 
 @pytest.mark.parametrize(("method", "gc_model"), CASES)
@@ -39,24 +86,63 @@ def test_each_seed_equals_its_sequential_run(method, gc_model):
     target = get_preset("random_16")
     spec = _spec(method, gc_model)
     ens = train_ensemble(target, spec, [3, 5])
-    for i, seed in enumerate([3, 5]):
-        model, ema, losses = train_sequential(target, spec, seed)
-        ref = model.state_dict()
-        for k, v in ens.params.items():
-            torch.testing.assert_close(v[i].detach(), ref[k], rtol=1e-5, atol=1e-6)
-        got = torch.stack(ens.losses)[:, i]
-        torch.testing.assert_close(got, torch.tensor(losses), rtol=1e-5, atol=1e-7)
-        if ema is not None:
-            ref_ema = ema.module.state_dict()
-            for k, v in ens.ema.items():
-                torch.testing.assert_close(v[i], ref_ema[k], rtol=1e-5, atol=1e-6)
-            # the average is not the online network
-            key = "backbone.out.weight"
-            assert not torch.allclose(ens.ema[key][i], ens.params[key][i].detach())
+    _assert_seeds_match(ens, target, spec, [3, 5])
     # the seeds differ (different initial weights and draws)
     assert not torch.allclose(
         ens.params["backbone.out.weight"][0], ens.params["backbone.out.weight"][1]
     )
+
+
+def test_rotated_mixture_and_no_prefetch_match_sequential():
+    """The batched mixture arithmetic (rotation grouped by component) equals ``sample``, with the
+    draws prefetched in a thread or not."""
+    target = _rotated_mixture()
+    spec = _spec("gc", "online", hidden=16, depth=1, steps=6)
+    a = train_ensemble(target, spec, [0, 7, 2], prefetch=True)
+    b = train_ensemble(target, spec, [0, 7, 2], prefetch=False)
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k])
+    _assert_seeds_match(a, target, spec, [0, 7, 2])
+
+
+def test_sampler_equals_mixture_sample():
+    target = _rotated_mixture()
+    spec = _spec("ct", "ema", batch=64)
+    gens = [torch.Generator().manual_seed(s) for s in (4, 9)]
+    probs = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    data, noise, idx, mask = _Sampler(target, spec)(probs, gens)
+    for i, s in enumerate((4, 9)):
+        g = torch.Generator().manual_seed(s)
+        ref = target.sample(64, generator=g).float()
+        torch.testing.assert_close(data[i], ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(noise[i], torch.randn(ref.shape, generator=g))
+        assert torch.equal(idx[i], torch.multinomial(probs, 64, replacement=True, generator=g))
+    assert not mask.any()
+
+
+def test_stacked_linear_and_stack_seeds():
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 3) for _ in range(4)]
+    stacked = SeedStackedLinear(
+        torch.stack([m.weight.detach() for m in layers]),
+        torch.stack([m.bias.detach() for m in layers]),
+    )
+    x = torch.randn(4 * 7, 5)
+    y = stacked(x)
+    for i, m in enumerate(layers):
+        torch.testing.assert_close(y[7 * i : 7 * i + 7], m(x[7 * i : 7 * i + 7]), **TOL)
+    with pytest.raises(ValueError, match="S = 4"):
+        stacked(torch.randn(6, 5))
+    nets = [ToyMLP(3, hidden=8, depth=1) for _ in range(2)]
+    both = stack_seeds(nets)
+    xx, cc = torch.randn(2 * 5, 3), torch.randn(2 * 5)
+    for i, net in enumerate(nets):
+        sl = slice(5 * i, 5 * i + 5)
+        torch.testing.assert_close(both(xx, cc)[sl], net(xx[sl], cc[sl]), **TOL)
+    with pytest.raises(ValueError, match="dropout"):
+        stack_seeds([ToyMLP(3, hidden=8, depth=1, dropout=0.1)])
+    with pytest.raises(ValueError, match="not in an nn.Linear"):
+        stack_seeds([nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))])
 
 
 def test_seed_model_and_apply_agree():
@@ -66,10 +152,20 @@ def test_seed_model_and_apply_agree():
     x = torch.randn(3, 5, 16)
     t = torch.full((3, 5), 0.7)
     out = ens.apply(x, t)
+    ema_like = {k: v.detach() * 0.5 for k, v in ens.params.items()}
+    out_half = ens.apply(x, t, ema_like)
     for i in range(3):
         with torch.no_grad():
             ref = ens.seed_model(i)(x[i], t[i])
-        torch.testing.assert_close(out[i].detach(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[i].detach(), ref, **TOL)
+        model = ens.seed_model(i)
+        model.load_state_dict({k: v[i] for k, v in ema_like.items()})
+        with torch.no_grad():
+            torch.testing.assert_close(out_half[i], model(x[i], t[i]), **TOL)
+    with pytest.raises(ValueError, match="x"):
+        ens.apply(torch.randn(2, 5, 16), t[:2])
+    with pytest.raises(ValueError, match="t"):
+        ens.apply(x, t[:, :4])
 
 
 def test_callback_steps_and_bad_arguments():
@@ -83,6 +179,15 @@ def test_callback_steps_and_bad_arguments():
         callback_steps=[0, 4, 8],
     )
     assert seen == [0, 4, 8]
+    seen_seq = []
+    train_sequential(
+        target,
+        _spec("ct", "ema", steps=3),
+        0,
+        callback=lambda k, m: seen_seq.append((k, type(m).__name__)),
+        callback_steps=[1, 3],
+    )
+    assert seen_seq == [(1, "ConsistencyModel"), (3, "ConsistencyModel")]
     with pytest.raises(ValueError, match="seeds"):
         train_ensemble(target, _spec("ct", "ema"), [1, 1])
     with pytest.raises(ValueError, match="method"):
