@@ -1,6 +1,6 @@
 """The paper's headline claims in high dimension, against exact Gaussian-mixture oracles.
 
-    python experiments/highdim_study.py [--quick] [--out runs] [--seeds 10] [--steps 160]
+    python experiments/highdim_study.py [--quick | --full] [--out runs] [--seeds 10] [--steps 160]
 
 Three parts, one run folder (``config.json``, ``results.json``, ``results.csv``, figures):
 
@@ -8,10 +8,15 @@ Three parts, one run folder (``config.json``, ``results.json``, ``results.csv``,
    (posterior covariance trace) and by the learned regressor (``gcflows.regression``; the IC
    validation table: regressor vs exact at every d and t), batch-OT at batch 512 and 2048, GC
    with the ideal generator (exact flow map, RK4) at mu = 1 and 0.5, GC with trained generators
-   (the warm-up EMA of a GC run at two points of training), on the random mixtures at d = 16, 64,
-   256 (and 3072 with fewer couplings), the digits-like mixture and the real digits (IC and
-   batch-OT only; no exact reference there). Ordering per t and a verdict on
-   "GC < batch-OT < IC, the gap growing with t" per target.
+   (the warm-up EMA of a GC run at two points of training; needs the training part), on the
+   random mixtures at d = 16, 64, 256, the digits-like mixture and the real digits (IC and
+   batch-OT only; no exact reference there); ``--full`` adds d = 3072 (IC, batch-OT 512 and GC
+   mu = 1 only, 2048 training pairs per time). Ordering per t and a verdict on
+   "GC < batch-OT < IC, the gap growing with t" per target. Regressor: ``REGRESSOR`` (one
+   network for all times, early stopping), ``n_train`` training pairs per time (most at the hard
+   times), ``n_test`` held-out pairs per time; ``--pairs``, ``--test-pairs``, ``--reg-steps``,
+   ``--regressor JSON``, ``--reg-seed`` and ``--couplings`` change them (``--couplings ic``: the
+   IC validation alone).
 2. **Training head to head** on the 64-D random mixture and the digits-like mixture (``--train``
    adds d = 256): CD (exact velocity), CT (IC), batch-OT, GC mu in {0.3, 0.5, 1.0} (warm-up EMA
    generator), GC with the ideal generator, ``--seeds`` seeds each through the vectorized
@@ -28,6 +33,7 @@ Metrics are per coordinate (divided by d) where marked ``/d``. A summary table i
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -79,7 +85,7 @@ PROXY_TARGETS = ["random_16", "random_64", "random_256", "digits_mixture", "digi
 FULL_ONLY_TARGETS = ["random_3072"]
 BIG_D_TARGETS = {"random_3072"}
 # the regressor of the proxy (gcflows.regression.RegressorConfig); quick: a smoke-sized fit
-REGRESSOR = dict(per_time=False, hidden=128, depth=2, dropout=0.1, batch=512, max_steps=3000)
+REGRESSOR = dict(per_time=False, hidden=128, depth=2, dropout=0.0, batch=512, max_steps=2000)
 QUICK_REGRESSOR = dict(hidden=32, max_steps=60, eval_every=20, patience=3)
 
 
@@ -108,8 +114,9 @@ def settings(quick: bool, full: bool = False) -> dict:
         proxy_targets=PROXY_TARGETS + (FULL_ONLY_TARGETS if full else []),
         proxy_times=list(PROXY_TIMES),
         couplings=["ic", "ot512", "ot2048", "gc1-ideal", "gc0.5-ideal"],
-        # training pairs per time (validation share included): more at the hard times 0.2-1
-        n_train=[4096, 8192, 8192, 8192, 4096, 4096],
+        # training pairs per time (validation share included): more at the hard times 0.2-1,
+        # most at t = 0.2 (the largest bias on random_16 / random_64)
+        n_train=[2048, 16384, 8192, 8192, 2048, 2048],
         n_test=2048,
         regressor=dict(REGRESSOR),
         big_d_pairs=2048,  # 3072-D (--full): training pairs per time, IC / OT512 / GC mu = 1 only
@@ -139,11 +146,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--pairs",
         type=int,
+        nargs="+",
         default=None,
-        help="regressor training pairs at every time (default 4096 / 8192 at t = 0.2-1)",
+        help="regressor training pairs per time: one number, or one per proxy time "
+        "(default 16384 at t = 0.2, 8192 at 0.5 and 1, else 2048)",
     )
     p.add_argument("--test-pairs", type=int, default=None, help="held-out pairs per time (2048)")
-    p.add_argument("--reg-steps", type=int, default=None, help="regressor step cap per fit (3000)")
+    p.add_argument("--reg-steps", type=int, default=None, help="regressor step cap per fit (2000)")
+    p.add_argument(
+        "--regressor",
+        type=json.loads,
+        default=None,
+        help="RegressorConfig fields as JSON, e.g. '{\"per_time\": true}' (gcflows.regression)",
+    )
+    p.add_argument("--reg-seed", type=int, default=1, help="seed of the regressor's pairs and fit")
+    p.add_argument(
+        "--couplings", nargs="+", default=None, help="subset of the proxy couplings (e.g. ic)"
+    )
     p.add_argument("--skip-proxy", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -164,13 +183,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.proxy_targets or []:
         if name not in known:
             p.error(f"--proxy-targets: {name!r} is invalid: use names from {known}")
+    n_times = len(settings(args.quick)["proxy_times"])
+    if args.pairs is not None and len(args.pairs) not in (1, n_times):
+        p.error(f"--pairs={args.pairs} is invalid: give one number or {n_times} (one per time)")
     for flag, v in (
-        ("--pairs", args.pairs),
+        *(("--pairs", n) for n in args.pairs or []),
         ("--test-pairs", args.test_pairs),
         ("--reg-steps", args.reg_steps),
     ):
         if v is not None and v < 16:
             p.error(f"{flag}={v} is invalid: use >= 16")
+    if args.regressor is not None:
+        if not isinstance(args.regressor, dict):
+            p.error(f"--regressor={args.regressor!r} is invalid: give a JSON object")
+        try:
+            RegressorConfig(**{**settings(args.quick, args.full)["regressor"], **args.regressor})
+        except (TypeError, ValueError) as err:
+            p.error(f"--regressor is invalid: {err}")
+    known_c = settings(False)["couplings"]
+    for name in args.couplings or []:
+        if name not in known_c:
+            p.error(f"--couplings: {name!r} is invalid: use names from {known_c}")
     if args.threads < 1:
         p.error(f"--threads={args.threads} is invalid: use >= 1")
     if args.skip_proxy and args.skip_train:
@@ -252,7 +285,7 @@ def _estimate(cfg: dict, sampler, n_train, n_test: int):
         n_train=n_train,
         n_test=n_test,
         config=RegressorConfig(**cfg["regressor"]),
-        generator=torch.Generator().manual_seed(1),
+        generator=torch.Generator().manual_seed(cfg["reg_seed"]),
     )
 
 
@@ -637,11 +670,17 @@ def main(argv=None) -> dict:
     if args.proxy_targets:
         cfg["proxy_targets"] = list(args.proxy_targets)
     if args.pairs:
-        cfg["n_train"] = cfg["big_d_pairs"] = args.pairs
+        cfg["n_train"] = args.pairs[0] if len(args.pairs) == 1 else list(args.pairs)
+        cfg["big_d_pairs"] = cfg["n_train"]
     if args.test_pairs:
         cfg["n_test"] = args.test_pairs
     if args.reg_steps:
         cfg["regressor"]["max_steps"] = args.reg_steps
+    if args.regressor:
+        cfg["regressor"].update(args.regressor)
+    if args.couplings:
+        cfg["couplings"] = list(args.couplings)
+    cfg["reg_seed"] = args.reg_seed
     torch.set_num_threads(args.threads)
     run_dir = make_run_dir(args.out, "highdim_quick" if args.quick else "highdim")
     write_config(run_dir, args, list(range(args.seeds)), settings=cfg)
