@@ -98,7 +98,7 @@ class RegressorConfig:
     batch: int = 512
     lr: float = 2e-3
     warmup: int = 50
-    max_steps: int = 2000
+    max_steps: int = 1500
     eval_every: int = 50
     patience: int = 6
     min_delta: float = 1e-3
