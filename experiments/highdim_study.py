@@ -1,6 +1,6 @@
 """The paper's headline claims in high dimension, against exact Gaussian-mixture oracles.
 
-    python experiments/highdim_study.py [--quick] [--out runs] [--seeds 10] [--steps 160]
+    python experiments/highdim_study.py [--quick | --full] [--out runs] [--seeds 10] [--steps 160]
 
 Three parts, one run folder (``config.json``, ``results.json``, ``results.csv``, figures):
 
@@ -8,10 +8,16 @@ Three parts, one run folder (``config.json``, ``results.json``, ``results.csv``,
    (posterior covariance trace) and by the learned regressor (``gcflows.regression``; the IC
    validation table: regressor vs exact at every d and t), batch-OT at batch 512 and 2048, GC
    with the ideal generator (exact flow map, RK4) at mu = 1 and 0.5, GC with trained generators
-   (the warm-up EMA of a GC run at two points of training), on the random mixtures at d = 16, 64,
-   256 (and 3072 with fewer couplings), the digits-like mixture and the real digits (IC and
-   batch-OT only; no exact reference there). Ordering per t and a verdict on
-   "GC < batch-OT < IC, the gap growing with t" per target.
+   (the warm-up EMA of a GC run at two points of training; needs the training part), on the
+   random mixtures at d = 16, 64, 256, the digits-like mixture and the real digits (IC and
+   batch-OT only; no exact reference there); ``--full`` adds d = 3072 (IC, batch-OT 512 and GC
+   mu = 1 only, 2048 training pairs per time) and fits every target with more pairs (16384 at
+   t = 0.2, 4096 held out) and steps (cap 3000). Ordering per t and a verdict on
+   "GC < batch-OT < IC, the gap growing with t" per target. Regressor: ``REGRESSOR`` (one
+   network for all times, early stopping), ``n_train`` training pairs per time (most at the hard
+   times), ``n_test`` held-out pairs per time; ``--pairs``, ``--test-pairs``, ``--reg-steps``,
+   ``--regressor JSON``, ``--reg-seed`` and ``--couplings`` change them (``--couplings ic``: the
+   IC validation alone).
 2. **Training head to head** on the 64-D random mixture and the digits-like mixture (``--train``
    adds d = 256): CD (exact velocity), CT (IC), batch-OT, GC mu in {0.3, 0.5, 1.0} (warm-up EMA
    generator), GC with the ideal generator, ``--seeds`` seeds each through the vectorized
@@ -28,6 +34,7 @@ Metrics are per coordinate (divided by d) where marked ``/d``. A summary table i
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -43,7 +50,7 @@ from gcflows.ensemble import Ensemble, EnsembleSpec, train_ensemble
 from gcflows.gmm import GaussianMixture, get_preset
 from gcflows.metrics import sliced_w2
 from gcflows.records import make_run_dir, print_table, write_config, write_results
-from gcflows.regression import estimate_proxy, exact_ic_proxy, rk4_flow_map
+from gcflows.regression import RegressorConfig, estimate_proxy, exact_ic_proxy, rk4_flow_map
 
 T_MAX = 80.0
 TWO_STEP_T = 0.8
@@ -74,7 +81,17 @@ def _progress(total: int, enabled: bool):
 # ------------------------------------------------------------------------------------------------
 # settings
 # ------------------------------------------------------------------------------------------------
-def settings(quick: bool) -> dict:
+PROXY_TIMES = [0.05, 0.2, 0.5, 1.0, 2.0, 10.0]
+PROXY_TARGETS = ["random_16", "random_64", "random_256", "digits_mixture", "digits"]
+FULL_ONLY_TARGETS = ["random_3072"]
+BIG_D_TARGETS = {"random_3072"}
+# the regressor of the proxy (gcflows.regression.RegressorConfig); quick: a smoke-sized fit
+REGRESSOR = dict(per_time=False, hidden=128, depth=2, dropout=0.0, batch=512, max_steps=1500)
+QUICK_REGRESSOR = dict(hidden=32, max_steps=60, eval_every=20, patience=3)
+
+
+def settings(quick: bool, full: bool = False) -> dict:
+    """The design. Default: the proxy on ``PROXY_TARGETS``; ``full`` adds ``random_3072``."""
     if quick:
         return dict(
             proxy_targets=["random_16", "digits_mixture"],
@@ -82,8 +99,8 @@ def settings(quick: bool) -> dict:
             couplings=["ic", "ot512", "gc1-ideal"],
             n_train=512,
             n_test=512,
-            reg_steps=60,
-            reg_hidden=32,
+            regressor=dict(QUICK_REGRESSOR),
+            big_d_pairs=512,
             train_targets=["random_16"],
             methods=["ct", "ot", "gc0.5", "gc0.5-online"],
             hidden=32,
@@ -95,20 +112,17 @@ def settings(quick: bool) -> dict:
             trained_gc_proxy=True,
         )
     return dict(
-        proxy_targets=[
-            "random_16",
-            "random_64",
-            "random_256",
-            "random_3072",
-            "digits_mixture",
-            "digits",
-        ],
-        proxy_times=[0.05, 0.2, 0.5, 1.0, 2.0, 10.0],
+        proxy_targets=PROXY_TARGETS + (FULL_ONLY_TARGETS if full else []),
+        proxy_times=list(PROXY_TIMES),
         couplings=["ic", "ot512", "ot2048", "gc1-ideal", "gc0.5-ideal"],
-        n_train=2048,
-        n_test=2048,
-        reg_steps=200,
-        reg_hidden=128,
+        # training pairs per time (validation share included): more at the hard times 0.2-1;
+        # --full: twice that, and most at t = 0.2 (the largest bias on random_16 / random_64)
+        n_train=[4096, 16384, 8192, 8192, 4096, 4096]
+        if full
+        else [2048, 8192, 8192, 8192, 2048, 2048],
+        n_test=4096 if full else 2048,
+        regressor=dict(REGRESSOR, max_steps=3000) if full else dict(REGRESSOR),
+        big_d_pairs=2048,  # 3072-D (--full): training pairs per time, IC / OT512 / GC mu = 1 only
         train_targets=["random_64", "digits_mixture"],
         methods=list(METHODS),
         hidden=64,
@@ -124,13 +138,40 @@ def settings(quick: bool) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the complete proxy design: adds the 3072-D mixture, more pairs and steps",
+    )
     p.add_argument("--out", default="runs", help="parent folder of the run folder")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (10; quick 3)")
     p.add_argument("--steps", type=int, default=None, help="training steps (160; quick 40)")
     p.add_argument("--train-256", action="store_true", help="also train on the 256-D mixture")
     p.add_argument("--proxy-targets", nargs="+", default=None, help="subset of the proxy targets")
-    p.add_argument("--pairs", type=int, default=None, help="regressor pairs per time (2048)")
-    p.add_argument("--reg-steps", type=int, default=None, help="regressor Adam steps (200)")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="regressor training pairs per time: one number, or one per proxy time "
+        "(default 8192 at t = 0.2-1, else 2048; --full 16384 at t = 0.2)",
+    )
+    p.add_argument(
+        "--test-pairs", type=int, default=None, help="held-out pairs per time (2048; --full 4096)"
+    )
+    p.add_argument(
+        "--reg-steps", type=int, default=None, help="regressor step cap per fit (1500; --full 3000)"
+    )
+    p.add_argument(
+        "--regressor",
+        type=json.loads,
+        default=None,
+        help="RegressorConfig fields as JSON, e.g. '{\"per_time\": true}' (gcflows.regression)",
+    )
+    p.add_argument("--reg-seed", type=int, default=1, help="seed of the regressor's pairs and fit")
+    p.add_argument(
+        "--couplings", nargs="+", default=None, help="subset of the proxy couplings (e.g. ic)"
+    )
     p.add_argument("--skip-proxy", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -145,13 +186,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--seeds={args.seeds} is invalid: use >= 2 (paired intervals need 2 seeds)")
     if args.steps < 4:
         p.error(f"--steps={args.steps} is invalid: use >= 4 (curves at quarters of training)")
-    known = settings(False)["proxy_targets"]
+    if args.quick and args.full:
+        p.error("--quick and --full together are contradictory: pick one")
+    known = settings(False, full=True)["proxy_targets"]
     for name in args.proxy_targets or []:
         if name not in known:
             p.error(f"--proxy-targets: {name!r} is invalid: use names from {known}")
-    for flag, v in (("--pairs", args.pairs), ("--reg-steps", args.reg_steps)):
+    n_times = len(settings(args.quick)["proxy_times"])
+    if args.pairs is not None and len(args.pairs) not in (1, n_times):
+        p.error(f"--pairs={args.pairs} is invalid: give one number or {n_times} (one per time)")
+    for flag, v in (
+        *(("--pairs", n) for n in args.pairs or []),
+        ("--test-pairs", args.test_pairs),
+        ("--reg-steps", args.reg_steps),
+    ):
         if v is not None and v < 16:
             p.error(f"{flag}={v} is invalid: use >= 16")
+    if args.regressor is not None:
+        if not isinstance(args.regressor, dict):
+            p.error(f"--regressor={args.regressor!r} is invalid: give a JSON object")
+        try:
+            RegressorConfig(**{**settings(args.quick, args.full)["regressor"], **args.regressor})
+        except (TypeError, ValueError) as err:
+            p.error(f"--regressor is invalid: {err}")
+    known_c = settings(False)["couplings"]
+    for name in args.couplings or []:
+        if name not in known_c:
+            p.error(f"--couplings: {name!r} is invalid: use names from {known_c}")
     if args.threads < 1:
         p.error(f"--threads={args.threads} is invalid: use >= 1")
     if args.skip_proxy and args.skip_train:
@@ -192,7 +253,9 @@ def make_sampler(name: str, target, ideal_steps: int, gc_model=None):
             for _ in range(math.ceil(n / batch)):
                 data = draw(batch, g)
                 noise = torch.randn(data.shape, generator=g, dtype=data.dtype)
-                noise = couplings.ot_coupling(data, noise).noise
+                # the assignment on the float32 cost matrix (exact for it; about 25 % faster)
+                perm = couplings.ot_coupling(data.float(), noise.float()).permutation
+                noise = noise[perm]
                 xs.append(data + t * noise)
                 zs.append(noise)
             return torch.cat(xs)[:n], torch.cat(zs)[:n]
@@ -222,49 +285,72 @@ def make_sampler(name: str, target, ideal_steps: int, gc_model=None):
     return gc(mu, gc_model)
 
 
+EXACT_DRAWS = 4096  # x_t draws of the exact IC reference per time
+
+
+def _estimate(cfg: dict, sampler, n_train, n_test: int):
+    """The proxy of one coupling with the design's regressor (same seed for every coupling)."""
+    return estimate_proxy(
+        sampler,
+        cfg["proxy_times"],
+        n_train=n_train,
+        n_test=n_test,
+        config=RegressorConfig(**cfg["regressor"]),
+        generator=torch.Generator().manual_seed(cfg["reg_seed"]),
+    )
+
+
+def _proxy_rows(tname: str, dim: int, cname: str, est, wall: float) -> list[dict]:
+    return [
+        dict(
+            part="proxy",
+            target=tname,
+            d=dim,
+            coupling=cname,
+            t=t,
+            proxy_per_d=v / dim,
+            half_width_per_d=h / dim,
+            n_train=n,
+            reg_steps=k,
+            reg_capped=c,
+            fit_s=round(wall, 1),
+        )
+        for t, v, h, n, k, c in zip(
+            est.times, est.value, est.half_width, est.n_train, est.steps, est.capped, strict=True
+        )
+    ]
+
+
+def proxy_couplings(cfg: dict, tname: str) -> list[str]:
+    """The couplings estimated on one target."""
+    names = list(cfg["couplings"])
+    if tname == "digits":  # no exact oracle, no ideal generator
+        return [c for c in names if not c.startswith("gc")]
+    if tname in BIG_D_TARGETS:  # 3072-D (--full): fewer couplings and pairs (cost ~ d)
+        return [c for c in names if c in ("ic", "ot512", "gc1-ideal")]
+    return names
+
+
 def proxy_part(cfg: dict, bar) -> tuple[list[dict], list[dict], dict]:
     rows, validation, curves = [], [], {}
     for tname in cfg["proxy_targets"]:
         target = _real_digits() if tname == "digits" else get_preset(tname)
         dim = target.shape[1] if tname == "digits" else target.dim
-        names = list(cfg["couplings"])
         n_train, n_test = cfg["n_train"], cfg["n_test"]
-        if tname == "digits":  # no exact oracle, no ideal generator
-            names = [c for c in names if not c.startswith("gc")]
-        if dim >= 1000:  # 3072-D: fewer couplings and pairs (cost ~ d)
-            names = [c for c in names if c in ("ic", "ot512", "gc1-ideal")]
-            n_train, n_test = max(256, n_train // 4), max(256, n_test // 4)
+        if tname in BIG_D_TARGETS:
+            n_train = cfg["big_d_pairs"]
         curves[tname] = {}
-        for cname in names:
+        for cname in proxy_couplings(cfg, tname):
             t0 = time.perf_counter()
-            sampler = make_sampler(cname, target, cfg["ideal_steps"])
-            est = estimate_proxy(
-                sampler,
-                cfg["proxy_times"],
-                n_train=n_train,
-                n_test=n_test,
-                steps=cfg["reg_steps"],
-                hidden=cfg["reg_hidden"],
-                generator=torch.Generator().manual_seed(1),
-            )
+            est = _estimate(cfg, make_sampler(cname, target, cfg["ideal_steps"]), n_train, n_test)
             curves[tname][cname] = est.as_dict()
-            for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
-                rows.append(
-                    dict(
-                        part="proxy",
-                        target=tname,
-                        d=dim,
-                        coupling=cname,
-                        t=t,
-                        proxy_per_d=v / dim,
-                        half_width_per_d=h / dim,
-                        fit_s=round(time.perf_counter() - t0, 1),
-                    )
-                )
+            rows += _proxy_rows(tname, dim, cname, est, time.perf_counter() - t0)
             if cname == "ic" and tname != "digits":
                 g = torch.Generator().manual_seed(2)
-                for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
-                    exact, eh = exact_ic_proxy(target, t, n_test, g)
+                for t, v, h, k, c in zip(
+                    est.times, est.value, est.half_width, est.steps, est.capped, strict=True
+                ):
+                    exact, eh = exact_ic_proxy(target, t, EXACT_DRAWS, g)
                     validation.append(
                         dict(
                             target=tname,
@@ -275,6 +361,8 @@ def proxy_part(cfg: dict, bar) -> tuple[list[dict], list[dict], dict]:
                             regressor_per_d=v / dim,
                             regressor_hw_per_d=h / dim,
                             rel_bias=(v - exact) / exact,
+                            reg_steps=k,
+                            reg_capped=c,
                         )
                     )
             if bar is not None:
@@ -519,30 +607,12 @@ def trained_gc_proxy(cfg: dict, trained: dict, bar) -> tuple[list[dict], dict]:
                 with torch.no_grad():
                     return model(x.float(), t.float()).double()
 
+            t0 = time.perf_counter()
             sampler = make_sampler("gc1", target, cfg["ideal_steps"], gc_model)
-            est = estimate_proxy(
-                sampler,
-                cfg["proxy_times"],
-                n_train=cfg["n_train"],
-                n_test=cfg["n_test"],
-                steps=cfg["reg_steps"],
-                hidden=cfg["reg_hidden"],
-                generator=torch.Generator().manual_seed(1),
-            )
+            est = _estimate(cfg, sampler, cfg["n_train"], cfg["n_test"])
             name = f"gc1-trained@{step}"
             curves.setdefault(tname, {})[name] = est.as_dict()
-            for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
-                rows.append(
-                    dict(
-                        part="proxy",
-                        target=tname,
-                        d=target.dim,
-                        coupling=name,
-                        t=t,
-                        proxy_per_d=v / target.dim,
-                        half_width_per_d=h / target.dim,
-                    )
-                )
+            rows += _proxy_rows(tname, target.dim, name, est, time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
     return rows, curves
@@ -607,25 +677,40 @@ def figures(run_dir: Path, proxy_curves: dict, train_curves: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = settings(args.quick)
+    cfg = settings(args.quick, args.full)
     if args.proxy_targets:
         cfg["proxy_targets"] = list(args.proxy_targets)
     if args.pairs:
-        cfg["n_train"] = cfg["n_test"] = args.pairs
+        cfg["n_train"] = args.pairs[0] if len(args.pairs) == 1 else list(args.pairs)
+        cfg["big_d_pairs"] = cfg["n_train"]
+    if args.test_pairs:
+        cfg["n_test"] = args.test_pairs
     if args.reg_steps:
-        cfg["reg_steps"] = args.reg_steps
+        cfg["regressor"]["max_steps"] = args.reg_steps
+    if args.regressor:
+        cfg["regressor"].update(args.regressor)
+    if args.couplings:
+        cfg["couplings"] = list(args.couplings)
+    cfg["reg_seed"] = args.reg_seed
     torch.set_num_threads(args.threads)
     run_dir = make_run_dir(args.out, "highdim_quick" if args.quick else "highdim")
     write_config(run_dir, args, list(range(args.seeds)), settings=cfg)
     start, cpu_start = time.perf_counter(), time.process_time()
-    n_proxy = 0 if args.skip_proxy else len(cfg["proxy_targets"]) * len(cfg["couplings"])
+    n_proxy = 0
+    if not args.skip_proxy:
+        n_proxy = sum(len(proxy_couplings(cfg, t)) for t in cfg["proxy_targets"])
+        if cfg["trained_gc_proxy"] and not args.skip_train:
+            n_proxy += 2 * (len(cfg["train_targets"]) + args.train_256)
     n_train = 0 if args.skip_train else len(cfg["train_targets"]) * len(cfg["methods"])
     bar = _progress(n_proxy + n_train, not args.no_progress)
     results: dict = {"settings": cfg}
     rows: list[dict] = []
     proxy_curves: dict = {}
+    proxy_wall = 0.0
     if not args.skip_proxy:
+        t0 = time.perf_counter()
         prow, validation, proxy_curves = proxy_part(cfg, bar)
+        proxy_wall += time.perf_counter() - t0
         rows += prow
         results["ic_validation"] = validation
         write_results(run_dir, {**results, "proxy_curves": proxy_curves, "partial": True}, rows)
@@ -636,7 +721,9 @@ def main(argv=None) -> dict:
         results["paired_vs_ct"] = extra["paired"]
         results["train_curves"] = train_curves
         if cfg["trained_gc_proxy"] and not args.skip_proxy and extra["trained_gc"]:
+            t0 = time.perf_counter()
             grows, gcurves = trained_gc_proxy(cfg, extra["trained_gc"], bar)
+            proxy_wall += time.perf_counter() - t0
             rows += grows
             for tname, per in gcurves.items():
                 proxy_curves.setdefault(tname, {}).update(per)
@@ -650,9 +737,13 @@ def main(argv=None) -> dict:
     results["figures"] = figures(run_dir, proxy_curves, train_curves)
     results["wall_s"] = round(time.perf_counter() - start, 1)
     results["cpu_s"] = round(time.process_time() - cpu_start, 1)
+    results["proxy_wall_s"] = round(proxy_wall, 1)
     write_results(run_dir, results, rows)
     _summary(results)
-    print(f"run folder: {run_dir}  wall {results['wall_s']} s  cpu {results['cpu_s']} s")
+    print(
+        f"run folder: {run_dir}  wall {results['wall_s']} s (proxy part "
+        f"{results['proxy_wall_s']} s)  cpu {results['cpu_s']} s"
+    )
     return results
 
 
@@ -660,7 +751,7 @@ def _summary(results: dict) -> None:
     if "ic_validation" in results:
         print_table(
             results["ic_validation"],
-            ["target", "d", "t", "exact_per_d", "regressor_per_d", "rel_bias"],
+            ["target", "d", "t", "exact_per_d", "regressor_per_d", "rel_bias", "reg_steps"],
             title="IC validation of the regressor (R~_t / d)",
         )
     if "verdicts" in results:

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from gcflows.gmm import GaussianMixture, get_preset
-from gcflows.regression import estimate_proxy, exact_ic_proxy, rk4_flow_map
+from gcflows.processes import get_process
+from gcflows.regression import (
+    RegressorConfig,
+    _isotropic_velocity,
+    _shared_time_velocity,
+    estimate_proxy,
+    exact_ic_proxy,
+    rk4_flow_map,
+)
+
+SMALL = dict(hidden=64, batch=256)
 
 
 def _gaussian(lam: torch.Tensor) -> GaussianMixture:
@@ -22,7 +32,8 @@ def _ic_sampler(gm):
     return sampler
 
 
-def test_recovers_known_conditional_variance_of_a_gaussian():
+@pytest.mark.parametrize("per_time", [True, False])
+def test_recovers_known_conditional_variance_of_a_gaussian(per_time):
     """Data N(m, diag(lam)), IC, ve: Var(noise | x_t) = diag(lam / (lam + t^2)), so
     R~_t = sum_i lam_i / (lam_i + t^2) exactly. Anisotropic: the network has to learn the
     per-coordinate shrinkage (its zero output is exact only for an isotropic Gaussian)."""
@@ -34,8 +45,7 @@ def test_recovers_known_conditional_variance_of_a_gaussian():
         times,
         n_train=4096,
         n_test=8192,
-        steps=500,
-        hidden=64,
+        config=RegressorConfig(per_time=per_time, **SMALL),
         generator=torch.Generator().manual_seed(0),
     )
     for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
@@ -43,6 +53,33 @@ def test_recovers_known_conditional_variance_of_a_gaussian():
         assert h < 0.05 * exact
         # upper estimate: never more than 3 half-widths below, and within 5 % above
         assert exact - 3 * h < v < 1.05 * exact + 3 * h, (t, v, exact)
+    assert not any(est.capped)  # early stopping ended every fit, before the step cap
+    assert est.n_train == [4096] * 4 and est.config["per_time"] is per_time
+
+
+def test_cross_fitting_scores_every_training_pair_once():
+    """cross_fit: two fits on halves, each scored on the other half; no test pairs drawn."""
+    lam = torch.tensor([0.04, 0.25, 1.0], dtype=torch.float64)
+    gm = _gaussian(lam)
+    calls = []
+
+    def sampler(t, n, g):
+        calls.append(n)
+        return _ic_sampler(gm)(t, n, g)
+
+    est = estimate_proxy(
+        sampler,
+        [0.3, 1.0],
+        n_train=[2048, 4096],
+        n_test=999,
+        config=RegressorConfig(**SMALL),
+        cross_fit=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert calls == [2048, 4096]  # the training pairs only; n_test is not used
+    for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
+        exact = float((lam / (lam + t * t)).sum())
+        assert exact - 3 * h < v < 1.08 * exact + 3 * h, (t, v, exact)
 
 
 def test_exact_ic_proxy_single_gaussian_closed_form():
@@ -64,13 +101,39 @@ def test_regressor_within_ten_percent_on_a_mixture():
         times,
         n_train=4096,
         n_test=4096,
-        steps=600,
-        hidden=64,
+        config=RegressorConfig(per_time=False, **SMALL),
         generator=torch.Generator().manual_seed(1),
     )
     for t, v in zip(times, est.value, strict=True):
         exact, _ = exact_ic_proxy(gm, t, 8192, torch.Generator().manual_seed(2))
         assert abs(v - exact) < 0.10 * exact, (t, v, exact)
+
+
+def test_early_stopping_stops_and_the_cap_caps():
+    """Isotropic Gaussian data: the skip term alone is exact, so the validation score stops
+    improving within a few hundred steps and the fit ends by patience, far below the cap; a cap
+    below one patience window ends it at the cap instead."""
+    gm = GaussianMixture([1.0], torch.zeros(1, 4, dtype=torch.float64), stds=0.5)
+    cfg = RegressorConfig(hidden=16, eval_every=20, patience=3, max_steps=5000)
+    est = estimate_proxy(
+        _ic_sampler(gm),
+        [1.0],
+        n_train=1024,
+        n_test=256,
+        config=cfg,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not est.capped[0] and est.steps[0] < 1000 and est.steps[0] % 20 == 0
+    capped = RegressorConfig(hidden=16, eval_every=20, patience=3, max_steps=50)
+    est = estimate_proxy(
+        _ic_sampler(gm),
+        [1.0],
+        n_train=1024,
+        n_test=256,
+        config=capped,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert est.capped[0] and est.steps[0] == 50
 
 
 def test_rk4_flow_map_single_gaussian_closed_form():
@@ -103,12 +166,92 @@ def test_rk4_flow_map_matches_adaptive_solver_on_a_mixture():
     assert float(rel.max()) < 1e-3
 
 
+@pytest.mark.parametrize("process", ["ve", "linear"])
+def test_isotropic_velocity_equals_the_mixture_velocity(process):
+    """The matrix-product velocity of rk4_flow_map (isotropic components, per-component stds,
+    per-row times) against GaussianMixture.velocity: float64 rounding only."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    gm = GaussianMixture(torch.full((5,), 0.2), means, stds=torch.linspace(0.05, 0.6, 5))
+    proc = get_process(process)
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    x = 2 * torch.randn(64, 7, generator=g, dtype=torch.float64)
+    got = _isotropic_velocity(gm, proc, torch.float64, "cpu")(x, t)
+    assert torch.allclose(got, gm.velocity(x, t, proc), rtol=1e-10, atol=1e-12)
+    assert _isotropic_velocity(get_preset("digits_mixture"), proc, torch.float64, "cpu") is None
+
+
+def test_shared_time_velocity_equals_the_mixture_velocity():
+    """Full covariances (digits mixture), one time for all rows, ve, from t_min to t_max."""
+    gm = get_preset("digits_mixture")
+    proc = get_process("ve")
+    fast = _shared_time_velocity(gm, proc, torch.float64, "cpu")
+    g = torch.Generator().manual_seed(0)
+    for tt in (0.002, 0.05, 1.0, 80.0):
+        x = gm.sample(64, generator=g) + tt * torch.randn(64, 64, generator=g, dtype=torch.float64)
+        t = torch.full((64,), tt, dtype=torch.float64)
+        ref = gm.velocity(x, t, proc)
+        rel = (fast(x, t) - ref).norm(dim=1) / ref.norm(dim=1)
+        assert float(rel.max()) < 1e-10, tt
+    assert _shared_time_velocity(gm, get_process("linear"), torch.float64, "cpu") is None
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [(dict(times=[]), "times"), (dict(times=[0.0]), "times"), (dict(steps=0), "steps")],
+    [
+        (dict(times=[]), "times"),
+        (dict(times=[0.0]), "times"),
+        (dict(n_train=2), "n_train"),
+        (dict(n_train=[64, 64]), "n_train"),
+        (dict(n_test=0), "n_test"),
+        (dict(cross_fit="yes"), "cross_fit"),
+        (dict(config=dict(hidden=8)), "config"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     gm = get_preset("random_16")
-    args = dict(times=[1.0], steps=10, n_train=8, n_test=8) | kwargs
+    args = dict(times=[1.0], n_train=64, n_test=8, config=RegressorConfig(max_steps=10)) | kwargs
     with pytest.raises(ValueError, match=match):
         estimate_proxy(_ic_sampler(gm), **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(hidden=0), "RegressorConfig.hidden"),
+        (dict(max_steps=0), "RegressorConfig.max_steps"),
+        (dict(patience=0), "RegressorConfig.patience"),
+        (dict(warmup=-1), "RegressorConfig.warmup"),
+        (dict(dropout=1.0), "RegressorConfig.dropout"),
+        (dict(lr=0.0), "RegressorConfig.lr"),
+        (dict(val_fraction=1.0), "RegressorConfig.val_fraction"),
+        (dict(per_time=1), "RegressorConfig.per_time"),
+    ],
+)
+def test_bad_regressor_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RegressorConfig(**kwargs)
+
+
+def test_a_sampler_with_the_wrong_shape_is_named():
+    def sampler(t, n, g):
+        return torch.zeros(n, 3), torch.zeros(n, 4)
+
+    with pytest.raises(ValueError, match="sampler"):
+        estimate_proxy(sampler, [1.0], n_train=16, n_test=8)
+
+
+def test_rk4_flow_map_in_row_chunks_equals_one_chunk(monkeypatch):
+    """Rows are integrated in chunks (memory); each row's trajectory is independent of the rest."""
+    import gcflows.regression as regression
+
+    g = torch.Generator().manual_seed(0)
+    for gm in (get_preset("random_16"), get_preset("digits_mixture")):
+        x = gm.sample(300, generator=g) + 0.5 * torch.randn(
+            300, gm.dim, generator=g, dtype=torch.float64
+        )
+        monkeypatch.setattr(regression, "_CHUNK_ELEMENTS", 1 << 30)
+        whole = rk4_flow_map(gm, x, 0.5, "ve", steps=6)
+        monkeypatch.setattr(regression, "_CHUNK_ELEMENTS", 64 * gm.dim)
+        chunked = rk4_flow_map(gm, x, 0.5, "ve", steps=6)
+        assert torch.allclose(whole, chunked, rtol=1e-12, atol=1e-12)
