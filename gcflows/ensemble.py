@@ -308,10 +308,10 @@ class _Sampler:
         self.target, self.spec = target, spec
         self.weights = target.weights
         self.means = target.means
-        # GaussianMixture keeps its eigen-decomposition private; these are the tensors its own
-        # sample() uses (tests/test_ensemble.py compares with it on a rotated mixture).
-        self.scale = target._lam.sqrt()
-        self.rot = target._rot
+        # the tensors GaussianMixture.sample draws with (tests/test_ensemble.py compares with it
+        # on a rotated mixture)
+        lam, self.rot = target.eigen
+        self.scale = lam.sqrt()
         isotropic = bool((self.scale == self.scale[:, :1]).all())
         self.row_scale = self.scale[:, 0].contiguous() if isotropic else None
 

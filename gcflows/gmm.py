@@ -234,6 +234,12 @@ class GaussianMixture:
         return None if self._stds is None else self._stds.clone()
 
     @property
+    def eigen(self) -> tuple[Tensor, Tensor | None]:
+        """``(lam (K, d), U (K, d, d) | None)`` with ``Sigma_k = U_k diag(lam_k) U_k^T`` (``U``
+        is None for diagonal covariances): the tensors ``sample`` draws with (copies)."""
+        return self._lam.clone(), None if self._rot is None else self._rot.clone()
+
+    @property
     def covariances(self) -> Tensor:
         """``(K, d, d)`` component covariances ``Sigma_k = U_k diag(lam_k) U_k^T``."""
         if self._rot is None:

@@ -299,6 +299,13 @@ def test_covariances_round_trip_the_eigendecomposition():
     torch.testing.assert_close(gm.covariances, covs, rtol=1e-12, atol=1e-12)
     iso = GaussianMixture([1.0], [[1.0, 2.0]], stds=0.3)
     torch.testing.assert_close(iso.covariances[0], 0.09 * torch.eye(2, dtype=F64))
+    # the public eigen-decomposition is the one covariances are built from, and a copy
+    lam, rot = gm.eigen
+    torch.testing.assert_close((rot * lam[:, None, :]) @ rot.transpose(1, 2), gm.covariances)
+    lam.zero_()
+    assert bool((gm.eigen[0] > 0).all())
+    lam_iso, rot_iso = iso.eigen
+    assert rot_iso is None and torch.equal(lam_iso, torch.full((1, 2), 0.09, dtype=F64))
 
 
 # --- one Gaussian: closed forms -----------------------------------------------------------------
