@@ -83,8 +83,8 @@ def _progress(total: int, enabled: bool):
 # ------------------------------------------------------------------------------------------------
 PROXY_TIMES = [0.05, 0.2, 0.5, 1.0, 2.0, 10.0]
 PROXY_TARGETS = ["random_16", "random_64", "random_256", "digits_mixture", "digits"]
-FULL_ONLY_TARGETS = ["random_3072"]
-BIG_D_TARGETS = {"random_3072"}
+# only with --full, and there with fewer couplings and pairs (cost ~ d)
+BIG_D_TARGETS = ["random_3072"]
 # the regressor of the proxy (gcflows.regression.RegressorConfig); quick: a smoke-sized fit
 REGRESSOR = dict(per_time=False, hidden=128, depth=2, dropout=0.0, batch=512, max_steps=1500)
 QUICK_REGRESSOR = dict(hidden=32, max_steps=60, eval_every=20, patience=3)
@@ -112,7 +112,7 @@ def settings(quick: bool, full: bool = False) -> dict:
             trained_gc_proxy=True,
         )
     return dict(
-        proxy_targets=PROXY_TARGETS + (FULL_ONLY_TARGETS if full else []),
+        proxy_targets=PROXY_TARGETS + (BIG_D_TARGETS if full else []),
         proxy_times=list(PROXY_TIMES),
         couplings=["ic", "ot512", "ot2048", "gc1-ideal", "gc0.5-ideal"],
         # training pairs per time (validation share included): more at the hard times 0.2-1;
