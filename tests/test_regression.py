@@ -114,25 +114,17 @@ def test_early_stopping_stops_and_the_cap_caps():
     improving within a few hundred steps and the fit ends by patience, far below the cap; a cap
     below one patience window ends it at the cap instead."""
     gm = GaussianMixture([1.0], torch.zeros(1, 4, dtype=torch.float64), stds=0.5)
-    cfg = RegressorConfig(hidden=16, eval_every=20, patience=3, max_steps=5000)
-    est = estimate_proxy(
-        _ic_sampler(gm),
-        [1.0],
-        n_train=1024,
-        n_test=256,
-        config=cfg,
-        generator=torch.Generator().manual_seed(0),
-    )
+
+    def fit(max_steps: int):
+        cfg = RegressorConfig(hidden=16, eval_every=20, patience=3, max_steps=max_steps)
+        gen = torch.Generator().manual_seed(0)
+        return estimate_proxy(
+            _ic_sampler(gm), [1.0], n_train=1024, n_test=256, config=cfg, generator=gen
+        )
+
+    est = fit(5000)
     assert not est.capped[0] and est.steps[0] < 1000 and est.steps[0] % 20 == 0
-    capped = RegressorConfig(hidden=16, eval_every=20, patience=3, max_steps=50)
-    est = estimate_proxy(
-        _ic_sampler(gm),
-        [1.0],
-        n_train=1024,
-        n_test=256,
-        config=capped,
-        generator=torch.Generator().manual_seed(0),
-    )
+    est = fit(50)
     assert est.capped[0] and est.steps[0] == 50
 
 
