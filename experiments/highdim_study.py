@@ -642,7 +642,11 @@ def figures(run_dir: Path, proxy_curves: dict, train_curves: dict) -> list[str]:
             ax.set_title(tname, fontsize=9)
             ax.set_xlabel("t")
         axes[0][0].set_ylabel("R~_t / d")
-        axes[0][-1].legend(fontsize=6)
+        # one legend for every coupling: the last panel (real digits) has no GC curves
+        handles = {}
+        for ax in axes[0]:
+            handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+        axes[0][-1].legend(list(handles.values()), list(handles), fontsize=6)
         fig.tight_layout()
         path = run_dir / "proxy.png"
         fig.savefig(path, dpi=120)
