@@ -504,6 +504,45 @@ def test_ema_is_the_decay_recurrence_of_the_online_weights():
     assert res.ema.n_averaged.item() == 5
 
 
+def test_ema_fast_path_equals_averaged_model_bitwise():
+    """update_ema's cached foreach lerp is AveragedModel.update_parameters without the module
+    walk: the same averages bit for bit, the same n_averaged."""
+    model, decay = toy_model(hidden=8), 0.9
+    fast = training.make_ema(model, decay)
+    reference = training.make_ema(model, decay)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        training.update_ema(fast, model, step)
+        reference.update_parameters(model)
+        for a, b in zip(fast.state_dict().values(), reference.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    assert fast.n_averaged.item() == reference.n_averaged.item() == 5
+
+
+@pytest.mark.parametrize("name", ["adam", "radam"])
+def test_foreach_optimizer_steps_equal_the_per_tensor_loop(name):
+    """build_optimizer asks for the multi-tensor (foreach) update on every device; on the CPU it
+    gives bitwise the per-tensor loop's weights (the default there) after several steps."""
+    models = [toy_model(hidden=8), toy_model(hidden=8)]
+    cfg = TrainConfig(optimizer=name, lr=1e-2, weight_decay=0.01)
+    built = build_optimizer(cfg, models[0].parameters())
+    assert built.param_groups[0]["foreach"] is True
+    loop = type(built)(models[1].parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(32, 2, generator=gen)
+        t = torch.rand(32, generator=gen) + 0.1
+        for model, opt in zip(models, (built, loop), strict=True):
+            opt.zero_grad()
+            model(x, t).square().mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_warmup_ema_follows_the_authors_decay_every_k_steps():
     """``ema_warmup=True, ema_every=3``: the average is updated after the optimiser steps with
     0-based index k = 0, 3, 6, ... with decay ``min(beta, 1 - (1 + k)^(-2/3))``, so the first
