@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from gcflows.data import load_digits
 from gcflows.ensemble import Ensemble, EnsembleSpec, train_ensemble
 from gcflows.gmm import GaussianMixture, get_preset
 from gcflows.metrics import sliced_w2
+from gcflows.progress import Progress
 from gcflows.records import make_run_dir, print_table, write_config, write_results
 from gcflows.regression import RegressorConfig, estimate_proxy, exact_ic_proxy, rk4_flow_map
 
@@ -67,15 +67,6 @@ METHODS = {
     "gc0.5-online": ("gc", 0.5, "online"),
     "gc0.5-constema": ("gc", 0.5, "const_ema"),
 }
-
-
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, file=sys.stderr, disable=not enabled, smoothing=0.1)
-    except ImportError:  # pragma: no cover
-        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +165,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--skip-proxy", action="store_true")
     p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--quiet", action="store_true", help="one log line per job on stderr, no progress bar"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: best when shared)")
     args = p.parse_args(argv)
     # validate everything before a run folder exists
@@ -365,8 +358,7 @@ def proxy_part(cfg: dict, bar) -> tuple[list[dict], list[dict], dict]:
                             reg_capped=c,
                         )
                     )
-            if bar is not None:
-                bar.update(1)
+            bar.done(f"proxy {tname} {cname}", time.perf_counter() - t0)
     return rows, validation, curves
 
 
@@ -571,8 +563,7 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
                 for k, v in row.items():
                     if isinstance(v, float) and k != "train_wall_s":
                         per_metric.setdefault(k, {}).setdefault(mname, []).append(v)
-            if bar is not None:
-                bar.update(1)
+            bar.done(f"train {tname} {mname} ({len(seeds)} seeds)", wall)
         paired_out[tname] = {
             k: paired({m: np.asarray(v) for m, v in per.items()})
             for k, per in per_metric.items()
@@ -613,8 +604,7 @@ def trained_gc_proxy(cfg: dict, trained: dict, bar) -> tuple[list[dict], dict]:
             name = f"gc1-trained@{step}"
             curves.setdefault(tname, {})[name] = est.as_dict()
             rows += _proxy_rows(tname, target.dim, name, est, time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
+            bar.done(f"proxy {tname} {name}", time.perf_counter() - t0)
     return rows, curves
 
 
@@ -706,7 +696,8 @@ def main(argv=None) -> dict:
         if cfg["trained_gc_proxy"] and not args.skip_train:
             n_proxy += 2 * (len(cfg["train_targets"]) + args.train_256)
     n_train = 0 if args.skip_train else len(cfg["train_targets"]) * len(cfg["methods"])
-    bar = _progress(n_proxy + n_train, not args.no_progress)
+    # a bar on a terminal, else (or with --quiet) one line per finished job (gcflows.progress)
+    bar = Progress(n_proxy + n_train, "highdim_study", quiet=args.quiet)
     results: dict = {"settings": cfg}
     rows: list[dict] = []
     proxy_curves: dict = {}
@@ -731,8 +722,7 @@ def main(argv=None) -> dict:
             rows += grows
             for tname, per in gcurves.items():
                 proxy_curves.setdefault(tname, {}).update(per)
-    if bar is not None:
-        bar.close()
+    bar.close()
     if proxy_curves:
         results["proxy_curves"] = proxy_curves
         order = ordering_verdicts(proxy_curves, cfg["proxy_times"])

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -14,25 +15,40 @@ import torch
 from gcflows.gmm import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-_SPEC = importlib.util.spec_from_file_location(
-    "highdim_study", ROOT / "experiments/highdim_study.py"
-)
+SCRIPT = ROOT / "experiments" / "highdim_study.py"
+_SPEC = importlib.util.spec_from_file_location("highdim_study", SCRIPT)
 hs = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(hs)
 
 
-def test_quick_run_writes_the_run_folder(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        str(ROOT / "experiments" / "highdim_study.py"),
-        "--quick",
-        "--out",
-        str(tmp_path),
-        "--no-progress",
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+def _run_on_a_terminal(args: list[str]) -> tuple[int, str, str]:
+    """Run the script with stderr on a new pseudo-terminal: ``(returncode, stdout, stderr)``."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
+    os.close(slave)
+    err = b""
+    while True:  # drain the terminal while the script runs
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    stdout = proc.stdout.read()
+    return proc.wait(timeout=600), stdout, err.decode(errors="replace")
+
+
+def test_quick_run_writes_the_run_folder_with_a_bar_on_a_terminal(tmp_path):
+    code, stdout, stderr = _run_on_a_terminal(["--quick", "--out", str(tmp_path)])
+    assert code == 0, stderr[-2000:]
     (run,) = list(tmp_path.iterdir())
     for name in ("config.json", "results.json", "results.csv", "proxy.png", "training_curves.png"):
         assert (run / name).is_file(), name
@@ -44,14 +60,86 @@ def test_quick_run_writes_the_run_folder(tmp_path):
     for mean, lo, hi in paired.values():
         assert lo <= mean <= hi
     # the summary table is printed last
-    assert "paired difference vs CT" in "\n".join(out.stdout.splitlines()[-8:])
+    assert "paired difference vs CT" in "\n".join(stdout.splitlines()[-8:])
+    # a tqdm bar redrawn in place (carriage returns) that reaches every job, no log lines
+    n_jobs = 3 * 2 + 4 + 2  # 3 couplings x 2 proxy targets, 4 methods, 2 trained-GC proxies
+    assert "highdim_study" in stderr and "\r" in stderr
+    assert f"{n_jobs}/{n_jobs}" in stderr and "done:" not in stderr
 
 
-def test_arguments_validated_before_the_run_folder(tmp_path):
-    for bad in (["--seeds", "1"], ["--steps", "2"], ["--skip-proxy", "--skip-train"]):
-        with pytest.raises(SystemExit):
-            hs.parse_args(["--out", str(tmp_path / "x"), *bad])
+def test_quiet_logs_one_line_per_job_and_draws_no_bar(tmp_path):
+    args = ["--quick", "--skip-train", "--proxy-targets", "random_16", "--couplings", "ic"]
+    code, _, stderr = _run_on_a_terminal([*args, "--quiet", "--out", str(tmp_path)])
+    assert code == 0, stderr[-2000:]
+    lines = [ln for ln in stderr.splitlines() if "done:" in ln]
+    assert len(lines) == 1 and "1/1 done: proxy random_16 ic" in lines[0]
+    assert "\r" not in stderr.replace("\r\n", "\n")  # a pty turns \n into \r\n
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--seeds", "1"],
+        ["--steps", "2"],
+        ["--skip-proxy", "--skip-train"],
+        ["--quick", "--full"],
+        ["--proxy-targets", "random_7"],
+        ["--pairs", "8", "8"],  # neither one number nor one per time
+        ["--pairs", "8"],
+        ["--test-pairs", "4"],
+        ["--reg-steps", "0"],
+        ["--regressor", "[1, 2]"],
+        ["--regressor", '{"hidden": 0}'],
+        ["--regressor", '{"no_such_field": 1}'],
+        ["--couplings", "ot64"],
+        ["--threads", "0"],
+    ],
+)
+def test_arguments_validated_before_the_run_folder(tmp_path, bad, capsys):
+    with pytest.raises(SystemExit):
+        hs.parse_args(["--out", str(tmp_path / "x"), *bad])
     assert not (tmp_path / "x").exists()
+    flag = bad[0] if bad[0] not in ("--skip-proxy", "--quick") else bad[1]
+    assert flag in capsys.readouterr().err  # the message names the argument
+
+
+def test_new_flags_reach_the_settings(tmp_path, monkeypatch):
+    """--pairs (one per time), --test-pairs, --reg-steps, --regressor and --couplings change the
+    recorded settings (checked through the config the run writes, with the run itself stubbed)."""
+    seen = {}
+
+    def stop(cfg, bar):
+        seen.update(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hs, "proxy_part", stop)
+    argv = [
+        "--skip-train",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+        "--pairs",
+        *map(str, [64, 128, 256, 512, 64, 64]),
+        "--test-pairs",
+        "32",
+        "--reg-steps",
+        "77",
+        "--regressor",
+        '{"hidden": 16}',
+        "--couplings",
+        "ic",
+        "ot512",
+        "--reg-seed",
+        "5",
+    ]
+    with pytest.raises(KeyboardInterrupt):
+        hs.main(argv)
+    assert seen["n_train"] == [64, 128, 256, 512, 64, 64] and seen["n_test"] == 32
+    assert seen["regressor"]["max_steps"] == 77 and seen["regressor"]["hidden"] == 16
+    assert seen["couplings"] == ["ic", "ot512"] and seen["reg_seed"] == 5
+    (run,) = list(tmp_path.iterdir())
+    recorded = json.loads((run / "config.json").read_text())["settings"]
+    assert recorded["n_train"] == seen["n_train"] and recorded["couplings"] == ["ic", "ot512"]
 
 
 def test_sample_metrics_are_near_zero_on_exact_samples():
