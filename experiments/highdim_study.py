@@ -101,6 +101,7 @@ def settings(quick: bool, full: bool = False) -> dict:
             n_eval=64,
             ideal_steps=8,
             trained_gc_proxy=True,
+            estimator="product",
         )
     return dict(
         proxy_targets=PROXY_TARGETS + (BIG_D_TARGETS if full else []),
@@ -123,6 +124,9 @@ def settings(quick: bool, full: bool = False) -> dict:
         n_eval=256,
         ideal_steps=12,
         trained_gc_proxy=True,
+        # two fits on halves of the pairs, the held-out product of their residuals: the fits'
+        # variance cancels (gcflows.regression.estimate_proxy, product=True; docs/highdim.md)
+        estimator="product",
     )
 
 
@@ -160,6 +164,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="RegressorConfig fields as JSON, e.g. '{\"per_time\": true}' (gcflows.regression)",
     )
     p.add_argument("--reg-seed", type=int, default=1, help="seed of the regressor's pairs and fit")
+    p.add_argument(
+        "--estimator",
+        choices=["product", "held-out"],
+        default=None,
+        help="proxy estimate: the product of two half-fits' residuals (default) or one fit's "
+        "held-out residual",
+    )
     p.add_argument(
         "--couplings", nargs="+", default=None, help="subset of the proxy couplings (e.g. ic)"
     )
@@ -289,6 +300,7 @@ def _estimate(cfg: dict, sampler, n_train, n_test: int):
         n_train=n_train,
         n_test=n_test,
         config=RegressorConfig(**cfg["regressor"]),
+        product=cfg["estimator"] == "product",
         generator=torch.Generator().manual_seed(cfg["reg_seed"]),
     )
 
@@ -686,6 +698,8 @@ def main(argv=None) -> dict:
     if args.couplings:
         cfg["couplings"] = list(args.couplings)
     cfg["reg_seed"] = args.reg_seed
+    if args.estimator:
+        cfg["estimator"] = args.estimator
     torch.set_num_threads(args.threads)
     run_dir = make_run_dir(args.out, "highdim_quick" if args.quick else "highdim")
     write_config(run_dir, args, list(range(args.seeds)), settings=cfg)

@@ -2,8 +2,8 @@
 
 Tolerance: the ensemble runs each layer as one ``torch.baddbmm`` over the seeds and Adam as one
 fused kernel over the stacked weights, the sequential run ``addmm`` per seed and the
-multi-tensor (foreach) Adam; the same products summed in another order, and Adam's update computed by
-another kernel, differ by float32 rounding (a few ulp per step). ``rtol = 1e-5`` and
+multi-tensor (foreach) Adam; the same products summed in another order, and Adam's update
+computed by another kernel, differ by float32 rounding (a few ulp per step). ``rtol = 1e-5`` and
 ``atol = 1e-6`` (weights of order 0.1 and Adam steps of ``lr = 1e-3``) allow that over 8
 steps while a wrong draw, a wrong order of draws or a mixed-up seed changes the weights by
 ``~lr`` per step and the losses by their whole size.

@@ -93,6 +93,7 @@ def test_quiet_logs_one_line_per_job_and_draws_no_bar(tmp_path):
         ["--regressor", '{"no_such_field": 1}'],
         ["--couplings", "ot64"],
         ["--threads", "0"],
+        ["--estimator", "knn"],
     ],
 )
 def test_arguments_validated_before_the_run_folder(tmp_path, bad, capsys):
@@ -131,12 +132,15 @@ def test_new_flags_reach_the_settings(tmp_path, monkeypatch):
         "ot512",
         "--reg-seed",
         "5",
+        "--estimator",
+        "held-out",
     ]
     with pytest.raises(KeyboardInterrupt):
         hs.main(argv)
     assert seen["n_train"] == [64, 128, 256, 512, 64, 64] and seen["n_test"] == 32
     assert seen["regressor"]["max_steps"] == 77 and seen["regressor"]["hidden"] == 16
     assert seen["couplings"] == ["ic", "ot512"] and seen["reg_seed"] == 5
+    assert seen["estimator"] == "held-out" and hs.settings(False)["estimator"] == "product"
     (run,) = list(tmp_path.iterdir())
     recorded = json.loads((run / "config.json").read_text())["settings"]
     assert recorded["n_train"] == seen["n_train"] and recorded["couplings"] == ["ic", "ot512"]
