@@ -122,6 +122,18 @@ def _timed(fn: Callable[[Any], Any], job: Any) -> tuple[Any, float]:
     return fn(job), time.perf_counter() - start
 
 
+def _timed_in_worker(fn: Callable[[Any], Any], job: Any) -> tuple[Any, float]:
+    """:func:`_timed` in a pool worker. A stop signal there (``JobPool.close`` terminates the
+    workers with SIGTERM; a training run answers it by writing its checkpoint and raising
+    ``TrainingInterrupted``, a ``KeyboardInterrupt``) ends the worker process quietly, with exit
+    status 128 + the signal number: no traceback, and no next job picked up by a worker that the
+    pool is joining."""
+    try:
+        return _timed(fn, job)
+    except KeyboardInterrupt as err:
+        sys.exit(getattr(err, "exit_code", 128 + signal.SIGTERM))
+
+
 def _ignore_sigint() -> None:
     """Worker initializer: Ctrl-C goes to the whole process group; the parent handles it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -153,7 +165,7 @@ class JobPool:
             self.inline.append((job, label))
             return
         self.pool.apply_async(
-            _timed,
+            _timed_in_worker,
             (self.fn, job),
             callback=lambda out: self.done.put((label, out[0], None, out[1])),
             error_callback=lambda err: self.done.put((label, None, err, 0.0)),
