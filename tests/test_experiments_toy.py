@@ -13,14 +13,13 @@ import csv
 import importlib.util
 import json
 import math
-import os
-import pty
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _terminal import run_on_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "toy_discrepancy.py"
@@ -48,30 +47,12 @@ FIGURES = [
 
 def _run(out: Path, *extra: str) -> tuple[Path, str, str]:
     """The script in a subprocess whose stderr is a terminal (a pty): ``(run, stdout, stderr)``."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), *extra],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        text=True,
-        cwd=ROOT,
-    )
-    os.close(slave)
-    err = b""
-    while True:  # drain the terminal while the script runs (a full pty would block it)
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the script closed its end
-            break
-        if not chunk:
-            break
-        err += chunk
-    os.close(master)
-    stdout = proc.stdout.read()
-    assert proc.wait(timeout=900) == 0, stdout[-2000:] + err.decode(errors="replace")[-4000:]
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), *extra]
+    code, stdout, err = run_on_a_terminal(cmd, cwd=ROOT)
+    assert code == 0, stdout[-2000:] + err[-4000:]
     runs = list(out.glob("toy_discrepancy_*"))
     assert len(runs) == 1, runs
-    return runs[0], stdout, err.decode(errors="replace")
+    return runs[0], stdout, err
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,12 @@ import csv
 import importlib.util
 import json
 import math
-import os
-import pty
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _terminal import run_on_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "transport_cost.py"
@@ -36,29 +34,11 @@ def _finite_numbers(obj) -> list[float]:
 def quick_run(tmp_path_factory):
     """The --quick run with stderr on a terminal (a pty): ``(run folder, stdout, stderr)``."""
     out = tmp_path_factory.mktemp("transport")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        text=True,
-    )
-    os.close(slave)
-    err = b""
-    while True:  # drain the terminal while the script runs
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        err += chunk
-    os.close(master)
-    stdout = proc.stdout.read()
-    assert proc.wait(timeout=900) == 0, err.decode(errors="replace")[-3000:]
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out)]
+    code, stdout, err = run_on_a_terminal(cmd, cwd=ROOT)
+    assert code == 0, err[-3000:]
     (run_dir,) = list(out.iterdir())
-    return run_dir, stdout, err.decode(errors="replace")
+    return run_dir, stdout, err
 
 
 def _load_script():

@@ -3,14 +3,13 @@
 import importlib.util
 import json
 import os
-import pty
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _terminal import run_on_a_terminal
 
 from gcflows.gmm import get_preset
 
@@ -22,28 +21,9 @@ _SPEC.loader.exec_module(hs)
 
 
 def _run_on_a_terminal(args: list[str]) -> tuple[int, str, str]:
-    """Run the script with stderr on a new pseudo-terminal: ``(returncode, stdout, stderr)``."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        text=True,
-    )
-    os.close(slave)
-    err = b""
-    while True:  # drain the terminal while the script runs
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        err += chunk
-    os.close(master)
-    stdout = proc.stdout.read()
-    return proc.wait(timeout=600), stdout, err.decode(errors="replace")
+    """The script with stderr on a new pseudo-terminal: ``(returncode, stdout, stderr)``."""
+    cmd = [sys.executable, str(SCRIPT), *args]
+    return run_on_a_terminal(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
 
 
 def test_quick_run_writes_the_run_folder_with_a_bar_on_a_terminal(tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sys
 import threading
 import time
 
 import pytest
+from _terminal import run_on_a_terminal
 
 from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt
 
@@ -93,27 +95,10 @@ def test_sigterm_stops_the_pool_and_its_workers():
 
 def test_bar_on_a_new_pseudo_terminal():
     """A fresh pty reports a 0 x 0 window: the bar must still be drawn (80 x 24 assumed)."""
-    import pty
-    import subprocess
-    import sys
-
-    master, slave = pty.openpty()
     code = (
         "from gcflows.progress import Progress\n"
         "with Progress(2, 'x') as p:\n p.done('a')\n p.done('b')"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=slave)
-    os.close(slave)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(master)
-    assert proc.wait(timeout=120) == 0
-    text = out.decode(errors="replace")
+    rc, _, text = run_on_a_terminal([sys.executable, "-c", code], timeout=120)
+    assert rc == 0
     assert "\r" in text and "2/2" in text and "last: b" in text
