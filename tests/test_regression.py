@@ -133,6 +133,26 @@ def test_product_estimator_is_below_the_mean_half_fit_residual():
     assert est.value[0] <= 0.5 * float((e1.pow(2) + e2.pow(2)).sum(1).mean())
 
 
+def test_fixed_length_product_fit_recovers_known_conditional_variance():
+    """early_stopping=False: each fit runs exactly max_steps and keeps its last weights; with the
+    product estimate the overfitting this allows cancels, so the closed form of the first test
+    is still met within 5 % (3 half-widths below)."""
+    lam = torch.tensor([0.01, 0.04, 0.25, 1.0, 2.25, 0.09], dtype=torch.float64)
+    est = estimate_proxy(
+        _ic_sampler(_gaussian(lam)),
+        [0.1, 0.3, 1.0, 3.0],
+        n_train=2048,
+        n_test=8192,
+        config=RegressorConfig(early_stopping=False, max_steps=700, eval_every=100, **SMALL),
+        product=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert est.steps == [1400] * 4 and all(est.capped)  # two fits of exactly 700 steps
+    for t, v, h in zip(est.times, est.value, est.half_width, strict=True):
+        exact = float((lam / (lam + t * t)).sum())
+        assert exact - 3 * h < v < 1.05 * exact + 3 * h, (t, v, exact)
+
+
 def test_exact_ic_proxy_single_gaussian_closed_form():
     lam = torch.tensor([0.04, 1.0, 0.25], dtype=torch.float64)
     gm = _gaussian(lam)
@@ -265,6 +285,7 @@ def test_bad_arguments(kwargs, match):
     [
         (dict(hidden=0), "RegressorConfig.hidden"),
         (dict(max_steps=0), "RegressorConfig.max_steps"),
+        (dict(early_stopping="no"), "RegressorConfig.early_stopping"),
         (dict(patience=0), "RegressorConfig.patience"),
         (dict(warmup=-1), "RegressorConfig.warmup"),
         (dict(dropout=1.0), "RegressorConfig.dropout"),
