@@ -529,14 +529,8 @@ def estimate_proxy(
         steps, capped = 0, False
         vals: dict[float, list[float]] = {}
         if cross_fit:
-            halves = [(p[0].shape[0] // 2, p) for p in pairs]
-            for fold in (0, 1):
-                train = [
-                    (p[0][h:], p[1][h:]) if fold == 0 else (p[0][:h], p[1][:h]) for h, p in halves
-                ]
-                test = [
-                    (p[0][:h], p[1][:h]) if fold == 0 else (p[0][h:], p[1][h:]) for h, p in halves
-                ]
+            for fold in (0, 1):  # fit on one half, score on the other
+                train, test = _half(pairs, first=fold == 1), _half(pairs, first=fold == 0)
                 fit = _fit([a for a, _ in train], [b for _, b in train], gtimes, cfg, gen)
                 fits += 1
                 if progress is not None:
@@ -546,13 +540,9 @@ def estimate_proxy(
                     resid[j].append(_residual(fit, x, z, t))
                     vals.setdefault(t, []).append(fit.val_value[t])
         elif product:
-            halves = [p[0].shape[0] // 2 for p in pairs]
             twin = []
-            for fold in (0, 1):
-                train = [
-                    (p[0][:h], p[1][:h]) if fold == 0 else (p[0][h:], p[1][h:])
-                    for h, p in zip(halves, pairs, strict=True)
-                ]
+            for fold in (0, 1):  # one fit per half, both scored on fresh pairs
+                train = _half(pairs, first=fold == 0)
                 twin.append(_fit([a for a, _ in train], [b for _, b in train], gtimes, cfg, gen))
                 fits += 1
                 if progress is not None:
@@ -590,6 +580,15 @@ def estimate_proxy(
         val_value=out["val"],
         config={**cfg.as_dict(), "cross_fit": cross_fit, "product": product},
     )
+
+
+def _half(pairs: list[tuple[Tensor, Tensor]], first: bool) -> list[tuple[Tensor, Tensor]]:
+    """The first (or second) half of each time's ``(x_t, noise)`` pairs."""
+    out = []
+    for x, z in pairs:
+        h = x.shape[0] // 2
+        out.append((x[:h], z[:h]) if first else (x[h:], z[h:]))
+    return out
 
 
 @torch.no_grad()
