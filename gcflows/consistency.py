@@ -521,6 +521,11 @@ class ObjectiveConfig:
         object.__setattr__(self, name, value)  # frozen: only __post_init__ normalises fields
 
 
+def _ot_coupling_checked_here(data: Tensor, noise: Tensor) -> couplings.CouplingResult:
+    """``couplings.ot_coupling`` without its argument checks: the objective checked the batch."""
+    return couplings.ot_coupling(data, noise, validate=False)
+
+
 class ConsistencyObjective:
     """One entry point for the consistency losses (docs/paper.md section 2).
 
@@ -547,7 +552,7 @@ class ConsistencyObjective:
             (``ConsistencyObjective("ve", "ct", total_steps=100)`` builds the config).
         velocity: a ``gcflows.velocity`` estimator (``cd`` only, required there).
         ot_coupling_fn: ``(data, noise) -> CouplingResult`` for ``ot`` (default
-            ``couplings.ot_coupling``; the trainer passes a distributed version).
+            ``couplings.ot_coupling`` without its checks; the trainer passes a distributed version).
 
     Random draws, in order, from ``generator`` (the global RNG if None): the noise (unless
     given), the interval indices (unless given), then the GC mask. Dropout draws come from the
@@ -584,7 +589,7 @@ class ConsistencyObjective:
         if ot_coupling_fn is not None and not callable(ot_coupling_fn):
             raise ValueError("ot_coupling_fn must be callable as ot_coupling_fn(data, noise)")
         self.velocity = velocity
-        self.ot_coupling_fn = ot_coupling_fn or couplings.ot_coupling
+        self.ot_coupling_fn = ot_coupling_fn or _ot_coupling_checked_here
         self._schedules: dict[int, Schedule] = {}
         self._device_schedules: dict[tuple[int, str], Schedule] = {}
         self._distances: dict[int, Distance] = {}
@@ -648,6 +653,7 @@ class ConsistencyObjective:
         noise: Tensor | None = None,
         gc_model: Callable[[Tensor, Tensor], Tensor] | None = None,
         indices: Tensor | None = None,
+        validate: bool = True,
     ) -> LossOutput:
         """Loss of ``model`` on ``data`` ``(B, *dims)`` at training ``step`` (class doc).
 
@@ -655,9 +661,13 @@ class ConsistencyObjective:
         ``noise`` ``(B, *dims)`` is drawn with ``generator`` when None; ``gc_model(x_t, t)``
         (required for ``gc``) predicts data, run under ``torch.no_grad`` by the coupling.
         ``indices`` ``(B,)`` long fixes the interval of each sample instead of drawing it (theory
-        checks: an exact average over the grid's intervals).
+        checks: an exact average over the grid's intervals). ``validate=False`` skips the
+        argument checks, for a caller that checked the batch at its own entry point (the training
+        step). The couplings are called unchecked either way: the batch was checked here once and
+        the times come from the grid (docs/design.md section 3, checks once).
         """
-        self._check_call(data, step, noise, gc_model)
+        if validate:
+            self._check_call(data, step, noise, gc_model)
         if noise is None:
             noise_device = generator.device if generator is not None else data.device
             noise = torch.randn(
@@ -679,7 +689,14 @@ class ConsistencyObjective:
             data_used, noise_used = coupling.data, coupling.noise
         elif self.config.method == "gc":
             coupling = couplings.generator_induced_coupling(
-                data, noise, gc_model, t_lo, self.process, mu=self.config.mu, generator=generator
+                data,
+                noise,
+                gc_model,
+                t_lo,
+                self.process,
+                mu=self.config.mu,
+                generator=generator,
+                validate=False,
             )
             data_used, noise_used = coupling.data, coupling.noise
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -72,23 +73,42 @@ class CouplingResult:
         plan: ``(B, B)`` float64 transport plan (rows: data, columns: noise, total mass 1) when a
             non-permutation plan was used (Sinkhorn), else ``None``. The exact-OT plan is the
             permutation matrix of ``permutation`` divided by ``B``.
-        cost_before: mean ``||data_j - noise_j||^2`` of the input pairing (float).
-        cost_after: mean ``||data_j - noise_j||^2`` of the output pairing (float).
         status: what the solver did (method, convergence, fallback reason), in words.
         fell_back: ``True`` when the requested method failed and another one produced the pairs
             (the reason is in ``status``).
         gc_mask: ``(B,)`` bool, ``True`` for the generator-induced rows (GC only), else ``None``.
+        input_pairs: the ``(data, noise)`` the coupling was given (references, no copy), from
+            which ``cost_before`` is computed; ``None`` when the output pairs are the input.
+        costs: ``(cost_before, cost_after)`` given by the producer (the distributed coupling
+            gives the global batch's), else ``None``.
+
+    ``cost_before`` / ``cost_after`` (floats): mean ``||data_j - noise_j||^2`` of the input and
+    the output pairing. They are computed on first read, not by the coupling: training never reads
+    them, so a step pays no extra pass and no host synchronisation for them. Read them before
+    changing the input tensors in place.
     """
 
     data: Tensor
     noise: Tensor
     permutation: Tensor | None
     plan: Tensor | None
-    cost_before: float
-    cost_after: float
     status: str
     fell_back: bool = False
     gc_mask: Tensor | None = None
+    input_pairs: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+    costs: tuple[float, float] | None = None
+
+    @cached_property
+    def cost_before(self) -> float:
+        if self.costs is not None:
+            return float(self.costs[0])
+        return _mean_cost(*(self.input_pairs or (self.data, self.noise)))
+
+    @cached_property
+    def cost_after(self) -> float:
+        if self.costs is not None:
+            return float(self.costs[1])
+        return _mean_cost(self.data, self.noise)
 
 
 # --- costs -------------------------------------------------------------------------------------
@@ -222,15 +242,8 @@ def independent_coupling(data: Tensor, noise: Tensor) -> CouplingResult:
     c(0)).
     """
     pair(data, noise)
-    cost = _mean_cost(data, noise)
     return CouplingResult(
-        data=data,
-        noise=noise,
-        permutation=None,
-        plan=None,
-        cost_before=cost,
-        cost_after=cost,
-        status="independent: pairs as drawn",
+        data=data, noise=noise, permutation=None, plan=None, status="independent: pairs as drawn"
     )
 
 
@@ -241,6 +254,7 @@ def ot_coupling(
     solver: str = "auto",
     cost_dtype: torch.dtype | None = None,
     emd_max_iter: int | None = None,
+    validate: bool = True,
 ) -> CouplingResult:
     """Exact batch-OT coupling: the optimal permutation of the noise for the squared cost.
 
@@ -268,16 +282,19 @@ def ot_coupling(
             (float32: ~1e-7 of the mean cost, float64: ~1e-16). ``torch.float64`` solves float32
             points in float64 (about 2x slower on CPU for large dimensions).
         emd_max_iter: overrides the ``"emd"`` iteration limit (for tests of the fallback path).
+        validate: ``False`` skips the argument checks, for a caller that checked the batch at its
+            own entry point (the training objective; docs/design.md section 3, checks once).
 
     Returns:
         CouplingResult with ``permutation`` ``(B,)`` long (on data's device), ``plan=None``,
         ``cost_after <= cost_before`` (the identity is one of the permutations).
     """
-    pair(data, noise)
-    choice(solver, "solver", OT_SOLVERS)
-    choice(cost_dtype, "cost_dtype", (None, torch.float32, torch.float64))
-    if emd_max_iter is not None:
-        integer(emd_max_iter, "emd_max_iter", lo=1, fix="use a positive integer or None")
+    if validate:
+        pair(data, noise)
+        choice(solver, "solver", OT_SOLVERS)
+        choice(cost_dtype, "cost_dtype", (None, torch.float32, torch.float64))
+        if emd_max_iter is not None:
+            integer(emd_max_iter, "emd_max_iter", lo=1, fix="use a positive integer or None")
     b = data.shape[0]
     chosen = auto_ot_solver(b, data[0].numel()) if solver == "auto" else solver
     cost_t = _cost_matrix(data, noise, cost_dtype)
@@ -310,8 +327,7 @@ def ot_coupling(
         noise=noise_out,
         permutation=perm_t,
         plan=None,
-        cost_before=_mean_cost(data, noise),
-        cost_after=_mean_cost(data, noise_out),
+        input_pairs=(data, noise),
         status=status,
         fell_back=fell_back,
     )
@@ -413,8 +429,7 @@ def sinkhorn_coupling(
         noise=noise_out,
         permutation=None,
         plan=plan,
-        cost_before=_mean_cost(data, noise),
-        cost_after=_mean_cost(data, noise_out),
+        input_pairs=(data, noise),
         status=(
             f"converged: sinkhorn_log, {n_iter} iterations, marginal error {err:.2e} <= {tol:.1e},"
             f" reg={reg} x mean cost {scale:.4g}; noise drawn from plan rows (with replacement)"
@@ -431,6 +446,7 @@ def generator_induced_coupling(
     *,
     mu: float,
     generator: torch.Generator | None = None,
+    validate: bool = True,
 ) -> CouplingResult:
     """Generator-induced coupling (GC, docs/paper.md Eq. 13-15) mixed with IC at rate mu (Eq. 21).
 
@@ -450,19 +466,26 @@ def generator_induced_coupling(
         process: a :class:`~gcflows.processes.Process` or its name (``"ve"``, ``"linear"``).
         mu: probability that a sample is generator-induced, in ``[0, 1]``.
         generator: ``torch.Generator`` for the mask (None: global RNG).
+        validate: ``False`` skips the checks of the arguments and of the gc_model's output, for
+            a caller that checked at its own entry point (the training objective, whose loss is
+            checked for NaN / inf anyway; docs/design.md section 3, checks once).
 
     Returns:
         CouplingResult with ``gc_mask`` ``(B,)`` bool, ``permutation=None``, ``plan=None``,
         ``noise`` the input noise, ``cost_after`` the mean squared cost of the output pairs.
     """
-    pair(data, noise)
-    mu_f = probability(mu, "mu", "that a sample is generator-induced")
-    if not callable(gc_model):
-        raise ValueError(f"gc_model must be callable as gc_model(x_t, t), got {type(gc_model)}")
     process = get_process(process)
     b = data.shape[0]
-    t_vec = batch_times(t, b, data, "t")
-    process.check_time(t_vec, "t")
+    if validate:
+        pair(data, noise)
+        mu_f = probability(mu, "mu", "that a sample is generator-induced")
+        if not callable(gc_model):
+            raise ValueError(f"gc_model must be callable as gc_model(x_t, t), got {type(gc_model)}")
+        t_vec = batch_times(t, b, data, "t")
+        process.check_time(t_vec, "t")
+    else:
+        mu_f = float(mu)
+        t_vec = t if torch.is_tensor(t) and t.shape == (b,) else batch_times(t, b, data, "t")
     mask_device = generator.device if generator is not None else data.device
     mask = (torch.rand(b, generator=generator, device=mask_device) < mu_f).to(data.device)
     n_gc = int(mask.sum())
@@ -474,12 +497,14 @@ def generator_induced_coupling(
         with torch.no_grad():
             x_t = process.interpolate(data[rows], noise[rows], t_vec[rows])
             xhat = gc_model(x_t, t_vec[rows])
-        if not torch.is_tensor(xhat) or xhat.shape != x_t.shape:
-            shape = tuple(xhat.shape) if torch.is_tensor(xhat) else type(xhat).__name__
-            raise ValueError(
-                f"gc_model must return a tensor of the data's shape {tuple(x_t.shape)}, got {shape}"
-            )
-        finite(xhat, "gc_model output")
+        if validate:
+            if not torch.is_tensor(xhat) or xhat.shape != x_t.shape:
+                shape = tuple(xhat.shape) if torch.is_tensor(xhat) else type(xhat).__name__
+                raise ValueError(
+                    f"gc_model must return a tensor of the data's shape {tuple(x_t.shape)}, "
+                    f"got {shape}"
+                )
+            finite(xhat, "gc_model output")
         data_out = data.clone()
         data_out[rows] = xhat.to(data)
     return CouplingResult(
@@ -487,8 +512,7 @@ def generator_induced_coupling(
         noise=noise,
         permutation=None,
         plan=None,
-        cost_before=_mean_cost(data, noise),
-        cost_after=_mean_cost(data_out, noise),
+        input_pairs=(data, noise),
         status=f"generator-induced: {n_gc} of {b} rows (mu={mu_f}), same noise",
         gc_mask=mask,
     )

@@ -882,3 +882,41 @@ def test_objective_config_validates_once_and_the_objective_uses_it_whole():
         ObjectiveConfig(method="gc", mu=2.0, total_steps=10, owner="TrainConfig")
     with pytest.raises(ValueError, match="inside the ObjectiveConfig"):
         ConsistencyObjective("ve", cfg, mu=0.5)
+
+
+@pytest.mark.parametrize("method", ["ot", "gc"])
+def test_objective_checks_the_batch_once(method, monkeypatch):
+    """The objective checks data at its entry; the couplings it calls check nothing again
+    (docs/design.md section 3); with ``validate=False`` (the training step) nothing is checked."""
+    import gcflows.consistency as consistency_module
+    import gcflows.couplings as couplings_module
+
+    def checked_again(*args, **kwargs):
+        raise AssertionError("the coupling re-checked a batch the objective had checked")
+
+    monkeypatch.setattr(couplings_module, "pair", checked_again)
+    monkeypatch.setattr(couplings_module, "finite", checked_again)
+    seen = []
+    real_finite = consistency_module.finite
+    monkeypatch.setattr(
+        consistency_module, "finite", lambda x, name: seen.append(name) or real_finite(x, name)
+    )
+    process = VEProcess(t_min=0.002, t_max=80.0)
+    obj = ConsistencyObjective(process, method, mu=0.5, total_steps=10)
+    model = ConsistencyModel(ToyMLP(3, hidden=8, depth=1), process)
+    data = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    gc_model = (lambda x, t: 0.5 * x) if method == "gc" else None
+    obj.schedule(0)  # the grid is checked once when it is built, then cached
+    seen.clear()
+    out = obj(model, data, 0, generator=torch.Generator().manual_seed(1), gc_model=gc_model)
+    assert seen == ["data"] and torch.isfinite(out.loss)
+    seen.clear()
+    again = obj(
+        model,
+        data,
+        0,
+        generator=torch.Generator().manual_seed(1),
+        gc_model=gc_model,
+        validate=False,
+    )
+    assert seen == [] and torch.equal(again.loss, out.loss)

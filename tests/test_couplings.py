@@ -514,3 +514,62 @@ def test_bench_couplings_rejects_bad_arguments_before_any_work(tmp_path, argv, m
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists() and "B=" not in proc.stdout  # nothing ran, nothing written
+
+
+# --- checks once and lazy costs (docs/design.md section 3) ---------------------------------------
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_costs_are_computed_on_first_read_and_equal_the_definition(monkeypatch):
+    data, noise = _pair(12, (3,), 40)
+    calls = []
+    real_mean_cost = couplings_module._mean_cost
+    monkeypatch.setattr(
+        couplings_module, "_mean_cost", lambda d, z: calls.append(1) or real_mean_cost(d, z)
+    )
+    results = {
+        "ic": independent_coupling(data, noise),
+        "ot": ot_coupling(data, noise),
+        "gc": generator_induced_coupling(
+            data, noise, lambda x, t: 0.5 * x, 0.7, "ve", mu=0.5, generator=_gen(1)
+        ),
+    }
+    assert calls == [], "a coupling computed a cost that nobody read"
+    for name, res in results.items():
+        before = float(squared_cost(data, noise).mean())
+        after = float(squared_cost(res.data, res.noise).mean())
+        assert res.cost_before == pytest.approx(before, rel=1e-14), name
+        assert res.cost_after == pytest.approx(after, rel=1e-14), name
+    assert results["ot"].cost_after < results["ot"].cost_before  # the input pairing, not the output
+    n = len(calls)
+    assert results["gc"].cost_after == results["gc"].cost_after and len(calls) == n  # cached
+
+
+def test_given_costs_win_over_the_pairs():
+    data, noise = _pair(4, (2,), 41)
+    res = CouplingResult(data, noise, None, None, "given", costs=(3.0, 2.0))
+    assert (res.cost_before, res.cost_after) == (3.0, 2.0)
+
+
+def test_unchecked_couplings_give_the_checked_results():
+    data, noise = _pair(16, (5,), 42)
+    a, b = ot_coupling(data, noise), ot_coupling(data, noise, validate=False)
+    assert torch.equal(a.permutation, b.permutation) and torch.equal(a.noise, b.noise)
+    t = torch.linspace(0.1, 2.0, 16, dtype=F64)
+    kw = dict(mu=0.4, process=VEProcess(t_min=0.002, t_max=80.0))
+    gc_a = generator_induced_coupling(data, noise, lambda x, s: x / 2, t, generator=_gen(3), **kw)
+    gc_b = generator_induced_coupling(
+        data, noise, lambda x, s: x / 2, t, generator=_gen(3), validate=False, **kw
+    )
+    assert torch.equal(gc_a.gc_mask, gc_b.gc_mask) and torch.equal(gc_a.data, gc_b.data)
+    assert 0 < int(gc_a.gc_mask.sum()) < 16
+
+
+def test_checked_entry_points_still_refuse_nan():
+    data, noise = _pair(6, (2,), 43)
+    data[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="data"):
+        ot_coupling(data, noise)
+    with pytest.raises(ValueError, match="data"):
+        generator_induced_coupling(data, noise, lambda x, s: x, 0.5, "ve", mu=1.0)
