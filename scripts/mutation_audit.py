@@ -15,8 +15,8 @@ mutant it
 Before any mutant runs, every original text is checked (exactly one occurrence) and the named
 tests are run once on the unmutated copy: they must pass, else "caught" would mean nothing.
 
-Result per mutant: ``caught`` (a named test fails, or the run exceeds ``--timeout``: a hang is
-what some slips cause), ``survived`` (every named test passes) or ``error`` (pytest could not run
+Result per mutant: ``caught`` (a named test fails, or the run exceeds ``--timeout``, default
+600 s: a hang is what some slips cause; pytest's process group is then killed), ``survived`` (every named test passes) or ``error`` (pytest could not run
 them: a collection error, no tests collected, ...). Exit status: 0 when every mutant is caught,
 1 when one survives, 2 with an ``error: ...`` line on stderr when an original text is missing or
 ambiguous, a name given to ``--only`` is unknown, the unmutated tests fail, or pytest errors.
@@ -36,8 +36,10 @@ list ``MUTANTS`` below; ``why`` says which slip each entry stands for.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -295,17 +297,32 @@ def check_table(mutants: Sequence[Mutant], repo: Path) -> None:
 
 
 def _pytest(root: Path, tests: Sequence[str], timeout: float) -> tuple[int | None, str]:
-    """``(returncode, output)`` of pytest on ``tests`` in ``root``; None on a timeout."""
+    """``(returncode, output)`` of pytest on ``tests`` in ``root``; None on a timeout, after which
+    pytest's whole process group (its worker processes too) is killed."""
     env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        res = subprocess.run(
-            cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as err:
-        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        return None, out
-    return res.returncode, res.stdout + res.stderr
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return None, output
+    except BaseException:  # Ctrl-C of the audit: take pytest and its children down with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc.returncode, output
 
 
 def _first_failure(output: str) -> str:
