@@ -16,10 +16,11 @@ Before any mutant runs, every original text is checked (exactly one occurrence) 
 tests are run once on the unmutated copy: they must pass, else "caught" would mean nothing.
 
 Result per mutant: ``caught`` (a named test fails, or the run exceeds ``--timeout``, default
-600 s: a hang is what some slips cause; pytest's process group is then killed), ``survived`` (every named test passes) or ``error`` (pytest could not run
-them: a collection error, no tests collected, ...). Exit status: 0 when every mutant is caught,
-1 when one survives, 2 with an ``error: ...`` line on stderr when an original text is missing or
-ambiguous, a name given to ``--only`` is unknown, the unmutated tests fail, or pytest errors.
+600 s: a hang is what some slips cause; pytest's process group is then killed), ``survived``
+(every named test passes) or ``error`` (pytest could not run them: a collection error, no tests
+collected, ...). Exit status: 0 when every mutant is caught, 1 when one survives, 2 with an
+``error: ...`` line on stderr when an original text is missing or ambiguous, a name given to
+``--only`` is unknown, the unmutated tests fail, or pytest errors.
 
 Usage (from the repository root)::
 
@@ -93,6 +94,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "c_dist = self.constant(data.numel())",
         (_C + "test_pseudo_huber_loss_is_its_quadratic_constant_times_squared_l2",),
         "the pseudo-Huber C computed for B*d elements instead of d per sample",
+    ),
+    Mutant(
+        "continuous-huber-constant-channels",
+        "gcflows/continuous.py",
+        "c_dist = self.constant(data[0].numel())",
+        "c_dist = self.constant(data.shape[1])",
+        (_C + "test_pseudo_huber_loss_is_its_quadratic_constant_times_squared_l2",),
+        "the pseudo-Huber C computed for the channels only (data.shape[1]), not C*H*W",
     ),
     Mutant(
         "continuous-times-truncated-at-log-b",

@@ -369,12 +369,22 @@ def test_weighted_loss_is_the_mean_of_w_times_the_squared_tangent(process):
     )
 
 
+def _image_model(x, t):
+    """A smooth consistency-like map on (B, 3, 2, 2) images (any callable works in the loss)."""
+    scale = torch.linspace(0.5, 1.5, 12, dtype=x.dtype).reshape(1, 3, 2, 2)
+    return torch.tanh(scale * x) * torch.exp(-t).reshape(-1, 1, 1, 1) + 0.1 * x * t.reshape(
+        -1, 1, 1, 1
+    )
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 2, 2)], ids=["flat", "image"])
 @pytest.mark.parametrize("tangent_norm", [None, 0.1])
-def test_pseudo_huber_loss_is_its_quadratic_constant_times_squared_l2(tangent_norm):
+def test_pseudo_huber_loss_is_its_quadratic_constant_times_squared_l2(tangent_norm, shape):
     """In continuous time only D's small-distance constant enters: the pseudo-Huber loss is C times
     the squared-L2 loss on the same draws, with C measured on the distance itself in its
     quadratic regime (D(a, a + e) / ||e||^2 at ||e|| = 1e-7, relative error ~1e-9) for d = 12
-    elements per sample, and a batch of 8 (C of 96 elements would be sqrt(8) times smaller)."""
+    elements per sample (flat, or images 3 x 2 x 2), and a batch of 8: C of the 96 elements of
+    the batch would be sqrt(8) times smaller, C of the 3 channels twice larger."""
     from gcflows.consistency import get_distance
 
     d, bsz = 12, 8
@@ -387,9 +397,9 @@ def test_pseudo_huber_loss_is_its_quadratic_constant_times_squared_l2(tangent_no
     c_ref = float(c_ref[0])
     assert c_ref == pytest.approx(1.0 / (2 * 0.00054 * math.sqrt(d)), rel=1e-6)  # iCT's c
 
-    model = _model(d, VE2D, hidden=16)
-    data = torch.randn(bsz, d, generator=g, dtype=torch.float64)
-    noise = torch.randn(bsz, d, generator=g, dtype=torch.float64)
+    model = _model(d, VE2D, hidden=16) if len(shape) == 1 else _image_model
+    data = torch.randn(bsz, *shape, generator=g, dtype=torch.float64)
+    noise = torch.randn(bsz, *shape, generator=g, dtype=torch.float64)
     t = _interior_times(VE2D, bsz)
     losses = {}
     for name in ("pseudo_huber", "squared_l2"):
@@ -397,6 +407,7 @@ def test_pseudo_huber_loss_is_its_quadratic_constant_times_squared_l2(tangent_no
             VE2D, "ct", distance=name, weight=lambda tt: 1.0 + tt, tangent_norm=tangent_norm
         )
         losses[name] = obj(model, data, noise=noise, times=t).loss
+    assert float(losses["squared_l2"].detach()) > 1e-3  # a loss that is not ~0
     ratio = float(losses["pseudo_huber"].detach() / losses["squared_l2"].detach())
     assert ratio == pytest.approx(c_ref, rel=1e-8)
 
