@@ -430,9 +430,10 @@ def main(argv: Sequence[str] | None = None, mutants: Sequence[Mutant] = MUTANTS)
         print(f"error: --timeout={args.timeout} is invalid: use seconds > 0", file=sys.stderr)
         return 2
     if args.list:
-        for m in chosen:
-            tests = ", ".join(m.tests) if m.tests else "TODO (no test ids)"
-            print(f"{m.name}\n    {m.path}: {m.why}\n    tests: {tests}")
+        with contextlib.suppress(BrokenPipeError):  # e.g. piped into head
+            for m in chosen:
+                tests = ", ".join(m.tests) if m.tests else "TODO (no test ids)"
+                print(f"{m.name}\n    {m.path}: {m.why}\n    tests: {tests}")
         return 0
     try:
         outcomes = audit(chosen, args.repo.resolve(), args.timeout, not args.no_baseline)
