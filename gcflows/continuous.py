@@ -180,8 +180,10 @@ def sample_times(
 
     ``"lognormal"``: ``log sigma(t) ~ N(p_mean, p_std^2)`` truncated to the process range (the
     continuous limit of ``consistency.lognormal_index_probs``), by inverting the normal CDF of
-    a uniform on the truncated range; ``"uniform"``: ``t ~ U[t_min, t_max]``.
+    a uniform on the truncated range; ``"uniform"``: ``t ~ U[t_min, t_max]``. Another ``kind``
+    raises ``ValueError``.
     """
+    checks.choice(kind, "kind", TIME_SAMPLINGS, "sample_times")
     device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
     if kind == "uniform":
@@ -242,7 +244,8 @@ class ContinuousObjective:
             ``d_t f`` (default 0: ``r = 1``).
 
     Random draws, in order, from ``generator``: the noise (unless given), the times (unless
-    ``times=`` is given), the GC mask.
+    ``times=`` is given), the GC mask. ``data`` must be in the dtype of an ``nn.Module`` model's
+    parameters (no silent cast; ``ValueError`` naming the cast otherwise), except under autocast.
     """
 
     def __init__(
@@ -338,6 +341,11 @@ class ContinuousObjective:
         if not torch.is_tensor(data) or not data.is_floating_point() or data.dim() < 2:
             raise checks.bad("data", type(data).__name__, "pass a float tensor (B, *dims)")
         finite(data, "data")
+        want = _parameter_dtype(model)
+        if want is not None and want != data.dtype and not _autocast_on(data.device):
+            raise checks.bad(
+                "data.dtype", data.dtype, f"pass data in the model's dtype: data.to({want})"
+            )
         if (self.method == "gc") != (gc_model is not None):
             raise checks.bad("gc_model", gc_model, "pass gc_model(x_t, t) for method='gc' only")
         step = checks.integer(step, "step", lo=0)
@@ -396,6 +404,23 @@ class ContinuousObjective:
             "gc_mask": gc_mask,
         }
         return LossOutput(loss, diagnostics, 0, coupling)
+
+
+def _parameter_dtype(model: Model) -> torch.dtype | None:
+    """The dtype of an ``nn.Module``'s first floating parameter (None for other callables)."""
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Autocast casts inputs itself: a dtype difference is then intended."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # older torch: no device argument (CUDA autocast only)
+        return torch.is_autocast_enabled()
 
 
 # ================================================================================================

@@ -26,7 +26,13 @@ from gcflows.continuous import (
     tangent,
 )
 from gcflows.networks import ToyMLP
-from gcflows.processes import TrigFlowProcess, VEProcess, get_process, uniform_grid
+from gcflows.processes import (
+    LinearProcess,
+    TrigFlowProcess,
+    VEProcess,
+    get_process,
+    uniform_grid,
+)
 from gcflows.velocity import MonteCarloVelocity, TrueVelocity
 
 VE2D = VEProcess(t_min=1e-3, t_max=5.0)
@@ -307,3 +313,246 @@ def test_warmup_zero_drops_the_time_derivative(gen):
     assert float((full - jx).norm()) > 1e-3 * float(full.norm())  # d_t f matters here
     g5, _ = grad_at(5)  # the tangent, hence the gradient, is linear in r
     torch.testing.assert_close(g5, 0.5 * (g0 + g1), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# (e) the objective's weight, distance constant and time law, written out independently
+# ------------------------------------------------------------------------------------------------
+PROCESSES = [VE2D, LinearProcess(), TrigFlowProcess()]
+# sigma(t) = b(t) / a(t) written out per process (not through Process.a / Process.b)
+SIGMA = {"ve": lambda t: t, "linear": lambda t: t / (1 - t), "trigflow": torch.tan}
+
+
+def _fd_tangent(model, process, data, noise, t, rel_h=1e-5):
+    """d/dt f(x_t, t) along the path by a central difference (error O(h^2), about 1e-10 here)."""
+    h = rel_h * (process.t_max - process.t_min)
+    hi, lo = t + h, t - h
+    with torch.no_grad():
+        f_hi = model(process.interpolate(data, noise, hi), hi)
+        f_lo = model(process.interpolate(data, noise, lo), lo)
+    return (f_hi - f_lo) / (2 * h)
+
+
+def _interior_times(process, n):
+    return process.t_min + (process.t_max - process.t_min) * torch.linspace(
+        0.15, 0.85, n, dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.name)
+def test_weighted_loss_is_the_mean_of_w_times_the_squared_tangent(process):
+    """loss = mean_j w(t_j) C ||g_j||^2 in value, and its gradient is that of the surrogate
+    w C ||f - sg f + sg g||^2, with g by finite differences along the path (no JVP) and a weight
+    w(t) = 0.5 + 3 t^2 far from 1 (rtol 1e-6: the difference quotient's O(h^2) error)."""
+    model = _model(3, process, hidden=16)
+    g = torch.Generator().manual_seed(11)
+    data = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    t = _interior_times(process, 6)
+
+    def weight(tt):
+        return 0.5 + 3.0 * tt**2
+
+    obj = ContinuousObjective(process, "ct", weight=weight, tangent_norm=None)
+    out = obj(model, data, noise=noise, times=t)
+    fd = _fd_tangent(model, process, data, noise, t)
+    w = 0.5 + 3.0 * t**2
+    assert float(w.max() / w.min()) > 1.5  # a weight that is not a constant
+    ref = float((w * (fd * fd).sum(1)).mean())
+    assert float(out.loss.detach()) == pytest.approx(ref, rel=1e-6)
+    torch.testing.assert_close(out.diagnostics["weight"], w, rtol=1e-15, atol=0)
+    x = process.interpolate(data, noise, t)
+    f = model(x, t)
+    surrogate = (w * ((f - f.detach() + fd) ** 2).sum(1)).mean()
+    torch.testing.assert_close(
+        _flat_grad(out.loss, model), _flat_grad(surrogate, model), rtol=1e-6, atol=1e-9
+    )
+
+
+def _image_model(x, t):
+    """A smooth consistency-like map on (B, 3, 2, 2) images (any callable works in the loss)."""
+    scale = torch.linspace(0.5, 1.5, 12, dtype=x.dtype).reshape(1, 3, 2, 2)
+    return torch.tanh(scale * x) * torch.exp(-t).reshape(-1, 1, 1, 1) + 0.1 * x * t.reshape(
+        -1, 1, 1, 1
+    )
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 2, 2)], ids=["flat", "image"])
+@pytest.mark.parametrize("tangent_norm", [None, 0.1])
+def test_pseudo_huber_loss_is_its_quadratic_constant_times_squared_l2(tangent_norm, shape):
+    """In continuous time only D's small-distance constant enters: the pseudo-Huber loss is C times
+    the squared-L2 loss on the same draws, with C measured on the distance itself in its
+    quadratic regime (D(a, a + e) / ||e||^2 at ||e|| = 1e-7, relative error ~1e-9) for d = 12
+    elements per sample (flat, or images 3 x 2 x 2), and a batch of 8: C of the 96 elements of
+    the batch would be sqrt(8) times smaller, C of the 3 channels twice larger."""
+    from gcflows.consistency import get_distance
+
+    d, bsz = 12, 8
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(3, d, generator=g, dtype=torch.float64)
+    e = torch.randn(3, d, generator=g, dtype=torch.float64)
+    e = 1e-7 * e / e.norm(dim=1, keepdim=True)
+    c_ref = get_distance("pseudo_huber", d)(a, a + e) / (e * e).sum(1)
+    assert float((c_ref / c_ref[0] - 1).abs().max()) < 1e-8
+    c_ref = float(c_ref[0])
+    assert c_ref == pytest.approx(1.0 / (2 * 0.00054 * math.sqrt(d)), rel=1e-6)  # iCT's c
+
+    model = _model(d, VE2D, hidden=16) if len(shape) == 1 else _image_model
+    data = torch.randn(bsz, *shape, generator=g, dtype=torch.float64)
+    noise = torch.randn(bsz, *shape, generator=g, dtype=torch.float64)
+    t = _interior_times(VE2D, bsz)
+    losses = {}
+    for name in ("pseudo_huber", "squared_l2"):
+        obj = ContinuousObjective(
+            VE2D, "ct", distance=name, weight=lambda tt: 1.0 + tt, tangent_norm=tangent_norm
+        )
+        losses[name] = obj(model, data, noise=noise, times=t).loss
+    assert float(losses["squared_l2"].detach()) > 1e-3  # a loss that is not ~0
+    ratio = float(losses["pseudo_huber"].detach() / losses["squared_l2"].detach())
+    assert ratio == pytest.approx(c_ref, rel=1e-8)
+
+
+@pytest.mark.parametrize(
+    "process", [VEProcess(), LinearProcess(), TrigFlowProcess()], ids=lambda p: p.name
+)
+@pytest.mark.parametrize(("p_mean", "p_std"), [(-1.1, 2.0), (0.4, 0.9)])
+def test_lognormal_time_law_on_every_process(process, p_mean, p_std):
+    """log sigma(t) of sample_times follows N(p_mean, p_std^2) truncated to
+    [log sigma(t_min), log sigma(t_max)] (scipy.stats.truncnorm, sigma written out per process):
+    Kolmogorov-Smirnov distance < 0.015 for n = 20000 (DKW: P(exceed) <= 2 exp(-9) = 2.5e-4)."""
+    from scipy.stats import kstest, truncnorm
+
+    sigma = SIGMA[process.name]
+    n = 20_000
+    t = sample_times(
+        process, n, p_mean=p_mean, p_std=p_std, generator=torch.Generator().manual_seed(3)
+    )
+    assert t.dtype == torch.float64 and t.shape == (n,)
+    ends = torch.tensor([process.t_min, process.t_max], dtype=torch.float64)
+    lo, hi = torch.log(sigma(ends)).tolist()
+    log_s = torch.log(sigma(t))
+    assert lo - 1e-9 <= float(log_s.min()) and float(log_s.max()) <= hi + 1e-9
+    law = truncnorm((lo - p_mean) / p_std, (hi - p_mean) / p_std, loc=p_mean, scale=p_std)
+    assert kstest(log_s.numpy(), law.cdf).statistic < 0.015, (process.name, lo, hi)
+    # uniform: t ~ U[t_min, t_max] on every process
+    tu = sample_times(process, n, kind="uniform", generator=torch.Generator().manual_seed(4))
+    uni = kstest(tu.numpy(), "uniform", args=(process.t_min, process.t_max - process.t_min))
+    assert uni.statistic < 0.015
+
+
+def test_sample_times_rejects_an_unknown_kind():
+    with pytest.raises(ValueError, match="kind='bogus' is invalid: use one of"):
+        sample_times(VEProcess(), 4, kind="bogus")
+
+
+def test_objective_refuses_data_in_another_dtype_than_the_model():
+    model = ConsistencyModel(ToyMLP(2, 16, 1), VE2D)  # float32
+    data = G.two_gaussians_1to2().sample(8, torch.Generator().manual_seed(0))  # float64
+    obj = ContinuousObjective(VE2D, "ct")
+    with pytest.raises(ValueError, match=r"data.dtype=torch.float64 is invalid: .*float32"):
+        obj(model, data)
+    out = obj(model, data.float(), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# (f) gradient-noise summaries, TrigFlow's input scaling, exact terms off the axes
+# ------------------------------------------------------------------------------------------------
+def test_gradient_noise_summaries_are_the_written_out_statistics():
+    """Each summary of gradient_noise against its formula on the kept rows (n = 48 pairs): the
+    null bias is tr Cov[delta] / n, the value ||mean delta||^2 takes on average when unbiased."""
+    n = 48
+    model = _model(2, VE2D, hidden=16)
+    res = gradient_noise(
+        model,
+        G.two_gaussians_1to2(),
+        VE2D,
+        0.7,
+        n=n,
+        keep=True,
+        exact=False,
+        generator=torch.Generator().manual_seed(2),
+    )
+    gam, cd = res.gamma, res.gamma_cd
+    delta = gam - cd
+    sq = (delta**2).sum(1)
+    assert res.n == n and res.bias_null > 0
+    assert res.bias_null == pytest.approx(float(delta.var(0, unbiased=True).sum()) / n, rel=1e-10)
+    assert res.bias == pytest.approx(float((delta.mean(0) ** 2).sum()), rel=1e-10)
+    assert res.trace_ct == pytest.approx(float(gam.var(0, unbiased=True).sum()), rel=1e-10)
+    assert res.trace_cd == pytest.approx(float(cd.var(0, unbiased=True).sum()), rel=1e-10)
+    assert res.noise == pytest.approx(float(sq.mean()), rel=1e-10)
+    assert res.noise_se == pytest.approx(float(sq.std()) / math.sqrt(n), rel=1e-10)
+    assert res.grad_norm2 == pytest.approx(float((cd.mean(0) ** 2).sum()), rel=1e-10)
+
+
+class _Probe(torch.nn.Module):
+    """Backbone F(x_in, c_noise) = 0.7 x_in that remembers its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+    def forward(self, x_in, c_noise):
+        self.x_in, self.c_noise = x_in, c_noise
+        return self.scale * x_in
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.7])
+def test_trigflow_c_in_gives_the_backbone_unit_variance_inputs(sigma_data):
+    """c_in = 1 / std(x_t) for data of std sigma_data: the backbone sees inputs of variance 1 at
+    every t (n = 20000 x 2 values: the sample variance's sd is 0.007, tolerance 0.05); the output
+    is cos(s) x - sin(s) sigma_d F with s = t - t_min, written out."""
+    p = TrigFlowProcess()
+    probe = _Probe()
+    model = TrigFlowConsistencyModel(probe, p, sigma_data=sigma_data)
+    g = torch.Generator().manual_seed(8)
+    for t0 in (0.2, 0.8, 1.3):
+        data = sigma_data * torch.randn(20_000, 2, generator=g, dtype=torch.float64)
+        noise = torch.randn(20_000, 2, generator=g, dtype=torch.float64)
+        t = torch.full((20_000,), t0, dtype=torch.float64)
+        x = math.cos(t0) * data + math.sin(t0) * noise
+        with torch.no_grad():
+            out = model(x, t)
+        assert float(probe.x_in.var()) == pytest.approx(1.0, abs=0.05), (t0, sigma_data)
+        torch.testing.assert_close(probe.c_noise, t, rtol=0, atol=0)
+        s = t0 - p.t_min
+        ref = math.cos(s) * x - math.sin(s) * sigma_data * 0.7 * probe.x_in
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_noise_terms_on_a_non_axis_aligned_posterior():
+    """One Gaussian N(m, S) with a full S: Cov[data | x_t] = (S^-1 + (a/b)^2 I)^-1 in closed form,
+    Sigma = (a' - b' a / b)^2 of that; r = tr(J_x Sigma J_x^T) and noise = 4 tr(K J_x Sigma J_x^T)
+    with J_x and J_theta by autograd, sample by sample (rtol 1e-8: float64 round-off only).
+    The posterior is far from axis-aligned, so any root's rows and columns differ."""
+    m = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64)
+    s = torch.tensor([[1.0, 0.7, 0.2], [0.7, 0.9, -0.3], [0.2, -0.3, 0.6]], dtype=torch.float64)[
+        None
+    ]
+    target = G.GaussianMixture([1.0], m, covs=s)
+    process = LinearProcess()
+    model = _model(3, process, hidden=8, seed=2)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    terms = exact_noise_terms(model, x, t, process, target)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for j in range(4):
+        a, b = 1 - float(t[j]), float(t[j])
+        post = torch.linalg.inv(torch.linalg.inv(s[0]) + (a / b) ** 2 * torch.eye(3))
+        coef = -1.0 - 1.0 * a / b  # a' - b' a / b with a' = -1, b' = 1
+        sigma = coef**2 * post
+        assert float(sigma[0, 1].abs()) > 0.2 * float(sigma.diagonal().max())  # off the axes
+        tj = t[j : j + 1]
+        jx = torch.autograd.functional.jacobian(lambda xx, tj=tj: model(xx[None], tj)[0], x[j])
+        out = model(x[j : j + 1], tj)[0]
+        rows = [torch.autograd.grad(out[i], params, retain_graph=True) for i in range(3)]
+        jth = torch.stack([torch.cat([gr.reshape(-1) for gr in row]) for row in rows])
+        kern = jth @ jth.T
+        inner = jx @ sigma @ jx.T
+        assert float(terms.r[j]) == pytest.approx(float(inner.trace()), rel=1e-8)
+        assert float(terms.noise[j]) == pytest.approx(4 * float((kern @ inner).trace()), rel=1e-8)
+        lam = torch.linalg.eigvalsh(kern)
+        assert float(terms.lam_min[j]) == pytest.approx(float(lam[0]), rel=1e-6, abs=1e-12)
+        assert float(terms.lam_max[j]) == pytest.approx(float(lam[-1]), rel=1e-8)

@@ -76,3 +76,50 @@ def test_bad_input():
         Interval.from_samples([1.0, float("nan")])
     with pytest.raises(ValueError, match="values"):
         Interval.from_samples([])
+
+
+@pytest.mark.parametrize("method", ["student-t", "delta-t"])
+@pytest.mark.parametrize("level", [0.95, 0.8])
+def test_t_intervals_use_student_quantiles_at_small_n(method, level):
+    """Both Student-t methods take the t quantile with n - 1 degrees of freedom (scipy.stats.t as
+    the reference; at n = 5 and 95 %: 2.776, against the normal 1.960)."""
+    from scipy.stats import norm
+    from scipy.stats import t as student_t
+
+    n, se = 5, 0.3
+    q = float(student_t.ppf(0.5 + level / 2, n - 1))
+    est = Interval(1.0, se, n, method, level)
+    assert est.half_width == pytest.approx(q * se, rel=1e-12)
+    assert (est.lo, est.hi) == pytest.approx((1.0 - q * se, 1.0 + q * se), rel=1e-12)
+    assert q > 1.15 * float(norm.ppf(0.5 + level / 2))  # the slip it guards against is visible
+    if level == 0.95:
+        assert q == pytest.approx(2.776445, rel=1e-6)  # the table value, independent of scipy
+    if method == "student-t":
+        v = torch.tensor([0.2, 1.1, -0.4, 2.0, 0.9], dtype=torch.float64)
+        est = Interval.from_samples(v, method, level)
+        assert est.half_width == pytest.approx(q * float(v.std()) / math.sqrt(n), rel=1e-12)
+    # the normal-quantile methods keep the normal quantile at the same n
+    assert Interval(1.0, se, n, "paired-ratio", level).half_width == pytest.approx(
+        float(norm.ppf(0.5 + level / 2)) * se, rel=1e-12
+    )
+
+
+def test_paired_ratio_standard_error_is_the_written_out_delta_method():
+    """se = std(num - r den) / sqrt(n) / |mean(den)| by hand, with mean(den) far from 1 (8.0) so
+    that a missing division is a factor 8; stratified: the within-stratum form, divided alike."""
+    num = torch.tensor([3.0, 5.5, 2.0, 7.0, 4.5, 6.0], dtype=torch.float64)
+    den = torch.tensor([6.0, 9.0, 5.0, 11.0, 8.0, 9.0], dtype=torch.float64)
+    r = float(num.sum() / den.sum())
+    resid = [a - r * b for a, b in zip(num.tolist(), den.tolist(), strict=True)]
+    mean_res = sum(resid) / 6
+    sd = math.sqrt(sum((x - mean_res) ** 2 for x in resid) / 5)
+    est = paired_ratio(num, den)
+    assert est.mean == pytest.approx(28.0 / 48.0, rel=1e-12)
+    assert est.se == pytest.approx(sd / math.sqrt(6) / 8.0, rel=1e-12)
+    assert est.n == 6 and est.method == "paired-ratio"
+    strat = paired_ratio(num, den, stratified=True)
+    d = [resid[0] - resid[1], resid[2] - resid[3], resid[4] - resid[5]]
+    assert strat.se == pytest.approx(math.sqrt(sum(x * x for x in d) / 4) / 3 / 8.0, rel=1e-12)
+    # a negative mean(den) divides by its absolute value: se stays positive
+    neg = paired_ratio(num, -den)
+    assert neg.mean == pytest.approx(-r, rel=1e-12) and neg.se == pytest.approx(est.se, rel=1e-12)

@@ -581,6 +581,47 @@ def test_continuous_time_trains_every_method_through_the_loop(method):
     assert any(not torch.equal(before[k], v) for k, v in res.model.state_dict().items())
 
 
+@pytest.mark.parametrize(("mu", "tol"), [(1.0, 0.0), (0.3, 0.06)])
+def test_continuous_gc_run_follows_mu(mu, tol):
+    """A continuous-time GC run draws generator-induced rows with probability config.mu: all of
+    them at mu = 1, about 30 % at mu = 0.3 (4 steps x 256 rows: sd 0.014, tolerance 4 sd).
+    The objective's own default (0.5) would show as 0.5 in both."""
+    cfg = toy_config(
+        None,
+        method="gc",
+        continuous=True,
+        mu=mu,
+        distance="squared_l2",
+        batch_size=256,
+        total_steps=4,
+        log_every=1,
+    )
+    res = train(cfg, toy_model(), GMM.sample)
+    fractions = [m["gc_fraction"] for m in res.history]
+    assert len(fractions) == 4
+    if tol == 0.0:
+        assert fractions == [1.0] * 4
+    else:
+        assert abs(sum(fractions) / 4 - mu) < tol, fractions
+
+
+def test_lr_at_warms_up_linearly_from_the_first_step():
+    """Step k (0-based) trains at lr (k + 1) / warmup_steps up to lr: the first step is not at 0.
+    Written out for warmup_steps = 4, and seen in the metrics of a run (the record of step 1 is
+    the lr of k = 0)."""
+    lr_at = training.step.lr_at
+    cfg = toy_config(None, lr=2e-3, warmup_steps=4)
+    want = [0.5e-3, 1.0e-3, 1.5e-3, 2.0e-3, 2.0e-3, 2.0e-3]
+    assert [lr_at(cfg, k) for k in range(6)] == pytest.approx(want, rel=1e-12)
+    assert [lr_at(cfg.replace(warmup_steps=1), k) for k in range(3)] == [2e-3] * 3
+    assert [lr_at(cfg.replace(warmup_steps=0), k) for k in range(3)] == [2e-3] * 3
+    res = train(cfg.replace(total_steps=5, log_every=1), toy_model(), GMM.sample)
+    assert [m["lr"] for m in res.history] == pytest.approx(want[:5], rel=1e-12)
+    before = toy_model().state_dict()
+    first = train(cfg.replace(total_steps=1, log_every=1), toy_model(), GMM.sample)
+    assert any(not torch.equal(before[k], v) for k, v in first.model.state_dict().items())
+
+
 def test_continuous_config_needs_a_quadratic_distance_and_valid_stabilizers():
     with pytest.raises(ValueError, match="TrainConfig.distance='l2_norm'.*alpha = 2"):
         TrainConfig(continuous=True, distance="l2_norm")
