@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -443,12 +444,21 @@ def _set_aside_corrupt_latest(run: _Run) -> None:
     rotate it into ``checkpoint.prev.pt``."""
     latest = run.run_dir / CHECKPOINT_NAME
     previous = (run.run_dir / PREVIOUS_NAME).resolve()
-    if run.resumed_from is None or run.resumed_from.resolve() != previous or not latest.exists():
+    if (
+        run.resumed_from is None
+        or run.resumed_from.resolve() != previous
+        or not os.path.lexists(latest)
+    ):
         return
     try:
         load_payload(latest)
-    except CorruptCheckpointError:
-        os.replace(latest, run.run_dir / "checkpoint.corrupt.pt")
+    except CorruptCheckpointError:  # also a folder or a dangling link in its place
+        aside = run.run_dir / "checkpoint.corrupt.pt"
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        elif os.path.lexists(aside):
+            aside.unlink()
+        os.replace(latest, aside)
 
 
 # ------------------------------------------------------------------------------------------------
