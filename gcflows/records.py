@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from gcflows import runrecord
+from gcflows.atomic import unusable
 
 __all__ = [
     "make_run_dir",
@@ -48,7 +49,10 @@ def make_run_dir(out: str | os.PathLike, name: str) -> Path:
     """Create and return ``out/<name>_<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken).
 
     A folder that cannot be created (read-only ``out``, a file in the way) is a ``ValueError``
-    that names ``out`` and says what to do, not a raw ``PermissionError``.
+    (:class:`gcflows.atomic.UnusableFolderError`) that names ``out`` and says what to do, not a
+    raw ``PermissionError``; a script that does not catch it exits with status 2 and that one
+    ``error:`` line. ``mkdir`` without ``exist_ok`` is an atomic claim: two studies started
+    together into one ``out`` get two folders.
     """
     if not name or any(c in name for c in "/\\"):
         raise ValueError(f"name must be a plain folder name, got {name!r}")
@@ -68,9 +72,7 @@ def make_run_dir(out: str | os.PathLike, name: str) -> Path:
 
 
 def _unwritable(out: str | os.PathLike, why: str) -> ValueError:
-    return ValueError(
-        f"output folder {str(out)!r} cannot hold a run folder ({why}): pass a writable --out"
-    )
+    return unusable(out, why)  # a ValueError; uncaught in a script: one error line, exit 2
 
 
 def check_writable(out: str | os.PathLike) -> Path:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from gcflows.atomic import claim_folder
 from gcflows.checks import is_int
 from gcflows.processes import get_process
 from gcflows.training.batches import DataSource
@@ -207,6 +208,9 @@ def train(
     overwrite: allow a fresh start (or a resume from elsewhere) into an ``out_dir`` that holds a
         run: its run files are deleted first.
 
+    The run folder is owned by this call while it runs (:func:`gcflows.atomic.claim_folder`): a
+    second training into an ``out_dir`` that a live process trains in (or evaluates into) is
+    refused with a ``ValueError`` naming that process, before anything is read or written.
     Every argument, the data shape and the checkpoint are checked before any file is written.
     A run already at its end returns at once (``already_done``) and writes nothing. Raises
     :class:`NonFiniteLossError` on a NaN / inf loss or data batch and
@@ -217,6 +221,9 @@ def train(
     )
     device = resolve_device(config.device)
     dinfo, device = setup_distributed(device)
+    claim = None
+    if config.out_dir is not None and dinfo.rank == 0:  # one owner per run folder
+        claim = claim_folder(config.out_dir, "training")
     saved = capture_global_rng(device)
     try:
         run = _start(
@@ -230,6 +237,8 @@ def train(
         return _result(run)
     finally:
         restore_global_rng(saved, device)
+        if claim is not None:
+            claim.release()
         if dinfo.initialized_here and dist_on():
             dist.destroy_process_group()
 
