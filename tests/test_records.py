@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +92,29 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
         ro.chmod(0o500)
     with pytest.raises(ValueError, match="cannot hold a run folder"):
         records.make_run_dir(ro, "study")
+
+
+def test_an_unusable_out_ends_any_script_with_one_error_line(tmp_path):
+    """A script that does not catch the error of make_run_dir (a read-only --out, a file in the
+    way) still ends with one ``error:`` line and exit status 2, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = "import sys\nfrom gcflows.records import make_run_dir\n"
+    code += "make_run_dir(sys.argv[1], 'study')\n"
+    script = tmp_path / "study.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(blocker / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"study.py: error: output folder {str(blocker / 'out')!r} cannot hold a run folder "
+        "(Not a directory): pass a writable --out"
+    ]
+    with pytest.raises(ValueError, match="cannot hold a run folder"):  # still a ValueError
+        records.make_run_dir(blocker / "out", "study")
