@@ -31,6 +31,8 @@ from gcflows.atomic import unusable
 __all__ = [
     "make_run_dir",
     "check_writable",
+    "check_output_file",
+    "given_options",
     "git_info",
     "git_sha",
     "cpu_model",
@@ -88,6 +90,40 @@ def check_writable(out: str | os.PathLike) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise _unwritable(out, "permission denied")
     return out
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Raise ``ValueError`` unless the file ``path`` can be written at the end of a run (not a
+    folder; its folder can be created and written), checked before any work. Creates the
+    folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder: name a file for the results")
+    try:
+        check_writable(path.parent if str(path.parent) else ".")
+    except ValueError as err:
+        raise ValueError(f"{flag} {str(path)!r} cannot be written: {err}") from None
+    return path
+
+
+def given_options(parser: Any, argv: Sequence[str] | None) -> set[str]:
+    """The ``dest`` of every option written on the command line ``argv`` (``sys.argv[1:]`` when
+    None), abbreviations and ``--opt=value`` included: what ``--quick`` must not replace."""
+    argv = sys.argv[1:] if argv is None else argv
+    dests = set()
+    for arg in argv:
+        if not arg.startswith("-") or arg == "--":
+            continue
+        name = arg.split("=", 1)[0]
+        matches = [
+            action
+            for option, action in parser._option_string_actions.items()
+            if option == name or (name.startswith("--") and option.startswith(name))
+        ]
+        exact = [a for o, a in parser._option_string_actions.items() if o == name]
+        for action in exact or matches:
+            dests.add(action.dest)
+    return dests
 
 
 def git_info() -> dict[str, Any]:
