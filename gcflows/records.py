@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gcflows import runrecord
-from gcflows.atomic import unusable
+from gcflows.atomic import atomic_write_bytes, unusable
 
 __all__ = [
     "make_run_dir",
@@ -203,7 +204,8 @@ def _is_tensor(obj: Any) -> bool:
 
 
 def write_config(run_dir: str | os.PathLike, args: Any, seed: int | Sequence[int], **extra) -> Path:
-    """Write ``config.json``: arguments, seed(s), command, git SHA, versions, device, start time."""
+    """Write ``config.json`` (atomically): arguments, seed(s), command, git SHA, versions, device,
+    start time."""
     argd = vars(args) if hasattr(args, "__dict__") else dict(args)
     record = {
         "args": jsonable(argd),
@@ -215,7 +217,7 @@ def write_config(run_dir: str | os.PathLike, args: Any, seed: int | Sequence[int
         **jsonable(extra),
     }
     path = Path(run_dir) / "config.json"
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
@@ -228,19 +230,23 @@ def write_results(
     csv_name: str = "results.csv",
 ) -> tuple[Path, Path]:
     """Write ``results.json`` (the nested dict) and ``results.csv`` (one line per row; columns =
-    the union of the rows' keys in first-seen order). Returns both paths."""
+    the union of the rows' keys in first-seen order), each atomically
+    (:func:`gcflows.atomic.atomic_write`: a crash leaves the old file or the new one). Returns
+    both paths."""
     run_dir = Path(run_dir)
     jpath = run_dir / json_name
-    jpath.write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
+    text = json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n"
     cpath = run_dir / csv_name
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with open(cpath, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: jsonable(v) for k, v in row.items()})
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for i, row in enumerate(rows):
+        writer.writerow({k: jsonable(v, f"{csv_name}[{i}].{k}") for k, v in row.items()})
+    atomic_write_bytes(jpath, text.encode())  # both built first: a bad value writes neither
+    atomic_write_bytes(cpath, buffer.getvalue().encode())
     return jpath, cpath
 
 

@@ -118,3 +118,13 @@ def test_an_unusable_out_ends_any_script_with_one_error_line(tmp_path):
     ]
     with pytest.raises(ValueError, match="cannot hold a run folder"):  # still a ValueError
         records.make_run_dir(blocker / "out", "study")
+
+
+def test_write_results_writes_both_files_or_neither(tmp_path):
+    """A value that cannot be written in a row leaves the previous results.json and .csv as they
+    were (no half-updated pair, no temporary file)."""
+    records.write_results(tmp_path, {"a": 1.0}, [{"x": 1}])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(TypeError, match=r"results\.csv\[1\]\.x is a builtins\.object"):
+        records.write_results(tmp_path, {"a": 2.0}, [{"x": 2}, {"x": object()}])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
