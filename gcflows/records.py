@@ -40,6 +40,7 @@ __all__ = [
     "environment",
     "jsonable",
     "write_config",
+    "write_config_record",
     "write_results",
     "format_value",
     "print_table",
@@ -216,7 +217,29 @@ def write_config(run_dir: str | os.PathLike, args: Any, seed: int | Sequence[int
         **environment(),
         **jsonable(extra),
     }
+    return write_config_record(run_dir, record)
+
+
+def write_config_record(
+    run_dir: str | os.PathLike, record: Mapping[str, Any], resumed_at: int | None = None
+) -> Path:
+    """The one writer of ``config.json`` (of the scripts and of ``gcflows.training``), atomic.
+    When a run resumes (``resumed_at``: the step it continues from), the first record is kept
+    and a ``resumes`` entry (step, start time, git SHA of this segment) is appended."""
     path = Path(run_dir) / "config.json"
+    record = dict(record)
+    if resumed_at is not None and path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        if not isinstance(previous, dict):
+            previous = {}
+        resumes = list(previous.get("resumes", []))
+        resumes.append(
+            {"step": resumed_at, "started": record.get("started"), "git_sha": record.get("git_sha")}
+        )
+        record = {**(previous or record), "resumes": resumes}
     atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return path
 

@@ -6,6 +6,7 @@ left untouched, and SIGINT stops a run after a checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -215,6 +216,8 @@ def test_a_missing_latest_checkpoint_falls_back_to_the_intact_previous_one(tmp_p
         res = train(toy_config(run), toy_model(), GMM.sample)
     assert res.resumed_from == run / "checkpoint.prev.pt"
     assert [m["step"] for m in res.history] == [7, 8]  # resumed at 6, not restarted at 0
+    record = json.loads((run / "config.json").read_text())
+    assert [r["step"] for r in record["resumes"]] == [6]
     reference = load_checkpoint(finished / "checkpoint.pt")
     for k, v in res.model.state_dict().items():
         assert torch.equal(v, reference["model"][k])  # the same end as the uninterrupted run

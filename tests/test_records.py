@@ -128,3 +128,20 @@ def test_write_results_writes_both_files_or_neither(tmp_path):
     with pytest.raises(TypeError, match=r"results\.csv\[1\]\.x is a builtins\.object"):
         records.write_results(tmp_path, {"a": 2.0}, [{"x": 2}, {"x": object()}])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_config_record_keeps_the_first_record_and_lists_every_resume(tmp_path):
+    first = {"args": {"lr": 0.1}, "started": "t0", "git_sha": "a"}
+    records.write_config_record(tmp_path, first)
+    for lr, started, sha, step in ((0.2, "t1", "b", 40), (0.3, "t2", "c", 90)):
+        record = {"args": {"lr": lr}, "started": started, "git_sha": sha}
+        records.write_config_record(tmp_path, record, step)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["args"] == {"lr": 0.1} and saved["started"] == "t0"  # the run's first record
+    assert saved["resumes"] == [
+        {"step": 40, "started": "t1", "git_sha": "b"},
+        {"step": 90, "started": "t2", "git_sha": "c"},
+    ]
+    records.write_config_record(tmp_path, {"args": {"lr": 0.5}})  # a fresh start replaces it
+    assert json.loads((tmp_path / "config.json").read_text()) == {"args": {"lr": 0.5}}
+    assert not list(tmp_path.glob(".*.tmp"))

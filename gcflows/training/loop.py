@@ -222,10 +222,9 @@ def train(
     device = resolve_device(config.device)
     dinfo, device = setup_distributed(device)
     claim = None
-    if config.out_dir is not None and dinfo.rank == 0:  # one owner per run folder
-        claim = claim_folder(config.out_dir, "training")
     saved = capture_global_rng(device)
     try:
+        claim = _claim_run_dir(config, dinfo, device)
         run = _start(
             config, model, data_source, velocity, gc_model, resume, overwrite, dinfo, device
         )
@@ -241,6 +240,21 @@ def train(
             claim.release()
         if dinfo.initialized_here and dist_on():
             dist.destroy_process_group()
+
+
+def _claim_run_dir(config: TrainConfig, dinfo: DistInfo, device: torch.device):
+    """Rank 0 claims ``out_dir`` (one owner per run folder); a refusal stops every rank."""
+    claim, refused = None, None
+    if config.out_dir is not None and dinfo.rank == 0:
+        try:
+            claim = claim_folder(config.out_dir, "training")
+        except ValueError as err:
+            refused = err
+    if all_max_flag(refused is not None, dinfo.world_size, device):
+        if refused is not None:
+            raise refused
+        raise ValueError(f"rank 0 could not claim the run folder {config.out_dir!r} (its error)")
+    return claim
 
 
 def _check_arguments(config, model, velocity, gc_model, resume, callbacks, stop_after, overwrite):
