@@ -260,3 +260,24 @@ def test_resume_over_a_folder_in_place_of_the_latest_checkpoint_ends_as_uninterr
     reference = load_checkpoint(finished / "checkpoint.pt")
     for k, v in load_checkpoint(run / "checkpoint.pt")["model"].items():
         assert torch.equal(v, reference["model"][k])
+
+
+def test_an_unreadable_latest_checkpoint_is_corrupt_and_falls_back(tmp_path, finished, monkeypatch):
+    """No read permission (faked: the tests may run as root, who reads through mode bits): the
+    load is a CorruptCheckpointError saying why, not a raw PermissionError, and resume falls back
+    to the previous checkpoint."""
+    run = tmp_path / "run"
+    _copy_run(finished, run, ("checkpoint.pt", "checkpoint.prev.pt"))
+    real_open = open
+
+    def no_permission(path, *args, **kwargs):
+        if Path(path) == run / "checkpoint.pt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_permission)
+    with pytest.raises(CorruptCheckpointError, match="cannot be read: Permission denied"):
+        load_checkpoint(run / "checkpoint.pt")
+    with pytest.warns(UserWarning, match=r"Permission denied.*\(step 6\)"):
+        path, ckpt = find_checkpoint(run)
+    assert path == run / "checkpoint.prev.pt" and ckpt["step"] == 6
