@@ -119,6 +119,9 @@ class FolderInUseError(UnusableFolderError):
         super().__init__(message)
         self.owner = owner
 
+    def __reduce__(self) -> tuple:  # sent back from a pool worker intact
+        return (type(self), (str(self), self.owner))
+
 
 def unusable(folder: str | os.PathLike, why: str) -> UnusableFolderError:
     """The error for a folder that cannot hold a run (``why``: the operating system's reason)."""

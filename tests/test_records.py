@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,25 @@ def test_config_record_keeps_the_first_record_and_lists_every_resume(tmp_path):
     records.write_config_record(tmp_path, {"args": {"lr": 0.5}})  # a fresh start replaces it
     assert json.loads((tmp_path / "config.json").read_text()) == {"args": {"lr": 0.5}}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_folder_claim_is_reentrant_and_leaves_nothing_when_released(tmp_path):
+    from gcflows.atomic import LOCK_NAME, FolderInUseError, claim_folder
+
+    folder = tmp_path / "new" / "run"
+    outer = claim_folder(folder, "training")
+    owner = json.loads((folder / LOCK_NAME).read_text())
+    assert owner["pid"] == os.getpid()
+    inner = claim_folder(folder / ".." / "run", "evaluation")  # the same folder, this process
+    assert inner is outer
+    inner.release()
+    assert (folder / LOCK_NAME).exists()  # the outer claim still holds it
+    outer.release()
+    assert not folder.exists()  # created by the claim, nothing written: removed again
+    kept = tmp_path / "kept"
+    with claim_folder(kept):
+        (kept / "results.json").write_text("{}")
+    assert sorted(p.name for p in kept.iterdir()) == ["results.json"]
+    err = FolderInUseError("'x' is in use by process 7", {"pid": 7})
+    back = pickle.loads(pickle.dumps(err))  # as a pool worker sends it back
+    assert str(back) == str(err) and back.owner == {"pid": 7} and isinstance(back, ValueError)
