@@ -32,7 +32,7 @@ from gcflows.consistency import ConsistencyModel
 from gcflows.networks import UNet
 from gcflows.presets import IMAGE_PRESETS
 from gcflows.processes import get_process
-from gcflows.records import cpu_model, git_sha
+from gcflows.records import check_writable, cpu_model, git_sha
 from gcflows.training import TrainConfig, build_optimizer, make_ema, make_objective, update_ema
 
 PRESETS = {"ct": "cifar10_base", "ot": "cifar10_ot", "gc": "cifar10_gc_mix50"}
@@ -124,6 +124,15 @@ def parse_args(argv=None):
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device; use --device cpu")
+    if args.at_step < -1 or args.seed < 0:
+        parser.error(
+            f"need --at-step >= 0 (or -1: half way) and --seed >= 0, got {args.at_step}, "
+            f"{args.seed}"
+        )
+    try:
+        check_writable(args.out)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 

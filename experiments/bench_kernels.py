@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 import gcflows.kernels as K
-from gcflows.records import cpu_model, git_sha
+from gcflows.records import check_writable, cpu_model, git_sha
 
 try:  # a gcflows dependency, but absent from some GPU images: its column is then skipped
     import ot
@@ -476,10 +476,13 @@ def main(argv=None) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not (torch.cuda.is_available() and K.triton_available()):
-        print("--device cuda needs a CUDA device and triton", file=sys.stderr)
-        return 2
+        parser.error("--device cuda needs a CUDA device and triton; use --device cpu")
     if device == "cuda" and args.contended:
         parser.error("--contended applies to the CPU benchmark; add --device cpu")
+    try:
+        check_writable(args.out)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {

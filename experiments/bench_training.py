@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -62,6 +63,7 @@ from gcflows.ensemble import EnsembleSpec, train_ensemble, train_sequential
 from gcflows.gmm import get_preset, two_gaussians_1to2
 from gcflows.networks import ToyMLP, build_unet
 from gcflows.processes import VEProcess, karras_grid
+from gcflows.records import check_output_file, given_options
 from gcflows.training import TrainConfig, train
 
 SIGMA_DATA = 0.5
@@ -243,6 +245,8 @@ QUICK = dict(
 
 def check_args(args: argparse.Namespace) -> None:
     """Every argument, before any work (``ValueError`` with one message)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise ValueError(f"--device={args.device!r} is invalid: use cpu, cuda or cuda:N")
     for flag, lo in (
         ("toy_steps", 2),
         ("digits_steps", 2),
@@ -267,6 +271,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 0 (0: torch default), got {args.threads}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available; use --device cpu")
+    check_output_file(args.out)
 
 
 def measure(wl: str, args: argparse.Namespace, device: torch.device, clock: str) -> dict:
@@ -460,16 +465,25 @@ def print_summary(record: dict, clock: str, repeats: int, out: Path) -> None:
         print_ensemble(record["results"]["ensemble"]["rows"], record["results"]["ensemble"])
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (one ``error:`` line and exit 2 on a bad value);
+    ``--quick`` sets only the values not given explicitly."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.quick:  # an explicit value wins over --quick's
+        given = given_options(parser, argv)
         for k, v in QUICK.items():
-            setattr(args, k, v)
+            if k not in given:
+                setattr(args, k, v)
     try:
         check_args(args)
     except ValueError as err:
         parser.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

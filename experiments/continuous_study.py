@@ -25,7 +25,10 @@ Two parts, on the authors' 2D target (``two_gaussians_1to2``) and a 64-D mixture
    over three times; runs whose loss becomes non-finite are counted as ``nan_runs``.
 
 Run folder ``--out/continuous_study_<time>/`` with config.json, results.json, results.csv; the
-summary table is printed last; progress (tqdm) goes to stderr.
+summary table is printed last; progress (tqdm) goes to stderr. Every argument is checked before
+any work or file (one ``error:`` line, exit status 2): sizes and budgets positive and finite, at
+least one seed, ``--mu`` a probability and only with a GC method, ``--out`` writable;
+``--quick`` sets only the sizes not given explicitly.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from gcflows import checks
 from gcflows import gmm as G
 from gcflows.consistency import ConsistencyModel, ConsistencyObjective
 from gcflows.continuous import ContinuousObjective, gradient_noise
@@ -48,7 +52,13 @@ from gcflows.discrepancy import FlowMapGenerator, flow_map_error, flow_map_refer
 from gcflows.metrics import exact_w2, sliced_w2
 from gcflows.networks import ToyMLP
 from gcflows.processes import VEProcess
-from gcflows.records import make_run_dir, print_table, write_config, write_results
+from gcflows.records import (
+    check_writable,
+    make_run_dir,
+    print_table,
+    write_config,
+    write_results,
+)
 
 PROCESS = VEProcess(t_min=1e-3, t_max=5.0)
 COUPLINGS = ("ic", "ot", "gc_ideal", "gc_trained")
@@ -316,33 +326,86 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# sizes (quick, default): an explicit value always wins over --quick
+SIZES = {
+    "seeds": (2, 5),
+    "budget": (0.3, 6.0),
+    "noise_budget": (0.5, 10.0),
+    "n_times": (2, 5),
+    "n_noise": (24, 128),
+    "n_eval": (200, 1000),
+    "n_ref": (20, 200),
+    "hidden": (32, 64),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run (< 60 s): small sizes unless given"
+    )
     p.add_argument("--out", default="runs", help="parent folder of the run folder")
     p.add_argument("--targets", nargs="+", default=["2d", "64d"], choices=["2d", "64d"])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--budget", type=float, default=6.0, help="CPU seconds per training run")
-    p.add_argument("--noise-budget", type=float, default=10.0, help="CPU s of the noise network")
-    p.add_argument("--n-times", type=int, default=5)
-    p.add_argument("--n-noise", type=int, default=128, help="pairs per time and coupling")
-    p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--n-ref", type=int, default=200, help="flow-map reference points per time")
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (5; quick 2)")
+    p.add_argument("--budget", type=float, default=None, help="CPU s per training run (6; 0.3)")
+    p.add_argument(
+        "--noise-budget", type=float, default=None, help="CPU s of the noise network (10; 0.5)"
+    )
+    p.add_argument("--n-times", type=int, default=None, help="noise times (5; quick 2; 0: none)")
+    p.add_argument("--n-noise", type=int, default=None, help="pairs per time, coupling (128; 24)")
+    p.add_argument("--n-eval", type=int, default=None, help="evaluation samples (1000; 200)")
+    p.add_argument("--n-ref", type=int, default=None, help="flow-map points per time (200; 20)")
+    p.add_argument("--hidden", type=int, default=None, help="MLP width (64; quick 32)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--mu", type=float, default=0.5)
+    p.add_argument("--mu", type=float, default=None, help="GC fraction of gc_cont* (0.5)")
     p.add_argument("--time-scale", type=float, default=10.0, help="ToyMLP time_scale")
     p.add_argument("--threads", type=int, default=1)
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Fill the sizes (``--quick`` or default, an explicit value wins) and check every argument
+    before any work or any file; ``ValueError`` naming the flag otherwise."""
+    for name, (quick, default) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+    checks.integer(args.seeds, "--seeds", lo=1, fix="use at least one seed")
+    checks.real(args.budget, "--budget", lo_open=0.0, fix="use a positive, finite CPU time (s)")
+    checks.real(args.noise_budget, "--noise-budget", lo_open=0.0, fix="use a positive CPU time")
+    checks.integer(args.n_times, "--n-times", lo=0, fix="use an integer >= 0 (0: no noise part)")
+    checks.integer(args.n_noise, "--n-noise", lo=2, fix="use >= 2 pairs (a standard error)")
+    checks.integer(args.n_eval, "--n-eval", lo=2)
+    checks.integer(args.n_ref, "--n-ref", lo=1)
+    checks.integer(args.hidden, "--hidden", lo=1)
+    checks.integer(args.batch, "--batch", lo=2)
+    checks.integer(args.threads, "--threads", lo=1)
+    checks.real(args.lr, "--lr", lo_open=0.0, fix="use a positive, finite learning rate")
+    checks.real(args.time_scale, "--time-scale", lo_open=0.0, fix="use a positive time scale")
+    for flag in ("targets", "methods"):
+        values = getattr(args, flag)
+        if len(set(values)) != len(values):
+            raise checks.bad(f"--{flag}", values, "name each one once")
+    gc = [m for m in args.methods if m.startswith("gc")]
+    if args.mu is not None and not gc:
+        raise checks.bad(
+            "--mu", args.mu, f"it applies to gc_cont / gc_cont_nostab only, not {args.methods}"
+        )
+    args.mu = 0.5 if args.mu is None else args.mu
+    checks.probability(args.mu, "--mu", "of a generator-induced pair in GC")
+    for method in args.methods:
+        make_objective(method, args.mu)  # the objectives' own checks, here rather than mid-run
+    check_writable(args.out)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.seeds, args.budget, args.noise_budget = 2, 0.3, 0.5
-        args.n_times, args.n_noise, args.n_eval, args.n_ref, args.hidden = 2, 24, 200, 20, 32
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     return run(args)
 
 

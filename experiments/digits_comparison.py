@@ -48,7 +48,7 @@ from gcflows import checks
 from gcflows.classifier import load_classifier
 from gcflows.data import load_digits
 from gcflows.evaluation import ImageMetrics, generate, samplers, seed_interval
-from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt
+from gcflows.progress import Interrupted, JobFailed, JobPool, Progress, signals_interrupt
 from gcflows.records import (
     check_writable,
     jsonable,
@@ -443,6 +443,9 @@ def run_all(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
             file=sys.stderr,
         )
         raise SystemExit(128 + err.signum) from None
+    except JobFailed as err:  # a job's error, or its worker killed (the out-of-memory killer)
+        print(f"digits_comparison.py: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     records.sort(key=lambda r: (list(PRESETS).index(r["coupling"]), r["seed"]))
     return records
 

@@ -39,12 +39,17 @@ Protocol (also written into ``results.json`` under ``"protocol"``):
 
 Writes ``config.json`` (checkpoint, its training config, seeds, git SHA, versions, device),
 ``results.json`` / ``results.csv`` and ``samples_<sampler>.png`` to ``--out``; a table last.
+The default ``--out`` is a new ``eval_<time>`` folder inside the checkpoint's run folder; an
+explicit ``--out`` that holds a training run or another evaluation is refused (its config.json and
+results would be replaced), and the folder is owned by the evaluation while it runs
+(``gcflows.atomic.claim_folder``): a training or evaluation started into it meanwhile is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,10 +57,12 @@ from typing import Any
 
 import torch
 
-from gcflows.evaluation import evaluate_checkpoint
+from gcflows.atomic import claim_folder
+from gcflows.evaluation import evaluate_checkpoint, samplers
 from gcflows.records import make_run_dir, print_table, write_config, write_results
-from gcflows.training import load_checkpoint
+from gcflows.training import TrainConfig, load_checkpoint
 from gcflows.training.images import save_image_grid
+from gcflows.training.rundir import run_files
 
 __all__ = ["build_parser", "check_args", "main"]
 
@@ -100,16 +107,41 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if any(seed < 0 for seed in args.seeds):
-        raise ValueError(f"--seeds must be non-negative integers, got {args.seeds}")
+    if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise ValueError(f"--device={args.device!r} is invalid: use cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={args.device!r} is invalid: no CUDA device here; use cpu")
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        raise ValueError(f"--inception-weights {args.inception_weights!r}: no such file")
     config = load_checkpoint(args.checkpoint)["config"]
     data = (config.get("model") or {}).get("data")
+    if args.two_step_sigma is not None:
+        try:
+            samplers(TrainConfig.from_dict(config), data or "digits", args.two_step_sigma)
+        except ValueError as err:
+            raise ValueError(f"--two-step-sigma={args.two_step_sigma} is invalid: {err}") from None
     if data == "digits" and args.data_root is not None:
         print("warning: --data-root is ignored: the digits are bundled", file=sys.stderr)
     if data not in (None, "digits") and args.data_root is None:
         raise ValueError(f"{data} checkpoints need --data-root (the reference images)")
     _writable(Path(args.out) if args.out else Path(args.checkpoint).parent)
+    if args.out is not None:
+        _not_a_run(Path(args.out))
     return config
+
+
+def _not_a_run(out: Path) -> None:
+    """An explicit ``--out`` must not hold a training run or another evaluation: the files an
+    evaluation writes (config.json, results.json / .csv) would replace theirs."""
+    held = run_files(out)
+    if held:
+        raise ValueError(
+            f"--out {str(out)!r} already holds a run ({', '.join(held)}): an evaluation there "
+            "would replace its config.json and results; choose a new --out, or leave --out out "
+            "(the default is a new eval_<time> folder inside the checkpoint's run folder)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -117,10 +149,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     any sample is drawn or any file written."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    claim = None
     try:
         config = check_args(args)
+        if args.out is not None:  # one owner: no training or other evaluation there meanwhile
+            claim = claim_folder(args.out, "evaluation")
+            _not_a_run(Path(args.out))  # checked again now that the folder is ours
     except ValueError as err:
+        if claim is not None:
+            claim.release()
         parser.error(str(err))
+    try:
+        return _evaluate(args, config)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _evaluate(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
     threads = args.threads
     if (
         threads is None

@@ -56,7 +56,7 @@ from gcflows.gmm import PRESETS, get_preset
 from gcflows.metrics import exact_w2, mode_coverage
 from gcflows.networks import ToyMLP
 from gcflows.processes import get_process
-from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt
+from gcflows.progress import Interrupted, JobFailed, JobPool, Progress, signals_interrupt
 from gcflows.records import check_writable, make_run_dir, print_table, write_config, write_results
 from gcflows.sampling import one_step_sample
 from gcflows.stats import Interval, mean_interval
@@ -1288,6 +1288,9 @@ def main(argv=None) -> dict:
             file=sys.stderr,
         )
         raise SystemExit(128 + err.signum) from None
+    except JobFailed as err:  # a job's error, or its worker killed (the out-of-memory killer)
+        print(f"toy_discrepancy.py: error: {err}; run folder {run_dir}", file=sys.stderr)
+        raise SystemExit(1) from None
     jobs_s = time.perf_counter() - t_jobs
     prep_s = t_jobs - wall0
     theory = theorem1_section(raw.theory)

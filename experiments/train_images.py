@@ -28,7 +28,11 @@ holds a run, or ``--resume-from A`` into a ``--out`` that holds another run, is 
 digest is verified; a corrupt latest one falls back to ``checkpoint.prev.pt``, saying so) written
 by the same preset, coupling, network and image size; then the data (``--data-root`` for MNIST /
 CIFAR-10: a missing folder is reported with how to get the data; nothing is ever downloaded).
-``--resume`` on a run already at its last step reports it and changes nothing.
+``--resume`` on a run already at its last step reports it and changes nothing. The run folder
+has one owner while the script runs (``gcflows.atomic.claim_folder``): a second training or an
+evaluation started into it meanwhile is refused with one ``error:`` line naming the process.
+A resume whose settings that define the run (``continuous``, ``optimizer``, the process and its
+times, ...) differ from the checkpoint's is refused with the values to pass.
 
 Ctrl-C (SIGINT) or SIGTERM: the current step finishes, a checkpoint is written, the command that
 resumes the run is printed, and the script exits with status 130 / 143.
@@ -37,7 +41,9 @@ The run folder (``--out``) gets what ``gcflows.training`` writes (``config.json`
 git SHA, versions, device; ``metrics.jsonl``; ``checkpoint.pt``; one-step samples
 ``samples/step_*.pt``), PNG sample grids of the EMA model from a fixed noise draw every
 ``sample_every`` steps (``samples/grid_*.png``), and ``results.json`` / ``results.csv``; a summary
-table is printed last. Evaluate a checkpoint with ``experiments/eval_images.py``.
+table is printed last. After a resume, ``results.json`` describes the whole run: ``segments``
+lists each part (from / to step, wall time, checkpoint resumed from) and ``train_time_s`` is the
+training time since step 0. Evaluate a checkpoint with ``experiments/eval_images.py``.
 """
 
 from __future__ import annotations
@@ -55,9 +61,17 @@ from typing import Any
 
 import torch
 
+from gcflows.atomic import claim_folder
 from gcflows.presets import IMAGE_PRESETS
 from gcflows.records import print_table, write_results
-from gcflows.training import TrainingInterrupted, find_checkpoint, load_checkpoint, train
+from gcflows.training import (
+    TrainConfig,
+    TrainingInterrupted,
+    find_checkpoint,
+    load_checkpoint,
+    train,
+)
+from gcflows.training.config import fingerprint_fields
 from gcflows.training.images import (
     COUPLINGS,
     METHOD_TO_COUPLING,
@@ -147,6 +161,19 @@ def _check_same_run(run: ImageRun, path: Path, old: dict[str, Any], data_shape: 
             f"checkpoint {str(path)!r} holds another network ({old.get('model')}); remove the "
             "net.* overrides that differ, or use a new --out"
         )
+    try:
+        before = fingerprint_fields(TrainConfig.from_dict(old), shape)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"checkpoint {str(path)!r} holds an invalid config ({err})") from None
+    now = fingerprint_fields(run.config, run.image_shape)
+    differ = [k for k in now if before.get(k) != now[k]]
+    if differ:  # e.g. continuous=true or optimizer=radam given at the start, not on resume
+        there = " ".join(f"{k}={json.dumps(before[k])}" for k in differ)
+        raise ValueError(
+            f"checkpoint {str(path)!r} was written with {there}, which defines the run (this "
+            f"command has " + " ".join(f"{k}={json.dumps(now[k])}" for k in differ) + f"): pass "
+            f"{there} to continue it, or use a new --out"
+        )
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -231,6 +258,32 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
 
 
+# TrainConfig fields that only one kind of run uses: an override of one elsewhere would be ignored
+_APPLIES_TO = {
+    "mu": (lambda c: c.method == "gc", "the GC coupling (--coupling gc)"),
+    "cd_step": (lambda c: c.method == "cd", "consistency distillation"),
+    "tangent_norm": (lambda c: c.continuous, "continuous time (continuous=true)"),
+    "tangent_warmup": (lambda c: c.continuous, "continuous time (continuous=true)"),
+    "s0": (lambda c: not c.continuous, "discrete time (the curriculum; not continuous=true)"),
+    "s1": (lambda c: not c.continuous, "discrete time (the curriculum; not continuous=true)"),
+    "rho": (lambda c: not c.continuous, "discrete time (the Karras grid; not continuous=true)"),
+}
+
+
+def _check_overrides_apply(overrides: Sequence[str], run: ImageRun) -> None:
+    """Refuse a ``key=value`` override that this run would silently ignore (``mu`` with IC)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        applies = _APPLIES_TO.get(key)
+        if applies is not None and not applies[0](run.config):
+            raise ValueError(
+                f"{item!r} does not apply: {key} is used by {applies[1]} only, and this run uses "
+                f"coupling {run.coupling!r}"
+                + (" in continuous time" if run.config.continuous else "")
+                + f"; drop {key}=..."
+            )
+
+
 def prepare(args: argparse.Namespace, world: int = 1, rank: int = 0) -> Plan:
     """Check every argument, the output folder, the checkpoint and the data; create nothing.
     Raises ``ValueError`` (or ``FileNotFoundError`` for missing data) with one clear message."""
@@ -255,6 +308,7 @@ def prepare(args: argparse.Namespace, world: int = 1, rank: int = 0) -> Plan:
             f"--mu applies to the GC coupling only; this run uses coupling {run.coupling!r}: "
             "drop --mu or pass --coupling gc"
         )
+    _check_overrides_apply(args.overrides, run)
     if args.data_root is not None and run.data == "digits" and rank == 0:
         print("warning: --data-root is ignored: the digits are bundled", file=sys.stderr)
     if args.out is None:
@@ -296,13 +350,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_intermixed_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    claim = None
     try:
         plan = prepare(args, world, rank)
+        if rank == 0:  # one owner per run folder: a second training (or evaluation) is refused
+            claim = claim_folder(plan.run.config.out_dir, "training")
+            if plan.resume_path is None:  # another run may have finished there meanwhile
+                check_resume(plan.run, None, args.overwrite)
     except (ValueError, FileNotFoundError) as err:
+        if claim is not None:
+            claim.release()
         parser.error(str(err))
-    if plan.checkpoint is not None and plan.checkpoint["step"] >= plan.end:
-        return _already_done(plan)
     try:
+        if plan.checkpoint is not None and plan.checkpoint["step"] >= plan.end:
+            return _already_done(plan)
         return _train(plan)
     except TrainingInterrupted as stop:
         if rank == 0:
@@ -312,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
         raise SystemExit(stop.exit_code) from None
+    finally:
+        if claim is not None:
+            claim.release()
 
 
 def _argv(argv: Sequence[str] | None) -> list[str]:
@@ -332,6 +396,23 @@ def _already_done(plan: Plan) -> dict[str, Any]:
     if plan.rank != 0:
         return {}
     return json.loads(results.read_text()) if results.is_file() else {"step": step}
+
+
+def _earlier_segments(resume_path: Path | None, start: int) -> list[dict[str, Any]]:
+    """The segments before ``start`` that the run's results.json recorded (a run resumed from a
+    checkpoint continues that run's record; a segment killed before writing results.json is
+    missing, which the step ranges show)."""
+    if resume_path is None:
+        return []
+    try:
+        old = json.loads((resume_path.parent / "results.json").read_text())
+    except (OSError, ValueError):
+        return []
+    segments = old.get("segments") if isinstance(old, dict) else None
+    if not isinstance(segments, list):  # a record from before segments were written
+        step = old.get("step") if isinstance(old, dict) else None
+        segments = [{"from_step": 0, "to_step": step}] if isinstance(step, int) else []
+    return [s for s in segments if isinstance(s, dict) and (s.get("to_step") or 0) <= start]
 
 
 def _train(plan: Plan) -> dict[str, Any]:
@@ -360,6 +441,13 @@ def _train(plan: Plan) -> dict[str, Any]:
     if rank != 0:
         return {}
     last = result.history[-1] if result.history else {}
+    start = int(plan.checkpoint["step"]) if plan.checkpoint is not None else 0
+    segment = {
+        "from_step": start,
+        "to_step": result.step,
+        "wall_time_s": wall,
+        "resumed_from": str(plan.resume_path) if plan.resume_path else None,
+    }
     results = {
         "preset": run.preset,
         "data": run.data,
@@ -375,12 +463,14 @@ def _train(plan: Plan) -> dict[str, Any]:
         "final_N": last.get("N"),
         "final_pair_cost": last.get("pair_cost"),
         "wall_time_s": wall,
+        "train_time_s": last.get("time"),  # since step 0, over every segment
+        "segments": [*_earlier_segments(plan.resume_path, start), segment],
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "grids": [str(p) for p in grid.paths],
         "device": str(next(result.model.parameters()).device),
         "n_parameters": int(sum(p.numel() for p in result.model.parameters())),
     }
-    row = {k: v for k, v in results.items() if k != "grids"}
+    row = {k: v for k, v in results.items() if k not in ("grids", "segments")}
     if result.run_dir is not None:
         write_results(result.run_dir, results, [row])
     print_table(

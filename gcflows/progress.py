@@ -11,25 +11,29 @@
 job each at a time; ``workers=1`` runs them in this process), yields results as they finish, and
 accepts new jobs while it runs (a job that needs another's result). SIGINT and SIGTERM stop it
 cleanly: the workers ignore SIGINT and are terminated by the parent, which raises
-:class:`Interrupted` (no orphaned workers keep computing).
+:class:`Interrupted` (no orphaned workers keep computing). A job that fails, or whose worker
+dies (killed by a signal or the out-of-memory killer), raises :class:`JobFailed` naming the job
+and the cause: the study ends with that error instead of waiting for a result that never comes.
 
 Imports tqdm only when a bar is drawn; no other gcflows module (layer 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
-import queue
 import signal
 import sys
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from multiprocessing.connection import Connection, wait
 from typing import Any, TextIO
 
-__all__ = ["Progress", "JobPool", "Interrupted", "signals_interrupt"]
+__all__ = ["Progress", "JobPool", "JobFailed", "Interrupted", "signals_interrupt", "death_cause"]
 
 
 class Progress:
@@ -135,8 +139,66 @@ def _timed_in_worker(fn: Callable[[Any], Any], job: Any) -> tuple[Any, float]:
 
 
 def _ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C goes to the whole process group; the parent handles it."""
+    """Worker start: Ctrl-C goes to the whole process group; the parent handles it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_main(conn: Connection) -> None:
+    """A pool worker: run the jobs the parent sends, one at a time, until ``None`` or EOF."""
+    _ignore_sigint()
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if msg is None:
+            return
+        job_id, fn, job = msg
+        try:
+            res, seconds = _timed_in_worker(fn, job)
+            out: tuple = (job_id, res, None, seconds)
+        except Exception as err:  # the job's own error: sent back, the worker lives on
+            out = (job_id, None, (err, traceback.format_exc()), 0.0)
+        try:
+            conn.send(out)
+        except Exception as err:  # an unpicklable result or exception
+            why = f"its result could not be sent back ({type(err).__name__}: {err})"
+            if out[2] is not None:
+                why = f"{type(out[2][0]).__name__}: {out[2][0]}"
+            conn.send((job_id, None, (RuntimeError(why), out[2][1] if out[2] else ""), 0.0))
+
+
+class JobFailed(RuntimeError):
+    """A job of a :class:`JobPool` failed: its own exception (``__cause__``; the worker's
+    traceback in ``remote_traceback``) or the death of its worker process (a signal, the
+    out-of-memory killer); ``label`` names the job."""
+
+    def __init__(self, label: str, why: str, remote_traceback: str = "") -> None:
+        super().__init__(f"job {label!r} failed: {why}")
+        self.label, self.remote_traceback = label, remote_traceback
+
+
+def death_cause(exitcode: int | None) -> str:
+    """What a worker's exit code says about how it died."""
+    if exitcode is None:
+        return "its worker process stopped answering"
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (the out-of-memory killer sends SIGKILL)" if -exitcode == signal.SIGKILL else ""
+        return f"its worker process was killed by {name}{hint}"
+    if exitcode > 128 and exitcode - 128 in signal.valid_signals():
+        name = signal.Signals(exitcode - 128).name
+        return f"its worker process exited with status {exitcode} (stopped by {name})"
+    return f"its worker process exited with status {exitcode}"
+
+
+class _Worker:
+    def __init__(self, ctx: Any) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self.job: tuple[int, str] | None = None  # (id, label) of the job it runs
 
 
 class JobPool:
@@ -144,64 +206,128 @@ class JobPool:
 
     ``submit(job, label)`` queues a job (also while :meth:`results` runs); ``results()`` yields
     ``(label, result)`` in order of completion, updating ``progress`` (a :class:`Progress`), until
-    no job is left. A job's exception is raised in the parent after the pool is terminated. Use as
-    a context manager: leaving it (normally, by an exception or a signal under
-    :func:`signals_interrupt`) terminates and joins every worker.
+    no job is left. A job's exception is raised in the parent as :class:`JobFailed` naming the
+    job; so is the death of the worker running it (SIGKILL, SIGTERM, the out-of-memory killer),
+    with the cause, instead of waiting for a result that will never come; a worker that dies
+    between jobs is replaced. Each worker runs one job at a time; a job is handed to a worker
+    only when it is free. Use as a context manager: leaving it (normally, by an exception or a
+    signal under :func:`signals_interrupt`) terminates and joins every worker.
     """
 
     def __init__(self, fn: Callable[[Any], Any], workers: int, progress: Progress | None = None):
         self.fn, self.progress = fn, progress
-        self.pending = 0
-        self.inline: deque = deque()
-        self.done: queue.Queue = queue.Queue()
-        self.pool = None
+        self.pending = 0  # submitted and not yet yielded
+        self.queued: deque = deque()  # (id, job, label) waiting for a free worker
+        self.finished: deque = deque()  # (label, result, error, seconds)
+        self._ids = 0
+        self._ctx = mp.get_context("spawn")
+        self.workers: list[_Worker] = []
         if workers > 1:
-            ctx = mp.get_context("spawn")
-            self.pool = ctx.Pool(workers, initializer=_ignore_sigint)
+            self.workers = [_Worker(self._ctx) for _ in range(workers)]
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the workers (empty when jobs run in this process)."""
+        return [w.proc.pid for w in self.workers]
 
     def submit(self, job: Any, label: str) -> None:
         self.pending += 1
-        if self.pool is None:
-            self.inline.append((job, label))
-            return
-        self.pool.apply_async(
-            _timed_in_worker,
-            (self.fn, job),
-            callback=lambda out: self.done.put((label, out[0], None, out[1])),
-            error_callback=lambda err: self.done.put((label, None, err, 0.0)),
-        )
+        self._ids += 1
+        self.queued.append((self._ids, job, label))
+        if self.workers:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        for w in self.workers:
+            if not self.queued:
+                return
+            if w.job is None and w.proc.is_alive():
+                job_id, job, label = self.queued.popleft()
+                try:
+                    w.conn.send((job_id, self.fn, job))
+                except Exception as err:  # an unpicklable job
+                    why = f"it cannot be sent to a worker ({type(err).__name__}: {err})"
+                    self.finished.append((label, None, JobFailed(label, why), 0.0))
+                    continue
+                w.job = (job_id, label)
+
+    def _collect(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for a result or a worker's death; record what came."""
+        busy = [w for w in self.workers if w.job is not None]
+        waitables = [w.conn for w in busy] + [w.proc.sentinel for w in self.workers]
+        ready = set(wait(waitables, timeout=timeout))
+        for i, w in enumerate(self.workers):
+            if w.job is not None and w.conn in ready:
+                try:
+                    _, res, err, seconds = w.conn.recv()
+                except (EOFError, OSError):
+                    pass  # the worker died while answering: its sentinel says how
+                except Exception as exc:  # a result that cannot be unpickled here
+                    label, w.job = w.job[1], None
+                    why = f"its result could not be read ({type(exc).__name__}: {exc})"
+                    self.finished.append((label, None, JobFailed(label, why), 0.0))
+                    continue
+                else:
+                    label, w.job = w.job[1], None
+                    if err is not None:
+                        exc, tb = err
+                        failed = JobFailed(label, str(exc), tb)
+                        failed.__cause__ = exc
+                        err = failed
+                    self.finished.append((label, res, err, seconds))
+                    continue
+            if w.proc.sentinel in ready or not w.proc.is_alive():
+                w.proc.join(timeout=5)
+                if w.job is not None:
+                    label = w.job[1]
+                    failed = JobFailed(label, death_cause(w.proc.exitcode))
+                    self.finished.append((label, None, failed, 0.0))
+                w.conn.close()
+                self.workers[i] = _Worker(self._ctx)  # keep the pool's size for the next jobs
+        self._dispatch()
 
     def _next(self) -> tuple[str, Any, BaseException | None, float]:
-        if self.pool is None:
-            job, label = self.inline.popleft()
+        if not self.workers:
+            _, job, label = self.queued.popleft()
             res, seconds = _timed(self.fn, job)
             return label, res, None, seconds
-        while True:  # a timeout keeps the main thread responsive to signals
-            try:
-                return self.done.get(timeout=0.2)
-            except queue.Empty:
-                continue
+        while not self.finished:  # a timeout keeps the main thread responsive to signals
+            self._collect(timeout=0.2)
+        return self.finished.popleft()
 
     def results(self) -> Iterator[tuple[str, Any]]:
         while self.pending:
             label, res, err, seconds = self._next()
             self.pending -= 1
             if err is not None:
-                raise RuntimeError(f"job {label!r} failed: {err}") from err
+                raise err
             if self.progress is not None:
                 self.progress.done(label, seconds)
             yield label, res
 
     def close(self, terminate: bool = True) -> None:
-        """Stop the workers: ``terminate`` them (default; any job still running is lost) or let
-        them finish what was submitted; then join them."""
-        if self.pool is not None:
+        """Stop the workers: ``terminate`` them (SIGTERM, then SIGKILL for one that does not
+        stop within 10 s; default; any job still running is lost) or let them finish what was
+        submitted; then join them."""
+        workers, self.workers = self.workers, []
+        if not terminate:
+            while self.queued or any(w.job is not None for w in workers):
+                self.workers = workers
+                self._collect(timeout=0.2)
+                workers = self.workers
+            self.workers = []
+        for w in workers:
             if terminate:
-                self.pool.terminate()
+                if w.proc.is_alive():
+                    w.proc.terminate()
             else:
-                self.pool.close()
-            self.pool.join()
-            self.pool = None
+                with contextlib.suppress(OSError):
+                    w.conn.send(None)
+        for w in workers:
+            w.proc.join(timeout=10)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
 
     def __enter__(self) -> JobPool:
         return self

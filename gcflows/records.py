@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -26,16 +27,20 @@ from typing import Any
 import numpy as np
 
 from gcflows import runrecord
+from gcflows.atomic import atomic_write_bytes, unusable
 
 __all__ = [
     "make_run_dir",
     "check_writable",
+    "check_output_file",
+    "given_options",
     "git_info",
     "git_sha",
     "cpu_model",
     "environment",
     "jsonable",
     "write_config",
+    "write_config_record",
     "write_results",
     "format_value",
     "print_table",
@@ -48,7 +53,10 @@ def make_run_dir(out: str | os.PathLike, name: str) -> Path:
     """Create and return ``out/<name>_<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken).
 
     A folder that cannot be created (read-only ``out``, a file in the way) is a ``ValueError``
-    that names ``out`` and says what to do, not a raw ``PermissionError``.
+    (:class:`gcflows.atomic.UnusableFolderError`) that names ``out`` and says what to do, not a
+    raw ``PermissionError``; a script that does not catch it exits with status 2 and that one
+    ``error:`` line. ``mkdir`` without ``exist_ok`` is an atomic claim: two studies started
+    together into one ``out`` get two folders.
     """
     if not name or any(c in name for c in "/\\"):
         raise ValueError(f"name must be a plain folder name, got {name!r}")
@@ -68,9 +76,7 @@ def make_run_dir(out: str | os.PathLike, name: str) -> Path:
 
 
 def _unwritable(out: str | os.PathLike, why: str) -> ValueError:
-    return ValueError(
-        f"output folder {str(out)!r} cannot hold a run folder ({why}): pass a writable --out"
-    )
+    return unusable(out, why)  # a ValueError; uncaught in a script: one error line, exit 2
 
 
 def check_writable(out: str | os.PathLike) -> Path:
@@ -86,6 +92,40 @@ def check_writable(out: str | os.PathLike) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise _unwritable(out, "permission denied")
     return out
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Raise ``ValueError`` unless the file ``path`` can be written at the end of a run (not a
+    folder; its folder can be created and written), checked before any work. Creates the
+    folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder: name a file for the results")
+    try:
+        check_writable(path.parent if str(path.parent) else ".")
+    except ValueError as err:
+        raise ValueError(f"{flag} {str(path)!r} cannot be written: {err}") from None
+    return path
+
+
+def given_options(parser: Any, argv: Sequence[str] | None) -> set[str]:
+    """The ``dest`` of every option written on the command line ``argv`` (``sys.argv[1:]`` when
+    None), abbreviations and ``--opt=value`` included: what ``--quick`` must not replace."""
+    argv = sys.argv[1:] if argv is None else argv
+    dests = set()
+    for arg in argv:
+        if not arg.startswith("-") or arg == "--":
+            continue
+        name = arg.split("=", 1)[0]
+        matches = [
+            action
+            for option, action in parser._option_string_actions.items()
+            if option == name or (name.startswith("--") and option.startswith(name))
+        ]
+        exact = [a for o, a in parser._option_string_actions.items() if o == name]
+        for action in exact or matches:
+            dests.add(action.dest)
+    return dests
 
 
 def git_info() -> dict[str, Any]:
@@ -165,7 +205,8 @@ def _is_tensor(obj: Any) -> bool:
 
 
 def write_config(run_dir: str | os.PathLike, args: Any, seed: int | Sequence[int], **extra) -> Path:
-    """Write ``config.json``: arguments, seed(s), command, git SHA, versions, device, start time."""
+    """Write ``config.json`` (atomically): arguments, seed(s), command, git SHA, versions, device,
+    start time."""
     argd = vars(args) if hasattr(args, "__dict__") else dict(args)
     record = {
         "args": jsonable(argd),
@@ -176,8 +217,30 @@ def write_config(run_dir: str | os.PathLike, args: Any, seed: int | Sequence[int
         **environment(),
         **jsonable(extra),
     }
+    return write_config_record(run_dir, record)
+
+
+def write_config_record(
+    run_dir: str | os.PathLike, record: Mapping[str, Any], resumed_at: int | None = None
+) -> Path:
+    """The one writer of ``config.json`` (of the scripts and of ``gcflows.training``), atomic.
+    When a run resumes (``resumed_at``: the step it continues from), the first record is kept
+    and a ``resumes`` entry (step, start time, git SHA of this segment) is appended."""
     path = Path(run_dir) / "config.json"
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    record = dict(record)
+    if resumed_at is not None and path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        if not isinstance(previous, dict):
+            previous = {}
+        resumes = list(previous.get("resumes", []))
+        resumes.append(
+            {"step": resumed_at, "started": record.get("started"), "git_sha": record.get("git_sha")}
+        )
+        record = {**(previous or record), "resumes": resumes}
+    atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
@@ -190,19 +253,23 @@ def write_results(
     csv_name: str = "results.csv",
 ) -> tuple[Path, Path]:
     """Write ``results.json`` (the nested dict) and ``results.csv`` (one line per row; columns =
-    the union of the rows' keys in first-seen order). Returns both paths."""
+    the union of the rows' keys in first-seen order), each atomically
+    (:func:`gcflows.atomic.atomic_write`: a crash leaves the old file or the new one). Returns
+    both paths."""
     run_dir = Path(run_dir)
     jpath = run_dir / json_name
-    jpath.write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
+    text = json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n"
     cpath = run_dir / csv_name
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with open(cpath, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: jsonable(v) for k, v in row.items()})
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for i, row in enumerate(rows):
+        writer.writerow({k: jsonable(v, f"{csv_name}[{i}].{k}") for k, v in row.items()})
+    atomic_write_bytes(jpath, text.encode())  # both built first: a bad value writes neither
+    atomic_write_bytes(cpath, buffer.getvalue().encode())
     return jpath, cpath
 
 

@@ -6,6 +6,7 @@ left untouched, and SIGINT stops a run after a checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -179,3 +180,104 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_raises(tmp_path):
     rest = train(cfg, toy_model(), GMM.sample)
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, rest.model.state_dict()[k])
+
+
+def test_a_checkpoint_larger_than_the_read_buffer_is_hashed_whole(tmp_path):
+    """The digest covers every byte of a file above the 4 MiB read chunk: an intact 6 MiB
+    checkpoint loads, and a byte flipped past the first 4 MiB (and past 8 MiB's worth of chunks
+    would not exist here) is refused. A digest over the first chunk only fails both ways."""
+    path = tmp_path / "big.pt"
+    weights = torch.arange(1_500_000, dtype=torch.float32)  # 6 MB of storage
+    save_checkpoint(path, {"w": weights})
+    size = path.stat().st_size
+    assert size > 1.4 * (1 << 22)
+    assert torch.equal(load_payload(path)["w"], weights)
+    data = bytearray(path.read_bytes())
+    at = (1 << 22) + (size - (1 << 22)) // 2  # inside the second read chunk, inside the tensor
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="do not match the SHA-256 digest"):
+        load_payload(path)
+
+
+def _copy_run(src: Path, dst: Path, names=("checkpoint.prev.pt", "metrics.jsonl", "config.json")):
+    dst.mkdir()
+    for name in names:
+        (dst / name).write_bytes((src / name).read_bytes())
+
+
+def test_a_missing_latest_checkpoint_falls_back_to_the_intact_previous_one(tmp_path, finished):
+    run = tmp_path / "run"
+    _copy_run(finished, run)  # no checkpoint.pt: a crash between rotation and write, a rm
+    with pytest.warns(UserWarning, match=r"checkpoint.pt' is missing.*\(step 6\)"):
+        path, ckpt = find_checkpoint(run)
+    assert path == run / "checkpoint.prev.pt" and ckpt["step"] == 6
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        res = train(toy_config(run), toy_model(), GMM.sample)
+    assert res.resumed_from == run / "checkpoint.prev.pt"
+    assert [m["step"] for m in res.history] == [7, 8]  # resumed at 6, not restarted at 0
+    record = json.loads((run / "config.json").read_text())
+    assert [r["step"] for r in record["resumes"]] == [6]
+    reference = load_checkpoint(finished / "checkpoint.pt")
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, reference["model"][k])  # the same end as the uninterrupted run
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling link", "link to a corrupt file"])
+def test_a_latest_checkpoint_that_is_no_regular_file_falls_back_to_the_previous(
+    tmp_path, finished, kind
+):
+    run = tmp_path / "run"
+    _copy_run(finished, run)
+    latest = run / "checkpoint.pt"
+    if kind == "folder":
+        latest.mkdir()
+    elif kind == "dangling link":
+        latest.symlink_to(tmp_path / "nowhere.pt")
+    else:
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(b"GCFLOWS-CHECKPOINT sha256=" + b"0" * 64 + b"\nPK")
+        latest.symlink_to(bad)
+    with pytest.warns(UserWarning, match=r"resuming from the previous checkpoint.*\(step 6\)"):
+        path, ckpt = find_checkpoint(run)
+    assert path == run / "checkpoint.prev.pt" and ckpt["step"] == 6
+    (run / "checkpoint.prev.pt").unlink()
+    with pytest.raises(CorruptCheckpointError, match=re.escape(str(latest))):
+        find_checkpoint(run)
+
+
+def test_resume_over_a_folder_in_place_of_the_latest_checkpoint_ends_as_uninterrupted(
+    tmp_path, finished
+):
+    run = tmp_path / "run"
+    _copy_run(finished, run)
+    (run / "checkpoint.pt").mkdir()
+    with pytest.warns(UserWarning, match="it is a folder"):
+        res = train(toy_config(run), toy_model(), GMM.sample)
+    assert res.resumed_from == run / "checkpoint.prev.pt" and res.step == 8
+    assert (run / "checkpoint.corrupt.pt").is_dir()  # set aside, not rotated into prev
+    assert load_checkpoint(run / "checkpoint.prev.pt")["step"] == 6
+    reference = load_checkpoint(finished / "checkpoint.pt")
+    for k, v in load_checkpoint(run / "checkpoint.pt")["model"].items():
+        assert torch.equal(v, reference["model"][k])
+
+
+def test_an_unreadable_latest_checkpoint_is_corrupt_and_falls_back(tmp_path, finished, monkeypatch):
+    """No read permission (faked: the tests may run as root, who reads through mode bits): the
+    load is a CorruptCheckpointError saying why, not a raw PermissionError, and resume falls back
+    to the previous checkpoint."""
+    run = tmp_path / "run"
+    _copy_run(finished, run, ("checkpoint.pt", "checkpoint.prev.pt"))
+    real_open = open
+
+    def no_permission(path, *args, **kwargs):
+        if Path(path) == run / "checkpoint.pt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_permission)
+    with pytest.raises(CorruptCheckpointError, match="cannot be read: Permission denied"):
+        load_checkpoint(run / "checkpoint.pt")
+    with pytest.warns(UserWarning, match=r"Permission denied.*\(step 6\)"):
+        path, ckpt = find_checkpoint(run)
+    assert path == run / "checkpoint.prev.pt" and ckpt["step"] == 6

@@ -4,6 +4,8 @@ win over --quick, and SIGTERM stops the pool's workers (no orphan keeps training
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,9 +99,9 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_sigterm_stops_the_workers(tmp_path, tmp_path_factory):
+def _long_study(tmp_path, tmp_path_factory) -> subprocess.Popen:
     cache = tmp_path_factory.getbasetemp() / "gcflows_classifier_cache"
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [
             sys.executable,
             str(SCRIPT),
@@ -125,6 +127,10 @@ def test_sigterm_stops_the_workers(tmp_path, tmp_path_factory):
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_sigterm_stops_the_workers(tmp_path, tmp_path_factory):
+    proc = _long_study(tmp_path, tmp_path_factory)
     try:
         deadline = time.monotonic() + 600
         workers: list[int] = []
@@ -140,5 +146,33 @@ def test_sigterm_stops_the_workers(tmp_path, tmp_path_factory):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err
+    time.sleep(0.5)
+    assert not [w for w in workers if _alive(w)], "orphaned workers keep training"
+
+
+def test_a_worker_killed_mid_job_ends_the_study_with_an_error_naming_the_job(
+    tmp_path, tmp_path_factory
+):
+    """The out-of-memory killer's SIGKILL to a worker that trains a run: the study stops with one
+    error line naming that run and the signal (it waited forever for the lost result), and the
+    other worker is stopped too."""
+    proc = _long_study(tmp_path, tmp_path_factory)
+    try:
+        deadline = time.monotonic() + 600
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            workers = _workers(proc.pid)
+        assert len(workers) == 2, proc.communicate(timeout=10)
+        time.sleep(3.0)  # let them start training
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert re.search(r"error: job '(gc|ot|ic) seed 0' failed: .*killed by SIGKILL", line), line
+    assert "Traceback" not in err
     time.sleep(0.5)
     assert not [w for w in workers if _alive(w)], "orphaned workers keep training"

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,63 @@ def test_corrupted_latest_checkpoint_resumes_from_the_previous_one(tmp_path, ref
     )
     assert _losses(out) == _losses(reference)
     assert (out / "checkpoint.corrupt.pt").exists()  # kept aside, not rotated into .prev
+
+
+def _fork_refusable(out: Path, sleep_s: float, start_at: float) -> tuple[int, Any]:
+    """:func:`_fork` whose child reports a refusal (a ValueError) as ``refused: ...``, exit 2;
+    the child waits until ``start_at`` (time.time()) so that two children start together."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            with os.fdopen(w, "w", buffering=1) as pipe:
+                time.sleep(max(0.0, start_at - time.time()))
+                try:
+                    code = _fault_worker.child(str(out), sleep_s, pipe)
+                except ValueError as err:
+                    print(f"refused: {err}", file=pipe, flush=True)
+                    code = 2
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, os.fdopen(r)
+
+
+def test_two_trainings_started_together_into_one_folder_exactly_one_proceeds(tmp_path, reference):
+    """Both would resume-or-start in the same out_dir: the folder is claimed by one; the other is
+    refused before it reads or writes anything, naming the owner; the run left behind is the one
+    uninterrupted run, bit for bit."""
+    out = tmp_path / "run"
+    start_at = time.time() + 0.3
+    children = [_fork_refusable(out, 0.03, start_at) for _ in range(2)]
+    outcomes = []
+    for pid, reports in children:
+        with reports:
+            text = reports.read()
+        _, status = os.waitpid(pid, 0)
+        outcomes.append((os.waitstatus_to_exitcode(status), pid, text))
+    outcomes.sort()
+    (ok, _, ran), (refused, _, why) = outcomes
+    assert (ok, refused) == (0, 2), outcomes
+    assert f"step {TOTAL}" in ran and "step 1\n" not in why
+    owner = outcomes[0][1]
+    assert f"is in use by process {owner}" in why and "nothing was written" in why
+    _assert_same_run(
+        load_checkpoint(reference / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt")
+    )
+    assert _losses(out) == _losses(reference)
+    assert not (out / ".gcflows.lock").exists()  # released when the owner finished
+
+
+def test_a_lock_left_by_a_killed_training_does_not_block_the_resume(tmp_path, reference):
+    out = tmp_path / "run"
+    code, _, err = _run_until(out, 6, signal.SIGKILL)
+    assert code == -signal.SIGKILL, err
+    assert (out / ".gcflows.lock").exists()  # SIGKILL: nothing could remove it
+    code, seen, err = _run_until(out, None)
+    assert code == 0 and seen == TOTAL, err
+    _assert_same_run(
+        load_checkpoint(reference / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt")
+    )

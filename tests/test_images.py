@@ -564,3 +564,130 @@ def test_digits_comparison_tiny_run_writes_curves_grids_and_summary(
     # progress: stderr is not a terminal here, so one line per run (6 runs), no bar
     done = [ln for ln in capsys.readouterr().err.splitlines() if " done: " in ln]
     assert len(done) == 6 and done[-1].split()[2] == "6/6"
+
+
+# ------------------------------------------------------------------------------------------------
+# one owner per run folder; an evaluation never writes into a training run's record
+# ------------------------------------------------------------------------------------------------
+HOLD = (
+    "import sys, time\n"
+    "from gcflows.atomic import claim_folder\n"
+    "claim = claim_folder(sys.argv[1], 'training')\n"
+    "print('held', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_a_folder_owned_by_a_live_process_is_refused_by_training_and_evaluation(
+    tmp_path, tiny_run, capsys, classifier_cache
+):
+    """Another process owns the folder (as a training in progress does): a training or an
+    evaluation started into it is refused with one error line naming that process, and writes
+    nothing; once the owner is gone (even killed), the folder can be used."""
+    out = tmp_path / "busy"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = [*TINY, "--steps", "2", "--out", str(out)]
+        usage_error(capsys, train_images.main, argv, f"is in use by process {holder.pid}")
+        argv = [str(tiny_run / "checkpoint.pt"), "--n-samples", "8", "--out", str(out)]
+        usage_error(capsys, eval_images.main, argv, f"is in use by process {holder.pid}")
+        assert sorted(p.name for p in out.iterdir()) == [".gcflows.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    res = train_images.main([*TINY, "--steps", "2", "--out", str(out)])  # a stale lock
+    assert res["step"] == 2 and not (out / ".gcflows.lock").exists()
+
+
+def test_eval_images_never_writes_into_a_training_run(tmp_path, tiny_run, capsys):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    before = _snapshot(run)
+    for folder in (run, tmp_path / "other_eval"):
+        if folder != run:
+            folder.mkdir()
+            (folder / "results.json").write_text('{"an earlier evaluation": 1}\n')
+        argv = [str(run / "checkpoint.pt"), "--n-samples", "8", "--out", str(folder)]
+        usage_error(capsys, eval_images.main, argv, "already holds a run.*new --out")
+    assert _snapshot(run) == before  # config.json, results.json / .csv untouched
+    assert (
+        tmp_path / "other_eval" / "results.json"
+    ).read_text() == '{"an earlier evaluation": 1}\n'
+
+
+def test_eval_images_checks_the_two_step_time_device_and_seeds_first(tmp_path, tiny_run, capsys):
+    ckpt = str(tiny_run / "checkpoint.pt")
+    out = tmp_path / "ev"
+    for extra, match in (
+        (["--two-step-sigma", "100"], r"--two-step-sigma=100.0 is invalid.*\(0.002, 80.0\)"),
+        (["--two-step-sigma", "nan"], "--two-step-sigma=nan is invalid"),
+        (["--device", "gpu"], "--device='gpu' is invalid"),
+        (["--seeds", "1", "1"], "distinct"),
+        (["--inception-weights", str(tmp_path / "none.pt")], "no such file"),
+    ):
+        usage_error(capsys, eval_images.main, [ckpt, *extra, "--out", str(out)], match)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "setting, said",
+    [("optimizer=radam", 'optimizer="radam"'), ("continuous=true", "continuous=true")],
+    ids=["radam", "continuous"],
+)
+def test_resume_without_a_setting_that_defines_the_run_is_one_error_line(
+    tmp_path, capsys, setting, said
+):
+    out = tmp_path / "run"
+    train_images.main([*TINY, "--steps", "2", setting, "--out", str(out)])
+    before = _snapshot(out)
+    argv = [*TINY, "--steps", "3", "--out", str(out), "--resume"]
+    message = usage_error(capsys, train_images.main, argv, re.escape(f"pass {said}"))
+    assert "defines the run" in message
+    assert _snapshot(out) == before
+    res = train_images.main([*argv, setting])  # with it, the run continues
+    assert res["step"] == 3
+
+
+def test_overrides_that_do_not_apply_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    for extra, match in (
+        (["--coupling", "ic", "mu=0.3"], "'mu=0.3' does not apply.*GC coupling"),
+        (["tangent_norm=0.2"], "'tangent_norm=0.2' does not apply.*continuous"),
+        (["continuous=true", "s1=50"], "'s1=50' does not apply.*discrete time"),
+        (["--coupling", "gc", "cd_step=heun"], "'cd_step=heun' does not apply"),
+    ):
+        usage_error(capsys, train_images.main, [*TINY, *extra, "--out", str(out)], match)
+    assert not out.exists()
+
+
+def test_results_after_a_resume_describe_the_whole_run(tmp_path):
+    out = tmp_path / "run"
+    first = train_images.main([*TINY, "--steps", "5", "--stop-after", "2", "--out", str(out)])
+    assert [(s["from_step"], s["to_step"]) for s in first["segments"]] == [(0, 2)]
+    res = train_images.main([*TINY, "--steps", "5", "--out", str(out), "--resume"])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["step"] == 5 and saved["resumed_from"] == str(out / "checkpoint.pt")
+    assert [(s["from_step"], s["to_step"]) for s in saved["segments"]] == [(0, 2), (2, 5)]
+    assert saved["segments"][0]["wall_time_s"] == first["wall_time_s"]
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+    assert saved["train_time_s"] == pytest.approx(logged)  # since step 0, not since the resume
+    assert res["segments"] == saved["segments"]
+
+
+def test_a_symlinked_checkpoint_works_and_a_broken_one_is_one_error_line(
+    tmp_path, tiny_run, capsys
+):
+    link = tmp_path / "link.pt"
+    link.symlink_to(tiny_run / "checkpoint.pt")
+    argv = [*TINY, "--steps", "5", "--resume-from", str(link), "--out", str(tmp_path / "b")]
+    assert train_images.main(argv)["step"] == 5  # a link to an intact checkpoint is read
+    dangling = tmp_path / "dangling.pt"
+    dangling.symlink_to(tmp_path / "nowhere.pt")
+    argv = [*TINY, "--steps", "5", "--resume-from", str(dangling), "--out", str(tmp_path / "c")]
+    usage_error(capsys, train_images.main, argv, "link to .*nowhere.pt.*does not exist")
+    folder = tmp_path / "folder.pt"
+    folder.mkdir()
+    usage_error(capsys, eval_images.main, [str(folder), "--out", str(tmp_path / "e")], "a folder")

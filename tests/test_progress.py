@@ -8,11 +8,12 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from _terminal import run_on_a_terminal
 
-from gcflows.progress import Interrupted, JobPool, Progress, signals_interrupt
+from gcflows.progress import Interrupted, JobFailed, JobPool, Progress, signals_interrupt
 
 
 class FakeTerminal(io.StringIO):
@@ -78,7 +79,7 @@ def test_a_failed_job_raises_in_the_parent_with_its_label():
 def test_sigterm_stops_the_pool_and_its_workers():
     """SIGTERM to the parent under signals_interrupt: Interrupted, and no worker survives."""
     pool = JobPool(_pid_then_sleep, 2)
-    workers = [p.pid for p in pool.pool._pool]
+    workers = pool.worker_pids()
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
     with pytest.raises(Interrupted) as info:
         with signals_interrupt(), pool:
@@ -102,3 +103,72 @@ def test_bar_on_a_new_pseudo_terminal():
     rc, _, text = run_on_a_terminal([sys.executable, "-c", code], timeout=120)
     assert rc == 0
     assert "\r" in text and "2/2" in text and "last: b" in text
+
+
+def _square_or_kill_own_worker(job: tuple[str, int]) -> int:
+    what, x = job
+    if what == "kill":
+        os.kill(os.getpid(), x)
+        time.sleep(30)  # not reached: the signal ends the worker
+    return x * x
+
+
+def _pid_file_then_sleep(path: str) -> str:
+    with open(path + ".tmp", "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(1.5)
+    return "slept"
+
+
+class _Hung(Exception):
+    pass
+
+
+@contextmanager
+def _deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the block takes longer than ``seconds``."""
+
+    def hung(signum, frame):
+        raise _Hung(f"still waiting after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize(
+    "sig, cause", [(signal.SIGKILL, "killed by SIGKILL"), (signal.SIGTERM, "killed by SIGTERM")]
+)
+def test_a_job_whose_worker_dies_is_reported_with_its_label_and_the_cause(sig, cause):
+    """The out-of-memory killer's SIGKILL (or a SIGTERM) to the worker running a job: the pool
+    raises JobFailed naming that job and the signal, instead of waiting forever; the other job's
+    result came first and no worker is left behind."""
+    seen = []
+    with _deadline(90), pytest.raises(JobFailed, match=f"job 'doomed' failed: .*{cause}") as info:
+        with JobPool(_square_or_kill_own_worker, 2) as pool:
+            pool.submit(("square", 3), "square 3")
+            seen.append(next(pool.results()))
+            pool.submit(("kill", int(sig)), "doomed")
+            seen += list(pool.results())
+    assert info.value.label == "doomed"
+    assert seen == [("square 3", 9)]
+    for pid in pool.worker_pids():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_the_workers_ignore_sigint_the_parent_handles_it(tmp_path):
+    """Ctrl-C reaches the whole process group: a worker must not die of it (its job's result
+    would never come), the job finishes and its result arrives."""
+    path = str(tmp_path / "pid")
+    with _deadline(90), JobPool(_pid_file_then_sleep, 2) as pool:
+        pool.submit(path, "sleep")
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        os.kill(int(open(path).read()), signal.SIGINT)
+        assert list(pool.results()) == [("sleep", "slept")]

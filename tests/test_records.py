@@ -6,6 +6,9 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +93,78 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
         ro.chmod(0o500)
     with pytest.raises(ValueError, match="cannot hold a run folder"):
         records.make_run_dir(ro, "study")
+
+
+def test_an_unusable_out_ends_any_script_with_one_error_line(tmp_path):
+    """A script that does not catch the error of make_run_dir (a read-only --out, a file in the
+    way) still ends with one ``error:`` line and exit status 2, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = "import sys\nfrom gcflows.records import make_run_dir\n"
+    code += "make_run_dir(sys.argv[1], 'study')\n"
+    script = tmp_path / "study.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(blocker / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"study.py: error: output folder {str(blocker / 'out')!r} cannot hold a run folder "
+        "(Not a directory): pass a writable --out"
+    ]
+    with pytest.raises(ValueError, match="cannot hold a run folder"):  # still a ValueError
+        records.make_run_dir(blocker / "out", "study")
+
+
+def test_write_results_writes_both_files_or_neither(tmp_path):
+    """A value that cannot be written in a row leaves the previous results.json and .csv as they
+    were (no half-updated pair, no temporary file)."""
+    records.write_results(tmp_path, {"a": 1.0}, [{"x": 1}])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(TypeError, match=r"results\.csv\[1\]\.x is a builtins\.object"):
+        records.write_results(tmp_path, {"a": 2.0}, [{"x": 2}, {"x": object()}])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_config_record_keeps_the_first_record_and_lists_every_resume(tmp_path):
+    first = {"args": {"lr": 0.1}, "started": "t0", "git_sha": "a"}
+    records.write_config_record(tmp_path, first)
+    for lr, started, sha, step in ((0.2, "t1", "b", 40), (0.3, "t2", "c", 90)):
+        record = {"args": {"lr": lr}, "started": started, "git_sha": sha}
+        records.write_config_record(tmp_path, record, step)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["args"] == {"lr": 0.1} and saved["started"] == "t0"  # the run's first record
+    assert saved["resumes"] == [
+        {"step": 40, "started": "t1", "git_sha": "b"},
+        {"step": 90, "started": "t2", "git_sha": "c"},
+    ]
+    records.write_config_record(tmp_path, {"args": {"lr": 0.5}})  # a fresh start replaces it
+    assert json.loads((tmp_path / "config.json").read_text()) == {"args": {"lr": 0.5}}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_folder_claim_is_reentrant_and_leaves_nothing_when_released(tmp_path):
+    from gcflows.atomic import LOCK_NAME, FolderInUseError, claim_folder
+
+    folder = tmp_path / "new" / "run"
+    outer = claim_folder(folder, "training")
+    owner = json.loads((folder / LOCK_NAME).read_text())
+    assert owner["pid"] == os.getpid()
+    inner = claim_folder(folder / ".." / "run", "evaluation")  # the same folder, this process
+    assert inner is outer
+    inner.release()
+    assert (folder / LOCK_NAME).exists()  # the outer claim still holds it
+    outer.release()
+    assert not folder.exists()  # created by the claim, nothing written: removed again
+    kept = tmp_path / "kept"
+    with claim_folder(kept):
+        (kept / "results.json").write_text("{}")
+    assert sorted(p.name for p in kept.iterdir()) == ["results.json"]
+    err = FolderInUseError("'x' is in use by process 7", {"pid": 7})
+    back = pickle.loads(pickle.dumps(err))  # as a pool worker sends it back
+    assert str(back) == str(err) and back.owner == {"pid": 7} and isinstance(back, ValueError)

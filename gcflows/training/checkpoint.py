@@ -183,13 +183,30 @@ def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
     """Read what :func:`save_checkpoint` wrote, after checking its digest (module doc)."""
     path = Path(path)
     if not path.is_file():
+        if os.path.lexists(path):  # a folder, a link to nothing, a device...
+            raise _corrupt(path, _not_a_file(path))
         raise ValueError(f"checkpoint {str(path)!r} does not exist; check the path")
-    with open(path, "rb") as f:
-        offset = _verify(f, path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as err:  # no read permission, an I/O error
+        raise _corrupt(path, f"it cannot be read: {err.strerror or err}") from None
+    with f:
+        try:
+            offset = _verify(f, path)
+        except OSError as err:
+            raise _corrupt(path, f"it cannot be read: {err.strerror or err}") from None
         try:
             return torch.load(_Window(f, offset), map_location=map_location, weights_only=True)
         except Exception as err:  # truncated zip, garbage bytes, unpickling errors...
             raise _corrupt(path, f"{type(err).__name__}: {err}") from None
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return "it is a folder, not a file"
+    if path.is_symlink():
+        return f"it is a link to {os.readlink(path)!r}, which does not exist"
+    return "it is not a regular file"
 
 
 def load_checkpoint(
@@ -241,18 +258,18 @@ def find_checkpoint(
     run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint a run in ``run_dir`` continues from: ``checkpoint.pt``, or, when that one is
-    corrupt (or missing) and ``checkpoint.prev.pt`` is intact, the previous one, with a warning
-    that says so. ``None`` when the folder holds neither; ``CorruptCheckpointError`` when no
-    intact one is left."""
+    corrupt, unreadable, missing or no regular file (a folder, a dangling link) and
+    ``checkpoint.prev.pt`` is intact, the previous one, with a warning that says so. ``None``
+    when the folder holds neither; ``CorruptCheckpointError`` when no intact one is left."""
     run_dir = Path(run_dir)
     latest, prev = run_dir / CHECKPOINT_NAME, run_dir / PREVIOUS_NAME
-    if not latest.exists() and not prev.exists():
+    if not os.path.lexists(latest) and not os.path.lexists(prev):
         return None
     try:
-        if latest.exists():
+        if os.path.lexists(latest):  # a folder or a dangling link there counts as corrupt
             return latest, load_checkpoint(latest, map_location)
     except CorruptCheckpointError as err:
-        if not prev.exists():
+        if not os.path.lexists(prev):
             raise
         first = str(err)
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from gcflows.atomic import claim_folder
 from gcflows.checks import is_int
 from gcflows.processes import get_process
 from gcflows.training.batches import DataSource
@@ -206,6 +208,9 @@ def train(
     overwrite: allow a fresh start (or a resume from elsewhere) into an ``out_dir`` that holds a
         run: its run files are deleted first.
 
+    The run folder is owned by this call while it runs (:func:`gcflows.atomic.claim_folder`): a
+    second training into an ``out_dir`` that a live process trains in (or evaluates into) is
+    refused with a ``ValueError`` naming that process, before anything is read or written.
     Every argument, the data shape and the checkpoint are checked before any file is written.
     A run already at its end returns at once (``already_done``) and writes nothing. Raises
     :class:`NonFiniteLossError` on a NaN / inf loss or data batch and
@@ -216,8 +221,10 @@ def train(
     )
     device = resolve_device(config.device)
     dinfo, device = setup_distributed(device)
+    claim = None
     saved = capture_global_rng(device)
     try:
+        claim = _claim_run_dir(config, dinfo, device)
         run = _start(
             config, model, data_source, velocity, gc_model, resume, overwrite, dinfo, device
         )
@@ -229,8 +236,25 @@ def train(
         return _result(run)
     finally:
         restore_global_rng(saved, device)
+        if claim is not None:
+            claim.release()
         if dinfo.initialized_here and dist_on():
             dist.destroy_process_group()
+
+
+def _claim_run_dir(config: TrainConfig, dinfo: DistInfo, device: torch.device):
+    """Rank 0 claims ``out_dir`` (one owner per run folder); a refusal stops every rank."""
+    claim, refused = None, None
+    if config.out_dir is not None and dinfo.rank == 0:
+        try:
+            claim = claim_folder(config.out_dir, "training")
+        except ValueError as err:
+            refused = err
+    if all_max_flag(refused is not None, dinfo.world_size, device):
+        if refused is not None:
+            raise refused
+        raise ValueError(f"rank 0 could not claim the run folder {config.out_dir!r} (its error)")
+    return claim
 
 
 def _check_arguments(config, model, velocity, gc_model, resume, callbacks, stop_after, overwrite):
@@ -443,12 +467,21 @@ def _set_aside_corrupt_latest(run: _Run) -> None:
     rotate it into ``checkpoint.prev.pt``."""
     latest = run.run_dir / CHECKPOINT_NAME
     previous = (run.run_dir / PREVIOUS_NAME).resolve()
-    if run.resumed_from is None or run.resumed_from.resolve() != previous or not latest.exists():
+    if (
+        run.resumed_from is None
+        or run.resumed_from.resolve() != previous
+        or not os.path.lexists(latest)
+    ):
         return
     try:
         load_payload(latest)
-    except CorruptCheckpointError:
-        os.replace(latest, run.run_dir / "checkpoint.corrupt.pt")
+    except CorruptCheckpointError:  # also a folder or a dangling link in its place
+        aside = run.run_dir / "checkpoint.corrupt.pt"
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        elif os.path.lexists(aside):
+            aside.unlink()
+        os.replace(latest, aside)
 
 
 # ------------------------------------------------------------------------------------------------

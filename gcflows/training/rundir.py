@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gcflows.atomic import atomic_torch_save, atomic_write_bytes
+from gcflows.records import write_config_record
 from gcflows.runrecord import git_info, versions
 from gcflows.sampling import one_step_sample
 from gcflows.training.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME
@@ -104,18 +105,9 @@ def run_record(config: TrainConfig, **fields: Any) -> dict[str, Any]:
 
 def write_config_json(run_dir: Path, record: dict[str, Any], resumed_at: int | None) -> None:
     """Write ``config.json``; when resuming (``resumed_at``: the step continued from) keep the
-    existing record and append a ``resumes`` entry."""
-    path = run_dir / "config.json"
-    if resumed_at is not None and path.exists():
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        resumes = list(previous.get("resumes", []))
-        entry = {"step": resumed_at, "started": record["started"], "git_sha": record["git_sha"]}
-        resumes.append(entry)
-        record = {**(previous or record), "resumes": resumes}
-    atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    existing record and append a ``resumes`` entry (:func:`gcflows.records.write_config_record`,
+    the one config.json writer)."""
+    write_config_record(run_dir, record, resumed_at)
 
 
 def _logged_by(line: str, step: int) -> bool:
