@@ -281,7 +281,7 @@ def multistep(mix, x64: Tensor, t64: Tensor, process: Process, steps: int) -> Te
 
     ``mix`` is the mixture in float64 on the device of ``x64``. Mean squared error against
     ``dopri5`` at ``rtol = 1e-10`` on the authors' 2D target: below 3e-7 at 32 steps, 5e-8 at 64
-    (tests/test_gmm.py).
+    (tests/test_flowmap.py).
     """
     times = multistep_times(process, t64, steps)  # the whole schedule at once
     a, b = process.a(times), process.b(times)

@@ -38,7 +38,7 @@ class FlowMapGenerator(nn.Module):
       cost many steps. ``"segmented"`` takes ``rtol`` / ``atol`` too.
     - ``"multistep"``: DPM-Solver++(2M) with ``steps`` steps per row, a fixed cost (``steps``
       posterior means of the batch). Its mean squared error against the ODE at ``rtol = 1e-10``
-      on the authors' 2D target is below 3e-7 at 32 steps and 5e-8 at 64 (tests/test_gmm.py).
+      on the authors' 2D target is below 3e-7 at 32 steps and 5e-8 at 64 (tests/test_flowmap.py).
       ``"rk4"`` takes ``steps`` too.
     """
 
