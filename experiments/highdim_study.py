@@ -45,12 +45,13 @@ from scipy import stats
 
 from gcflows import couplings
 from gcflows.data import load_digits
+from gcflows.discrepancy import ic_proxy
 from gcflows.ensemble import Ensemble, EnsembleSpec, train_ensemble
 from gcflows.gmm import GaussianMixture, get_preset
 from gcflows.metrics import sliced_w2
 from gcflows.progress import Progress
 from gcflows.records import make_run_dir, print_table, write_config, write_results
-from gcflows.regression import RegressorConfig, estimate_proxy, exact_ic_proxy, rk4_flow_map
+from gcflows.regression import RegressorConfig, estimate_proxy
 
 T_MAX = 80.0
 TWO_STEP_T = 0.8
@@ -285,7 +286,7 @@ def make_sampler(name: str, target, ideal_steps: int, gc_model=None):
         return ot(int(name[2:]))
     mu = float(name[2:].split("-")[0])
     if name.endswith("-ideal"):
-        return gc(mu, lambda x, t: rk4_flow_map(target, x, t, "ve", steps=ideal_steps))
+        return gc(mu, lambda x, t: target.flow_map(x, t, "ve", method="rk4", steps=ideal_steps))
     return gc(mu, gc_model)
 
 
@@ -355,7 +356,8 @@ def proxy_part(cfg: dict, bar) -> tuple[list[dict], list[dict], dict]:
                 for t, v, h, k, c in zip(
                     est.times, est.value, est.half_width, est.steps, est.capped, strict=True
                 ):
-                    exact, eh = exact_ic_proxy(target, t, EXACT_DRAWS, g)
+                    ref = ic_proxy(target, "ve", t, n_samples=EXACT_DRAWS, generator=g)
+                    exact, eh = ref.mean, ref.half_width
                     validation.append(
                         dict(
                             target=tname,
@@ -429,7 +431,7 @@ def eval_set(target: GaussianMixture, n: int, ideal_steps: int) -> dict:
     for t in EVAL_TIMES:
         data = target.sample(n, generator=g)
         x = data + t * torch.randn(data.shape, generator=g, dtype=data.dtype)
-        out[t] = (x.float(), rk4_flow_map(target, x, t, "ve", steps=48).float())
+        out[t] = (x.float(), target.flow_map(x, t, "ve", method="rk4", steps=48).float())
     return out
 
 

@@ -203,7 +203,7 @@ def build_setup(args: argparse.Namespace) -> dict:
         "ema_decay": args.ema_decay,
         "ideal_mu": args.ideal_mu,
         # the ideal generator inside training: 32 multistep steps (mean squared error ~1e-7
-        # against the exact ODE, tests/test_discrepancy.py), a fixed cost per batch
+        # against the exact ODE, tests/test_flowmap.py), a fixed cost per batch
         "ideal_steps": 32,
         "denoiser_steps": 150 if quick else 1500,
         "n_checkpoints": 2 if quick else 3,

@@ -424,7 +424,9 @@ def trained_section(proc: str, profile: dict, args) -> TrainedResult:
         curves={method: curve_of(model, method) for method, (model, _) in models.items()},
         final_metrics={method: metrics for method, (_, metrics) in models.items()},
         w2_samples=w2,
-        w2_ideal_samples=exact_w2(T.ideal_flow_map(target, x_top, p.t_max, p), reference),
+        w2_ideal_samples=exact_w2(
+            target.flow_map(x_top, p.t_max, p, method="segmented"), reference
+        ),
         mu=args.mu,
     )
 

@@ -94,7 +94,6 @@ __all__ = [
     "METHODS",
     "TIME_SAMPLINGS",
     "TrigFlowConsistencyModel",
-    "sigma_to_time",
     "sample_times",
     "tangent",
     "normalize_tangent",
@@ -150,23 +149,6 @@ class TrigFlowConsistencyModel(nn.Module):
 # ================================================================================================
 # Times
 # ================================================================================================
-def sigma_to_time(process: Process, sigma: Tensor) -> Tensor:
-    """The time ``t`` with ``b(t) / a(t) = sigma`` (``sigma`` increasing in ``t``), float64.
-
-    Bisection on ``[t_min, t_max]`` to ``2^-60`` of the interval; ``sigma`` outside the process
-    range is clamped to its ends.
-    """
-    sigma = sigma.double()
-    lo = torch.full_like(sigma, process.t_min)
-    hi = torch.full_like(sigma, process.t_max)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        below = process.b(mid) / process.a(mid) < sigma
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    return 0.5 * (lo + hi)
-
-
 def sample_times(
     process: Process,
     n: int,
@@ -195,7 +177,7 @@ def sample_times(
     ends = torch.tensor([process.t_min, process.t_max], dtype=torch.float64, device=device)
     lo, hi = normal.cdf(torch.log(process.b(ends) / process.a(ends)))
     q = (lo + u * (hi - lo)).clamp(1e-300, 1 - 1e-16)
-    return sigma_to_time(process, torch.exp(normal.icdf(q)))
+    return process.time_of_sigma(torch.exp(normal.icdf(q)))
 
 
 # ================================================================================================

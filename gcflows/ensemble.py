@@ -27,7 +27,7 @@ row and a ``gc_model`` of:
 - ``"ema"``: the warm-up EMA of the authors (``gcflows.ema``: beta 0.9999, every 5 steps),
 - ``"const_ema"``: a constant-decay EMA updated every step (beta 0.9999 unless set),
 - ``"online"``: the online network (under stop-gradient),
-- ``"ideal"``: the exact flow map of the target (``gcflows.regression.rk4_flow_map``).
+- ``"ideal"``: the exact flow map of the target (``GaussianMixture.flow_map``, ``method="rk4"``).
 
 For the vectorized step the GC model runs on every row and the GC rows are selected afterwards
 (the library runs it on the GC rows only): the same numbers, row by row.
@@ -58,7 +58,6 @@ from gcflows.ema import EMA, ema_decay
 from gcflows.gmm import GaussianMixture
 from gcflows.kernels import interpolate_pair
 from gcflows.networks import ToyMLP
-from gcflows.regression import rk4_flow_map
 from gcflows.velocity import TrueVelocity
 
 __all__ = [
@@ -158,7 +157,7 @@ def _ema_settings(spec: EnsembleSpec) -> tuple[int, bool]:
 
 def _ideal(target: GaussianMixture, steps: int) -> Callable[[Tensor, Tensor], Tensor]:
     def gc_model(x: Tensor, t: Tensor) -> Tensor:
-        return rk4_flow_map(target, x, t.to(torch.float64), "ve", steps=steps).to(x.dtype)
+        return target.flow_map(x, t.to(torch.float64), "ve", method="rk4", steps=steps)
 
     return gc_model
 

@@ -20,7 +20,9 @@ and for the mixture (law of total expectation / variance)
     v_t(x)          = a' D + b' E[noise | x]                                 (PF-ODE velocity)
 
 which is ``(x - D) / t`` for ``ve`` and ``linear`` (docs/paper.md section 1:
-``v_t(x) = E[xdot_t | x_t = x]``).
+``v_t(x) = E[xdot_t | x_t = x]``). The PF-ODE of that velocity gives the library's one exact flow
+map, :meth:`GaussianMixture.flow_map`, whose integrators (adaptive, segmented, RK4, multistep) are
+in ``gcflows.flowmap``.
 
 Numerics. Each covariance is eigendecomposed once, ``Sigma_k = U_k diag(lam_k) U_k^T`` (the
 isotropic and diagonal cases need no rotation), so that ``S_k = U_k diag(a^2 lam_k + b^2) U_k^T``
@@ -46,9 +48,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
-from gcflows.checks import batch_times, finite, integer, real
+from gcflows import flowmap
+from gcflows.checks import bad, batch_times, choice, finite, integer, real
 from gcflows.processes import Process, get_process
 
 __all__ = [
@@ -471,46 +473,80 @@ class GaussianMixture:
         t: Tensor | float,
         process: Process | str,
         t_end: Tensor | float | None = None,
-        rtol: float = 1e-9,
-        atol: float = 1e-11,
+        rtol: float | None = None,
+        atol: float | None = None,
         method: str = "dopri5",
+        *,
+        steps: int | None = None,
+        segments_per_decade: int = 2,
     ) -> Tensor:
         """Exact PF-ODE flow map: solve ``dx/ds = v_s(x)`` from ``s = t`` to ``s = t_end``.
 
-        Returns ``(B, d)``: the points ``x`` (at per-sample times ``t``) carried to ``t_end``.
+        Returns ``(B, d)``: the points ``x`` (at per-sample times ``t``) carried to ``t_end``, in
+        the dtype of ``x`` (float64 inside; no gradient flows through the solve). ``t`` and
+        ``t_end`` are floats or per-sample ``(B,)`` (default ``t_end = process.t_min``).
 
-        ``t`` and ``t_end`` are floats or per-sample ``(B,)`` (default ``t_end = process.t_min``;
-        either direction is allowed). All rows are integrated in one torchdiffeq solve, in
-        float64, through the change of variables ``s(u) = t + u (t_end - t)``, ``u in [0, 1]``,
-        ``dx/du = v_{s(u)}(x) (t_end - t)``. In this time the trajectories are nearly straight:
-        for one Gaussian ``x - a m`` scales with ``sqrt(a^2 sigma^2 + b^2)``, which is exactly
-        linear in ``s`` for a Dirac under ``ve``. The output has the dtype of ``x``; no gradient
-        flows through the solve.
+        ``method`` picks the integrator (``gcflows.flowmap``, where each is described):
 
-        Tolerances: keep the tight defaults unless the start times are small. From a large ``t``
-        a loose ``rtol`` (1e-5) lets the adaptive step grow while the field is nearly linear and
-        jump across the short stretch where the posterior commits to a mode (seen in 3072-D:
-        3 steps from t = 80, a transport cost 34 % off). ``gcflows.transport.ideal_flow_map``
-        cuts the path into segments per decade of noise level for loose, fast solves.
+        - ``"dopri5"`` (default, the reference): adaptive, either direction, any ``t_end``;
+          ``rtol`` / ``atol`` default 1e-9 / 1e-11.
+        - ``"segmented"``: dopri5 restarted ``segments_per_decade`` times per decade of noise
+          level, for loose fast solves from large ``t`` (default ``rtol`` / ``atol`` 1e-5 /
+          1e-7); to ``t_min``.
+        - ``"rk4"``: RK4 in log-time, ``steps`` (default 48) fixed steps, fast matrix-product
+          velocities for isotropic mixtures; to ``t_min``.
+        - ``"multistep"``: DPM-Solver++(2M), ``steps`` (default 64) fixed steps in log noise
+          level, a fixed cost whatever the spread of start times; to ``t_min``.
+
+        Tolerances: keep the tight defaults of ``dopri5`` unless the start times are small. From a
+        large ``t`` a loose ``rtol`` (1e-5) lets the adaptive step grow while the field is nearly
+        linear and jump across the short stretch where the posterior commits to a mode (seen in
+        3072-D: 3 steps from t = 80, a transport cost 34 % off); ``"segmented"`` is the loose,
+        fast and safe choice there.
         """
-        x, process, _, _, _, _ = self._prepare(x, t, process)
-        x64 = x.detach().to(torch.float64)
+        method = choice(method, "method", flowmap.METHODS, where="flow_map")
+        rtol, atol, steps = self._flow_options(method, t_end, rtol, atol, steps)
+        if method == "segmented":
+            integer(segments_per_decade, "segments_per_decade", lo=1, where="flow_map")
+        process = get_process(process)
+        x64 = self._check_x(x).detach().to(torch.float64)  # float64 inside, whatever x's dtype
+        process.check_time(t)  # as given: its own dtype sets the rounding tolerance
         t64 = batch_times(t, x.shape[0], x64)
-        t_end = process.t_min if t_end is None else t_end
-        te64 = batch_times(t_end, x.shape[0], x64, name="t_end")
-        process.check_time(te64, name="t_end")
-        gm = self.to(dtype=torch.float64, device=x.device)
-        span = te64 - t64
-
-        def field(u: Tensor, state: Tensor) -> Tensor:
-            s = t64 + u * span
-            v = gm._velocity(state, process.a(s), process.b(s), process.da(s), process.db(s))
-            return v * span[:, None]
-
-        grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device)
         with torch.no_grad():
-            out = odeint(field, x64, grid, rtol=rtol, atol=atol, method=method)[-1]
-        return out  # in the dtype of the input x (see _in_input_dtype)
+            if method == "rk4":  # converts what it needs itself
+                return flowmap.rk4(self, x64, t64, process, steps)
+            gm = self.to(dtype=torch.float64, device=x.device)
+            if method == "multistep":
+                return flowmap.multistep(gm, x64, t64, process, steps)
+            if method == "segmented":
+                return flowmap.segmented(gm, x64, t64, process, rtol, atol, segments_per_decade)
+            t_end = process.t_min if t_end is None else t_end
+            te64 = batch_times(t_end, x.shape[0], x64, name="t_end")
+            process.check_time(te64, name="t_end")
+            return flowmap.dopri5(gm, x64, t64, te64, process, rtol, atol)
+
+    @staticmethod
+    def _flow_options(method: str, t_end, rtol, atol, steps) -> tuple:
+        """``(rtol, atol, steps)`` of ``flow_map``'s ``method``, defaults filled in; options that
+        the method does not use raise ``ValueError``."""
+        where = "flow_map"
+        if t_end is not None and method != "dopri5":
+            fix = f"method={method!r} maps to t_min; use method='dopri5'"
+            raise bad("t_end", t_end, fix, where)
+        if method in flowmap.ADAPTIVE:
+            if steps is not None:
+                raise bad("steps", steps, f"method={method!r} is adaptive; set rtol / atol", where)
+            rtol0, atol0 = flowmap.ADAPTIVE[method]
+            rtol, atol = rtol0 if rtol is None else rtol, atol0 if atol is None else atol
+            rtol = real(rtol, "rtol", lo_open=0.0, hi_open=1.0, where=where)
+            atol = real(atol, "atol", lo_open=0.0, hi_open=1.0, where=where)
+            return rtol, atol, None
+        if rtol is not None or atol is not None:
+            fix = f"method={method!r} takes a fixed number of steps; set steps"
+            name, value = ("rtol", rtol) if rtol is not None else ("atol", atol)
+            raise bad(name, value, fix, where)
+        steps = flowmap.FIXED_STEPS[method] if steps is None else steps
+        return None, None, integer(steps, "steps", lo=1, where=where)
 
 
 # --- presets ----------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
 """Affine noising processes ``x_t = a(t) data + b(t) noise`` (docs/paper.md section 1).
 
-Time runs from data (``t_min``) to noise (``t_max``). Two processes:
+Time runs from data (``t_min``) to noise (``t_max``). Three processes:
 
 - ``ve`` (the paper, EDM): ``a = 1``, ``b = t``, ``t in [t_min, t_max]``.
 - ``linear`` (rectified-flow path): ``a = 1 - t``, ``b = t``, ``t in [t_min, t_max]``,
   ``t_max < 1``.
+- ``trigflow`` (sCM): ``a = cos t``, ``b = sin t``, ``t_max < pi / 2``.
+
+Each has a VE-equivalent noise level ``sigma(t) = b(t) / a(t)``, increasing in ``t``, and its
+inverse ``Process.time_of_sigma`` (closed form: ``t = sigma`` for ``ve``,
+``t = sigma / (1 + sigma)`` for ``linear``, ``t = atan(sigma)`` for ``trigflow``; bisection for
+any other subclass).
 
 Every conversion between the ideal denoiser ``D(x, t) = E[data | x_t = x]``, the expected noise
 ``E[noise | x_t = x]`` and the PF-ODE velocity ``v_t(x) = E[xdot_t | x_t = x]`` is derived from
@@ -13,7 +19,7 @@ Every conversion between the ideal denoiser ``D(x, t) = E[data | x_t = x]``, the
     E[noise | x] = (x - a D) / b
     v            = a' D + b' E[noise | x]                      (docs/paper.md, Eq. 1 text)
 
-For both processes this reduces to ``v = (x - D) / t``.
+For ``ve`` and ``linear`` this reduces to ``v = (x - D) / t``.
 
 Shapes: a batch is ``(B, *dims)``; per-sample times are ``(B,)`` (a scalar or 0-d tensor is
 broadcast). All functions are differentiable and dtype-preserving. The public path functions
@@ -115,6 +121,35 @@ class Process(ABC):
             )
         return t
 
+    # --- the noise level ----------------------------------------------------------------------
+    def sigma(self, t: Tensor) -> Tensor:
+        """The VE-equivalent noise level ``sigma(t) = b(t) / a(t)``, elementwise (increasing)."""
+        return self.b(t) / self.a(t)
+
+    def time_of_sigma(self, sigma: Tensor | float) -> Tensor:
+        """The time ``t`` with ``sigma(t) = b(t) / a(t) = sigma``, elementwise, float64.
+
+        ``sigma`` outside ``[sigma(t_min), sigma(t_max)]`` gives the nearer end of the domain.
+        A subclass with a closed-form inverse gives it in ``_closed_time_of_sigma`` (``ve``,
+        ``linear``, ``trigflow``); otherwise ``[t_min, t_max]`` is bisected (100 halvings:
+        float64 resolution).
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        closed = self._closed_time_of_sigma(sigma)
+        if closed is not None:
+            return closed.clamp(self.t_min, self.t_max)
+        lo = torch.full_like(sigma, self.t_min)
+        hi = torch.full_like(sigma, self.t_max)
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            above = self.sigma(mid) > sigma
+            hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+        return 0.5 * (lo + hi)
+
+    def _closed_time_of_sigma(self, sigma: Tensor) -> Tensor | None:
+        """The closed-form inverse of ``sigma(t)`` on float64 ``sigma``, or None (bisection)."""
+        return None
+
     def _times(self, t: Tensor | float, like: Tensor) -> Tensor:
         """Checked per-sample times ``(B,)`` shaped to broadcast against ``like`` ``(B, *dims)``."""
         self.check_time(t)  # as given: its own dtype sets the rounding tolerance
@@ -197,6 +232,9 @@ class VEProcess(Process):
     def db(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
 
+    def _closed_time_of_sigma(self, sigma: Tensor) -> Tensor:
+        return sigma  # sigma = t (the caller clamps into a new tensor)
+
 
 @dataclass(frozen=True)
 class LinearProcess(Process):
@@ -224,6 +262,9 @@ class LinearProcess(Process):
 
     def db(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
+
+    def _closed_time_of_sigma(self, sigma: Tensor) -> Tensor:
+        return sigma / (1.0 + sigma)  # sigma = t / (1 - t)
 
 
 PROCESSES = {"ve": VEProcess, "linear": LinearProcess}
@@ -312,6 +353,9 @@ class TrigFlowProcess(Process):
 
     def db(self, t: Tensor) -> Tensor:
         return torch.cos(t)
+
+    def _closed_time_of_sigma(self, sigma: Tensor) -> Tensor:
+        return torch.atan(sigma)  # sigma = tan t
 
 
 # Registration in ``get_process`` (the registry is read at call time).

@@ -7,7 +7,7 @@ For a coupling of data and noise, the path ``x_t = a(t) data + b(t) noise`` has 
 
 the part of the one-sample velocity that the position does not determine. For the independent
 coupling (IC) under ``ve`` (``xdot = noise``) it is exact: ``R~_t = E tr Cov[data | x_t] / t^2``
-(:func:`exact_ic_proxy`, ``GaussianMixture.posterior_cov_trace``). Batch-OT and GC have no
+(``gcflows.discrepancy.ic_proxy``, ``GaussianMixture.posterior_cov_trace``). Batch-OT and GC have no
 closed form: :func:`estimate_proxy` fits ``E[noise | x_t]`` by mean squared error on pairs of the
 coupling and returns the held-out mean squared residual at each time.
 
@@ -53,10 +53,8 @@ expectation; each fit sees half the pairs, which raises that systematic part les
 cancellation removes (docs/highdim.md, IC validation). Row by row the product is at most the mean
 of the two squared residuals, so it never exceeds the two half-fits' held-out residual.
 
-Also here, the fixed-step flow map used to make ideal GC pairs cheaply in high dimension
-(:func:`rk4_flow_map`: RK4 in log-time; 48 steps: relative error about 1e-4 from t = 80, against the
-closed form of a Gaussian; fourth order in the step), with matrix-product velocities for isotropic
-mixtures and, under ``ve`` at one shared time, for full covariances.
+Ideal GC pairs in high dimension come from the exact flow map's fixed-step RK4,
+``GaussianMixture.flow_map(..., method="rk4")``.
 """
 
 from __future__ import annotations
@@ -70,20 +68,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gcflows.checks import bad, integer, is_int, real
-from gcflows.gmm import GaussianMixture
-from gcflows.processes import Process, get_process
 
 __all__ = [
     "ProxyEstimate",
     "RegressorConfig",
-    "exact_ic_proxy",
-    "rk4_flow_map",
     "estimate_proxy",
     "PairSampler",
 ]
 
-# rows of the RK4 flow map are integrated in chunks of about this many values per intermediate
-_CHUNK_ELEMENTS = 1 << 17
 # (t, n, generator) -> (x_t (n, d), noise (n, d)): n pairs of a coupling at time t (ve)
 PairSampler = Callable[[float, int, torch.Generator], tuple[Tensor, Tensor]]
 
@@ -157,159 +149,6 @@ class ProxyEstimate:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _check_ve(process: Process | str) -> Process:
-    process = get_process(process)
-    if process.name != "ve":
-        raise bad("process", process.name, "use 've' (xdot = noise; the proxy is written for ve)")
-    return process
-
-
-@torch.no_grad()
-def exact_ic_proxy(
-    mixture: GaussianMixture,
-    t: float,
-    n: int,
-    generator: torch.Generator | None = None,
-    process: Process | str = "ve",
-) -> tuple[float, float]:
-    """Monte Carlo of the exact ``R~_IC(t) = E tr Cov[data | x_t] / t^2`` (ve): mean and 95 %
-    half-width over ``n`` draws of ``x_t`` (the integrand is exact; only ``x_t`` is sampled)."""
-    _check_ve(process)
-    data = mixture.sample(n, generator=generator)
-    x = data + t * torch.randn(data.shape, generator=generator, dtype=data.dtype)
-    v = mixture.posterior_cov_trace(x, t, "ve") / (t * t)
-    return float(v.mean()), 1.96 * float(v.std()) / math.sqrt(n)
-
-
-def _isotropic_velocity(mixture: GaussianMixture, process: Process, dtype, device):
-    """``(x (B, d), t (B,)) -> v_t(x)`` for a mixture of isotropic components, or None.
-
-    The exact velocity ``da D + db b sum_k r_k (x - a mu_k) / S_k`` (``S_k = a^2 lam_k + b^2``,
-    ``D = sum_k r_k (mu_k + a lam_k (x - a mu_k) / S_k)``, as ``GaussianMixture.velocity``), with
-    the squared distances and the sums over components as matrix products: ``O(B K d)`` work in
-    three products instead of several ``(B, K, d)`` temporaries.
-    """
-    stds = mixture.stds
-    if stds is None or (stds.dim() == 2 and not bool((stds == stds[:, :1]).all())):
-        return None
-    lam = (stds if stds.dim() == 1 else stds[:, 0]).to(dtype=dtype, device=device) ** 2  # (K,)
-    mu = mixture.means.to(dtype=dtype, device=device)  # (K, d)
-    logw = mixture.weights.to(dtype=dtype, device=device).log()
-    mu2 = (mu * mu).sum(1)
-    d = mu.shape[1]
-
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        a, b, da, db = process.a(t), process.b(t), process.da(t), process.db(t)
-        var = (a * a)[:, None] * lam[None] + (b * b)[:, None]  # (B, K)
-        sq = (x * x).sum(1, keepdim=True) - 2 * a[:, None] * (x @ mu.T) + (a * a)[:, None] * mu2
-        logits = logw - 0.5 * d * torch.log(var) - 0.5 * sq.clamp_min(0.0) / var
-        r = torch.softmax(logits, dim=1)
-        q = r / var  # (B, K)
-        resid = q.sum(1, keepdim=True) * x - a[:, None] * (q @ mu)  # sum_k r_k (x - a mu_k)/S_k
-        g = q * lam  # r_k lam_k / S_k
-        denoised = (r @ mu) + a[:, None] * (g.sum(1, keepdim=True) * x - a[:, None] * (g @ mu))
-        return da[:, None] * denoised + (db * b)[:, None] * resid
-
-    return velocity
-
-
-def _shared_time_velocity(mixture: GaussianMixture, process: Process, dtype, device):
-    """``(x (B, d), t (B,) all equal) -> v_t(x)`` under ``ve`` for full covariances, or None.
-
-    With one time for every row, ``S_k^{-1} = U_k diag(1 / (lam_k + t^2)) U_k^T`` is formed once
-    per call (``K d^3``) and the exact ve velocity is one batched product::
-
-        v_t(x) = t sum_k r_k(x) S_k^{-1} (x - mu_k),    S_k = Sigma_k + t^2 I
-
-    (``D = x - t^2 sum_k r_k S_k^{-1} (x - mu_k)``), ``B K d^2`` work against three rotations in
-    ``GaussianMixture.velocity``. Other processes and diagonal covariances: None.
-    """
-    if process.name != "ve" or mixture.stds is not None:
-        return None
-    lam, rot = torch.linalg.eigh(mixture.covariances.to(dtype=dtype, device=device))
-    lam = lam.clamp_min(0.0)  # (K, d)
-    mu = mixture.means.to(dtype=dtype, device=device)  # (K, d)
-    logw = mixture.weights.to(dtype=dtype, device=device).log()
-    d = mu.shape[1]
-
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        tt = float(t[0])
-        var = lam + tt * tt  # (K, d)
-        prec = (rot / var[:, None, :]) @ rot.transpose(1, 2)  # (K, d, d)
-        diff = x[None] - mu[:, None]  # (K, B, d)
-        y = torch.bmm(diff, prec)  # S_k^{-1} (x - mu_k), (K, B, d)
-        logits = logw[:, None] - 0.5 * torch.log(var).sum(1)[:, None] - 0.5 * (diff * y).sum(-1)
-        r = torch.softmax(logits - 0.5 * d * math.log(2 * math.pi), dim=0)  # (K, B)
-        return tt * torch.einsum("kb,kbd->bd", r, y)
-
-    return velocity
-
-
-@torch.no_grad()
-def rk4_flow_map(
-    mixture: GaussianMixture,
-    x: Tensor,
-    t: Tensor | float,
-    process: Process | str = "ve",
-    steps: int = 48,
-) -> Tensor:
-    """Exact-oracle PF-ODE flow map ``x_t -> x_{t_min}`` by classical RK4, ``(B, d)``.
-
-    Integrates ``dx/du = v_{t(u)}(x) t(u) log(t_min / t)`` with ``t(u) = t^(1-u) t_min^u``,
-    ``u in [0, 1]``, in ``steps`` equal steps (uniform in log-time, where the trajectories of a
-    Gaussian mixture are smooth), in float64; per-row start times allowed. A fixed-step,
-    vectorised alternative to ``GaussianMixture.flow_map`` (adaptive dopri5), much faster for
-    large batches; the tests bound their difference. Isotropic mixtures (the ``random_<d>``
-    presets), and full covariances under ``ve`` when every row starts at the same time (the
-    digits mixture in the proxy's samplers), use matrix-product forms of the same exact velocity
-    (tested against ``GaussianMixture.velocity``).
-    """
-    process = get_process(process)
-    if not is_int(steps) or steps < 1:
-        raise bad("steps", steps, "use an integer >= 1")
-    y = x.detach().to(torch.float64)
-    t0 = torch.as_tensor(t, dtype=torch.float64).expand(y.shape[0]).clone()
-    process.check_time(t0)
-    span = math.log(process.t_min) - torch.log(t0)  # (B,), <= 0
-    fast = _isotropic_velocity(mixture, process, torch.float64, y.device)
-    if fast is None and bool((t0 == t0[0]).all()):
-        fast = _shared_time_velocity(mixture, process, torch.float64, y.device)
-    if fast is None:
-        gm = mixture.to(dtype=torch.float64, device=y.device)
-
-        def velocity(state: Tensor, tt: Tensor) -> Tensor:
-            return gm.velocity(state, tt, process)
-    else:
-        velocity = fast
-
-    def integrate(y: Tensor, t0: Tensor, span: Tensor) -> Tensor:
-        def field_(u: float, state: Tensor) -> Tensor:
-            tt = torch.exp(torch.log(t0) + u * span).clamp_min(process.t_min)
-            return velocity(state, tt) * (tt * span)[:, None]
-
-        h = 1.0 / steps
-        for i in range(steps):
-            u = i * h
-            k1 = field_(u, y)
-            k2 = field_(u + h / 2, y + (h / 2) * k1)
-            k3 = field_(u + h / 2, y + (h / 2) * k2)
-            k4 = field_(u + h, y + h * k3)
-            y = y + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-        return y
-
-    # rows in chunks of about _CHUNK_ELEMENTS values per (rows, K or 1, d) intermediate: large
-    # temporaries (tens of MB) cost more in fresh allocations than in arithmetic
-    per_row = y.shape[1] * (mixture.n_components if fast is None or mixture.stds is None else 1)
-    size = max(1, _CHUNK_ELEMENTS // per_row)
-    y = torch.cat(
-        [
-            integrate(y[i : i + size], t0[i : i + size], span[i : i + size])
-            for i in range(0, y.shape[0], size)
-        ]
-    )
-    return y.to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from scipy.integrate import quad
 from torch import nn
 
 from gcflows import discrepancy as dsc
+from gcflows.discrepancy import derivatives
+from gcflows.discrepancy.derivatives import _jacobian_products
 from gcflows.gmm import GaussianMixture, two_gaussians_1to2
 from gcflows.processes import LinearProcess, VEProcess
 from gcflows.stats import Interval
@@ -396,6 +398,23 @@ def test_gradient_gap_vanishes_for_alpha_2_not_for_alpha_1():
     assert n1.relative_debiased > 0.02 and n1.relative > 4 * n1.noise, n1
 
 
+@pytest.mark.parametrize("process", [VE, LIN], ids=["ve", "linear"])
+def test_ic_proxy_of_one_gaussian_is_the_closed_form(process):
+    """One Gaussian ``N(m, diag(lam))``: ``Cov[data | x_t]`` does not depend on ``x_t``, so the
+    proxy is exactly ``(a' - b' a / b)^2 sum_i lam_i b^2 / (a^2 lam_i + b^2)`` with no sampling
+    spread (1e-10 relative; standard error below 1e-8). The one Interval type is returned."""
+    lam = torch.tensor([0.04, 1.0, 0.25], dtype=torch.float64)
+    gmm = GaussianMixture([1.0], [[0.3, -0.2, 0.1]], stds=lam.sqrt()[None])
+    for t in (0.2 * process.t_max, 0.9 * process.t_max):
+        got = dsc.ic_proxy(gmm, process, t, n_samples=256, generator=torch.Generator())
+        tt = torch.tensor(t, dtype=torch.float64)
+        a, b, da, db = process.a(tt), process.b(tt), process.da(tt), process.db(tt)
+        want = float((da - db * a / b) ** 2 * (lam * b * b / (a * a * lam + b * b)).sum())
+        assert isinstance(got, Interval)
+        assert got.mean == pytest.approx(want, rel=1e-10)
+        assert got.se < 1e-8
+
+
 # ------------------------------------------------------------------------------------------------
 # the proxy R~_t
 # ------------------------------------------------------------------------------------------------
@@ -467,36 +486,6 @@ def test_flow_map_reference_single_gaussian(process):
     assert max(dsc.flow_map_error(ideal, ref)["mse"]) < 1e-12
 
 
-@pytest.mark.parametrize("steps, bound", [(32, 3e-7), (64, 5e-8)])
-@pytest.mark.parametrize(
-    "process", [VE, LinearProcess(t_min=1e-3, t_max=0.999)], ids=["ve", "linear"]
-)
-def test_multistep_flow_map_matches_the_exact_ode(process, steps, bound):
-    """The cheap ideal generator of the toy study (32 multistep steps there) against the ODE flow
-    map at rtol 1e-10, on training-like inputs (authors' 2D target, times spread over the whole
-    range): mean squared error below ``bound`` (3e-7 at 32 steps: an rms error of 5e-4 where the
-    trained models' squared consistency errors are ~1e-2), second order (64 steps: < 5e-8)."""
-    gmm = two_gaussians_1to2()
-    g = torch.Generator().manual_seed(4)
-    n = 400
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    t = process.t_min * (process.t_max / process.t_min) ** u
-    t[:3] = torch.tensor([process.t_min, process.t_max, 2 * process.t_min], dtype=torch.float64)
-    noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
-    x = process.interpolate(gmm.sample(n, g), noise, t)
-    exact = gmm.flow_map(x, t, process, rtol=1e-10, atol=1e-12)
-    cheap = dsc.FlowMapGenerator(gmm, process, method="multistep", steps=steps)(x, t)
-    mse = float(((cheap - exact) ** 2).sum(1).mean())
-    assert mse < bound, mse
-    torch.testing.assert_close(cheap[0], x[0], rtol=0, atol=1e-12)  # t_min: the identity
-    assert cheap.dtype == x.dtype
-    assert dsc.FlowMapGenerator(gmm, process, method="multistep")(x.float(), t).dtype == (
-        torch.float32
-    )
-    with pytest.raises(ValueError, match="method"):
-        dsc.FlowMapGenerator(gmm, process, method="euler")
-
-
 def test_jacobian_products_equal_jvps():
     """With at least d directions the products come from the reverse-mode Jacobian (d passes);
     they equal one JVP per direction up to float64 rounding."""
@@ -507,7 +496,7 @@ def test_jacobian_products_equal_jvps():
     ws = [torch.randn(50, 2, generator=g, dtype=torch.float64) for _ in range(3)]
     with torch.no_grad():  # as inside r_theta / loss_gaps
         for k in (1, 2, 3):  # k = 1 < d: the JVP path; k >= d: the Jacobian
-            got = dsc._jacobian_products(model, x, t, ws[:k])
+            got = _jacobian_products(model, x, t, ws[:k])
             for g_k, w in zip(got, ws[:k], strict=True):
                 want = dsc.jacobian_vector_product(model, x, t, w)
                 torch.testing.assert_close(g_k, want, rtol=1e-12, atol=1e-14)
@@ -541,56 +530,9 @@ def test_row_chunks_give_the_same_values(monkeypatch):
         ]
 
     whole = values()
-    monkeypatch.setattr(dsc, "EVAL_ROWS", 16)  # 101 rows: six full chunks and a partial one
+    monkeypatch.setattr(derivatives, "EVAL_ROWS", 16)  # 101 rows: six full chunks and a partial one
     for a, b in zip(values(), whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
-
-
-def _mixtures():
-    """Diagonal (isotropic, per-axis, Dirac and zero-weight components) and full covariances."""
-    yield "isotropic", two_gaussians_1to2()
-    yield (
-        "per-axis",
-        GaussianMixture(
-            [0.2, 0.5, 0.3],
-            [[0.0, 1.0], [1.0, -1.0], [-2.0, 0.5]],
-            stds=[[0.1, 0.3], [0.5, 0.05], [0.2, 0.2]],
-        ),
-    )
-    yield (
-        "dirac+zero-weight",
-        GaussianMixture(
-            [0.0, 0.6, 0.4], [[3.0, 0.0], [0.0, 0.5], [0.0, -0.5]], stds=[0.1, 0.0, 0.02]
-        ),
-    )
-    covs = torch.tensor([[[0.04, 0.01], [0.01, 0.02]], [[0.01, -0.005], [-0.005, 0.03]]])
-    yield "full", GaussianMixture([0.4, 0.6], [[0.0, 0.5], [0.5, -0.5]], covs=covs)
-
-
-@pytest.mark.parametrize("process", [VE, LIN], ids=["ve", "linear"])
-def test_multistep_scheduled_denoiser_equals_the_mixture_denoiser(process, monkeypatch):
-    """The precomputed posterior mean of the multistep loop (diagonal covariances) is
-    GaussianMixture.denoiser's formula: the flow map agrees with the loop over ``denoiser`` to
-    float64 rounding (1e-13 absolute on points of size ~1), and full covariances take that loop."""
-    g = torch.Generator().manual_seed(11)
-    for name, gmm in _mixtures():
-        n = 200
-        u = torch.rand(n, generator=g, dtype=torch.float64)
-        t = process.t_min * (process.t_max / process.t_min) ** u
-        t[:2] = torch.tensor([process.t_min, process.t_max], dtype=torch.float64)
-        x = process.interpolate(
-            gmm.sample(n, g), torch.randn(n, 2, generator=g, dtype=torch.float64), t
-        )
-        fast = dsc.multistep_flow_map(gmm, x, t, process, steps=16)
-        monkeypatch.setattr(dsc, "_SCHEDULE_ELEMENTS", 0)  # forces the per-step denoiser
-        slow = dsc.multistep_flow_map(gmm, x, t, process, steps=16)
-        monkeypatch.undo()
-        assert torch.isfinite(fast).all(), name
-        torch.testing.assert_close(fast, slow, rtol=0, atol=1e-13, msg=name)
-        if gmm.stds is None:
-            assert torch.equal(fast, slow)  # the same code path
-        ones = torch.ones(2, 3, dtype=torch.float64)
-        assert (dsc._scheduled_denoiser(gmm, ones, ones) is None) == (gmm.stds is None)
 
 
 # ------------------------------------------------------------------------------------------------

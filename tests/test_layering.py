@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Lower number = lower layer. processes <- gmm <- velocity <- couplings <- consistency <- training,
-# with the modules outside that chain placed where their imports put them.
+# Lower number = lower layer. processes <- flowmap <- gmm <- velocity <- couplings <- consistency <-
+# training, with the modules outside that chain placed where their imports put them.
 LAYERS = {
     "__init__": 0,
     "processes": 0,
@@ -25,6 +25,7 @@ LAYERS = {
     "stats": 1,
     "progress": 1,
     "metrics": 1,
+    "flowmap": 0.5,  # the flow map's integrators: above processes, below the mixture that runs them
     "gmm": 1,
     "ema": 1,
     "data": 0,
@@ -45,8 +46,8 @@ LAYERS = {
     "plotting": 8,
 }
 
-# The sub-modules of the gcflows.training package (layer 6 as a whole): each imports only lower
-# sub-modules; the package's __init__ re-exports them.
+# The sub-modules of each package (the package's layer above as a whole): each imports only lower
+# sub-modules of its package and lower layers outside it; the package's __init__ re-exports them.
 TRAINING_LAYERS = {
     "config": 0,
     "rng": 0,
@@ -59,6 +60,30 @@ TRAINING_LAYERS = {
     "images": 3,
     "__init__": 4,
 }
+DISCREPANCY_LAYERS = {
+    "times": 0,
+    "derivatives": 1,
+    "proxy": 1,
+    "reference": 1,
+    "theorem1": 2,
+    "gaps": 3,
+    "__init__": 4,
+}
+TRANSPORT_LAYERS = {
+    "costs": 0,
+    "gaussian": 0,
+    "curves": 1,
+    "lemma1": 2,
+    "__init__": 3,
+}
+PACKAGES = {
+    "training": TRAINING_LAYERS,
+    "discrepancy": DISCREPANCY_LAYERS,
+    "transport": TRANSPORT_LAYERS,
+}
+PACKAGE_FILES = sorted(
+    (name, path) for name in PACKAGES for path in (ROOT / "gcflows" / name).glob("*.py")
+)
 
 
 def _gcflows_imports(path: Path) -> set[str]:
@@ -104,29 +129,30 @@ def _modules(path: Path) -> set[str]:
 def test_every_library_module_has_a_layer():
     missing = [p.stem for p in (ROOT / "gcflows").glob("*.py") if p.stem not in LAYERS]
     assert not missing, f"add these modules to LAYERS in tests/test_layering.py: {missing}"
-    subs = [p.stem for p in (ROOT / "gcflows" / "training").glob("*.py")]
-    missing = [m for m in subs if m not in TRAINING_LAYERS]
-    assert not missing, f"add these modules to TRAINING_LAYERS in tests/test_layering.py: {missing}"
+    packages = [p.name for p in (ROOT / "gcflows").iterdir() if (p / "__init__.py").exists()]
+    assert sorted(packages) == sorted(PACKAGES), "add the package's sub-layers to PACKAGES"
+    for name, path in PACKAGE_FILES:
+        assert path.stem in PACKAGES[name], f"add {name}/{path.name} to its table in PACKAGES"
+    assert all(name in LAYERS for name in PACKAGES)
 
 
-@pytest.mark.parametrize(
-    "path", sorted((ROOT / "gcflows" / "training").glob("*.py")), ids=lambda p: p.stem
-)
-def test_training_submodules_import_lower_layers_only(path):
-    me = TRAINING_LAYERS[path.stem]
+@pytest.mark.parametrize("name, path", PACKAGE_FILES, ids=lambda v: getattr(v, "stem", v))
+def test_package_submodules_import_lower_layers_only(name, path):
+    layers = PACKAGES[name]
+    me = layers[path.stem]
     for dep in _modules(path):
         parts = dep.split(".")
-        if parts[1] == "training":
+        if parts[1] == name:
             if len(parts) == 2:
-                raise AssertionError(f"training/{path.name} imports the training package itself")
+                raise AssertionError(f"{name}/{path.name} imports the {name} package itself")
             sub = parts[2]
-            assert sub in TRAINING_LAYERS, f"training/{path.name} imports unknown {dep}"
-            assert TRAINING_LAYERS[sub] < me, (
-                f"training/{path.name} (sub-layer {me}) imports {sub} (sub-layer "
-                f"{TRAINING_LAYERS[sub]}): reversed or cyclic edge"
+            assert sub in layers, f"{name}/{path.name} imports unknown {dep}"
+            assert layers[sub] < me, (
+                f"{name}/{path.name} (sub-layer {me}) imports {sub} (sub-layer "
+                f"{layers[sub]}): reversed or cyclic edge"
             )
         elif parts[1] != "kernels":
-            assert LAYERS[parts[1]] < LAYERS["training"], f"training/{path.name} imports {dep}"
+            assert LAYERS[parts[1]] < LAYERS[name], f"{name}/{path.name} imports {dep}"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "gcflows").glob("*.py")), ids=lambda p: p.stem)
@@ -142,7 +168,7 @@ def test_imports_point_to_lower_layers(path):
 
 
 def test_plotting_is_imported_only_by_experiments():
-    for path in [*(ROOT / "gcflows").glob("*.py"), *(ROOT / "gcflows" / "training").glob("*.py")]:
+    for path in [*(ROOT / "gcflows").glob("*.py"), *(p for _, p in PACKAGE_FILES)]:
         if path.stem != "plotting":
             assert "gcflows.plotting" not in _modules(path), f"{path.name} imports plotting"
 

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from gcflows.processes import (
     LinearProcess,
+    Process,
+    TrigFlowProcess,
     VEProcess,
     get_process,
     karras_grid,
@@ -186,3 +188,50 @@ def test_domain_ends_rounded_to_the_time_dtype_are_accepted(process, dtype):
     data, noise = torch.zeros(3, 2, dtype=dtype), torch.ones(3, 2, dtype=dtype)
     x = process.interpolate(data, noise, t)
     torch.testing.assert_close(x[:, 0], process.b(t), rtol=0, atol=0)
+
+
+ALL_THREE = [VEProcess(), LinearProcess(), TrigFlowProcess(), VEProcess(t_min=1e-3, t_max=5.0)]
+ALL_IDS = ["ve", "linear", "trigflow", "ve-2d"]
+
+
+@pytest.mark.parametrize("process", ALL_THREE, ids=ALL_IDS)
+def test_time_of_sigma_round_trips_and_matches_bisection(process):
+    """``t -> sigma(t) = b / a -> time_of_sigma`` returns ``t`` (1e-12 relative: the rounding of
+    the closed forms), the closed form equals the base class's bisection (1e-12 relative, an
+    independent inversion), ``sigma`` is ``b / a`` (``t`` for ve, ``t / (1 - t)`` for linear,
+    ``tan t`` for trigflow), and levels outside the range give the ends of the domain."""
+    t = torch.exp(
+        torch.linspace(math.log(process.t_min), math.log(process.t_max), 41, dtype=torch.float64)
+    )
+    sigma = process.sigma(t)
+    want = {"ve": t, "linear": t / (1 - t), "trigflow": torch.tan(t)}[process.name]
+    torch.testing.assert_close(sigma, want, rtol=1e-14, atol=0)
+    back = process.time_of_sigma(sigma)
+    assert back.dtype == torch.float64
+    torch.testing.assert_close(back, t, rtol=1e-12, atol=0)
+    torch.testing.assert_close(Process.time_of_sigma(process, sigma), t, rtol=1e-12, atol=0)
+    outside = process.time_of_sigma(torch.tensor([sigma[0] / 2, sigma[-1] * 2]))
+    assert outside.tolist() == [process.t_min, process.t_max]
+    assert float(process.time_of_sigma(float(sigma[20]))) == pytest.approx(float(t[20]), rel=1e-12)
+
+
+def test_time_of_sigma_bisects_for_a_process_without_a_closed_form():
+    """A process with no closed-form inverse (``a = exp(-t)``, ``b = t``: ``sigma = t e^t``) is
+    inverted by bisection to float64 resolution."""
+
+    class Curved(Process):
+        def a(self, t):
+            return torch.exp(-t)
+
+        def b(self, t):
+            return t
+
+        def da(self, t):
+            return -torch.exp(-t)
+
+        def db(self, t):
+            return torch.ones_like(t)
+
+    process = Curved(t_min=1e-3, t_max=3.0, name="curved")
+    t = torch.linspace(1e-3, 3.0, 17, dtype=torch.float64)
+    torch.testing.assert_close(process.time_of_sigma(t * torch.exp(t)), t, rtol=1e-13, atol=0)

@@ -1,18 +1,11 @@
-"""The learned proxy estimator R~_t (regressor of the noise on x_t) and the RK4 flow map."""
+"""The learned proxy estimator R~_t (regressor of the noise on x_t)."""
 
 import pytest
 import torch
 
+from gcflows.discrepancy import ic_proxy
 from gcflows.gmm import GaussianMixture, get_preset
-from gcflows.processes import get_process
-from gcflows.regression import (
-    RegressorConfig,
-    _isotropic_velocity,
-    _shared_time_velocity,
-    estimate_proxy,
-    exact_ic_proxy,
-    rk4_flow_map,
-)
+from gcflows.regression import RegressorConfig, estimate_proxy
 
 SMALL = dict(hidden=64, batch=256)
 
@@ -153,15 +146,6 @@ def test_fixed_length_product_fit_recovers_known_conditional_variance():
         assert exact - 3 * h < v < 1.05 * exact + 3 * h, (t, v, exact)
 
 
-def test_exact_ic_proxy_single_gaussian_closed_form():
-    lam = torch.tensor([0.04, 1.0, 0.25], dtype=torch.float64)
-    gm = _gaussian(lam)
-    for t in (0.2, 1.0):
-        v, h = exact_ic_proxy(gm, t, 256, torch.Generator().manual_seed(0))
-        assert v == pytest.approx(float((lam / (lam + t * t)).sum()), rel=1e-10)
-        assert h < 1e-8  # constant integrand: no sampling spread
-
-
 def test_regressor_within_ten_percent_on_a_mixture():
     """IC on a 4-D two-mode mixture against the exact posterior-covariance value."""
     means = torch.tensor([[1.0, 0.0, 0.0, 0.5], [-1.0, 0.0, 0.0, -0.5]], dtype=torch.float64)
@@ -176,7 +160,8 @@ def test_regressor_within_ten_percent_on_a_mixture():
         generator=torch.Generator().manual_seed(1),
     )
     for t, v in zip(times, est.value, strict=True):
-        exact, _ = exact_ic_proxy(gm, t, 8192, torch.Generator().manual_seed(2))
+        gen = torch.Generator().manual_seed(2)
+        exact = ic_proxy(gm, "ve", t, n_samples=8192, generator=gen).mean
         assert abs(v - exact) < 0.10 * exact, (t, v, exact)
 
 
@@ -197,66 +182,6 @@ def test_early_stopping_stops_and_the_cap_caps():
     assert not est.capped[0] and est.steps[0] < 1000 and est.steps[0] % 20 == 0
     est = fit(50)
     assert est.capped[0] and est.steps[0] == 50
-
-
-def test_rk4_flow_map_single_gaussian_closed_form():
-    """ve flow map of N(m, diag(lam)) from t to t_min: m + (x - m) sqrt(lam + t_min^2) /
-    sqrt(lam + t^2) per coordinate."""
-    lam = torch.tensor([0.01, 0.3, 2.0], dtype=torch.float64)
-    gm = _gaussian(lam)
-    g = torch.Generator().manual_seed(0)
-    t = torch.tensor([0.05, 1.0, 30.0, 80.0], dtype=torch.float64)
-    x = gm.mean() + t[:, None] * torch.randn(4, 3, generator=g, dtype=torch.float64)
-    want = gm.mean() + (x - gm.mean()) * ((lam + 0.002**2) / (lam + t[:, None] ** 2)).sqrt()
-    errs = []
-    for steps in (48, 96):
-        got = rk4_flow_map(gm, x, t, "ve", steps=steps)
-        errs.append(float(((got - want).abs() / (want - gm.mean()).abs()).max()))
-    assert errs[0] < 3e-4  # relative error of the displacement from the mean, up to t = 80
-    assert errs[0] / errs[1] > 10  # fourth order: 16x for half the step
-
-
-def test_rk4_flow_map_matches_adaptive_solver_on_a_mixture():
-    gm = get_preset("random_16")
-    g = torch.Generator().manual_seed(0)
-    t = torch.exp(torch.linspace(-3, 4, 16, dtype=torch.float64))
-    x = gm.sample(16, generator=g) + t[:, None] * torch.randn(
-        16, 16, generator=g, dtype=torch.float64
-    )
-    ref = gm.flow_map(x, t, "ve", rtol=1e-9, atol=1e-11)
-    got = rk4_flow_map(gm, x, t, "ve", steps=48)
-    rel = (got - ref).norm(dim=1) / ref.norm(dim=1)
-    assert float(rel.max()) < 1e-3
-
-
-@pytest.mark.parametrize("process", ["ve", "linear"])
-def test_isotropic_velocity_equals_the_mixture_velocity(process):
-    """The matrix-product velocity of rk4_flow_map (isotropic components, per-component stds,
-    per-row times) against GaussianMixture.velocity: float64 rounding only."""
-    g = torch.Generator().manual_seed(0)
-    means = torch.randn(5, 7, generator=g, dtype=torch.float64)
-    gm = GaussianMixture(torch.full((5,), 0.2), means, stds=torch.linspace(0.05, 0.6, 5))
-    proc = get_process(process)
-    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.9 + 0.05
-    x = 2 * torch.randn(64, 7, generator=g, dtype=torch.float64)
-    got = _isotropic_velocity(gm, proc, torch.float64, "cpu")(x, t)
-    assert torch.allclose(got, gm.velocity(x, t, proc), rtol=1e-10, atol=1e-12)
-    assert _isotropic_velocity(get_preset("digits_mixture"), proc, torch.float64, "cpu") is None
-
-
-def test_shared_time_velocity_equals_the_mixture_velocity():
-    """Full covariances (digits mixture), one time for all rows, ve, from t_min to t_max."""
-    gm = get_preset("digits_mixture")
-    proc = get_process("ve")
-    fast = _shared_time_velocity(gm, proc, torch.float64, "cpu")
-    g = torch.Generator().manual_seed(0)
-    for tt in (0.002, 0.05, 1.0, 80.0):
-        x = gm.sample(64, generator=g) + tt * torch.randn(64, 64, generator=g, dtype=torch.float64)
-        t = torch.full((64,), tt, dtype=torch.float64)
-        ref = gm.velocity(x, t, proc)
-        rel = (fast(x, t) - ref).norm(dim=1) / ref.norm(dim=1)
-        assert float(rel.max()) < 1e-10, tt
-    assert _shared_time_velocity(gm, get_process("linear"), torch.float64, "cpu") is None
 
 
 @pytest.mark.parametrize(
@@ -305,19 +230,3 @@ def test_a_sampler_with_the_wrong_shape_is_named():
 
     with pytest.raises(ValueError, match="sampler"):
         estimate_proxy(sampler, [1.0], n_train=16, n_test=8)
-
-
-def test_rk4_flow_map_in_row_chunks_equals_one_chunk(monkeypatch):
-    """Rows are integrated in chunks (memory); each row's trajectory is independent of the rest."""
-    import gcflows.regression as regression
-
-    g = torch.Generator().manual_seed(0)
-    for gm in (get_preset("random_16"), get_preset("digits_mixture")):
-        x = gm.sample(300, generator=g) + 0.5 * torch.randn(
-            300, gm.dim, generator=g, dtype=torch.float64
-        )
-        monkeypatch.setattr(regression, "_CHUNK_ELEMENTS", 1 << 30)
-        whole = rk4_flow_map(gm, x, 0.5, "ve", steps=6)
-        monkeypatch.setattr(regression, "_CHUNK_ELEMENTS", 64 * gm.dim)
-        chunked = rk4_flow_map(gm, x, 0.5, "ve", steps=6)
-        assert torch.allclose(whole, chunked, rtol=1e-12, atol=1e-12)
