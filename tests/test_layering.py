@@ -36,6 +36,8 @@ LAYERS = {
     "consistency": 4,
     "sampling": 5,
     "continuous": 5,
+    "mixture_eval": 5,
+    "curves": 2,
     "ensemble": 7,  # raises gcflows.training.NonFiniteLossError
     "training": 6,
     "presets": 0,  # plain data: imports nothing (gcflows.training.images resolves the presets)
