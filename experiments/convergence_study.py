@@ -158,8 +158,6 @@ def check_args(args: argparse.Namespace) -> None:
         checks.choice(name, "--targets", known)
     for name in args.methods or []:
         checks.choice(name, "--methods", list(METHODS))
-    if args.methods is not None and "ct" not in args.methods:
-        raise ValueError(f"--methods={args.methods} is invalid: include ct (the baseline)")
     check_writable(args.out)
     for spec in specs_of(args, design(args)["recipe"], 1.0).values():
         spec.validate()
@@ -396,7 +394,6 @@ def main(argv=None) -> dict:
     all_res: dict = {}
     rows: list[dict] = []
     analysis: dict = {}
-    timing: dict = {}
     for tname in cfg["targets"]:
         target = get_preset(tname)
         ev = make_eval_set(target, cfg["eval"]["n_flow"], cfg["eval"]["n_ref"])
@@ -407,9 +404,6 @@ def main(argv=None) -> dict:
                 continue
             r = run_one(target, spec, seeds, ev, cfg)
             res[name] = r
-            timing[f"{tname}/{name}"] = dict(
-                wall_s=round(r["wall_s"], 1), seed_steps_per_s=round(r["seed_steps_per_s"], 1)
-            )
             for i, seed in enumerate(seeds):
                 row = dict(target=tname, method=name, seed=seed)
                 row.update({m: float(r["final"][m][i]) for m in METRICS})
@@ -417,20 +411,21 @@ def main(argv=None) -> dict:
                 row["pair_cost_per_d"] = float(r["pair_cost_per_d"][i])
                 rows.append(row)
             bar.done(f"{tname} {name} ({len(seeds)} seeds)", r["wall_s"])
+            # what is done so far, in case the run is stopped (no analysis yet)
+            partial = {t: dict(r) for t, r in all_res.items()}
+            partial[tname] = res
+            write_results(run_dir, {"partial": True, "design": cfg, **_curves(partial)}, rows)
         all_res[tname] = res
-        analysis[tname] = analyse(res, cfg["checkpoints"], cfg["primary"])
-        for sp in analysis[tname]["speedup"].values():
-            for key, d in sp.items():
-                sp[key] = {**d, "describe": _describe(d)}
+        if "ct" in res:  # without the baseline (a --methods subset), curves and rows only
+            analysis[tname] = analyse(res, cfg["checkpoints"], cfg["primary"])
+            for sp in analysis[tname]["speedup"].values():
+                for key, d in sp.items():
+                    sp[key] = {**d, "describe": _describe(d)}
     bar.close()
     results = dict(
         design=cfg,
         analysis=analysis,
-        curves={
-            t: {n: {m: v.tolist() for m, v in r["curves"].items()} for n, r in res.items()}
-            for t, res in all_res.items()
-        },
-        timing=timing,
+        **_curves(all_res),
         figures=[figure(run_dir, all_res, cfg["checkpoints"])],
         wall_s=round(time.perf_counter() - start, 1),
         cpu_s=round(time.process_time() - cpu0, 1),
@@ -439,6 +434,23 @@ def main(argv=None) -> dict:
     summary(results)
     print(f"run folder: {run_dir}  wall {results['wall_s']} s  cpu {results['cpu_s']} s")
     return results
+
+
+def _curves(all_res: dict) -> dict:
+    """``{"curves": target -> run -> metric -> (S, C) lists, "timing": ...}`` of finished runs."""
+    return dict(
+        curves={
+            t: {n: {m: v.tolist() for m, v in r["curves"].items()} for n, r in res.items()}
+            for t, res in all_res.items()
+        },
+        timing={
+            f"{t}/{n}": dict(
+                wall_s=round(r["wall_s"], 1), seed_steps_per_s=round(r["seed_steps_per_s"], 1)
+            )
+            for t, res in all_res.items()
+            for n, r in res.items()
+        },
+    )
 
 
 def _describe(d: dict) -> str:

@@ -38,7 +38,6 @@ def script():
         (["--threads", "0"], "--threads=0 is invalid"),
         (["--targets", "random_7"], "--targets='random_7' is invalid"),
         (["--methods", "gc9"], "--methods='gc9' is invalid"),
-        (["--methods", "cd", "gc0.5"], "include ct"),
         (["--full"], "--quick and --full"),
     ],
     ids=lambda a: " ".join(a) if isinstance(a, list) else a,
