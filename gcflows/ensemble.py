@@ -31,11 +31,29 @@ row and a ``gc_model`` of:
 
 For the vectorized step the GC model runs on every row and the GC rows are selected afterwards
 (the library runs it on the GC rows only): the same numbers, row by row.
+
+Recipe options every method shares (:class:`EnsembleSpec`; the convergence study,
+docs/convergence.md, uses them):
+
+- ``lr_schedule``: ``"constant"`` or ``"cosine"``; with ``lr_warmup`` steps of linear warm-up,
+  the rate at step ``k`` is :func:`learning_rate` (``lr * min(1, (k + 1) / warmup)`` times
+  ``(1 + cos(pi k / K)) / 2`` for the cosine, ``K = steps``), set before each Adam step.
+- ``curriculum_steps``: the ``K`` of the iCT curriculum (docs/paper.md section 2; default
+  ``steps``). ``N(k)`` reaches ``s1`` at about ``K (1 - 1 / (log2(s1 / s0) + 1))``; a larger
+  ``K`` than ``steps`` stretches the doubling over a longer virtual run.
+- ``eval_ema``: a warm-up EMA kept for evaluation (``Ensemble.eval_ema``), updated after every
+  step with decay ``min(eval_ema, 1 - (1 + k)^(-2/3))`` (``gcflows.ema.ema_decay``): an average
+  over the last ``~k^(2/3)`` steps, for every method (it never feeds the training, unlike the GC
+  generator's EMA).
+
+A non-finite loss of any seed stops the run before the weights are updated, with
+``gcflows.training.NonFiniteLossError`` naming the step and the seeds.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +76,7 @@ from gcflows.ema import EMA, ema_decay
 from gcflows.gmm import GaussianMixture
 from gcflows.kernels import interpolate_pair
 from gcflows.networks import ToyMLP
+from gcflows.training.loop import NonFiniteLossError
 from gcflows.velocity import TrueVelocity
 
 __all__ = [
@@ -68,12 +87,15 @@ __all__ = [
     "make_model",
     "train_ensemble",
     "train_sequential",
+    "learning_rate",
     "METHODS",
     "GC_MODELS",
+    "LR_SCHEDULES",
 ]
 
 METHODS = ("cd", "ct", "ot", "gc")
 GC_MODELS = ("ema", "const_ema", "online", "ideal")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -83,7 +105,9 @@ class EnsembleSpec:
     ``sigma_data``: the preconditioning's data standard deviation (per coordinate).
     ``ema_beta`` / ``ema_every``: the EMA used by ``gc_model="ema"`` (warm-up) and
     ``"const_ema"`` (constant, ``const_ema_every``). ``ideal_steps``: RK4 steps of the ideal
-    generator. ``s0``, ``s1``: the iCT curriculum over ``steps``.
+    generator. ``s0``, ``s1``: the iCT curriculum over ``curriculum_steps`` (None: ``steps``).
+    ``lr_schedule`` / ``lr_warmup``: :func:`learning_rate`. ``eval_ema``: beta of the evaluation
+    EMA kept for every method (None: none kept; module docstring).
     """
 
     method: str = "ct"
@@ -101,6 +125,10 @@ class EnsembleSpec:
     ema_every: int = 5
     const_ema_every: int = 1
     ideal_steps: int = 16
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    curriculum_steps: int | None = None
+    eval_ema: float | None = None
 
     def validate(self) -> EnsembleSpec:
         if self.method not in METHODS:
@@ -109,16 +137,32 @@ class EnsembleSpec:
             raise bad("EnsembleSpec.gc_model", self.gc_model, f"use one of {list(GC_MODELS)}")
         if not is_real(self.mu) or not 0.0 <= float(self.mu) <= 1.0:
             raise bad("EnsembleSpec.mu", self.mu, "use a probability in [0, 1]")
-        for name in ("steps", "batch", "hidden", "depth", "s0", "s1", "ema_every", "ideal_steps"):
+        ints = ("steps", "batch", "hidden", "depth", "s0", "s1", "ema_every", "const_ema_every")
+        for name in (*ints, "ideal_steps"):
             v = getattr(self, name)
             if not is_int(v) or v < 1:
                 raise bad(f"EnsembleSpec.{name}", v, "use an integer >= 1")
+        if self.s0 > self.s1:
+            raise bad("EnsembleSpec.s0", self.s0, f"use s0 <= s1 (s1={self.s1})")
         if self.method == "ot" and self.batch < 2:
             raise bad("EnsembleSpec.batch", self.batch, "use >= 2 rows for batch-OT")
         for name in ("lr", "sigma_data"):
             v = getattr(self, name)
-            if not is_real(v) or not float(v) > 0:
-                raise bad(f"EnsembleSpec.{name}", v, "use a positive float")
+            if not is_real(v) or not (math.isfinite(float(v)) and float(v) > 0):
+                raise bad(f"EnsembleSpec.{name}", v, "use a finite positive float")
+        if not is_real(self.ema_beta) or not 0.0 <= float(self.ema_beta) < 1.0:
+            raise bad("EnsembleSpec.ema_beta", self.ema_beta, "use a float in [0, 1) (0.9999)")
+        if self.eval_ema is not None and (
+            not is_real(self.eval_ema) or not 0.0 <= float(self.eval_ema) < 1.0
+        ):
+            raise bad("EnsembleSpec.eval_ema", self.eval_ema, "use None or a float in [0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("EnsembleSpec.lr_schedule", self.lr_schedule, f"use one of {LR_SCHEDULES}")
+        if not is_int(self.lr_warmup) or not 0 <= self.lr_warmup < self.steps:
+            raise bad("EnsembleSpec.lr_warmup", self.lr_warmup, "use an integer in [0, steps)")
+        k = self.curriculum_steps
+        if k is not None and (not is_int(k) or k < 1):
+            raise bad("EnsembleSpec.curriculum_steps", k, "use None (= steps) or an integer >= 1")
         return self
 
     def as_dict(self) -> dict:
@@ -143,7 +187,7 @@ def _objective(spec: EnsembleSpec, target: GaussianMixture) -> ConsistencyObject
         mu=float(spec.mu),
         s0=spec.s0,
         s1=spec.s1,
-        total_steps=spec.steps,
+        total_steps=spec.curriculum_steps or spec.steps,
         velocity=velocity,
     )
 
@@ -153,6 +197,40 @@ def _ema_settings(spec: EnsembleSpec) -> tuple[int, bool]:
     if spec.gc_model == "ema":
         return spec.ema_every, True
     return spec.const_ema_every, False
+
+
+def learning_rate(spec: EnsembleSpec, step: int) -> float:
+    """Adam's rate for the update of training ``step`` (0-based).
+
+    ``lr * w(k) * c(k)``: ``w(k) = min(1, (k + 1) / lr_warmup)`` (1 without warm-up) and
+    ``c(k) = (1 + cos(pi k / K)) / 2`` for ``lr_schedule="cosine"`` (``K = steps``; the last
+    step's rate is ``lr (1 + cos(pi (K - 1) / K)) / 2 > 0``), else 1."""
+    rate = float(spec.lr)
+    if spec.lr_warmup > 0:
+        rate *= min(1.0, (step + 1) / spec.lr_warmup)
+    if spec.lr_schedule == "cosine":
+        rate *= 0.5 * (1.0 + math.cos(math.pi * step / spec.steps))
+    return rate
+
+
+def _set_lr(opt: torch.optim.Optimizer, spec: EnsembleSpec, step: int) -> None:
+    if spec.lr_schedule != "constant" or spec.lr_warmup > 0:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(spec, step)
+
+
+def _check_losses(step: int, losses: Tensor, seeds: Sequence[int]) -> None:
+    """``NonFiniteLossError`` if a seed's loss is NaN / inf (before any weight is updated)."""
+    finite = torch.isfinite(losses)
+    if not bool(finite.all()):
+        which = [seeds[i] for i in torch.nonzero(~finite).flatten().tolist()]
+        raise NonFiniteLossError(
+            f"training stopped at step {step}: non-finite loss for seeds {which}; the weights "
+            "were not updated. Lower lr or check the target",
+            step=step,
+            last_checkpoint=None,
+            last_good_step=step,
+        )
 
 
 def _ideal(target: GaussianMixture, steps: int) -> Callable[[Tensor, Tensor], Tensor]:
@@ -236,6 +314,7 @@ class Ensemble:
     single-seed parameter names to ``(S, ...)`` tensors (``params`` are ``module``'s own
     parameters, updated in place); ``buffers``: the seeds' buffers stacked ``(S, ...)``.
     ``losses`` / ``pair_costs``: one ``(S,)`` tensor per step (loss; mean ``||data - noise||^2``).
+    ``eval_ema``: the evaluation EMA (``spec.eval_ema``; None when not kept), as ``ema``.
     """
 
     seeds: list[int]
@@ -247,6 +326,7 @@ class Ensemble:
     ema: dict[str, Tensor] | None = None
     losses: list[Tensor] = field(default_factory=list)
     pair_costs: list[Tensor] = field(default_factory=list)
+    eval_ema: dict[str, Tensor] | None = None
 
     def apply(self, x: Tensor, t: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
         """``f_s(x_s, t_s)`` for every seed: ``x (S, B, d)``, ``t (S, B)`` -> ``(S, B, d)``.
@@ -265,10 +345,11 @@ class Ensemble:
             out = functional_call(self.module, weights, (flat_x, flat_t))
         return out.reshape(x.shape)
 
-    def seed_model(self, i: int, use_ema: bool = False) -> nn.Module:
-        """Seed ``i`` as an ordinary ``ConsistencyModel`` (a copy of its weights)."""
+    def seed_model(self, i: int, use_ema: bool = False, use_eval_ema: bool = False) -> nn.Module:
+        """Seed ``i`` as an ordinary ``ConsistencyModel`` (a copy of its weights, of its GC EMA
+        with ``use_ema``, of its evaluation EMA with ``use_eval_ema``)."""
         model = make_model(self.dim, self.spec, self.seeds[i])
-        src = self.ema if use_ema else self.params
+        src = self.eval_ema if use_eval_ema else self.ema if use_ema else self.params
         state = {k: v[i].detach().clone() for k, v in src.items()}
         state.update({k: v[i].clone() for k, v in self.buffers.items()})
         model.load_state_dict(state)
@@ -393,6 +474,10 @@ def train_ensemble(
         ens.ema = {k: v.detach().clone() for k, v in params.items()}
         ema_every, warmup = _ema_settings(spec)
         ema_list, param_list = list(ens.ema.values()), [p.detach() for p in params.values()]
+    if spec.eval_ema is not None:
+        ens.eval_ema = {k: v.detach().clone() for k, v in params.items()}
+        eval_list = list(ens.eval_ema.values())
+        online_list = [p.detach() for p in params.values()]
     opt = _adam(list(params.values()), spec.lr)
     objective = _objective(spec, target)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -436,10 +521,15 @@ def train_ensemble(
             f_hi = module(x_hi, t_hi.reshape(-1))
             dist = pseudo_huber(f_lo, f_hi, c).reshape(s_count, b)
             per_seed = (weight * dist).mean(1)
+            _check_losses(step, per_seed.detach(), seeds)
             opt.zero_grad(set_to_none=True)
             per_seed.sum().backward()
+            _set_lr(opt, spec, step)
             opt.step()
             ens.losses.append(per_seed.detach())
+            if ens.eval_ema is not None:
+                d_eval = ema_decay(step, spec.eval_ema, warmup=True)
+                torch._foreach_lerp_(eval_list, online_list, 1.0 - d_eval)
             if uses_ema and step % ema_every == 0:
                 d = ema_decay(step, spec.ema_beta, warmup=warmup)
                 torch._foreach_lerp_(ema_list, param_list, 1.0 - d)
@@ -479,7 +569,8 @@ def train_sequential(
     """One seed with the library objective and an ordinary module: the reference of
     :func:`train_ensemble` (same draws, same numbers). Returns the model, its EMA (or None) and
     the losses. ``callback(step, model)`` runs after the steps in ``callback_steps`` (0 = before
-    training), as in :func:`train_ensemble`."""
+    training), as in :func:`train_ensemble`. With ``spec.eval_ema`` the evaluation EMA is
+    ``model.eval_ema`` (a ``gcflows.ema.EMA``; attached, not a submodule)."""
     spec = copy.copy(spec).validate()
     model = make_model(target.dim, spec, seed)
     # foreach: the library's Adam (gcflows.training.build_optimizer), the fastest per-seed
@@ -496,6 +587,10 @@ def train_sequential(
         gc_model = {"online": model, "ideal": _ideal(target, spec.ideal_steps)}.get(
             spec.gc_model, ema
         )
+    eval_ema = None
+    if spec.eval_ema is not None:
+        eval_ema = EMA(model, beta=spec.eval_ema, update_every=1, warmup=True)
+        object.__setattr__(model, "eval_ema", eval_ema)  # not a submodule: state_dict unchanged
     losses = []
     checkpoints = set(int(k) for k in callback_steps)
     if callback is not None and 0 in checkpoints:
@@ -503,10 +598,14 @@ def train_sequential(
     for step in range(spec.steps):
         data = target.sample(spec.batch, generator=g).float()
         out = objective(model, data, step, generator=g, gc_model=gc_model)
+        _check_losses(step, out.loss.detach().reshape(1), [seed])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        _set_lr(opt, spec, step)
         opt.step()
         losses.append(float(out.loss.detach()))
+        if eval_ema is not None:
+            eval_ema.update(model, step)
         if ema is not None:
             ema.update(model, step)
         if callback is not None and step + 1 in checkpoints:

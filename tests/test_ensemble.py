@@ -9,6 +9,8 @@ steps while a wrong draw, a wrong order of draws or a mixed-up seed changes the 
 ``~lr`` per step and the losses by their whole size.
 """
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -194,3 +196,117 @@ def test_callback_steps_and_bad_arguments():
         train_ensemble(target, _spec("xx", "ema"), [0])
     with pytest.raises(ValueError, match="gc_model"):
         train_ensemble(target, _spec("gc", "teacher"), [0])
+
+
+def test_recipe_options_match_sequential():
+    """Learning-rate warm-up and cosine decay, a stretched curriculum and the evaluation EMA:
+    each seed's weights, losses and evaluation EMA equal its sequential run (same tolerance)."""
+    target = get_preset("random_16")
+    spec = _spec(
+        "gc",
+        "online",
+        steps=10,
+        lr_schedule="cosine",
+        lr_warmup=3,
+        curriculum_steps=30,
+        s1=16,
+        eval_ema=0.9,
+    )
+    ens = train_ensemble(target, spec, [1, 4])
+    _assert_seeds_match(ens, target, spec, [1, 4])
+    for i, seed in enumerate((1, 4)):
+        model, _, _ = train_sequential(target, spec, seed)
+        ref = model.eval_ema.module.state_dict()
+        for k, v in ens.eval_ema.items():
+            torch.testing.assert_close(v[i], ref[k], **TOL)
+        # the evaluation EMA is an average, not the online weights
+        key = "backbone.out.weight"
+        assert not torch.allclose(ens.eval_ema[key][i], ens.params[key][i].detach())
+    # without eval_ema none is kept
+    assert train_ensemble(target, _spec("ct", "ema", steps=2), [0]).eval_ema is None
+
+
+def test_eval_ema_is_the_warmup_average():
+    """The evaluation EMA after K steps is sum_k w_k theta_k with the warm-up decays
+    d_k = min(beta, 1 - (1 + k)^(-2/3)): checked against the online weights recorded at every
+    step (float64 arithmetic here, float32 there: rtol 1e-5)."""
+    from gcflows.ema import ema_decay
+
+    target = get_preset("random_16")
+    spec = _spec("ct", "ema", steps=6, eval_ema=0.5)
+    thetas = []
+    ens = train_ensemble(
+        target,
+        spec,
+        [2],
+        callback=lambda step, e: thetas.append(e.params["backbone.out.bias"][0].detach().clone()),
+        callback_steps=range(1, 7),
+    )
+    avg = torch.zeros_like(thetas[0], dtype=torch.float64)
+    for k, theta in enumerate(thetas):
+        d = ema_decay(k, 0.5, warmup=True)
+        avg = d * avg + (1 - d) * theta.double()
+    got = ens.eval_ema["backbone.out.bias"][0].double()
+    torch.testing.assert_close(got, avg, rtol=1e-5, atol=1e-7)
+    # beta 0.5 caps the decay from step 1 on: the last weight is 0.5, not the warm-up's 1 - 7^-2/3
+    assert ema_decay(5, 0.5) == 0.5
+
+
+def test_learning_rate_schedule_closed_form():
+    from gcflows.ensemble import learning_rate
+
+    spec = _spec("ct", "ema", steps=100, lr=2e-3, lr_schedule="cosine", lr_warmup=10)
+    assert learning_rate(spec, 0) == pytest.approx(2e-3 * 0.1 * 0.5 * (1 + math.cos(0)))
+    assert learning_rate(spec, 9) == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 0.09)))
+    assert learning_rate(spec, 50) == pytest.approx(1e-3)
+    assert 0 < learning_rate(spec, 99) < 2e-3 * 1e-3
+    const = _spec("ct", "ema", steps=100, lr=2e-3)
+    assert learning_rate(const, 0) == learning_rate(const, 99) == 2e-3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("lr", 0.0),
+        ("ema_beta", 1.0),
+        ("ema_beta", 1.5),
+        ("ema_beta", -0.1),
+        ("const_ema_every", -1),
+        ("const_ema_every", 0),
+        ("ema_every", 0),
+        ("sigma_data", float("inf")),
+        ("eval_ema", 1.0),
+        ("eval_ema", "0.9"),
+        ("lr_schedule", "step"),
+        ("lr_warmup", -1),
+        ("lr_warmup", 8),  # = steps: no step left at the full rate
+        ("curriculum_steps", 0),
+        ("s0", 9),  # > s1 = 8
+        ("mu", 1.5),
+    ],
+)
+def test_spec_rejects_what_cannot_work(field, value):
+    with pytest.raises(ValueError, match=rf"EnsembleSpec\.{field}="):
+        _spec("gc", "ema", **{field: value}).validate()
+    # train_ensemble validates before any work
+    with pytest.raises(ValueError, match=rf"EnsembleSpec\.{field}="):
+        train_ensemble(get_preset("random_16"), _spec("gc", "ema", **{field: value}), [0])
+
+
+def test_non_finite_loss_stops_with_the_library_error():
+    """A learning rate that blows the weights up: the run stops at the first non-finite loss
+    with NonFiniteLossError (the error gcflows.training.train raises), naming step and seeds;
+    the sequential reference stops at the same step."""
+    from gcflows.training import NonFiniteLossError
+
+    target = get_preset("random_16")
+    spec = _spec("ct", "ema", lr=1e30, steps=6)
+    msg = r"step \d+: non-finite loss for seeds \["
+    with pytest.raises(NonFiniteLossError, match=msg) as ens_err:
+        train_ensemble(target, spec, [0, 1])
+    with pytest.raises(NonFiniteLossError) as seq_err:
+        train_sequential(target, spec, 0)
+    assert 1 <= ens_err.value.step < 6
+    assert seq_err.value.step == ens_err.value.step

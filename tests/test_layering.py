@@ -37,7 +37,9 @@ LAYERS = {
     "consistency": 4,
     "sampling": 5,
     "continuous": 5,
-    "ensemble": 5,
+    "mixture_eval": 5,
+    "curves": 2,
+    "ensemble": 7,  # raises gcflows.training.NonFiniteLossError
     "training": 6,
     "presets": 0,  # plain data: imports nothing (gcflows.training.images resolves the presets)
     "discrepancy": 7,

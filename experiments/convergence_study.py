@@ -1,0 +1,463 @@
+"""Convergence study: CD (positive control), CT, batch-OT and GC trained to a plateau, with curves.
+
+    python experiments/convergence_study.py [--quick | --full] [--seeds 10] [--out runs] [--quiet]
+
+Design (docs/convergence.md): on the 64-D random mixture and the digits-like mixture (``--full``
+adds the 256-D random mixture), every method of ``METHODS`` (CD with the exact velocity, CT,
+batch-OT at the training batch, GC with the authors' warm-up EMA at mu = 0.3 and 0.5, with the
+online network and with the ideal generator at mu = 0.5) is trained for ``--seeds`` seeds through
+the vectorized ensemble (``gcflows.ensemble``; seeds paired across methods: the same initial
+weights and draws where the methods draw alike) with one recipe (``RECIPE``: network, steps,
+learning-rate schedule, curriculum). Every model is read through an EMA of its weights
+(``EnsembleSpec.eval_ema``) at ``N_CHECKPOINTS`` checkpoints (consistency error, one-step sample
+metrics) and at the end (``gcflows.mixture_eval.evaluate``: one- and two-step samples; the online
+weights too, to show what the EMA removes).
+
+Reported (``results.json``, tables on stdout, ``learning_curves.png``):
+
+- the **positive control**: CD - CT per metric at the end, paired by seed (95 % t-interval), and
+  CT's last-quarter improvement (``gcflows.curves.last_quarter_improvement``) per metric: the
+  recipe is accepted when CT improves by < 5 % over the last quarter on the primary metric and
+  CD - CT excludes zero there;
+- every method against CT (paired differences, all final metrics);
+- **speed-up factors** on the primary metric (``gcflows.curves.speedup``): steps to reach CT's
+  final quality and CT's quality at half the budget, as a ratio to CT's, bootstrap interval;
+- ``--robustness``: GC (mu = 0.5) against CT at half and twice the learning rate, and GC with a
+  constant 0.9999 EMA generator.
+
+The primary metric is ``PRIMARY`` (fixed in docs/convergence.md before the GC rows were run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gcflows import checks
+from gcflows.curves import band, last_quarter_improvement, paired_difference, speedup
+from gcflows.ensemble import EnsembleSpec, train_ensemble
+from gcflows.gmm import GaussianMixture, get_preset
+from gcflows.mixture_eval import METRICS, consistency_error, evaluate, make_eval_set
+from gcflows.mixture_eval import sample_metrics as _sample_metrics
+from gcflows.mixture_eval import samples as _samples
+from gcflows.progress import Progress
+from gcflows.records import (
+    check_writable,
+    make_run_dir,
+    print_table,
+    write_config,
+    write_results,
+)
+
+TARGETS = ["random_64", "digits_mixture"]
+FULL_TARGETS = ["random_256"]
+METHODS = {
+    # name: (method, mu, gc_model)
+    "cd": ("cd", 0.0, "ema"),
+    "ct": ("ct", 0.0, "ema"),
+    "ot": ("ot", 0.0, "ema"),
+    "gc0.3": ("gc", 0.3, "ema"),
+    "gc0.5": ("gc", 0.5, "ema"),
+    "gc0.5-online": ("gc", 0.5, "online"),
+    "gc0.5-ideal": ("gc", 0.5, "ideal"),
+}
+# --robustness: name -> (base method name, learning-rate factor, gc_model override)
+# run only with --full: GC with the ideal generator on the digits-like mixture (its RK4 flow map
+# takes the full-covariance velocity per row: about 5x a CT step; docs/convergence.md)
+FULL_ONLY = {("digits_mixture", "gc0.5-ideal")}
+ROBUSTNESS = {
+    "ct@lr/2": ("ct", 0.5, None),
+    "gc0.5@lr/2": ("gc0.5", 0.5, None),
+    "ct@lr*2": ("ct", 2.0, None),
+    "gc0.5@lr*2": ("gc0.5", 2.0, None),
+    "gc0.5-constema": ("gc0.5", 1.0, "const_ema"),
+}
+#: the primary metric (docs/convergence.md): an exact sample metric, fair to every coupling; named
+#: before any GC row was run, from a 3-seed pilot of CD and CT (one-step sliced W2 ranked CD
+#: below CT there)
+PRIMARY = "mode_tv_1step"
+#: metrics followed along training (evaluation EMA), and the figure's rows
+CURVE_METRICS = ("cons_err", "sw2_1step", "mode_tv_1step", "mean_err_1step")
+N_CHECKPOINTS = 12
+RECIPE = dict(
+    hidden=128,
+    depth=3,
+    batch=256,
+    steps=800,
+    lr=5e-4,
+    lr_schedule="cosine",
+    lr_warmup=0,
+    s0=10,
+    s1=1280,
+    eval_ema=0.999,
+    ideal_steps=12,
+)
+QUICK_RECIPE = dict(RECIPE, hidden=32, depth=2, batch=64, steps=48, s1=20, ideal_steps=4)
+EVAL = dict(n_flow=256, n_ref=4000, n_samples=4000, n_curve=1000)
+QUICK_EVAL = dict(n_flow=32, n_ref=200, n_samples=200, n_curve=100)
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run (< 60 s): tiny networks")
+    p.add_argument("--full", action="store_true", help="adds the 256-D random mixture")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (10; quick 3)")
+    p.add_argument("--steps", type=int, default=None, help=f"steps ({RECIPE['steps']})")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate ({RECIPE['lr']})")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None, help="(cosine)")
+    p.add_argument("--s1", type=int, default=None, help=f"final grid intervals ({RECIPE['s1']})")
+    p.add_argument("--hidden", type=int, default=None, help=f"width ({RECIPE['hidden']})")
+    p.add_argument("--targets", nargs="+", default=None, help=f"subset of {TARGETS + FULL_TARGETS}")
+    p.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHODS)}")
+    p.add_argument("--robustness", action="store_true", help="adds the robustness runs")
+    p.add_argument("--out", default="runs", help="parent folder of the run folder")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: best when shared)")
+    p.add_argument("--quiet", action="store_true", help="one log line per job, no progress bar")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check every argument before any work (one ``error:`` line and exit 2)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.quick and args.full:
+        raise ValueError("--quick and --full together are contradictory: pick one")
+    if args.seeds is None:
+        args.seeds = 3 if args.quick else 10
+    checks.integer(args.seeds, "--seeds", lo=2, fix="use >= 2 (paired intervals need 2 seeds)")
+    if args.steps is not None:
+        checks.integer(
+            args.steps, "--steps", lo=N_CHECKPOINTS, fix=f"use >= {N_CHECKPOINTS} (checkpoints)"
+        )
+    if args.lr is not None:
+        checks.real(args.lr, "--lr", lo_open=0.0, fix="use a finite positive learning rate")
+    if args.s1 is not None:
+        checks.integer(args.s1, "--s1", lo=RECIPE["s0"], fix=f"use >= s0 = {RECIPE['s0']}")
+    if args.hidden is not None:
+        checks.integer(args.hidden, "--hidden", lo=1)
+    checks.integer(args.threads, "--threads", lo=1)
+    known = TARGETS + FULL_TARGETS
+    for name in args.targets or []:
+        checks.choice(name, "--targets", known)
+    for name in args.methods or []:
+        checks.choice(name, "--methods", list(METHODS))
+    check_writable(args.out)
+    for spec in specs_of(args, design(args)["recipe"], 1.0).values():
+        spec.validate()
+
+
+def design(args: argparse.Namespace) -> dict:
+    """Targets, methods, recipe and evaluation sizes of this run (flags applied)."""
+    recipe = dict(QUICK_RECIPE if args.quick else RECIPE)
+    for key in ("steps", "lr", "s1", "hidden"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    if args.lr_schedule is not None:
+        recipe["lr_schedule"] = args.lr_schedule
+    targets = args.targets or (["random_64"] if args.quick else TARGETS)
+    if args.full and not args.targets:
+        targets = TARGETS + FULL_TARGETS
+    return dict(
+        targets=list(targets),
+        runs=design_runs(args),
+        recipe=recipe,
+        eval=dict(QUICK_EVAL if args.quick else EVAL),
+        checkpoints=checkpoints(recipe["steps"]),
+        primary=PRIMARY,
+    )
+
+
+def checkpoints(steps: int) -> list[int]:
+    """``N_CHECKPOINTS`` evenly spaced steps ending at ``steps`` (one at 3/4 when 4 divides it)."""
+    return sorted({round(steps * q / N_CHECKPOINTS) for q in range(1, N_CHECKPOINTS + 1)})
+
+
+def sigma_data(target: GaussianMixture) -> float:
+    """The mixture's standard deviation per coordinate (the preconditioning's sigma_data)."""
+    var = float(target.second_moment() - (target.mean() ** 2).sum()) / target.dim
+    return math.sqrt(var)
+
+
+def specs_of(args, recipe: dict, sd: float) -> dict[str, EnsembleSpec]:
+    """One ``EnsembleSpec`` per run name."""
+    out = {}
+    for name, (base, lr_factor, gc_override) in design_runs(args).items():
+        method, mu, gc_model = METHODS[base]
+        out[name] = EnsembleSpec(
+            method=method,
+            mu=mu if method == "gc" else 0.5,
+            gc_model=gc_override or gc_model,
+            sigma_data=sd,
+            **{**recipe, "lr": recipe["lr"] * lr_factor},
+        )
+    return out
+
+
+def design_runs(args) -> dict:
+    runs = {m: (m, 1.0, None) for m in (args.methods or METHODS)}
+    if args.robustness:
+        runs.update(ROBUSTNESS)
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# training and evaluation
+# ------------------------------------------------------------------------------------------------
+def curve_point(target, ens, ev, n: int) -> dict[str, list[float]]:
+    """The curve metrics of every seed's evaluation EMA at one checkpoint."""
+    s = len(ens.seeds)
+
+    def apply(x, t):
+        return ens.apply(x, t, ens.eval_ema)
+
+    out = {"cons_err": consistency_error(apply, s, ev).mean(1).double().tolist()}
+    x = _samples(apply, s, target.dim, n, 1, torch.Generator().manual_seed(5))
+    rows = [_sample_metrics(target, x[i], ev.ref) for i in range(s)]
+    for m in ("sw2", "mode_tv", "mean_err"):
+        out[f"{m}_1step"] = [r[m] for r in rows]
+    return out
+
+
+def run_one(target, spec: EnsembleSpec, seeds: list[int], ev, cfg: dict) -> dict:
+    """Train one method's seeds; its curves (evaluation EMA) and final metrics (EMA, online)."""
+    curve: dict[str, list] = {m: [] for m in CURVE_METRICS}
+
+    def callback(step, ens):
+        for k, v in curve_point(target, ens, ev, cfg["eval"]["n_curve"]).items():
+            curve[k].append(v)
+
+    t0 = time.perf_counter()
+    ens = train_ensemble(target, spec, seeds, callback=callback, callback_steps=cfg["checkpoints"])
+    wall = time.perf_counter() - t0
+    s, n = len(seeds), cfg["eval"]["n_samples"]
+    final = evaluate(target, lambda x, t: ens.apply(x, t, ens.eval_ema), s, ev, n)
+    online = evaluate(target, ens.apply, s, ev, n)
+    return dict(
+        curves={k: np.asarray(v).T for k, v in curve.items()},  # (S, C)
+        final=final,
+        online=online,
+        wall_s=wall,
+        seed_steps_per_s=s * spec.steps / wall,
+        pair_cost_per_d=(torch.stack(ens.pair_costs)[-spec.steps // 4 :].mean(0) / target.dim)
+        .double()
+        .numpy(),
+    )
+
+
+def analyse(res: dict[str, dict], steps: list[int], primary: str) -> dict:
+    """Positive control, CT's plateau, paired differences and speed-ups of one target."""
+    out: dict = {}
+    ct = res["ct"]
+    out["ct_last_quarter"] = {
+        m: last_quarter_improvement(ct["curves"][m], steps).as_dict() for m in CURVE_METRICS
+    }
+    out["paired_vs_ct"] = {
+        name: {m: paired_difference(r["final"][m], ct["final"][m]).as_dict() for m in METRICS}
+        for name, r in res.items()
+        if name != "ct"
+    }
+    out["paired_vs_ct_online"] = {
+        name: {m: paired_difference(r["online"][m], ct["online"][m]).as_dict() for m in METRICS}
+        for name, r in res.items()
+        if name != "ct"
+    }
+    half = steps.index(min(steps, key=lambda k: abs(k - steps[-1] / 2)))
+    half_level = float(ct["curves"][primary][:, half].mean())
+    out["speedup"] = {}
+    for name, r in res.items():
+        if name == "ct":
+            continue
+        out["speedup"][name] = {
+            "ct_final": speedup(r["curves"][primary], ct["curves"][primary], steps).as_dict(),
+            "ct_half": speedup(
+                r["curves"][primary], ct["curves"][primary], steps, level=half_level
+            ).as_dict(),
+        }
+    # GC against CT at the same learning rate (robustness)
+    for lr_tag in ("@lr/2", "@lr*2"):
+        c, g = res.get(f"ct{lr_tag}"), res.get(f"gc0.5{lr_tag}")
+        if c is not None and g is not None:
+            out.setdefault("robustness", {})[f"gc0.5 - ct {lr_tag}"] = {
+                m: paired_difference(g["final"][m], c["final"][m]).as_dict() for m in METRICS
+            }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# figure and tables
+# ------------------------------------------------------------------------------------------------
+def figure(run_dir: Path, all_res: dict, steps: list[int]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(all_res)
+    fig, axes = plt.subplots(
+        len(CURVE_METRICS),
+        len(targets),
+        figsize=(4.2 * len(targets), 2.6 * len(CURVE_METRICS)),
+        squeeze=False,
+    )
+    for j, tname in enumerate(targets):
+        for name, r in all_res[tname].items():
+            if name in ROBUSTNESS:
+                continue
+            for i, m in enumerate(CURVE_METRICS):
+                mean, hw = band(r["curves"][m], steps)
+                ax = axes[i][j]
+                (line,) = ax.plot(steps, mean, marker="o", ms=2.5, lw=1.2, label=name)
+                ax.fill_between(steps, mean - hw, mean + hw, color=line.get_color(), alpha=0.2)
+        for i, m in enumerate(CURVE_METRICS):
+            axes[i][j].set_yscale("log")
+            axes[i][j].set_ylabel(m + (" (primary)" if m == PRIMARY else ""), fontsize=8)
+        axes[0][j].set_title(f"{tname} (evaluation EMA; mean, 95 % band)", fontsize=9)
+        axes[-1][j].set_xlabel("training step")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = run_dir / "learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _fmt(iv: dict) -> str:
+    return f"{iv['mean']:+.3g} [{iv['lo']:+.3g}, {iv['hi']:+.3g}]"
+
+
+def summary(results: dict) -> None:
+    primary = results["design"]["primary"]
+    for tname, a in results["analysis"].items():
+        pc = a["paired_vs_ct"].get("cd")
+        if pc is not None:
+            rows = [
+                {
+                    "metric": m,
+                    "CD - CT (95 % CI)": _fmt(pc[m]),
+                    "CT last-quarter improvement": _fmt(a["ct_last_quarter"][m])
+                    if m in a["ct_last_quarter"]
+                    else "",
+                }
+                for m in METRICS
+            ]
+            print_table(rows, title=f"{tname}: positive control (primary {primary})")
+        rows = []
+        for name, per in a["paired_vs_ct"].items():
+            row = {"method": name}
+            for m in ("sw2_1step", "mode_tv_1step", "sw2_2step", "cons_err"):
+                row[m] = _fmt(per[m])
+            rows.append(row)
+        print_table(rows, title=f"{tname}: method - CT at the end (evaluation EMA)")
+        rows = [
+            {
+                "method": name,
+                "to CT final": sp["ct_final"]["describe"],
+                "to CT at half": sp["ct_half"]["describe"],
+            }
+            for name, sp in a["speedup"].items()
+        ]
+        print_table(rows, title=f"{tname}: steps to reach CT's {primary}, ratio to CT's")
+
+
+# ------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = design(args)
+    torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds))
+    run_dir = make_run_dir(args.out, "convergence_quick" if args.quick else "convergence")
+    write_config(run_dir, args, seeds, settings=cfg)
+    n_jobs = sum(
+        (t, n) not in FULL_ONLY or args.full or bool(args.methods)
+        for t in cfg["targets"]
+        for n in cfg["runs"]
+    )
+    bar = Progress(n_jobs, "convergence_study", quiet=args.quiet)
+    start, cpu0 = time.perf_counter(), time.process_time()
+    all_res: dict = {}
+    rows: list[dict] = []
+    analysis: dict = {}
+    for tname in cfg["targets"]:
+        target = get_preset(tname)
+        ev = make_eval_set(target, cfg["eval"]["n_flow"], cfg["eval"]["n_ref"])
+        specs = specs_of(args, cfg["recipe"], sigma_data(target))
+        res = {}
+        for name, spec in specs.items():
+            if (tname, name) in FULL_ONLY and not (args.full or args.methods):
+                continue
+            r = run_one(target, spec, seeds, ev, cfg)
+            res[name] = r
+            for i, seed in enumerate(seeds):
+                row = dict(target=tname, method=name, seed=seed)
+                row.update({m: float(r["final"][m][i]) for m in METRICS})
+                row.update({f"online_{m}": float(r["online"][m][i]) for m in METRICS})
+                row["pair_cost_per_d"] = float(r["pair_cost_per_d"][i])
+                rows.append(row)
+            bar.done(f"{tname} {name} ({len(seeds)} seeds)", r["wall_s"])
+            # what is done so far, in case the run is stopped (no analysis yet)
+            partial = {t: dict(r) for t, r in all_res.items()}
+            partial[tname] = res
+            write_results(run_dir, {"partial": True, "design": cfg, **_curves(partial)}, rows)
+        all_res[tname] = res
+        if "ct" in res:  # without the baseline (a --methods subset), curves and rows only
+            analysis[tname] = analyse(res, cfg["checkpoints"], cfg["primary"])
+            for sp in analysis[tname]["speedup"].values():
+                for key, d in sp.items():
+                    sp[key] = {**d, "describe": _describe(d)}
+    bar.close()
+    results = dict(
+        design=cfg,
+        analysis=analysis,
+        **_curves(all_res),
+        figures=[figure(run_dir, all_res, cfg["checkpoints"])],
+        wall_s=round(time.perf_counter() - start, 1),
+        cpu_s=round(time.process_time() - cpu0, 1),
+    )
+    write_results(run_dir, results, rows)
+    summary(results)
+    print(f"run folder: {run_dir}  wall {results['wall_s']} s  cpu {results['cpu_s']} s")
+    return results
+
+
+def _curves(all_res: dict) -> dict:
+    """``{"curves": target -> run -> metric -> (S, C) lists, "timing": ...}`` of finished runs."""
+    return dict(
+        curves={
+            t: {n: {m: v.tolist() for m, v in r["curves"].items()} for n, r in res.items()}
+            for t, res in all_res.items()
+        },
+        timing={
+            f"{t}/{n}": dict(
+                wall_s=round(r["wall_s"], 1), seed_steps_per_s=round(r["seed_steps_per_s"], 1)
+            )
+            for t, res in all_res.items()
+            for n, r in res.items()
+        },
+    )
+
+
+def _describe(d: dict) -> str:
+    from gcflows.curves import SpeedUp
+
+    return SpeedUp(**{k: d[k] for k in SpeedUp.__dataclass_fields__}).describe()
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
