@@ -402,12 +402,7 @@ def sinkhorn_coupling(
             warn=False,
         )
     n_iter = int(log["niter"]) + 1
-    finite = bool(torch.isfinite(plan).all())
-    err = (
-        max(float((plan.sum(1) - w).abs().sum()), float((plan.sum(0) - w).abs().sum()))
-        if finite
-        else math.inf
-    )
+    err = _marginal_error(plan, w)
     if not err <= tol:
         reason = (
             f"sinkhorn did not converge: marginal error {err:.3e} > tol {tol:.3e} after "
@@ -435,6 +430,13 @@ def sinkhorn_coupling(
             f" reg={reg} x mean cost {scale:.4g}; noise drawn from plan rows (with replacement)"
         ),
     )
+
+
+def _marginal_error(plan: Tensor, w: Tensor) -> float:
+    """``max(|P 1 - w|_1, |P^T 1 - w|_1)``, the mass a plan misplaces (inf if not finite)."""
+    if not bool(torch.isfinite(plan).all()):
+        return math.inf
+    return max(float((plan.sum(1) - w).abs().sum()), float((plan.sum(0) - w).abs().sum()))
 
 
 def generator_induced_coupling(

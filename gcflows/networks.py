@@ -194,6 +194,49 @@ class _Up(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _check_unet(
+    in_channels,
+    base_channels,
+    channel_mults,
+    num_blocks,
+    dropout,
+    attn_resolutions,
+    image_size,
+    num_heads,
+    num_groups,
+) -> tuple[list[int], list[int], set[int]]:
+    """The checks of :class:`UNet`'s arguments; returns the channel multipliers, the resolution of
+    each level and the attention resolutions."""
+    for name, val in (
+        ("in_channels", in_channels),
+        ("base_channels", base_channels),
+        ("num_blocks", num_blocks),
+        ("image_size", image_size),
+        ("num_heads", num_heads),
+        ("num_groups", num_groups),
+    ):
+        integer(val, name, lo=1, where="UNet")
+    mults = [int(m) for m in channel_mults]
+    if not mults or any(m < 1 for m in mults):
+        raise ValueError(f"channel_mults must be a non-empty list of positive ints, got {mults}")
+    if image_size % (2 ** (len(mults) - 1)):
+        raise ValueError(
+            f"image_size {image_size} must be divisible by 2^(len(channel_mults) - 1) = "
+            f"{2 ** (len(mults) - 1)}; use fewer levels or another size"
+        )
+    if base_channels % 2:
+        raise ValueError(f"base_channels must be even (embedding width), got {base_channels}")
+    real(dropout, "dropout", lo=0.0, hi_open=1.0, where="UNet")
+    resolutions = [image_size // 2**i for i in range(len(mults))]
+    attn = {int(r) for r in attn_resolutions}
+    unreachable = sorted(attn - set(resolutions))
+    if unreachable:
+        raise ValueError(
+            f"attn_resolutions {unreachable} are never reached; the levels run at {resolutions}"
+        )
+    return mults, resolutions, attn
+
+
 class UNet(nn.Module):
     """U-Net backbone for images ``(B, in_channels, image_size, image_size)``.
 
@@ -224,35 +267,17 @@ class UNet(nn.Module):
         time_scale: float = 1000.0,
     ) -> None:
         super().__init__()
-        for name, val in (
-            ("in_channels", in_channels),
-            ("base_channels", base_channels),
-            ("num_blocks", num_blocks),
-            ("image_size", image_size),
-            ("num_heads", num_heads),
-            ("num_groups", num_groups),
-        ):
-            integer(val, name, lo=1, where="UNet")
-        mults = [int(m) for m in channel_mults]
-        if not mults or any(m < 1 for m in mults):
-            raise ValueError(
-                f"channel_mults must be a non-empty list of positive ints, got {mults}"
-            )
-        if image_size % (2 ** (len(mults) - 1)):
-            raise ValueError(
-                f"image_size {image_size} must be divisible by 2^(len(channel_mults) - 1) = "
-                f"{2 ** (len(mults) - 1)}; use fewer levels or another size"
-            )
-        if base_channels % 2:
-            raise ValueError(f"base_channels must be even (embedding width), got {base_channels}")
-        real(dropout, "dropout", lo=0.0, hi_open=1.0, where="UNet")
-        resolutions = [image_size // 2**i for i in range(len(mults))]
-        attn = {int(r) for r in attn_resolutions}
-        unreachable = sorted(attn - set(resolutions))
-        if unreachable:
-            raise ValueError(
-                f"attn_resolutions {unreachable} are never reached; the levels run at {resolutions}"
-            )
+        mults, resolutions, attn = _check_unet(
+            in_channels,
+            base_channels,
+            channel_mults,
+            num_blocks,
+            dropout,
+            attn_resolutions,
+            image_size,
+            num_heads,
+            num_groups,
+        )
         self.in_channels, self.image_size = int(in_channels), int(image_size)
         self.out_channels = int(out_channels or in_channels)
         self.base_channels, self.time_scale = int(base_channels), float(time_scale)
