@@ -201,15 +201,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "find_checkpoint returns None (a fresh start) when checkpoint.pt is missing, ignoring an "
         "intact checkpoint.prev.pt",
     ),
-    # TODO(coordinator): the test ids of the next five, once the other branches are merged.
     Mutant(
-        "discrepancy-multistep-steps-minus-one",
-        "gcflows/discrepancy.py",
+        "flowmap-multistep-steps-minus-one",
+        "gcflows/flowmap.py",
         "[:, None] / steps",
         "[:, None] / (steps - 1)",
-        (),
+        ("tests/test_flowmap.py::test_multistep_schedule_is_equal_steps_in_log_sigma",),
         "the multistep flow map divides its schedule by steps - 1",
     ),
+    # TODO(coordinator): the test ids of the regression mutants, once that branch is merged.
     Mutant(
         "progress-workers-take-sigint",
         "gcflows/progress.py",
