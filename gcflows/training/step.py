@@ -107,8 +107,12 @@ def without_input_checks(model: nn.Module) -> nn.Module:
     ``check_inputs`` on (``ConsistencyModel``: a per-call time-domain check with a host sync), a
     shallow copy with the check off that shares its parameters, buffers and submodules (training
     and updates act on ``model``). The loop draws every time from the grid, checked against the
-    model's process once at set-up; ``model`` itself keeps its checks for callbacks and callers."""
+    model's process once at set-up; ``model`` itself keeps its checks for callbacks and callers.
+    A model compiled with ``model.compile()`` is returned as it is (a copy would not be
+    compiled)."""
     if getattr(model, "check_inputs", None) is not True:
+        return model
+    if getattr(model, "_compiled_call_impl", None) is not None:
         return model
     view = copy.copy(model)
     view.check_inputs = False
