@@ -72,7 +72,7 @@ from gcflows.consistency import (
     default_huber_c,
     pseudo_huber,
 )
-from gcflows.ema import EMA, ema_decay
+from gcflows.ema import EMA, EMARule, ema_decay, foreach_update_
 from gcflows.gmm import GaussianMixture
 from gcflows.kernels import interpolate_pair
 from gcflows.networks import ToyMLP
@@ -192,11 +192,12 @@ def _objective(spec: EnsembleSpec, target: GaussianMixture) -> ConsistencyObject
     )
 
 
-def _ema_settings(spec: EnsembleSpec) -> tuple[int, bool]:
-    """``(update_every, warmup)`` of the EMA that ``spec.gc_model`` uses."""
+def _ema_settings(spec: EnsembleSpec) -> EMARule:
+    """The rule of the EMA that ``spec.gc_model`` uses (``gcflows.ema``: the authors' for
+    ``"ema"``, the constant decay for ``"const_ema"``)."""
     if spec.gc_model == "ema":
-        return spec.ema_every, True
-    return spec.const_ema_every, False
+        return EMARule(spec.ema_beta, spec.ema_every, warmup=True)
+    return EMARule(spec.ema_beta, spec.const_ema_every, warmup=False)
 
 
 def learning_rate(spec: EnsembleSpec, step: int) -> float:
@@ -472,7 +473,7 @@ def train_ensemble(
     uses_ema = spec.method == "gc" and spec.gc_model in ("ema", "const_ema")
     if uses_ema:
         ens.ema = {k: v.detach().clone() for k, v in params.items()}
-        ema_every, warmup = _ema_settings(spec)
+        ema_rule, ema_updates = _ema_settings(spec), 0
         ema_list, param_list = list(ens.ema.values()), [p.detach() for p in params.values()]
     if spec.eval_ema is not None:
         ens.eval_ema = {k: v.detach().clone() for k, v in params.items()}
@@ -527,12 +528,11 @@ def train_ensemble(
             _set_lr(opt, spec, step)
             opt.step()
             ens.losses.append(per_seed.detach())
-            if ens.eval_ema is not None:
+            if ens.eval_ema is not None:  # warm-up decay at every step, from the initial weights
                 d_eval = ema_decay(step, spec.eval_ema, warmup=True)
-                torch._foreach_lerp_(eval_list, online_list, 1.0 - d_eval)
-            if uses_ema and step % ema_every == 0:
-                d = ema_decay(step, spec.ema_beta, warmup=warmup)
-                torch._foreach_lerp_(ema_list, param_list, 1.0 - d)
+                foreach_update_(eval_list, online_list, 1.0 - d_eval)
+            if uses_ema:
+                ema_updates += ema_rule.apply_(ema_list, param_list, step, ema_updates)
             if callback is not None and step + 1 in checkpoints:
                 callback(step + 1, ens)
     return ens
@@ -580,8 +580,8 @@ def train_sequential(
     g = torch.Generator().manual_seed(int(seed))
     ema = None
     if spec.method == "gc" and spec.gc_model in ("ema", "const_ema"):
-        every, warmup = _ema_settings(spec)
-        ema = EMA(model, beta=spec.ema_beta, update_every=every, warmup=warmup)
+        r = _ema_settings(spec)
+        ema = EMA(model, beta=r.beta, update_every=r.update_every, warmup=r.warmup)
     gc_model = None
     if spec.method == "gc":
         gc_model = {"online": model, "ideal": _ideal(target, spec.ideal_steps)}.get(

@@ -6,14 +6,17 @@ Models are tiny ToyMLPs so that every run takes well under a second (except the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lion_pytorch import Lion
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gcflows import training
 from gcflows.consistency import ConsistencyModel, ConsistencyObjective
@@ -501,15 +504,16 @@ def test_ema_is_the_decay_recurrence_of_the_online_weights():
     for k, v in res.ema_model.state_dict().items():
         # float32 recurrence evaluated in another order than torch._foreach_lerp_: a few ulps
         torch.testing.assert_close(v, ema[k], rtol=1e-6, atol=1e-7)
-    assert res.ema.n_averaged.item() == 5
+    assert res.ema.updates == 5
 
 
 def test_ema_fast_path_equals_averaged_model_bitwise():
-    """update_ema's cached foreach lerp is AveragedModel.update_parameters without the module
-    walk: the same averages bit for bit, the same n_averaged."""
+    """update_ema's plain EMA (gcflows.ema.EMA's cached foreach lerp) is torch's
+    AveragedModel.update_parameters with get_ema_multi_avg_fn: the same averages bit for bit,
+    the same number of updates."""
     model, decay = toy_model(hidden=8), 0.9
     fast = training.make_ema(model, decay)
-    reference = training.make_ema(model, decay)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     gen = torch.Generator().manual_seed(3)
     for step in range(1, 6):
         with torch.no_grad():
@@ -517,9 +521,11 @@ def test_ema_fast_path_equals_averaged_model_bitwise():
                 p.add_(torch.randn(p.shape, generator=gen))
         training.update_ema(fast, model, step)
         reference.update_parameters(model)
-        for a, b in zip(fast.state_dict().values(), reference.state_dict().values(), strict=True):
+        mine, theirs = fast.module.state_dict(), reference.module.state_dict()
+        assert mine.keys() == theirs.keys()
+        for a, b in zip(mine.values(), theirs.values(), strict=True):
             assert torch.equal(a, b)
-    assert fast.n_averaged.item() == reference.n_averaged.item() == 5
+    assert fast.updates == reference.n_averaged.item() == 5
 
 
 @pytest.mark.parametrize("name", ["adam", "radam"])
@@ -548,8 +554,9 @@ def test_foreach_optimizer_steps_equal_the_per_tensor_loop(name):
 
 def test_warmup_ema_follows_the_authors_decay_every_k_steps():
     """``ema_warmup=True, ema_every=3``: the average is updated after the optimiser steps with
-    0-based index k = 0, 3, 6, ... with decay ``min(beta, 1 - (1 + k)^(-2/3))``, so the first
-    update (decay 0) copies the network (docs/paper.md section 5)."""
+    0-based index k = 0, 3, 6, ...: the first two updates copy the network (ema-pytorch 0.2.3's
+    copy branch and its re-copy), the later ones lerp with decay ``min(beta, 1 - (1 + k)^(-2/3))``
+    (docs/paper.md section 5.3)."""
     beta, every = 0.95, 3
     seen: list[dict] = []
 
@@ -558,13 +565,14 @@ def test_warmup_ema_follows_the_authors_decay_every_k_steps():
 
     cfg = toy_config(None, ema_decay=beta, ema_warmup=True, ema_every=every, total_steps=8)
     res = train(cfg, toy_model(), GMM.sample, callbacks=[record])
-    ema = None
+    ema, done = None, 0
     for k, w in enumerate(seen):
         if k % every:
             continue
         d = min(beta, 1.0 - (1.0 + k) ** (-2.0 / 3.0))
-        ema = dict(w) if ema is None else {n: d * ema[n] + (1 - d) * w[n] for n in ema}
-    assert ema is not None and len(seen) == 8
+        ema = dict(w) if done < 2 else {n: d * ema[n] + (1 - d) * w[n] for n in ema}
+        done += 1
+    assert ema is not None and len(seen) == 8 and done == 3
     for n, v in res.ema_model.named_parameters():
         torch.testing.assert_close(v, ema[n], rtol=1e-6, atol=1e-7)  # a few float32 ulps
     assert int(res.ema.last_step) == 7
@@ -730,3 +738,61 @@ def test_toy_ct_learns_both_modes_of_two_gaussians():
     # both modes hold 30-70 % of the samples (equal weights; n = 1000, so sampling noise is 1.6 %)
     assert all(0.3 < f < 0.7 for f in cover["fractions"]), cover
     assert cover["outlier_fraction"] < 0.15, cover
+
+
+# ------------------------------------------------------------------------------------------------
+# the one EMA in training; models without input checks in the step, never toggled
+# ------------------------------------------------------------------------------------------------
+def test_training_steps_call_no_time_check_and_never_switch_the_models_checks(monkeypatch):
+    """The step calls the online and the EMA network through views without the per-call time
+    check (training.without_input_checks), so a GC run makes no check_time call once set up,
+    while callbacks and callers see the models as built, checks on, and a bad time is refused."""
+    calls, per_step, flags = [0], [], []
+    real = VEProcess.check_time
+
+    def counting(self, t, name="t"):
+        calls[0] += isinstance(sys._getframe(1).f_locals.get("self"), ConsistencyModel)
+        return real(self, t, name)
+
+    monkeypatch.setattr(VEProcess, "check_time", counting)
+    model = toy_model()
+
+    def record(info):
+        per_step.append(calls[0])
+        flags.append((info.model.check_inputs, info.ema_model.check_inputs))
+
+    cfg = toy_config(None, method="gc", mu=1.0, total_steps=4)
+    res = train(cfg, model, GMM.sample, callbacks=[record])
+    assert len(set(per_step)) == 1, per_step  # no check between the callbacks of steps 1..4
+    assert flags == [(True, True)] * 4 and model.check_inputs and res.ema_model.check_inputs
+    for net in (model, res.ema_model):
+        with pytest.raises(ValueError, match="t must lie in"):
+            net(torch.zeros(2, 2), 100.0)
+
+
+def test_without_input_checks_shares_the_weights_and_leaves_the_model_alone():
+    model = toy_model()
+    view = training.without_input_checks(model)
+    assert view is not model and view.check_inputs is False and model.check_inputs is True
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters(), strict=True))
+    x, t = torch.randn(3, 2), torch.full((3,), 1.0)
+    assert torch.equal(view(x, t), model(x, t))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # an optimiser step on the model moves the view
+    assert torch.equal(view(x, t), model(x, t))
+    plain = torch.nn.Linear(2, 2)
+    assert training.without_input_checks(plain) is plain
+
+
+def test_ema_state_round_trips_and_a_resume_with_another_ema_decay_is_refused(tmp_path):
+    cfg = toy_config(tmp_path / "run", ema_warmup=True, ema_every=2, ema_decay=0.9, total_steps=5)
+    res = train(cfg, toy_model(), GMM.sample, stop_after=5)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    again = training.make_ema(toy_model(), 0.9, warmup=True, every=2)
+    again.load_state_dict(ckpt["ema"])
+    assert_state_equal(again.state_dict(), res.ema.state_dict())
+    assert (again.updates, again.last_step) == (3, 4)  # updates at k = 0, 2, 4
+    other = dataclasses.replace(cfg, ema_decay=0.99, total_steps=6)
+    with pytest.warns(UserWarning, match="changed fields"):
+        with pytest.raises(ValueError, match="EMA.load_state_dict beta=0.9 .*beta=0.99"):
+            train(other, toy_model(), GMM.sample)

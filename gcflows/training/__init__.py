@@ -8,9 +8,9 @@ per concept:
 - ``config``: :class:`TrainConfig`, validated at construction, with a JSON round trip; its
   objective fields are handed to the loss whole (``config.objective``);
 - ``step``: THE training step :func:`train_step` (data draw -> coupling + loss -> optimiser ->
-  EMA) and the objective / optimiser / EMA factories. The EMA (``AveragedModel`` with
-  ``get_ema_multi_avg_fn``) is the GC model (docs/paper.md section 5: "the EMA model as GC
-  generator") unless a frozen ``gc_model`` is passed;
+  EMA) and the objective / optimiser / EMA factories. The EMA (:class:`gcflows.ema.EMA`: a plain
+  EMA, or the authors' rule with ``ema_warmup``) is the GC model (docs/paper.md section 5: "the
+  EMA model as GC generator") unless a frozen ``gc_model`` is passed;
 - ``checkpoint``: atomic checkpoints with a SHA-256 digest verified on every load, the previous
   checkpoint kept as ``checkpoint.prev.pt``, resume compatibility;
 - ``distributed``: DDP under ``torchrun`` and the global-batch OT coupling;
@@ -58,6 +58,7 @@ from gcflows.training.step import (
     make_objective,
     train_step,
     update_ema,
+    without_input_checks,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "build_optimizer",
     "make_ema",
     "update_ema",
+    "without_input_checks",
     "config_fingerprint",
     "save_checkpoint",
     "load_checkpoint",

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from gcflows.atomic import claim_folder
 from gcflows.checks import is_int
+from gcflows.ema import EMA
 from gcflows.processes import get_process
 from gcflows.training.batches import DataSource
 from gcflows.training.checkpoint import (
@@ -85,6 +85,7 @@ from gcflows.training.step import (
     make_objective,
     step_metrics,
     train_step,
+    without_input_checks,
 )
 
 __all__ = ["train", "TrainResult", "StepInfo", "NonFiniteLossError", "TrainingInterrupted"]
@@ -136,14 +137,14 @@ class StepInfo:
 @dataclass
 class TrainResult:
     """Outcome of :func:`train`: the online ``model`` and ``ema_model`` (unwrapped, on the training
-    device), the ``ema`` AveragedModel, the ``optimizer``, the last completed ``step``, the run
+    device), the ``ema`` (the EMA), the ``optimizer``, the last completed ``step``, the run
     folder, the path of the last checkpoint and the logged metrics (rank 0). ``resumed_from``: the
     checkpoint the run continued from; ``already_done``: it was at the end already, so nothing
     was trained and nothing written."""
 
     model: nn.Module
     ema_model: nn.Module
-    ema: AveragedModel
+    ema: EMA
     optimizer: torch.optim.Optimizer
     step: int
     run_dir: Path | None
@@ -309,11 +310,11 @@ def _start(config, model, data_source, velocity, gc_model, resume, overwrite, di
     if isinstance(gc_model, nn.Module):
         gc_model.to(device).eval().requires_grad_(False)
     if gc_model is None and config.method == "gc":
-        gc_model = ema.module
+        gc_model = without_input_checks(ema.module)
     state = TrainState(
         config=config,
         model=model,
-        net=model,
+        net=without_input_checks(model),
         ema=ema,
         optimizer=build_optimizer(config, model.parameters()),
         objective=make_objective(config, process, velocity, world),
@@ -335,7 +336,7 @@ def _start(config, model, data_source, velocity, gc_model, resume, overwrite, di
         from torch.nn.parallel import DistributedDataParallel
 
         state.net = DistributedDataParallel(
-            model,
+            state.net,
             device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False,  # the networks here have no running statistics
         )
@@ -498,18 +499,14 @@ def _loop(run: _Run, callbacks: list, end: int) -> None:
         dynamic_ncols=True,
         desc=f"{cfg.method}",
     )
-    checks = _InputChecks(s.model, s.ema.module)
     try:
         with _Interrupts() as interrupts:
-            checks.set(False)
             while s.step < end:
                 res = train_step(s)
                 if res.bad is not None:
                     raise _non_finite(s.step + 1, res.bad, run.last_ckpt, run.last_ckpt_step)
                 metrics = _log(run, res, log, bar)
-                checks.set(True)
                 stop = _after_step(run, callbacks, res, metrics)
-                checks.set(False)
                 signalled = all_max_flag(interrupts.signum is not None, s.world, run.device)
                 periodic = cfg.checkpoint_every > 0 and s.step % cfg.checkpoint_every == 0
                 if run.run_dir is not None and (periodic or stop or signalled or s.step == end):
@@ -519,7 +516,6 @@ def _loop(run: _Run, callbacks: list, end: int) -> None:
                 if stop:
                     break
     finally:
-        checks.set(True)
         bar.close()
         if log is not None:
             log.close()
@@ -620,20 +616,6 @@ def _result(run: _Run, already_done: bool = False) -> TrainResult:
 # ------------------------------------------------------------------------------------------------
 # small pieces
 # ------------------------------------------------------------------------------------------------
-class _InputChecks:
-    """The loop draws every time from the grid inside [t_min, t_max] (checked against the model's
-    process at set-up), so the per-call time-domain check of ``ConsistencyModel`` (a host sync
-    and a dozen small ops per forward pass) is switched off during steps and back on for
-    callbacks, sample saving and after the run."""
-
-    def __init__(self, *models: nn.Module) -> None:
-        self.models = [m for m in models if getattr(m, "check_inputs", None) is True]
-
-    def set(self, flag: bool) -> None:
-        for m in self.models:
-            m.check_inputs = flag
-
-
 class _Interrupts:
     """Records the first SIGINT / SIGTERM instead of acting on it (main thread only); then puts
     the previous handlers back, so a second signal acts as usual."""

@@ -3,21 +3,20 @@
 :func:`train_step` is one optimiser step on a :class:`TrainState`; the pieces it uses are built
 here too: the objective from the config (:func:`make_objective`, the one place a new method is
 added), the optimiser (:func:`build_optimizer`), the EMA (:func:`make_ema` /
-:func:`update_ema`, the one place another EMA class is wired in) and the learning rate
-(:func:`lr_at`).
+:func:`update_ema`: :class:`gcflows.ema.EMA`, the one EMA), the training view of a model without
+its per-call input checks (:func:`without_input_checks`) and the learning rate (:func:`lr_at`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gcflows.consistency import ConsistencyObjective, LossOutput
 from gcflows.continuous import ContinuousObjective
@@ -35,6 +34,7 @@ __all__ = [
     "build_optimizer",
     "make_ema",
     "update_ema",
+    "without_input_checks",
     "lr_at",
     "step_metrics",
 ]
@@ -87,63 +87,36 @@ def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
 
 
-def make_ema(
-    model: nn.Module, decay: float, *, warmup: bool = False, every: int = 1
-) -> AveragedModel | EMA:
-    """EMA of ``model``, kept in eval mode (no dropout in the GC model).
-
-    ``warmup=False, every=1``: a plain EMA of parameters and buffers (``AveragedModel`` with
-    ``get_ema_multi_avg_fn(decay)``). Otherwise :class:`gcflows.ema.EMA`: the authors' warm-up
-    decay ``min(decay, 1 - (1 + k)^(-2/3))`` (or the constant ``decay``), averaged every ``every``
-    steps (docs/paper.md section 5). Both offer ``.module``, ``state_dict`` / ``load_state_dict``
-    (keys ``module.*``) and :func:`update_ema`."""
-    if warmup or every > 1:
-        return EMA(model, beta=decay, update_every=every, warmup=warmup)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema.eval()
-    ema.requires_grad_(False)
-    ema.gcflows_decay = float(decay)  # read by update_ema's fast path
-    return ema
+def make_ema(model: nn.Module, decay: float, *, warmup: bool = False, every: int = 1) -> EMA:
+    """The EMA of ``model`` (:class:`gcflows.ema.EMA`, kept in eval mode: no dropout in the GC
+    model): with ``warmup`` the authors' rule (warm-up decay ``min(decay, 1 - (1 + k)^(-2/3))``,
+    the network copied at the first two updates), else a plain EMA (the network copied at the first
+    update, then the constant ``decay``); averaged every ``every`` steps (docs/paper.md section
+    5.3). It offers ``.module``, ``state_dict`` / ``load_state_dict`` and :func:`update_ema`."""
+    return EMA(model, beta=decay, update_every=every, warmup=warmup)
 
 
-# update_ema's fast-path tensor lists per EMA, outside the module so that a deepcopy or pickle of
-# an EMA never carries lists that point at another model's tensors
-_EMA_PAIRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def update_ema(ema: EMA, model: nn.Module, step: int) -> None:
+    """Fold the online weights into the EMA after optimiser step ``step`` (1-based; the EMA counts
+    the 0-based step ``step - 1``, so its first update copies the network)."""
+    ema.update(model, step - 1)
 
 
-def _ema_pairs(ema: AveragedModel, model: nn.Module) -> tuple[list, list] | None:
-    """The (EMA, online) tensor lists of ``update_ema``'s fast path, cached per ``(ema, model)``
-    (the Parameter objects survive ``.to()`` and ``load_state_dict``); None when the fast path
-    does not apply (mixed devices or dtypes, non-float buffers), which then takes
-    ``AveragedModel.update_parameters``."""
-    cached = _EMA_PAIRS.get(ema)
-    if cached is not None and cached[0]() is model:
-        return cached[1]
-    mine = [*ema.module.parameters(), *ema.module.buffers()]
-    theirs = [*model.parameters(), *model.buffers()]
-    kinds = {(t.device, t.dtype) for t in mine + theirs}
-    ok = len(mine) == len(theirs) and len(kinds) == 1 and mine and mine[0].is_floating_point()
-    pairs = (mine, theirs) if ok else None
-    _EMA_PAIRS[ema] = (weakref.ref(model), pairs)
-    return pairs
-
-
-def update_ema(ema: AveragedModel | EMA, model: nn.Module, step: int) -> None:
-    """Fold the online weights into the EMA after optimiser step ``step`` (1-based; the warm-up
-    EMA counts the 0-based step ``step - 1``, so its first update copies the network)."""
-    if isinstance(ema, EMA):
-        ema.update(model, step - 1)
-        return
-    decay = getattr(ema, "gcflows_decay", None)
-    pairs = _ema_pairs(ema, model) if decay is not None else None
-    if pairs is None or int(ema.n_averaged) == 0:
-        ema.update_parameters(model)
-        return
-    # AveragedModel's EMA update (one foreach lerp with weight 1 - decay) without its per-step
-    # walk over both modules: bitwise the same averages (tests/test_training.py)
-    with torch.no_grad():
-        torch._foreach_lerp_(pairs[0], pairs[1], 1.0 - decay)
-    ema.n_averaged += 1
+def without_input_checks(model: nn.Module) -> nn.Module:
+    """What the training step calls in place of ``model``: ``model`` itself, or, for a model with
+    ``check_inputs`` on (``ConsistencyModel``: a per-call time-domain check with a host sync), a
+    shallow copy with the check off that shares its parameters, buffers and submodules (training
+    and updates act on ``model``). The loop draws every time from the grid, checked against the
+    model's process once at set-up; ``model`` itself keeps its checks for callbacks and callers.
+    A model compiled with ``model.compile()`` is returned as it is (a copy would not be
+    compiled)."""
+    if getattr(model, "check_inputs", None) is not True:
+        return model
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return model
+    view = copy.copy(model)
+    view.check_inputs = False
+    return view
 
 
 def lr_at(config: TrainConfig, k: int) -> float:
@@ -155,14 +128,15 @@ def lr_at(config: TrainConfig, k: int) -> float:
 
 @dataclass
 class TrainState:
-    """Everything one step reads or advances. ``net`` is what the loss calls (``model`` or its
-    DDP wrapper); ``gc_model`` the network that produces GC pairs (EMA or frozen; None unless
+    """Everything one step reads or advances. ``net`` is what the loss calls
+    (:func:`without_input_checks` of ``model``, or its DDP wrapper); ``gc_model`` the network
+    that produces GC pairs (the EMA's, also without input checks, or a frozen one; None unless
     GC); ``step`` counts completed optimiser steps."""
 
     config: TrainConfig
     model: nn.Module
     net: nn.Module
-    ema: AveragedModel
+    ema: EMA
     optimizer: torch.optim.Optimizer
     objective: ConsistencyObjective | ContinuousObjective
     source: DataSource
