@@ -72,7 +72,7 @@ from gcflows.consistency import (
     default_huber_c,
     pseudo_huber,
 )
-from gcflows.ema import EMA, EMARule, ema_decay, foreach_update_
+from gcflows.ema import EMA, EMARule
 from gcflows.gmm import GaussianMixture
 from gcflows.kernels import interpolate_pair
 from gcflows.networks import ToyMLP
@@ -478,6 +478,7 @@ def train_ensemble(
     if spec.eval_ema is not None:
         ens.eval_ema = {k: v.detach().clone() for k, v in params.items()}
         eval_list = list(ens.eval_ema.values())
+        eval_rule, eval_updates = EMARule(spec.eval_ema, 1, warmup=True), 0
         online_list = [p.detach() for p in params.values()]
     opt = _adam(list(params.values()), spec.lr)
     objective = _objective(spec, target)
@@ -528,9 +529,8 @@ def train_ensemble(
             _set_lr(opt, spec, step)
             opt.step()
             ens.losses.append(per_seed.detach())
-            if ens.eval_ema is not None:  # warm-up decay at every step, from the initial weights
-                d_eval = ema_decay(step, spec.eval_ema, warmup=True)
-                foreach_update_(eval_list, online_list, 1.0 - d_eval)
+            if ens.eval_ema is not None:
+                eval_updates += eval_rule.apply_(eval_list, online_list, step, eval_updates)
             if uses_ema:
                 ema_updates += ema_rule.apply_(ema_list, param_list, step, ema_updates)
             if callback is not None and step + 1 in checkpoints:
