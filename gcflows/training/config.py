@@ -81,7 +81,10 @@ class TrainConfig:
     same method in continuous time (:class:`gcflows.continuous.ContinuousObjective`, docs/theory.md
     section 6: times drawn from the lognormal of ``p_mean`` / ``p_std``, no grid, no curriculum)
     with sCM's stabilizers ``tangent_norm`` (``c`` of ``g / (||g|| + c)``; None = off) and
-    ``tangent_warmup`` (steps of the tangent warm-up; 0 = none); it needs a distance with alpha = 2.
+    ``tangent_warmup`` (steps of the tangent warm-up; 0 = none; not the learning-rate
+    ``warmup_steps``), which travel as the objective's ``ContinuousConfig``
+    (``config.objective.continuous``); it needs a distance with alpha = 2. ``method`` may be any
+    method registered with ``gcflows.consistency.register_method``.
 
     Optimisation: ``batch_size`` (per process under DDP), ``total_steps``, ``lr``, ``optimizer``
     adam | radam | lion, ``betas`` (``None``: the optimiser's default), ``weight_decay``,

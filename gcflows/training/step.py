@@ -1,10 +1,11 @@
 """The training step: data draw -> coupling + loss -> optimiser -> EMA (docs/paper.md section 2).
 
 :func:`train_step` is one optimiser step on a :class:`TrainState`; the pieces it uses are built
-here too: the objective from the config (:func:`make_objective`, the one place a new method is
-added), the optimiser (:func:`build_optimizer`), the EMA (:func:`make_ema` /
-:func:`update_ema`, the one place another EMA class is wired in) and the learning rate
-(:func:`lr_at`).
+here too: the objective from the config (:func:`make_objective`, which hands ``config.objective``
+whole to the discrete or continuous objective; a new method is added in one place,
+``gcflows.consistency.register_method``), the optimiser (:func:`build_optimizer`), the EMA
+(:func:`make_ema` / :func:`update_ema`, the one place another EMA class is wired in) and the
+learning rate (:func:`lr_at`).
 """
 
 from __future__ import annotations
