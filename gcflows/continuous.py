@@ -249,6 +249,10 @@ class ContinuousObjective:
         **settings,
     ) -> None:
         if not isinstance(config, ObjectiveConfig):
+            unknown = sorted(set(settings) - set(_CONTINUOUS_FIELDS) - set(_OBJECTIVE_FIELDS))
+            if unknown:
+                fix = f"use fields of ObjectiveConfig or ContinuousConfig ({_FIELD_HINT})"
+                raise checks.bad("settings", unknown, fix, "ContinuousObjective")
             sub = {k: settings.pop(k) for k in _CONTINUOUS_FIELDS if k in settings}
             owner = "ContinuousObjective"
             sub = ContinuousConfig(**sub, owner=owner)
@@ -409,6 +413,10 @@ def _ot_coupling_checked_here(data: Tensor, noise: Tensor) -> couplings.Coupling
 _CONTINUOUS_FIELDS = tuple(
     f.name for f in dataclasses.fields(ContinuousConfig) if f.name != "owner"
 )
+_OBJECTIVE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ObjectiveConfig) if f.name not in ("owner", "continuous")
+)
+_FIELD_HINT = "the tangent warm-up is tangent_warmup"
 
 
 def _parameter_dtype(model: Model) -> torch.dtype | None:

@@ -185,3 +185,10 @@ def test_a_training_step_checks_its_batch_once(method, continuous, monkeypatch):
     # no objective-level check of the batch (a new grid is checked once when it is built)
     assert [name for name in seen if name != "grid"] == []
     assert isfinite_calls.count((8, 2)) == 1  # the batch: once, by the step
+
+
+def test_an_unknown_setting_names_the_two_configs():
+    """The old name of the tangent warm-up is refused with the new name in the message."""
+    message = r"settings=\['warmup_steps'\] is invalid: .*tangent_warmup"
+    with pytest.raises(ValueError, match=message):
+        ContinuousObjective(VE, "ct", warmup_steps=10)
