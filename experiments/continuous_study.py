@@ -14,12 +14,16 @@ Two parts, on the authors' 2D target (``two_gaussians_1to2``) and a 64-D mixture
    ``tr Cov[gamma]``, the bias ``||E gamma - E gamma_CD||^2`` relative to ``||E gamma_CD||^2``, and
    for IC the exact conditional term of Eq. (*) and ``r_t`` (R(theta)'s integrand). Verdict per
    time: GC noise below IC noise when the 2-SE intervals do not overlap.
-2. Training at equal CPU time: discrete CT (iCT: pseudo-Huber, curriculum, lognormal indices),
-   continuous CT and continuous GC (``mu = --mu``, the online network as ``gc_model``) with sCM's
-   stabilizers (tangent normalization c = 0.1, warm-up over the first 10 % of the budget), and
-   continuous CT without them (``--methods`` adds ``gc_cont_nostab``, continuous GC without
-   them). Each run gets ``--budget`` CPU seconds (``time.process_time``, one thread: equal
-   compute even on a shared machine), ``--seeds`` seeds. Metrics: one-step samples
+2. Training at equal CPU time, through the library (``gcflows.training.train`` with a
+   ``TrainConfig``, :func:`train_config`): discrete CT (iCT: pseudo-Huber, curriculum,
+   lognormal indices), continuous CT and continuous GC (``mu = --mu``, the online network's
+   current weights as ``gc_model``: an EMA of decay 0) with sCM's stabilizers (tangent
+   normalization c = 0.1, tangent warm-up over the first 10 % of the steps), and continuous CT
+   without them (``--methods`` adds ``gc_cont_nostab``, continuous GC without them). Each run
+   gets the steps that fit ``--budget`` CPU seconds (``time.process_time``, one thread: equal
+   compute even on a shared machine), measured once per method and target on
+   ``CALIBRATION_STEPS`` steps, so every seed trains the same number of steps and a run is
+   reproducible given its step count; ``--seeds`` seeds. Metrics: one-step samples
    ``f(t_max z, t_max)`` against target samples (exact W2 in 2D, sliced W2 in 64-D) and the
    consistency error ``E||f(x_t, t) - flow_map(x_t, t)||^2`` against the exact flow map, averaged
    over three times; runs whose loss becomes non-finite are counted as ``nan_runs``.
@@ -46,8 +50,8 @@ from tqdm import tqdm
 
 from gcflows import checks
 from gcflows import gmm as G
-from gcflows.consistency import ConsistencyModel, ConsistencyObjective
-from gcflows.continuous import ContinuousObjective, gradient_noise
+from gcflows.consistency import ConsistencyModel
+from gcflows.continuous import gradient_noise
 from gcflows.discrepancy import FlowMapGenerator, flow_map_error, flow_map_reference
 from gcflows.metrics import exact_w2, sliced_w2
 from gcflows.networks import ToyMLP
@@ -59,12 +63,14 @@ from gcflows.records import (
     write_config,
     write_results,
 )
+from gcflows.training import NonFiniteLossError, TrainConfig
+from gcflows.training import train as library_train
 
 PROCESS = VEProcess(t_min=1e-3, t_max=5.0)
 COUPLINGS = ("ic", "ot", "gc_ideal", "gc_trained")
 METHODS = ("ct_discrete", "ct_cont", "gc_cont", "ct_cont_nostab", "gc_cont_nostab")
 DEFAULT_METHODS = METHODS[:4]
-PROGRESS_STEPS = 1000  # the curriculum / warm-up run on the fraction of the budget spent
+CALIBRATION_STEPS = 8  # timed library steps that size a run to its CPU budget
 
 
 def make_target(name: str) -> G.GaussianMixture:
@@ -81,39 +87,77 @@ def make_model(dim: int, hidden: int, seed: int, time_scale: float) -> Consisten
     return ConsistencyModel(net, PROCESS, check_inputs=False)
 
 
-def make_objective(method: str, mu: float) -> ConsistencyObjective | ContinuousObjective:
-    if method == "ct_discrete":
-        return ConsistencyObjective(PROCESS, "ct", total_steps=PROGRESS_STEPS)
-    kind = "gc" if method.startswith("gc") else "ct"
-    if method.endswith("nostab"):
-        return ContinuousObjective(PROCESS, kind, mu=mu, tangent_norm=None, warmup_steps=0)
-    return ContinuousObjective(PROCESS, kind, mu=mu, tangent_norm=0.1, warmup_steps=100)
+def train_config(method: str, args: argparse.Namespace, total_steps: int, seed: int = 0):
+    """The library's ``TrainConfig`` of ``method``: iCT (pseudo-Huber, curriculum over
+    ``total_steps``) for ``ct_discrete``; continuous CT / GC with squared L2 (``C = 1``, the form
+    of the gradient-noise part) and, unless ``*_nostab``, sCM's tangent normalisation (0.1) and
+    tangent warm-up over the first 10 % of the steps. ``ema_decay=0``: the GC generator (the EMA)
+    is the online network's current weights. Adam, constant ``--lr``, no clipping."""
+    continuous = method != "ct_discrete"
+    stab = continuous and not method.endswith("nostab")
+    return TrainConfig(
+        method="gc" if method.startswith("gc") else "ct",
+        mu=args.mu if method.startswith("gc") else 0.5,
+        process=PROCESS.name,
+        t_min=PROCESS.t_min,
+        t_max=PROCESS.t_max,
+        distance="squared_l2" if continuous else "pseudo_huber",
+        continuous=continuous,
+        tangent_norm=0.1 if stab else None,
+        tangent_warmup=total_steps // 10 if stab else 0,
+        batch_size=args.batch,
+        total_steps=total_steps,
+        lr=args.lr,
+        ema_decay=0.0,
+        seed=10_000 + seed,
+        checkpoint_every=0,
+        log_every=total_steps,
+        progress=False,
+    )
+
+
+def _run(method: str, target, args, seed: int, steps: int, callbacks=()) -> dict[str, Any]:
+    """``steps`` library steps of ``method`` (``gcflows.training.train``) on a fresh model."""
+    model = make_model(target.dim, args.hidden, seed, args.time_scale)
+    config = train_config(method, args, steps, seed)
+    start, diverged = time.process_time(), False
+    try:
+        res = library_train(
+            config, model, target.to(dtype=torch.float32).sample, callbacks=callbacks
+        )
+        done = res.step
+    except NonFiniteLossError as err:  # the weights are those before the bad step
+        diverged, done = True, err.step
+    cpu = time.process_time() - start
+    return {"model": model, "steps": done, "cpu_s": cpu, "diverged": diverged}
+
+
+def steps_for_budget(method: str, target, args, budget: float) -> int:
+    """Library steps of ``method`` that fit ``budget`` CPU seconds: ``CALIBRATION_STEPS`` steps
+    are timed (``time.process_time`` between the first and the last step's callback, so the
+    set-up is not counted) and the budget divided by the time per step (at least one step)."""
+    stamps: list[float] = []
+    _run(
+        method,
+        target,
+        args,
+        0,
+        CALIBRATION_STEPS,
+        [lambda info: stamps.append(time.process_time())],
+    )
+    per_step = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    return max(1, int(budget / max(per_step, 1e-9)))
 
 
 def train(
-    method: str, target, args, seed: int, budget: float | None = None
+    method: str, target, args, seed: int, budget: float | None = None, steps: int | None = None
 ) -> tuple[ConsistencyModel, dict[str, Any]]:
-    """Train for ``budget`` (default ``args.budget``) CPU seconds; returns the model and stats."""
-    budget = args.budget if budget is None else budget
-    model = make_model(target.dim, args.hidden, seed, args.time_scale)
-    obj = make_objective(method, args.mu)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    gmm32 = target.to(dtype=torch.float32)
-    start, steps, diverged = time.process_time(), 0, False
-    while (spent := time.process_time() - start) < budget:
-        progress = min(PROGRESS_STEPS - 1, int(PROGRESS_STEPS * spent / budget))
-        data = gmm32.sample(args.batch, gen)
-        kw = {"gc_model": model} if method.startswith("gc") else {}
-        out = obj(model, data, progress, generator=gen, **kw)
-        if not torch.isfinite(out.loss):
-            diverged = True
-            break
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        steps += 1
-    return model, {"steps": steps, "cpu_s": time.process_time() - start, "diverged": diverged}
+    """Train ``method`` through the library for the steps that fit ``budget`` CPU seconds
+    (default ``args.budget``; ``steps`` when already measured); returns the model and stats."""
+    if steps is None:
+        steps = steps_for_budget(method, target, args, args.budget if budget is None else budget)
+    out = _run(method, target, args, seed, steps)
+    return out.pop("model"), out
 
 
 @torch.no_grad()
@@ -275,9 +319,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.n_ref,
                 generator=torch.Generator().manual_seed(1),
             )
+            # one step count per method and target, timed once: every seed trains the same steps
+            steps = {m: steps_for_budget(m, target, args, args.budget) for m in args.methods}
             for seed in range(args.seeds):
                 for method in args.methods:
-                    model, stats = train(method, target, args, seed)
+                    model, stats = train(method, target, args, seed, steps=steps[method])
                     metrics = evaluate(model, target, reference, args, seed)
                     train_rows.append(
                         {"target": name, "method": method, "seed": seed, **stats, **metrics}
@@ -395,7 +441,7 @@ def check_args(args: argparse.Namespace) -> None:
     args.mu = 0.5 if args.mu is None else args.mu
     checks.probability(args.mu, "--mu", "of a generator-induced pair in GC")
     for method in args.methods:
-        make_objective(method, args.mu)  # the objectives' own checks, here rather than mid-run
+        train_config(method, args, 10)  # TrainConfig's own checks, here rather than mid-run
     check_writable(args.out)
 
 

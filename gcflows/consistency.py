@@ -72,8 +72,16 @@ __all__ = [
     "default_huber_c",
     "LossOutput",
     "Schedule",
+    "Method",
+    "METHOD_REGISTRY",
+    "register_method",
+    "get_method",
+    "check_method_arguments",
+    "check_gc_model",
     "METHODS",
     "CD_STEPS",
+    "TIME_SAMPLINGS",
+    "ContinuousConfig",
     "INDEX_PROBS",
     "ObjectiveConfig",
     "ConsistencyObjective",
@@ -436,22 +444,165 @@ class Schedule(NamedTuple):
     weights: Tensor
 
 
-METHODS = ("ct", "cd", "ot", "gc")
+# ================================================================================================
+# The method registry: every method declared once, for every objective
+# ================================================================================================
+@dataclass(frozen=True)
+class Method:
+    """A training method, declared once; the discrete objective (:class:`ConsistencyObjective`),
+    the continuous one (``gcflows.continuous.ContinuousObjective``) and the trainer
+    (``gcflows.training``) dispatch on it (docs/design.md section 5).
+
+    Fields:
+        name: the ``method`` string of the configs.
+        coupling: which pairs it trains on, in words (``"ic"``: the pairs as drawn; ``"batch-ot"``;
+            ``"gc"``; a new method's own name).
+        couple: ``None`` (the pairs as drawn) or
+            ``couple(objective, data, noise, t, gc_model, generator) -> CouplingResult``: re-pairs
+            the batch ``data, noise (B, *dims)`` at the lower time ``t (B,)`` of each row (the
+            discrete ``t_lo``, the continuous ``t``). The objective checked the batch; ``couple``
+            calls the couplings unchecked and reads ``objective.process``, ``objective.config``
+            (``mu``) and ``objective.ot_coupling_fn`` (the trainer's distributed batch-OT).
+        target: ``"pair"``: the velocity of the (coupled) pair, ``xdot = a'(t) data + b'(t) noise``
+            (CT: the discrete target is the pair noised at ``t_lo``); ``"velocity"``: the
+            objective's velocity estimator ``velocity(x_t, t, data=, noise=)`` (CD: one Euler / Heun
+            step of it, or the continuous tangent along it).
+        needs: the call arguments it requires (``"velocity"``, ``"gc_model"``); an objective
+            refuses them for a method that does not need them.
+    """
+
+    name: str
+    coupling: str = "ic"
+    couple: Callable[..., couplings.CouplingResult] | None = field(default=None, compare=False)
+    target: str = "pair"
+    needs: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise bad_value("Method.name", self.name, "use a non-empty string")
+        choice(self.target, "target", METHOD_TARGETS, "Method")
+        object.__setattr__(self, "needs", frozenset(self.needs))
+        unknown = sorted(self.needs - set(METHOD_NEEDS))
+        if unknown:
+            raise bad_value("Method.needs", unknown, f"use a subset of {list(METHOD_NEEDS)}")
+        if (self.target == "velocity") != ("velocity" in self.needs):
+            fix = "a method needs velocity= exactly when its target is 'velocity'"
+            raise bad_value("Method.needs", sorted(self.needs), fix)
+        if self.couple is not None and not callable(self.couple):
+            raise bad_value("Method.couple", self.couple, "use None or a callable")
+
+
+METHOD_TARGETS = ("pair", "velocity")
+METHOD_NEEDS = ("velocity", "gc_model")
+
+
+def _couple_ot(objective, data, noise, t, gc_model, generator) -> couplings.CouplingResult:
+    """Exact batch-OT (or the trainer's distributed version), the objective's ``ot_coupling_fn``."""
+    return objective.ot_coupling_fn(data, noise)
+
+
+def _couple_gc(objective, data, noise, t, gc_model, generator) -> couplings.CouplingResult:
+    """The generator-induced coupling at ``t`` with probability ``mu`` per row (Eq. 13-15, 21)."""
+    return couplings.generator_induced_coupling(
+        data,
+        noise,
+        gc_model,
+        t,
+        objective.process,
+        mu=objective.config.mu,
+        generator=generator,
+        validate=False,
+    )
+
+
+METHOD_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add ``method`` to the registry: every objective and ``TrainConfig(method=...)`` accept it
+    from then on (the one place a method is added, docs/design.md section 5). ``replace=False``
+    refuses a name already registered."""
+    if not isinstance(method, Method):
+        raise bad_value("method", method, "pass a gcflows.consistency.Method")
+    if method.name in METHOD_REGISTRY and not replace:
+        raise bad_value("method", method.name, "that name is registered (pass replace=True)")
+    METHOD_REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str, where: str | None = None) -> Method:
+    """The registered :class:`Method` called ``name`` (``ValueError`` naming the choices)."""
+    choice(name, "method", tuple(METHOD_REGISTRY), where)
+    return METHOD_REGISTRY[name]
+
+
+for _method in (
+    Method("ct"),
+    Method("cd", target="velocity", needs={"velocity"}),
+    Method("ot", coupling="batch-ot", couple=_couple_ot),
+    Method("gc", coupling="gc", couple=_couple_gc, needs={"gc_model"}),
+):
+    register_method(_method)
+METHODS = tuple(METHOD_REGISTRY)  # the built-in methods; get_method reads the live registry
 CD_STEPS = ("euler", "heun")
 INDEX_PROBS = ("lognormal", "uniform")
+TIME_SAMPLINGS = ("lognormal", "uniform")
+
+
+@dataclass(frozen=True)
+class ContinuousConfig:
+    """The settings only the continuous-time objective has (``gcflows.continuous``, docs/theory.md
+    section 6), validated once at construction; the rest is the :class:`ObjectiveConfig`.
+
+    Fields:
+        tangent_norm: ``c`` of sCM's tangent normalisation ``g <- g / (||g|| + c)`` (0.1 as in
+            sCM); None: off (the exact continuous limit of CT).
+        tangent_warmup: steps of sCM's tangent warm-up: ``g_r = J_x f u + r d_t f`` with
+            ``r = min(1, step / tangent_warmup)``; 0: none (``r = 1``). Not the learning-rate
+            warm-up (``TrainConfig.warmup_steps``).
+        time_sampling: ``"lognormal"`` (the continuous limit of the iCT index law, over the
+            ``ObjectiveConfig``'s ``p_mean`` / ``p_std``) or ``"uniform"`` on ``[t_min, t_max]``.
+        weight: ``w(t) (B,) -> (B,)``; None for ``w = 1`` (iCT's ``lambda_i`` times the interval
+            length). Not compared.
+        owner: the name error messages give the fields; not compared.
+    """
+
+    tangent_norm: float | None = 0.1
+    tangent_warmup: int = 0
+    time_sampling: str = "lognormal"
+    weight: Callable[[Tensor], Tensor] | None = field(default=None, compare=False)
+    owner: str = field(default="ContinuousConfig", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        w = self.owner
+        if self.tangent_norm is not None:
+            fix = "use a positive number, or None for no normalization"
+            value = real(self.tangent_norm, "tangent_norm", lo_open=0.0, fix=fix, where=w)
+            object.__setattr__(self, "tangent_norm", value)
+        fix = "use tangent_warmup >= 0 (0 = no warm-up)"
+        value = integer(self.tangent_warmup, "tangent_warmup", lo=0, fix=fix, where=w)
+        object.__setattr__(self, "tangent_warmup", value)
+        choice(self.time_sampling, "time_sampling", TIME_SAMPLINGS, w)
+        if self.weight is not None and not callable(self.weight):
+            raise bad_value("weight", self.weight, "pass a callable w(t) -> (B,) or None", w)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The settings of a :class:`ConsistencyObjective`, validated once at construction.
+    """The settings of an objective, validated once at construction: a
+    :class:`ConsistencyObjective` (discrete time), or with ``continuous`` set a
+    ``gcflows.continuous.ContinuousObjective`` (continuous time, which reads ``method``, ``mu``,
+    ``distance``, ``p_mean``, ``p_std`` and ``continuous``; the grid fields have no meaning
+    there).
 
     Fields (docs/paper.md section 2):
-        method: ``"ct"``, ``"cd"``, ``"ot"`` or ``"gc"``.
+        method: a registered :class:`Method` (``"ct"``, ``"cd"``, ``"ot"``, ``"gc"`` built in;
+            :func:`register_method` adds one).
         mu: probability that a sample is generator-induced (``gc``), in ``[0, 1]``.
         distance: a name in ``DISTANCES`` or a :class:`Distance` (pseudo-Huber's ``c`` defaults to
             ``0.00054 sqrt(d)`` with ``d`` the elements per sample).
         s0, s1, total_steps: the iCT curriculum (:func:`ict_curriculum`), ``s0 <= s1``;
-            ``total_steps`` is required unless ``fixed_grid`` is given.
+            ``total_steps`` is required unless ``fixed_grid`` or ``continuous`` is given.
         p_mean, p_std: the lognormal over the VE-equivalent noise level ``sigma = b(t) / a(t)``
             (``t`` itself for ``ve``).
         rho: Karras grid exponent.
@@ -461,6 +612,8 @@ class ObjectiveConfig:
         fixed_grid: a strictly increasing 1-D tensor of times that replaces the curriculum (e.g.
             ``processes.uniform_grid`` for Theorem 1 checks); stored as float64 on the CPU. That
             it lies in the process domain is checked by the objective (which knows the process).
+        continuous: a :class:`ContinuousConfig` for the continuous-time objective; None (the
+            default) for the discrete one.
         owner: the name error messages give the fields (``"TrainConfig"`` when a training
             config builds it: ``TrainConfig.mu=1.5 is invalid: ...``); not compared.
     """
@@ -477,11 +630,12 @@ class ObjectiveConfig:
     cd_step: str = "euler"
     index_probs: str = "lognormal"
     fixed_grid: Tensor | None = field(default=None, compare=False)
+    continuous: ContinuousConfig | None = None
     owner: str = field(default="ObjectiveConfig", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         w, put = self.owner, self._put
-        choice(self.method, "method", METHODS, w)
+        get_method(self.method, w)
         put("mu", probability(self.mu, "mu", "that a sample is generator-induced", w))
         if not isinstance(self.distance, Distance):
             choice(self.distance, "distance", DISTANCES, w)
@@ -506,7 +660,7 @@ class ObjectiveConfig:
         if self.fixed_grid is not None:
             grid = _check_grid(torch.as_tensor(self.fixed_grid), "fixed_grid")
             put("fixed_grid", grid.detach().to("cpu", torch.float64))
-        elif self.total_steps is None:
+        elif self.total_steps is None and self.continuous is None:
             raise bad_value(
                 "total_steps",
                 None,
@@ -516,9 +670,40 @@ class ObjectiveConfig:
         if self.total_steps is not None:
             fix = "use total_steps >= 1"
             put("total_steps", integer(self.total_steps, "total_steps", lo=1, fix=fix, where=w))
+        if self.continuous is not None and not isinstance(self.continuous, ContinuousConfig):
+            raise bad_value("continuous", self.continuous, "use a ContinuousConfig or None", w)
 
     def _put(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only __post_init__ normalises fields
+
+
+def check_method_arguments(name: str, velocity: Any, ot_coupling_fn: Any) -> Method:
+    """The registered method ``name``, after checking the constructor arguments it needs (an
+    objective's, discrete or continuous): ``velocity`` exactly when its target is the velocity
+    estimator (CD), ``ot_coupling_fn`` a callable or None."""
+    method = get_method(name)
+    if "velocity" in method.needs and velocity is None:
+        raise ValueError(
+            f"method={name!r} needs velocity=, a gcflows.velocity estimator (e.g. TrueVelocity)"
+        )
+    if "velocity" not in method.needs and velocity is not None:
+        raise ValueError(f"velocity= is used by method='cd' only, got method={name!r}")
+    if velocity is not None and not callable(velocity):
+        raise ValueError("velocity must be callable as velocity(x_t, t, data=, noise=)")
+    if ot_coupling_fn is not None and not callable(ot_coupling_fn):
+        raise ValueError("ot_coupling_fn must be callable as ot_coupling_fn(data, noise)")
+    return method
+
+
+def check_gc_model(method: Method, gc_model: Any) -> None:
+    """``gc_model`` given exactly when ``method`` needs it (a call argument of an objective)."""
+    if "gc_model" in method.needs and gc_model is None:
+        raise ValueError(
+            f"method={method.name!r} needs gc_model=, the network gc_model(x_t, t) that predicts "
+            "data (EMA or frozen model)"
+        )
+    if "gc_model" not in method.needs and gc_model is not None:
+        raise ValueError(f"gc_model= is used by method='gc' only, got method={method.name!r}")
 
 
 def _ot_coupling_checked_here(data: Tensor, noise: Tensor) -> couplings.CouplingResult:
@@ -543,7 +728,10 @@ class ConsistencyObjective:
     - ``gc`` (Eq. 13-15, 21): ``couplings.generator_induced_coupling`` at ``t_lo`` with
       probability ``mu`` per sample and the same noise, then CT on the returned pairs.
 
-    The two forward passes share their dropout masks (:func:`shared_dropout_passes`).
+    Each is a :class:`Method` of ``METHOD_REGISTRY`` (its ``couple`` re-pairs the batch at
+    ``t_lo``, its ``target`` picks CT's noised pair or CD's step), the record this class dispatches
+    on; :func:`register_method` adds another. The two forward passes share their dropout masks
+    (:func:`shared_dropout_passes`).
 
     Args:
         process: a ``Process`` or its name.
@@ -574,20 +762,14 @@ class ConsistencyObjective:
             raise ValueError(
                 f"pass the settings {sorted(settings)} inside the ObjectiveConfig, not beside it"
             )
+        if config.continuous is not None:
+            fix = "pass a config with continuous= to gcflows.continuous.ContinuousObjective"
+            raise bad_value("continuous", config.continuous, fix, config.owner)
         self.process = get_process(process)
         self.config = config
         if config.fixed_grid is not None:
             self.process.check_time(config.fixed_grid, "fixed_grid")
-        if config.method == "cd" and velocity is None:
-            raise ValueError(
-                "method='cd' needs velocity=, a gcflows.velocity estimator (e.g. TrueVelocity)"
-            )
-        if config.method != "cd" and velocity is not None:
-            raise ValueError(f"velocity= is used by method='cd' only, got method={config.method!r}")
-        if velocity is not None and not callable(velocity):
-            raise ValueError("velocity must be callable as velocity(x_t, t, data=, noise=)")
-        if ot_coupling_fn is not None and not callable(ot_coupling_fn):
-            raise ValueError("ot_coupling_fn must be callable as ot_coupling_fn(data, noise)")
+        self.method_spec = check_method_arguments(config.method, velocity, ot_coupling_fn)
         self.velocity = velocity
         self.ot_coupling_fn = ot_coupling_fn or _ot_coupling_checked_here
         self._schedules: dict[int, Schedule] = {}
@@ -684,24 +866,12 @@ class ConsistencyObjective:
 
         coupling = None
         data_used, noise_used = data, noise
-        if self.config.method == "ot":
-            coupling = self.ot_coupling_fn(data, noise)
-            data_used, noise_used = coupling.data, coupling.noise
-        elif self.config.method == "gc":
-            coupling = couplings.generator_induced_coupling(
-                data,
-                noise,
-                gc_model,
-                t_lo,
-                self.process,
-                mu=self.config.mu,
-                generator=generator,
-                validate=False,
-            )
+        if self.method_spec.couple is not None:
+            coupling = self.method_spec.couple(self, data, noise, t_lo, gc_model, generator)
             data_used, noise_used = coupling.data, coupling.noise
 
         x_lo, x_hi, pair_cost = self._noised(data_used, noise_used, t_lo, t_hi)
-        if self.config.method == "cd":
+        if self.method_spec.target == "velocity":
             step_fn = velocity.euler_step if self.config.cd_step == "euler" else velocity.heun_step
             with torch.no_grad():
                 x_lo = step_fn(self.velocity, x_hi, t_hi, t_lo, data=data, noise=noise)
@@ -735,14 +905,7 @@ class ConsistencyObjective:
                 f"data must have shape (B, *dims) with B >= 1, got {tuple(data.shape)}"
             )
         finite(data, "data")
-        method = self.config.method
-        if method == "gc" and gc_model is None:
-            raise ValueError(
-                "method='gc' needs gc_model=, the network gc_model(x_t, t) that predicts data "
-                "(EMA or frozen model)"
-            )
-        if method != "gc" and gc_model is not None:
-            raise ValueError(f"gc_model= is used by method='gc' only, got method={method!r}")
+        check_gc_model(self.method_spec, gc_model)
         if self.config.fixed_grid is None:
             integer(step, "step", lo=0)
         if noise is not None:

@@ -21,7 +21,9 @@ returns a loss with exactly that gradient::
 
 (value ``C w ||g||^2``, the squared tangent; gradient ``2 C w J_theta^T g``). ``g`` is one
 ``torch.func.jvp`` of the model along ``(u, 1)`` under ``torch.no_grad`` (the stop-gradient
-network ``f_{theta-}``, same parameters). The velocity ``u`` depends on the method:
+network ``f_{theta-}``, same parameters). The velocity ``u`` depends on the method, read from the
+one registry ``gcflows.consistency.METHOD_REGISTRY`` (its ``couple`` re-pairs the batch at ``t``;
+its ``target`` is the pair's ``xdot`` or the velocity estimator):
 
 - ``ct``: the one-sample velocity ``xdot = a' data + b' noise`` of the independent pair;
 - ``cd``: a ``gcflows.velocity`` estimator ``velocity(x_t, t, data=, noise=)`` (exact
@@ -32,15 +34,16 @@ network ``f_{theta-}``, same parameters). The velocity ``u`` depends on the meth
 
 Times: ``t`` is drawn from the continuous limit of the iCT index law, the lognormal over the
 VE-equivalent noise level ``sigma(t) = b(t) / a(t)`` truncated to ``[sigma(t_min), sigma(t_max)]``
-(``time_sampling="lognormal"``), or uniformly on ``[t_min, t_max]`` (``"uniform"``). The weight
-``w(t)`` defaults to 1: iCT's ``lambda_i = 1 / (s_{i+1} - s_i)`` times the interval length.
+(``ContinuousConfig.time_sampling="lognormal"``), or uniformly on ``[t_min, t_max]``
+(``"uniform"``). The weight ``w(t)`` (``ContinuousConfig.weight``) defaults to 1: iCT's
+``lambda_i = 1 / (s_{i+1} - s_i)`` times the interval length.
 
-Stabilizers (Lu & Song 2024, sCM), both options:
+Stabilizers (Lu & Song 2024, sCM), both options of ``gcflows.consistency.ContinuousConfig``:
 
 - tangent normalization ``g <- g / (||g|| + c)`` per sample (``tangent_norm=c``; default 0.1 as in
   sCM; ``None`` switches it off and gives the exact continuous limit of CT that the tests check);
-- tangent warm-up ``g_r = J_x f u + r d_t f`` with ``r = min(1, step / warmup_steps)``
-  (``warmup_steps``; default 0: no warm-up, ``r = 1``).
+- tangent warm-up ``g_r = J_x f u + r d_t f`` with ``r = min(1, step / tangent_warmup)``
+  (``tangent_warmup``; default 0: no warm-up, ``r = 1``; not the learning-rate warm-up).
 
 Gradient noise
 --------------
@@ -69,6 +72,7 @@ gradient noise CT pays is R(theta)'s integrand seen through the kernel, and a co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,9 +85,12 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 from gcflows import checks, couplings
 from gcflows.checks import batch_times, finite
 from gcflows.consistency import (
-    DISTANCES,
-    Distance,
+    METHODS,
+    TIME_SAMPLINGS,
+    ContinuousConfig,
     LossOutput,
+    ObjectiveConfig,
+    check_method_arguments,
     get_distance,
     shared_dropout_passes,
 )
@@ -106,9 +113,7 @@ __all__ = [
     "gradient_noise",
 ]
 
-METHODS = ("ct", "cd", "ot", "gc")
 COUPLINGS = ("ic", "ot", "gc")
-TIME_SAMPLINGS = ("lognormal", "uniform")
 Model = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -203,81 +208,81 @@ def normalize_tangent(g: Tensor, c: float) -> Tensor:
 # The objective
 # ================================================================================================
 class ContinuousObjective:
-    """Continuous-time CT / CD / batch-OT / GC loss (module doc); call it like
+    """Continuous-time CT / CD / batch-OT / GC loss (module doc); built and called like
     ``consistency.ConsistencyObjective``: ``objective(model, data, step, generator=, noise=,
-    gc_model=) -> LossOutput``.
+    gc_model=, validate=) -> LossOutput``.
 
     Args:
         process: a ``Process`` or its name.
-        method: ``"ct"``, ``"cd"``, ``"ot"`` or ``"gc"``.
-        distance: a name in ``consistency.DISTANCES`` with ``alpha = 2`` or a ``Distance``; only
-            its small-distance constant ``C`` enters (the continuous limit): ``squared_l2``
-            (default, ``C = 1``), ``pseudo_huber`` (``C = 1 / (2c)``).
-        mu: probability that a row is generator-induced (``gc``).
-        time_sampling: ``"lognormal"`` (default) or ``"uniform"`` (module doc).
-        p_mean, p_std: the lognormal over ``sigma(t)``.
-        weight: ``w(t) (B,) -> (B,)``; None for ``w = 1``.
+        config: the one :class:`gcflows.consistency.ObjectiveConfig` of the discrete objective
+            (used as given: it validated itself), with its ``continuous`` sub-config
+            (:class:`gcflows.consistency.ContinuousConfig`; its defaults when None); or a method
+            name with the fields of both as keyword arguments
+            (``ContinuousObjective("ve", "ct", distance="squared_l2", tangent_norm=None)``).
+            Read here: ``method`` (a registered :class:`gcflows.consistency.Method`), ``mu``,
+            ``distance``, ``p_mean`` / ``p_std`` (the lognormal of the times) and the sub-config's
+            ``tangent_norm``, ``tangent_warmup``, ``time_sampling``, ``weight``; the grid fields
+            (``s0``, ``s1``, ``rho``, ``total_steps``, ...) have no meaning in continuous time.
         velocity: a ``gcflows.velocity`` estimator (``cd`` only, required there).
         ot_coupling_fn: ``(data, noise) -> CouplingResult`` for ``ot`` (default
-            ``couplings.ot_coupling``).
-        tangent_norm: ``c`` of the tangent normalization ``g / (||g|| + c)`` (default 0.1, sCM);
-            None: off.
-        warmup_steps: tangent warm-up length; ``r = min(1, step / warmup_steps)`` multiplies
-            ``d_t f`` (default 0: ``r = 1``).
+            ``couplings.ot_coupling`` without its checks; the trainer passes a distributed version).
+
+    The distance is the ``ObjectiveConfig``'s, pseudo-Huber by default as in discrete time: only
+    its small-distance constant ``C`` enters (``D = C ||.||^2 + o(||.||^2)``), so the continuous
+    loss of a config is the ``h -> 0`` limit of its discrete loss, ``C = 1 / (2c)`` for
+    pseudo-Huber, ``C = 1`` for ``squared_l2`` (the form of the gradient-noise analysis);
+    ``l2_norm`` (alpha 1) has no such limit and is refused.
 
     Random draws, in order, from ``generator``: the noise (unless given), the times (unless
-    ``times=`` is given), the GC mask. ``data`` must be in the dtype of an ``nn.Module`` model's
-    parameters (no silent cast; ``ValueError`` naming the cast otherwise), except under autocast.
+    ``times=`` is given), then the method's coupling (the GC mask). ``data`` must be in the dtype
+    of an ``nn.Module`` model's parameters (no silent cast; ``ValueError`` naming the cast
+    otherwise), except under autocast.
     """
 
     def __init__(
         self,
         process: Process | str,
-        method: str,
+        config: ObjectiveConfig | str,
         *,
-        distance: str | Distance = "squared_l2",
-        mu: float = 0.5,
-        time_sampling: str = "lognormal",
-        p_mean: float = -1.1,
-        p_std: float = 2.0,
-        weight: Callable[[Tensor], Tensor] | None = None,
         velocity=None,
         ot_coupling_fn: Callable | None = None,
-        tangent_norm: float | None = 0.1,
-        warmup_steps: int = 0,
+        **settings,
     ) -> None:
-        where = "ContinuousObjective"
-        self.process = get_process(process)
-        self.method = checks.choice(method, "method", METHODS, where)
-        if not isinstance(distance, Distance):
-            checks.choice(distance, "distance", DISTANCES, where)
-        self.distance = distance
-        self.mu = checks.probability(mu, "mu", "that a row is generator-induced", where)
-        self.time_sampling = checks.choice(time_sampling, "time_sampling", TIME_SAMPLINGS, where)
-        self.p_mean = checks.real(p_mean, "p_mean", where=where)
-        self.p_std = checks.real(p_std, "p_std", lo_open=0.0, where=where)
-        if weight is not None and not callable(weight):
-            raise checks.bad("weight", weight, "pass a callable w(t) -> (B,) or None", where)
-        self.weight = weight
-        if (method == "cd") != (velocity is not None):
-            raise checks.bad(
-                "velocity",
-                velocity,
-                "pass a gcflows.velocity estimator for method='cd' only",
-                where,
+        if not isinstance(config, ObjectiveConfig):
+            unknown = sorted(set(settings) - set(_CONTINUOUS_FIELDS) - set(_OBJECTIVE_FIELDS))
+            if unknown:
+                fix = f"use fields of ObjectiveConfig or ContinuousConfig ({_FIELD_HINT})"
+                raise checks.bad("settings", unknown, fix, "ContinuousObjective")
+            sub = {k: settings.pop(k) for k in _CONTINUOUS_FIELDS if k in settings}
+            owner = "ContinuousObjective"
+            sub = ContinuousConfig(**sub, owner=owner)
+            config = ObjectiveConfig(method=config, continuous=sub, owner=owner, **settings)
+        elif settings:
+            raise ValueError(
+                f"pass the settings {sorted(settings)} inside the ObjectiveConfig, not beside it"
             )
+        if config.continuous is None:
+            config = dataclasses.replace(config, continuous=ContinuousConfig(owner=config.owner))
+        self.process = get_process(process)
+        self.config = config
+        self.method_spec = check_method_arguments(config.method, velocity, ot_coupling_fn)
         self.velocity = velocity
-        self.ot_coupling_fn = ot_coupling_fn or couplings.ot_coupling
-        if tangent_norm is not None:
-            tangent_norm = checks.real(tangent_norm, "tangent_norm", lo_open=0.0)
-        self.tangent_norm = tangent_norm
-        self.warmup_steps = checks.integer(warmup_steps, "warmup_steps", lo=0, where=where)
+        self.ot_coupling_fn = ot_coupling_fn or _ot_coupling_checked_here
         self._constants: dict[int, float] = {}
+
+    # the settings, read from the one config
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def continuous(self) -> ContinuousConfig:
+        return self.config.continuous
 
     def constant(self, dim: int) -> float:
         """``C`` of the distance for ``dim`` elements per sample (``D ~ C ||.||^2``)."""
         if dim not in self._constants:
-            dist = get_distance(self.distance, dim)
+            dist = get_distance(self.config.distance, dim)
             if dist.alpha != 2.0:
                 raise checks.bad(
                     "distance",
@@ -288,22 +293,9 @@ class ContinuousObjective:
         return self._constants[dim]
 
     def warmup(self, step: int) -> float:
-        """Tangent warm-up factor ``r`` in ``[0, 1]`` at ``step``."""
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, step / self.warmup_steps)
-
-    def _pairs(self, data, noise, t, gc_model, generator):
-        """``(data', noise', coupling)`` of the method's coupling at times ``t``."""
-        if self.method == "ot":
-            res = self.ot_coupling_fn(data, noise)
-            return res.data, res.noise, res
-        if self.method == "gc":
-            res = couplings.generator_induced_coupling(
-                data, noise, gc_model, t, self.process, mu=self.mu, generator=generator
-            )
-            return res.data, res.noise, res
-        return data, noise, None
+        """Tangent warm-up factor ``r = min(1, step / tangent_warmup)`` in ``[0, 1]``."""
+        n = self.continuous.tangent_warmup
+        return 1.0 if n == 0 else min(1.0, step / n)
 
     def __call__(
         self,
@@ -315,46 +307,44 @@ class ContinuousObjective:
         noise: Tensor | None = None,
         gc_model: Model | None = None,
         times: Tensor | None = None,
+        validate: bool = True,
     ) -> LossOutput:
         """Loss of ``model`` on ``data`` ``(B, *dims)`` at ``step``; ``times`` ``(B,)`` fixes
         ``t`` instead of drawing it. Diagnostics: ``t`` (also as ``t_lo`` and ``t_hi``),
         ``weight``, ``distance`` (``C ||g||^2`` before normalization), ``tangent_norm``,
-        ``pair_cost``, ``gc_mask``; ``num_intervals`` is 0 (continuous time)."""
-        if not torch.is_tensor(data) or not data.is_floating_point() or data.dim() < 2:
-            raise checks.bad("data", type(data).__name__, "pass a float tensor (B, *dims)")
-        finite(data, "data")
-        want = _parameter_dtype(model)
-        if want is not None and want != data.dtype and not _autocast_on(data.device):
-            raise checks.bad(
-                "data.dtype", data.dtype, f"pass data in the model's dtype: data.to({want})"
-            )
-        if (self.method == "gc") != (gc_model is not None):
-            raise checks.bad("gc_model", gc_model, "pass gc_model(x_t, t) for method='gc' only")
-        step = checks.integer(step, "step", lo=0)
+        ``pair_cost``, ``gc_mask``; ``num_intervals`` is 0 (continuous time).
+
+        ``validate=False`` skips the argument checks, for a caller that checked the batch at its
+        own entry point (the training step); the couplings are called unchecked either way
+        (docs/design.md section 3, checks once)."""
+        if validate:
+            self._check_call(model, data, step, noise, gc_model)
         bsz, device, dtype = data.shape[0], data.device, data.dtype
         if noise is None:
             noise_device = generator.device if generator is not None else device
             noise = torch.randn(data.shape, generator=generator, device=noise_device, dtype=dtype)
-        if not torch.is_tensor(noise):
-            raise checks.bad("noise", type(noise).__name__, "pass a tensor shaped like data")
         noise = noise.to(device=device, dtype=dtype)
-        checks.same_shape(data, noise)
-        finite(noise, "noise")
+        cont = self.continuous
         if times is None:
             times = sample_times(
                 self.process,
                 bsz,
-                kind=self.time_sampling,
-                p_mean=self.p_mean,
-                p_std=self.p_std,
+                kind=cont.time_sampling,
+                p_mean=self.config.p_mean,
+                p_std=self.config.p_std,
                 generator=generator,
             )
+        elif validate:
+            times = batch_times(times, bsz, data, "times")
+            self.process.check_time(times.detach(), "times")
         t = batch_times(times, bsz, data, "times").to(device=device, dtype=dtype)
-        self.process.check_time(t.detach(), "times")
 
-        data_used, noise_used, coupling = self._pairs(data, noise, t, gc_model, generator)
+        coupling, data_used, noise_used = None, data, noise
+        if self.method_spec.couple is not None:
+            coupling = self.method_spec.couple(self, data, noise, t, gc_model, generator)
+            data_used, noise_used = coupling.data, coupling.noise
         x_t = self.process.interpolate(data_used, noise_used, t)
-        if self.method == "cd":
+        if self.method_spec.target == "velocity":
             with torch.no_grad():
                 u = self.velocity(x_t, t, data=data, noise=noise)
         else:
@@ -366,9 +356,9 @@ class ContinuousObjective:
         )
         c_dist = self.constant(data[0].numel())
         g_norm = torch.linalg.vector_norm(g.reshape(bsz, -1), dim=1)
-        if self.tangent_norm is not None:
-            g = normalize_tangent(g, self.tangent_norm)
-        w = torch.ones_like(t) if self.weight is None else self.weight(t).to(t)
+        if cont.tangent_norm is not None:
+            g = normalize_tangent(g, cont.tangent_norm)
+        w = torch.ones_like(t) if cont.weight is None else cont.weight(t).to(t)
         resid = (f - f.detach() + g).reshape(bsz, -1)
         loss = (w * c_dist * (resid * resid).sum(1)).mean()
 
@@ -382,10 +372,51 @@ class ContinuousObjective:
             "weight": w.detach(),
             "distance": c_dist * g_norm.detach() ** 2,
             "tangent_norm": g_norm.detach(),
-            "pair_cost": couplings.squared_cost(data_used, noise_used).detach(),
+            "pair_cost": _row_cost(data_used, noise_used),
             "gc_mask": gc_mask,
         }
         return LossOutput(loss, diagnostics, 0, coupling)
+
+    def _check_call(self, model, data, step, noise, gc_model) -> None:
+        """The checks of ``__call__``'s arguments (each ``ValueError`` names the argument)."""
+        if not torch.is_tensor(data) or not data.is_floating_point() or data.dim() < 2:
+            raise checks.bad("data", type(data).__name__, "pass a float tensor (B, *dims)")
+        finite(data, "data")
+        want = _parameter_dtype(model)
+        if want is not None and want != data.dtype and not _autocast_on(data.device):
+            raise checks.bad(
+                "data.dtype", data.dtype, f"pass data in the model's dtype: data.to({want})"
+            )
+        if ("gc_model" in self.method_spec.needs) != (gc_model is not None):
+            raise checks.bad("gc_model", gc_model, "pass gc_model(x_t, t) for method='gc' only")
+        checks.integer(step, "step", lo=0)
+        if noise is not None:
+            if not torch.is_tensor(noise):
+                raise checks.bad("noise", type(noise).__name__, "pass a tensor shaped like data")
+            checks.same_shape(data, noise)
+            finite(noise, "noise")
+
+
+def _row_cost(data: Tensor, noise: Tensor) -> Tensor:
+    """``||data_j - noise_j||^2`` ``(B,)``, detached, as ``couplings.squared_cost`` computes it
+    (float64 for float64 input, else float32) without its checks: the objective checked."""
+    acc = torch.float64 if data.dtype == torch.float64 else torch.float32
+    diff = (data.detach().to(acc) - noise.detach().to(acc)).reshape(data.shape[0], -1)
+    return (diff * diff).sum(1)
+
+
+def _ot_coupling_checked_here(data: Tensor, noise: Tensor) -> couplings.CouplingResult:
+    """``couplings.ot_coupling`` without its argument checks: the objective checked the batch."""
+    return couplings.ot_coupling(data, noise, validate=False)
+
+
+_CONTINUOUS_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ContinuousConfig) if f.name != "owner"
+)
+_OBJECTIVE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ObjectiveConfig) if f.name not in ("owner", "continuous")
+)
+_FIELD_HINT = "the tangent warm-up is tangent_warmup"
 
 
 def _parameter_dtype(model: Model) -> torch.dtype | None:

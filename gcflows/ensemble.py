@@ -67,8 +67,11 @@ from torch.func import functional_call, stack_module_state
 from gcflows import couplings
 from gcflows.checks import bad, is_int, is_real
 from gcflows.consistency import (
+    METHOD_REGISTRY,
+    METHODS,
     ConsistencyModel,
     ConsistencyObjective,
+    ObjectiveConfig,
     default_huber_c,
     pseudo_huber,
 )
@@ -88,12 +91,12 @@ __all__ = [
     "train_ensemble",
     "train_sequential",
     "learning_rate",
+    "objective_config",
     "METHODS",
     "GC_MODELS",
     "LR_SCHEDULES",
 ]
 
-METHODS = ("cd", "ct", "ot", "gc")
 GC_MODELS = ("ema", "const_ema", "online", "ideal")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -101,6 +104,20 @@ LR_SCHEDULES = ("constant", "cosine")
 @dataclass
 class EnsembleSpec:
     """One training recipe, shared by every seed of an ensemble.
+
+    ``method``: one of the built-in methods ``consistency.METHODS`` (the vectorized step is
+    written for these four; a method added with ``consistency.register_method`` trains through
+    ``gcflows.training.train``). The objective is ``consistency.ObjectiveConfig`` with
+    ``distance="pseudo_huber"``, ``mu``, ``s0``, ``s1`` and ``total_steps = curriculum_steps or
+    steps`` (:func:`objective_config`).
+
+    Names and ``TrainConfig``'s: ``steps`` is ``total_steps``, ``batch`` is ``batch_size``,
+    ``ema_beta`` / ``ema_every`` are ``ema_decay`` / ``ema_every`` of the GC generator's EMA
+    (``TrainConfig.ema_warmup=True`` for ``gc_model="ema"``), ``lr_warmup`` is ``warmup_steps``;
+    ``lr``, ``mu``, ``s0``, ``s1`` are the same. The names stay: ``as_dict()`` is written into
+    the run records of the convergence and high-dimensional studies and the benchmarks
+    (docs/convergence.md, docs/highdim.md, docs/performance.md), which earlier runs are read
+    back and compared with; a rename would split those records in two vocabularies.
 
     ``sigma_data``: the preconditioning's data standard deviation (per coordinate).
     ``ema_beta`` / ``ema_every``: the EMA used by ``gc_model="ema"`` (warm-up) and
@@ -178,18 +195,27 @@ def make_model(dim: int, spec: EnsembleSpec, seed: int, check_inputs: bool = Tru
     return ConsistencyModel(backbone, "ve", spec.sigma_data, check_inputs=check_inputs)
 
 
-def _objective(spec: EnsembleSpec, target: GaussianMixture) -> ConsistencyObjective:
-    velocity = TrueVelocity(target, "ve") if spec.method == "cd" else None
-    return ConsistencyObjective(
-        "ve",
-        spec.method,
-        distance="pseudo_huber",
+def objective_config(spec: EnsembleSpec) -> ObjectiveConfig:
+    """The ``ObjectiveConfig`` of ``spec`` (the one configuration of the library objectives)."""
+    return ObjectiveConfig(
+        method=spec.method,
         mu=float(spec.mu),
+        distance="pseudo_huber",
         s0=spec.s0,
         s1=spec.s1,
         total_steps=spec.curriculum_steps or spec.steps,
-        velocity=velocity,
+        owner="EnsembleSpec",
     )
+
+
+def _uses_velocity(spec: EnsembleSpec) -> bool:
+    """The method's target is the velocity estimator (CD: the exact velocity of the target)."""
+    return METHOD_REGISTRY[spec.method].target == "velocity"
+
+
+def _objective(spec: EnsembleSpec, target: GaussianMixture) -> ConsistencyObjective:
+    velocity = TrueVelocity(target, "ve") if _uses_velocity(spec) else None
+    return ConsistencyObjective("ve", objective_config(spec), velocity=velocity)
 
 
 def _ema_settings(spec: EnsembleSpec) -> EMARule:
@@ -514,7 +540,7 @@ def train_ensemble(
                 data.reshape(flat), noise.reshape(flat), t_lo.reshape(-1), t_hi.reshape(-1), "ve"
             )
             ens.pair_costs.append(sqcost.reshape(s_count, b).mean(1))
-            if spec.method == "cd":
+            if _uses_velocity(spec):
                 with torch.no_grad():
                     v = target.velocity(x_hi, t_hi.reshape(-1), "ve")
                     x_lo = x_hi + (t_lo - t_hi).reshape(-1, 1) * v

@@ -154,7 +154,7 @@ def test_continuous_gradient_is_richardson_limit_of_discrete(method, process):
         )
         grads.append(_flat_grad(out.loss, model))
     t = uniform_grid(160, process.t_min, process.t_max)[k + 1]
-    cont = ContinuousObjective(process, method, mu=0.5, tangent_norm=None)
+    cont = ContinuousObjective(process, method, distance="squared_l2", mu=0.5, tangent_norm=None)
     out = cont(model, data, generator=torch.Generator().manual_seed(5), noise=noise, times=t, **kw)
     limit = _flat_grad(out.loss, model)
     errs = [float((gn - limit).norm() / limit.norm()) for gn in grads]
@@ -280,16 +280,19 @@ def test_tangent_normalization_bounds_the_tangent(gen):
     model = _model(2, VE2D)
     big = lambda x, t: 1e6 * model(x, t)  # noqa: E731
     data = G.two_gaussians_1to2().sample(32, gen)
-    out = ContinuousObjective(VE2D, "ct", tangent_norm=0.1)(big, data, generator=gen)
+    sq = {"distance": "squared_l2"}  # C = 1
+    out = ContinuousObjective(VE2D, "ct", tangent_norm=0.1, **sq)(big, data, generator=gen)
     assert float(out.loss.detach()) <= 1.0 and float(out.diagnostics["tangent_norm"].max()) > 1e3
-    raw = ContinuousObjective(VE2D, "ct", tangent_norm=None)(big, data, generator=gen)
+    raw = ContinuousObjective(VE2D, "ct", tangent_norm=None, **sq)(big, data, generator=gen)
     assert float(raw.loss.detach()) > 1e6
 
 
 def test_warmup_zero_drops_the_time_derivative(gen):
     model = _model(2, VE2D)
     data = G.two_gaussians_1to2().sample(16, gen)
-    obj = ContinuousObjective(VE2D, "ct", tangent_norm=None, warmup_steps=10)
+    obj = ContinuousObjective(
+        VE2D, "ct", distance="squared_l2", tangent_norm=None, tangent_warmup=10
+    )
     assert [obj.warmup(s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
 
     def grad_at(step):
@@ -353,7 +356,9 @@ def test_weighted_loss_is_the_mean_of_w_times_the_squared_tangent(process):
     def weight(tt):
         return 0.5 + 3.0 * tt**2
 
-    obj = ContinuousObjective(process, "ct", weight=weight, tangent_norm=None)
+    obj = ContinuousObjective(
+        process, "ct", distance="squared_l2", weight=weight, tangent_norm=None
+    )
     out = obj(model, data, noise=noise, times=t)
     fd = _fd_tangent(model, process, data, noise, t)
     w = 0.5 + 3.0 * t**2

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from gcflows.checks import bad, choice, integer, is_int, is_real, real
-from gcflows.consistency import CD_STEPS, DISTANCES, METHODS, ObjectiveConfig
+from gcflows.consistency import CD_STEPS, DISTANCES, METHODS, ContinuousConfig, ObjectiveConfig
 
 __all__ = [
     "TrainConfig",
@@ -81,7 +81,10 @@ class TrainConfig:
     same method in continuous time (:class:`gcflows.continuous.ContinuousObjective`, docs/theory.md
     section 6: times drawn from the lognormal of ``p_mean`` / ``p_std``, no grid, no curriculum)
     with sCM's stabilizers ``tangent_norm`` (``c`` of ``g / (||g|| + c)``; None = off) and
-    ``tangent_warmup`` (steps of the tangent warm-up; 0 = none); it needs a distance with alpha = 2.
+    ``tangent_warmup`` (steps of the tangent warm-up; 0 = none; not the learning-rate
+    ``warmup_steps``), which travel as the objective's ``ContinuousConfig``
+    (``config.objective.continuous``); it needs a distance with alpha = 2. ``method`` may be any
+    method registered with ``gcflows.consistency.register_method``.
 
     Optimisation: ``batch_size`` (per process under DDP), ``total_steps``, ``lr``, ``optimizer``
     adam | radam | lion, ``betas`` (``None``: the optimiser's default), ``weight_decay``,
@@ -152,10 +155,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._check_process()
         integer(self.total_steps, "total_steps", lo=1, fix="use total_steps >= 1", where=_OWNER)
+        self._check_continuous()
         objective = self.objective  # validates method, mu, distance, s0 / s1, p_*, rho, cd_step
         for name in ("mu", "s0", "s1", "p_mean", "p_std", "rho", "total_steps"):
             setattr(self, name, getattr(objective, name))
-        self._check_continuous()
         self._check_optimisation()
         self._check_record()
         self._check_run()
@@ -163,7 +166,9 @@ class TrainConfig:
     @property
     def objective(self) -> ObjectiveConfig:
         """The objective's settings (an :class:`ObjectiveConfig` that validates itself; its error
-        messages name ``TrainConfig.<field>``)."""
+        messages name ``TrainConfig.<field>``), with ``continuous`` set (``tangent_norm``,
+        ``tangent_warmup``) when ``self.continuous``: ``training.make_objective`` hands it whole
+        to the discrete or the continuous objective."""
         return ObjectiveConfig(
             method=self.method,
             mu=self.mu,
@@ -175,7 +180,13 @@ class TrainConfig:
             p_std=self.p_std,
             rho=self.rho,
             cd_step=self.cd_step,
+            continuous=self._continuous_config() if self.continuous else None,
             owner=_OWNER,
+        )
+
+    def _continuous_config(self) -> ContinuousConfig:
+        return ContinuousConfig(
+            tangent_norm=self.tangent_norm, tangent_warmup=self.tangent_warmup, owner=_OWNER
         )
 
     # --- validation, one group of fields each -----------------------------------------------------
@@ -201,11 +212,8 @@ class TrainConfig:
     def _check_continuous(self) -> None:
         if not isinstance(self.continuous, bool):
             raise bad("continuous", self.continuous, "use True or False", _OWNER)
-        if self.tangent_norm is not None:
-            self._real(
-                "tangent_norm", "use a positive number, or None for no normalization", lo_open=0.0
-            )
-        self._int("tangent_warmup", 0, "use tangent_warmup >= 0 (0 = no warm-up)")
+        sub = self._continuous_config()  # validates tangent_norm, tangent_warmup
+        self.tangent_norm, self.tangent_warmup = sub.tangent_norm, sub.tangent_warmup
         if self.continuous and self.distance == "l2_norm":
             fix = "continuous time needs a distance with alpha = 2 (pseudo_huber, squared_l2)"
             raise bad("distance", self.distance, fix, _OWNER)

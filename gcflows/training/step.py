@@ -1,10 +1,12 @@
 """The training step: data draw -> coupling + loss -> optimiser -> EMA (docs/paper.md section 2).
 
 :func:`train_step` is one optimiser step on a :class:`TrainState`; the pieces it uses are built
-here too: the objective from the config (:func:`make_objective`, the one place a new method is
-added), the optimiser (:func:`build_optimizer`), the EMA (:func:`make_ema` /
-:func:`update_ema`: :class:`gcflows.ema.EMA`, the one EMA), the training view of a model without
-its per-call input checks (:func:`without_input_checks`) and the learning rate (:func:`lr_at`).
+here too: the objective from the config (:func:`make_objective`, which hands ``config.objective``
+whole to the discrete or continuous objective; a new method is added in one place,
+``gcflows.consistency.register_method``), the optimiser (:func:`build_optimizer`), the EMA
+(:func:`make_ema` / :func:`update_ema`: :class:`gcflows.ema.EMA`, the one EMA), the training view
+of a model without its per-call input checks (:func:`without_input_checks`) and the learning rate
+(:func:`lr_at`).
 """
 
 from __future__ import annotations
@@ -43,23 +45,13 @@ __all__ = [
 def make_objective(
     config: TrainConfig, process: Process, velocity: Any, world: int
 ) -> ConsistencyObjective | ContinuousObjective:
-    """The loss of ``config.method``, given ``config.objective`` whole, in discrete time or, with
-    ``config.continuous``, in continuous time (under DDP the batch-OT coupling is solved over the
-    global batch). Both are called as ``objective(net, data, k, generator=, gc_model=)``."""
-    if config.continuous:
-        return ContinuousObjective(
-            process,
-            config.method,
-            distance=config.distance,
-            mu=config.mu,
-            p_mean=config.p_mean,
-            p_std=config.p_std,
-            velocity=velocity,
-            ot_coupling_fn=distributed_ot_coupling if world > 1 else None,
-            tangent_norm=config.tangent_norm,
-            warmup_steps=config.tangent_warmup,
-        )
-    return ConsistencyObjective(
+    """The loss of ``config.method``, given ``config.objective`` whole: in discrete time, or in
+    continuous time with ``config.continuous`` (the config then carries its continuous
+    sub-config). Under DDP the batch-OT coupling is solved over the global batch. Both are called
+    as ``objective(net, data, k, generator=, gc_model=, validate=)``. A new method is added in one
+    place, ``gcflows.consistency.register_method``: both objectives dispatch on the registry."""
+    cls = ContinuousObjective if config.continuous else ConsistencyObjective
+    return cls(
         process,
         config.objective,
         velocity=velocity,
@@ -170,7 +162,8 @@ def train_step(s: TrainState) -> StepOutput:
     data = s.source.draw(s.config.batch_size, s.data_gen)
     if bool(all_sum((~torch.isfinite(data)).any().double(), s.world)):
         return StepOutput(None, math.nan, lr, "a data batch with NaN / inf")
-    out = s.objective(s.net, data, k, generator=s.noise_gen, gc_model=s.gc_model)
+    # the batch was checked above (on every rank): the objective checks nothing again
+    out = s.objective(s.net, data, k, generator=s.noise_gen, gc_model=s.gc_model, validate=False)
     loss_sum = float(all_sum(out.loss.detach().double(), s.world))
     if not math.isfinite(loss_sum):
         return StepOutput(out, loss_sum, lr, f"a non-finite loss ({loss_sum})")
