@@ -146,11 +146,12 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "training-continuous-ignores-mu",
-        "gcflows/training/step.py",
-        "            mu=config.mu,\n            p_mean=config.p_mean,",
-        "            p_mean=config.p_mean,",
+        "gcflows/training/config.py",
+        "            mu=self.mu,\n            distance=self.distance,",
+        "            distance=self.distance,",
         (_T + "test_continuous_gc_run_follows_mu",),
-        "make_objective drops mu in continuous time (the objective's default 0.5 is used)",
+        "the objective built from a TrainConfig drops mu (the default 0.5 is used); "
+        "make_objective hands that config whole to the continuous objective",
     ),
     # ---------------------------------------------------------------- gcflows/stats.py
     Mutant(
