@@ -424,8 +424,8 @@ def test_learned_proxy_matches_a_gaussian_ot_coupling():
     e. rho = 1 is the population OT map between the data and N(0, I) (monotone, linear): the
     noise is a function of x_t and R~_t = 0. For rho < 1, per coordinate
     Var(noise | x_t) = 1 - (rho sqrt(lam) + t)^2 / (lam + 2 rho t sqrt(lam) + t^2), summed.
-    Product estimate, per-time fits: within 5 % above / 3 half-widths below (rho = 0.8); at
-    rho = 1 below 2 % of the independent coupling's value at the same t."""
+    Product estimate at t = 0.5: within 5 % above / 3 half-widths below (rho = 0.8); at rho = 1
+    below 2 % of the independent coupling's value at the same t."""
     lam = torch.tensor([0.01, 0.04, 0.25, 1.0, 2.25, 0.09], dtype=torch.float64)
     gm = _gaussian(lam)
     m = gm.mean()
@@ -441,12 +441,12 @@ def test_learned_proxy_matches_a_gaussian_ot_coupling():
         return sampler
 
     cfg = RegressorConfig(per_time=True, **SMALL)
-    for rho, times in ((0.8, [0.1, 2.0]), (1.0, [0.5])):
+    for rho, times in ((0.8, [0.5]), (1.0, [0.5])):
         est = estimate_proxy(
             coupled(rho),
             times,
             n_train=4096,
-            n_test=8192,
+            n_test=4096,
             config=cfg,
             product=True,
             generator=torch.Generator().manual_seed(0),
