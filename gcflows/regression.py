@@ -53,6 +53,21 @@ expectation; each fit sees half the pairs, which raises that systematic part les
 cancellation removes (docs/highdim.md, IC validation). Row by row the product is at most the mean
 of the two squared residuals, so it never exceeds the two half-fits' held-out residual.
 
+Independent times and convergence (:func:`estimate_proxy`). Each time draws its pairs, test
+pairs and (per-time) fits from its own generator, seeded from the caller's before any work: with
+``per_time=True`` (the high-dimensional study's setting) a time's estimate does not depend on the
+pairs another time gets, bit for bit (a shared fit couples them: the early-stopping score and the
+trunk are shared). ``convergence=True`` repeats the estimate on the first half of each time's
+pairs (same test pairs): the margin ``|value - value_half|`` is about the excess error left at
+``n`` pairs when it falls as ``1 / n``; a point whose margin exceeds ``tolerance * value`` is not
+converged. Non-finite pairs and a diverging fit (non-finite validation score, or kept weights
+100 times worse than predicting zero) raise ``ValueError``.
+
+Closed forms to validate against (docs/highdim.md): :func:`gaussian_gc_proxy` (GC with the ideal
+generator on one isotropic Gaussian, any ``mu``; per component of a mixture whose modes do not mix
+at ``t``) and :func:`linear_proxy` (per-component least squares: exact where the pairs are jointly
+Gaussian within a component, an upper bound otherwise, e.g. for batch-OT).
+
 Ideal GC pairs in high dimension come from the exact flow map's fixed-step RK4,
 ``GaussianMixture.flow_map(..., method="rk4")``.
 """
@@ -63,16 +78,20 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gcflows.checks import bad, integer, is_int, real
+from gcflows.processes import get_process
 
 __all__ = [
     "ProxyEstimate",
     "RegressorConfig",
     "estimate_proxy",
+    "gaussian_gc_proxy",
+    "linear_proxy",
     "PairSampler",
 ]
 
@@ -135,6 +154,11 @@ class ProxyEstimate:
     of the fit(s) behind the value; a shared ``t``-conditioned fit reports its total at every time),
     ``capped`` (a fit stopped at ``max_steps`` rather than by early stopping) and ``val_value``
     (the validation mean squared residual of the kept weights, same units as ``value``).
+    With ``convergence=True`` (:func:`estimate_proxy`): ``value_half`` (the same estimate from
+    the first half of the training pairs, on the same test pairs), ``margin`` (``|value -
+    value_half|``), ``margin_half_width`` (95 % half-width of the mean row difference over the
+    test pairs: the test rows' part of the margin's spread, not the fits') and ``converged``
+    (``margin <= tolerance * value``); empty lists otherwise.
     """
 
     times: list[float]
@@ -145,10 +169,114 @@ class ProxyEstimate:
     steps: list[int] = field(default_factory=list)
     capped: list[bool] = field(default_factory=list)
     val_value: list[float] = field(default_factory=list)
+    value_half: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)
+    margin_half_width: list[float] = field(default_factory=list)
+    converged: list[bool] = field(default_factory=list)
     config: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# closed forms and a linear reference for the couplings (validation of the learned proxy)
+# ------------------------------------------------------------------------------------------------
+def gaussian_gc_proxy(
+    var: float,
+    dim: int,
+    t: float,
+    mu: float = 1.0,
+    *,
+    t_min: float | None = None,
+    n: int = 1 << 20,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Exact ``R~_t`` (ve) of GC with the ideal generator on one isotropic Gaussian ``N(m, var I)``
+    in ``dim`` dimensions: ``(value, 95 % half-width)``.
+
+    The ve flow map of ``N(m, s^2 I)`` from ``t`` to ``t_min`` is ``m + c (y - m)``,
+    ``c^2 = (s^2 + t_min^2) / (s^2 + t^2)``. A GC pair replaces the data ``x0`` by the flow map of
+    ``y = x0 + t z`` and keeps the noise ``z``, so ``x_t - m = c (x0 - m) + (1 + c) t z``: jointly
+    Gaussian with ``z``, per coordinate ``Var x_t = c^2 s^2 + (1 + c)^2 t^2 =: V``,
+    ``Cov(x_t, z) = (1 + c) t``, hence ``E[z | x_t] = (1 + c) t (x_t - m) / V`` and
+
+        R~_GC = dim c^2 s^2 / (c^2 s^2 + (1 + c)^2 t^2)                   (mu = 1, exact)
+
+    (``mu = 0``, IC: ``dim s^2 / (s^2 + t^2)``). For ``0 < mu < 1`` a pair is GC with probability
+    ``mu``, IC otherwise: given ``x_t`` the noise is a two-branch mixture with weights from the
+    two Gaussian likelihoods of ``r^2 = ||x_t - m||^2`` (branch ``i``: variance ``V_i``, slope
+    ``b_i``, conditional variance ``v_i`` per coordinate), so
+    ``tr Var[z | x_t] = sum_i w_i (dim v_i + b_i^2 r^2) - (sum_i w_i b_i)^2 r^2``, averaged over
+    ``n`` draws of ``r^2`` (exact integrand; only ``r^2 = V_i chi^2_dim`` is sampled).
+    A mixture of such components that do not mix at ``t`` (responsibilities near one-hot) has the
+    same value per component.
+    """
+    var = real(var, "var", lo_open=0.0)
+    dim = integer(dim, "dim", lo=1)
+    t = real(t, "t", lo_open=0.0)
+    mu = real(mu, "mu", lo=0.0, hi=1.0)
+    t_min = get_process("ve").t_min if t_min is None else real(t_min, "t_min", lo=0.0)
+    integer(n, "n", lo=2)
+    c = math.sqrt((var + t_min**2) / (var + t * t))
+    v_ic, b_ic, s_ic = var / (var + t * t), t / (var + t * t), var + t * t
+    s_gc = c * c * var + (1 + c) ** 2 * t * t
+    v_gc, b_gc = c * c * var / s_gc, (1 + c) * t / s_gc
+    if mu == 1.0:
+        return dim * v_gc, 0.0
+    if mu == 0.0:
+        return dim * v_ic, 0.0
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    branch_gc = torch.rand(n, generator=g, dtype=torch.float64) < mu
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
+    chi2 = torch.from_numpy(rng.chisquare(dim, n))
+    r2 = chi2 * torch.where(branch_gc, s_gc, s_ic)
+    logw = torch.stack(
+        [
+            math.log(1 - mu) - 0.5 * dim * math.log(s_ic) - 0.5 * r2 / s_ic,
+            math.log(mu) - 0.5 * dim * math.log(s_gc) - 0.5 * r2 / s_gc,
+        ],
+        1,
+    )
+    w = torch.softmax(logw, 1)
+    b = torch.tensor([b_ic, b_gc], dtype=torch.float64)
+    v = torch.tensor([v_ic, v_gc], dtype=torch.float64)
+    tr = (w * (dim * v + b * b * r2[:, None])).sum(1) - (w @ b).pow(2) * r2
+    return float(tr.mean()), 1.96 * float(tr.std()) / math.sqrt(n)
+
+
+@torch.no_grad()
+def linear_proxy(x: Tensor, z: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Residual of the best affine predictor of ``z`` from ``x`` within each label: an upper bound
+    on ``R~_t`` (any function of ``x_t`` is), exact where ``E[z | x_t]`` is affine per label.
+
+    ``labels`` ``(n,)`` must be a function of ``x`` (e.g. the most likely mixture component of
+    ``x_t``). Per label, ordinary least squares of ``z`` on ``[1, x]`` (``p = d + 1`` columns) in
+    float64; the residual sum of squares over ``n_k - p`` degrees of freedom is unbiased for the
+    affine predictor's population residual when the residual does not depend on ``x`` (and nearly
+    so otherwise), so no held-out pairs are needed. Returns the label-weighted value and an
+    approximate 95 % half-width (the spread of the per-row squared residuals).
+    """
+    x, z = x.double(), z.double()
+    n, d = x.shape
+    p = d + 1
+    total, var = 0.0, 0.0
+    for k in labels.unique():
+        rows = labels == k
+        n_k = int(rows.sum())
+        if n_k <= p + 1:
+            raise bad(
+                "labels",
+                f"{n_k} rows with label {int(k)}",
+                f"give more than {p + 1} rows per label",
+            )
+        a = torch.cat([torch.ones(n_k, 1, dtype=torch.float64), x[rows]], 1)
+        coef = torch.linalg.lstsq(a, z[rows]).solution
+        res = (z[rows] - a @ coef).pow(2).sum(1)
+        share = n_k / n
+        total += share * float(res.sum()) / (n_k - p)
+        var += share**2 * float(res.var()) * n_k / (n_k - p) ** 2
+    return total, 1.96 * math.sqrt(var)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,12 +309,34 @@ class _ResidualMLP(nn.Module):
 
 @dataclass
 class _Fit:
-    """A fitted regressor: ``predict(x (B, d), t) -> E[noise | x_t]`` and its training."""
+    """A fitted regressor: ``predict(x (B, d), t) -> E[noise | x_t]`` and its training.
+
+    ``mean`` / ``var``: the data statistics ``m`` and ``s^2`` of the parametrization; ``scores``:
+    the validation score ``mean_t log L_t`` at every evaluation; ``kept_score``: the score of the
+    weights kept (the best with early stopping, the last without); ``last_loss``: ``L_t`` (scaled
+    units) at the last evaluation; ``time_weight``: the gradient weight of each time it sets for
+    the next steps (``1 / L_t``, mean one).
+    """
 
     predict: Callable[[Tensor, float], Tensor]
     steps: int
     capped: bool
     val_value: dict[float, float]
+    mean: Tensor
+    var: float
+    scores: list[float]
+    kept_score: float
+    last_loss: Tensor
+    time_weight: Tensor
+
+
+def _diverged(t: float, value: float, zero: float, cfg: RegressorConfig) -> ValueError:
+    return bad(
+        "config.lr",
+        cfg.lr,
+        f"the regressor's fit diverged at t={t:g} (validation mean squared residual {value:.4g} "
+        f"against {zero:.4g} for predicting zero); use a smaller learning rate, or check the pairs",
+    )
 
 
 def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorConfig, gen) -> _Fit:
@@ -196,7 +346,10 @@ def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorC
     ``j``), so that each time's *relative* excess error counts alike (the bias is reported
     relative to ``R~_t``, which spans orders of magnitude over ``t``). Its gradient weights time
     ``j`` by ``1 / L_j``, taken from the latest validation score; early stopping scores
-    ``mean_j log L_j`` on the validation split.
+    ``mean_j log L_j`` on the validation split. A non-finite validation score, or kept weights
+    whose validation residual exceeds 100 times that of predicting zero (an over-fitted fit can
+    reach several times it; a diverged one is orders of magnitude above), is a diverged fit:
+    ``ValueError`` naming the learning rate.
     """
     dim, n_times = xs[0].shape[1], len(times)
     tr: list[list[Tensor]] = [[], [], [], []]  # x, z, t, time index
@@ -245,6 +398,7 @@ def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorC
     size = min(cfg.batch, n)
     weight = torch.ones(n_times)
     best, best_state, bad_scores, k, factor = math.inf, None, 0, 0, 1.0
+    scores: list[float] = []
     stopped = False
     while k < cfg.max_steps and not stopped:
         net.train()
@@ -260,11 +414,15 @@ def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorC
             k += 1
         net.eval()
         val = validation()
+        if not bool(torch.isfinite(val).all()):
+            j = int((~torch.isfinite(val)).nonzero()[0])
+            raise _diverged(times[j], float(val[j]), float("nan"), cfg)
         inv = 1.0 / val.clamp_min(1e-30)
         weight = (inv / inv.mean()).float()
         score = float(val.log().mean())
+        scores.append(score)
         if not cfg.early_stopping:  # a fixed-length fit: keep the latest weights
-            best_state = None
+            best, best_state = score, None
         elif score < best - cfg.min_delta:
             best, bad_scores = score, 0
             best_state = {key: v.detach().clone() for key, v in net.state_dict().items()}
@@ -292,7 +450,10 @@ def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorC
             rows = i_va == j
             pred = predict(x_va[rows], t)
             val_value[t] = float((z_va[rows].double() - pred.double()).pow(2).sum(1).mean())
-    return _Fit(predict, k, not stopped, val_value)
+            zero = float(z_va[rows].double().pow(2).sum(1).mean())
+            if not val_value[t] <= 100.0 * zero:  # NaN included
+                raise _diverged(t, val_value[t], zero, cfg)
+    return _Fit(predict, k, not stopped, val_value, m, s2, scores, best, val, weight)
 
 
 def _draw(sampler: PairSampler, t: float, n: int, gen, dim: int | None) -> tuple[Tensor, Tensor]:
@@ -301,7 +462,14 @@ def _draw(sampler: PairSampler, t: float, n: int, gen, dim: int | None) -> tuple
         raise bad("sampler", sampler, "return (x_t, noise), two tensors of one shape (n, d)")
     if x.shape[0] != n or (dim is not None and x.shape[1] != dim):
         raise bad("sampler", sampler, f"return n = {n} rows of the same dimension at every time")
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(z).all())):
+        raise bad("sampler", sampler, f"return finite pairs (NaN or inf at t={t:g})")
     return x.float(), z.float()
+
+
+def _child(gen: torch.Generator) -> torch.Generator:
+    """A generator seeded by one draw from ``gen``."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
 
 
 def estimate_proxy(
@@ -313,6 +481,8 @@ def estimate_proxy(
     config: RegressorConfig | None = None,
     cross_fit: bool = False,
     product: bool = False,
+    convergence: bool = False,
+    tolerance: float = 0.05,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ProxyEstimate:
@@ -329,8 +499,20 @@ def estimate_proxy(
     the two halves of the training pairs and returns the held-out mean of the product of their
     residuals, ``mean <noise - F1(x_t), noise - F2(x_t)>``: with independent fits its expectation
     is ``R~_t + E||m - E F||^2`` (the fits' variance cancels, the squared systematic error stays),
-    still an upper estimate in expectation (module doc, Bias). ``progress(i)`` is called after the
-    ``i``-th fit.
+    still an upper estimate in expectation (module doc, Bias).
+
+    Streams. Before any work, one generator per time is seeded from ``generator`` (plus one for a
+    shared fit): a time's training pairs, test pairs and (``per_time``) fits come from its own
+    stream, so with per-time fits a time's estimate does not depend on the pairs any other time
+    gets (bit for bit). A shared fit (``per_time=False``) couples the times through the fit.
+
+    ``convergence=True`` also estimates each time from the first half of its training pairs (the
+    same estimator, scored on the same test pairs, fitted after the full estimate, which is
+    therefore unchanged): ``value_half``, ``margin = |value - value_half|`` and ``converged =
+    margin <= tolerance * value``. With an excess error falling as ``1 / n`` the margin is the
+    excess left at ``n`` pairs; intervals that include it are ``value -+ (half_width + margin)``.
+    Not with ``cross_fit``. Pairs and fits that are not finite, or a fit that diverges, raise
+    ``ValueError``. ``progress(i)`` is called after the ``i``-th fit.
     """
     times = [float(t) for t in times] if isinstance(times, Sequence) else times
     if (
@@ -339,75 +521,100 @@ def estimate_proxy(
         or any(not (t > 0 and math.isfinite(t)) for t in times)
     ):
         raise bad("times", times, "use a non-empty list of positive times")
+    if len(set(times)) != len(times):
+        raise bad("times", times, "use each time once")
     counts = [n_train] * len(times) if is_int(n_train) else list(n_train)
     if len(counts) != len(times) or not all(is_int(n) and n >= 4 for n in counts):
         raise bad("n_train", n_train, "use an integer >= 4, or one such integer per time")
     integer(n_test, "n_test", lo=1)
-    if not isinstance(cross_fit, bool):
-        raise bad("cross_fit", cross_fit, "use True or False")
-    if not isinstance(product, bool):
-        raise bad("product", product, "use True or False")
+    for name, flag in (
+        ("cross_fit", cross_fit),
+        ("product", product),
+        ("convergence", convergence),
+    ):
+        if not isinstance(flag, bool):
+            raise bad(name, flag, "use True or False")
     if cross_fit and product:
         raise bad("product", product, "use product=True or cross_fit=True, not both")
+    if cross_fit and convergence:
+        raise bad("convergence", convergence, "use it with the held-out or product estimate")
+    if convergence and not all(n >= 8 for n in counts):
+        raise bad("n_train", n_train, "use >= 8 pairs per time with convergence=True")
+    tolerance = real(tolerance, "tolerance", lo_open=0.0)
     cfg = RegressorConfig() if config is None else config
     if not isinstance(cfg, RegressorConfig):
         raise bad("config", cfg, "use a RegressorConfig (or None for the defaults)")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    streams = [_child(gen) for _ in times]
+    shared = _child(gen)
     groups = [[i] for i in range(len(times))] if cfg.per_time else [list(range(len(times)))]
-    out = {k: [0.0] * len(times) for k in ("value", "half", "steps", "capped", "val")}
+    keys = ("value", "half", "steps", "capped", "val", "value_half", "margin", "diff_half")
+    out: dict[str, list] = {k: [0.0] * len(times) for k in keys}
     dim = None
-    fits = 0
-    for group in groups:
-        pairs = []
-        for i in group:
-            x, z = _draw(sampler, times[i], counts[i], gen, dim)
-            dim = x.shape[1]
-            pairs.append((x, z))
-        gtimes = [times[i] for i in group]
-        resid: list[list[Tensor]] = [[] for _ in group]
+    fits = [0]
+
+    def fitted(train: list[tuple[Tensor, Tensor]], gtimes: list[float], fit_gen) -> _Fit:
+        fit = _fit([a for a, _ in train], [b for _, b in train], gtimes, cfg, fit_gen)
+        fits[0] += 1
+        if progress is not None:
+            progress(fits[0])
+        return fit
+
+    def score(pairs, tests, gtimes, fit_gen):
+        """Rows of the estimate per time, (steps, capped), validation residual per time."""
+        resid: list[list[Tensor]] = [[] for _ in gtimes]
         steps, capped = 0, False
-        vals: dict[float, list[float]] = {}
+        vals: dict[float, list[float]] = {t: [] for t in gtimes}
         if cross_fit:
             for fold in (0, 1):  # fit on one half, score on the other
                 train, test = _half(pairs, first=fold == 1), _half(pairs, first=fold == 0)
-                fit = _fit([a for a, _ in train], [b for _, b in train], gtimes, cfg, gen)
-                fits += 1
-                if progress is not None:
-                    progress(fits)
+                fit = fitted(train, gtimes, fit_gen)
                 steps, capped = steps + fit.steps, capped or fit.capped
                 for j, ((x, z), t) in enumerate(zip(test, gtimes, strict=True)):
                     resid[j].append(_residual(fit, x, z, t))
-                    vals.setdefault(t, []).append(fit.val_value[t])
+                    vals[t].append(fit.val_value[t])
         elif product:
-            twin = []
-            for fold in (0, 1):  # one fit per half, both scored on fresh pairs
-                train = _half(pairs, first=fold == 0)
-                twin.append(_fit([a for a, _ in train], [b for _, b in train], gtimes, cfg, gen))
-                fits += 1
-                if progress is not None:
-                    progress(fits)
-                steps, capped = steps + twin[-1].steps, capped or twin[-1].capped
-            for j, t in enumerate(gtimes):
-                x, z = _draw(sampler, t, n_test, gen, dim)
+            twin = [fitted(_half(pairs, first=fold == 0), gtimes, fit_gen) for fold in (0, 1)]
+            steps, capped = sum(f.steps for f in twin), any(f.capped for f in twin)
+            for j, ((x, z), t) in enumerate(zip(tests, gtimes, strict=True)):
                 resid[j].append(_residual_product(twin[0], twin[1], x, z, t))
-                vals[t] = [0.5 * (twin[0].val_value[t] + twin[1].val_value[t])]
+                vals[t] = [f.val_value[t] for f in twin]
         else:
-            fit = _fit([p[0] for p in pairs], [p[1] for p in pairs], gtimes, cfg, gen)
-            fits += 1
-            if progress is not None:
-                progress(fits)
+            fit = fitted(pairs, gtimes, fit_gen)
             steps, capped = fit.steps, fit.capped
-            for j, t in enumerate(gtimes):
-                x, z = _draw(sampler, t, n_test, gen, dim)
+            for j, ((x, z), t) in enumerate(zip(tests, gtimes, strict=True)):
                 resid[j].append(_residual(fit, x, z, t))
                 vals[t] = [fit.val_value[t]]
+        return [torch.cat(r) for r in resid], steps, capped, vals
+
+    for group in groups:
+        pairs, tests = [], []
+        for i in group:
+            pairs.append(_draw(sampler, times[i], counts[i], streams[i], dim))
+            dim = pairs[-1][0].shape[1]
+            if not cross_fit:
+                tests.append(_draw(sampler, times[i], n_test, streams[i], dim))
+        gtimes = [times[i] for i in group]
+        fit_gen = streams[group[0]] if cfg.per_time else shared
+        rows, steps, capped, vals = score(pairs, tests, gtimes, fit_gen)
+        rows_half = (
+            score(_half(pairs, first=True), tests, gtimes, fit_gen)[0] if convergence else None
+        )
         for j, i in enumerate(group):
-            r = torch.cat(resid[j])
+            r = rows[j]
             out["value"][i] = float(r.mean())
             out["half"][i] = 1.96 * float(r.std()) / math.sqrt(r.numel())
             out["steps"][i] = steps
             out["capped"][i] = capped
             out["val"][i] = sum(vals[times[i]]) / len(vals[times[i]])
+            if rows_half is not None:
+                out["value_half"][i] = float(rows_half[j].mean())
+                out["margin"][i] = abs(out["value"][i] - out["value_half"][i])
+                diff = r - rows_half[j]
+                out["diff_half"][i] = 1.96 * float(diff.std()) / math.sqrt(diff.numel())
+            if not (math.isfinite(out["value"][i]) and math.isfinite(out["half"][i])):
+                raise _diverged(times[i], out["value"][i], float("nan"), cfg)
+    conv = convergence
     return ProxyEstimate(
         times,
         out["value"],
@@ -417,7 +624,21 @@ def estimate_proxy(
         steps=out["steps"],
         capped=out["capped"],
         val_value=out["val"],
-        config={**cfg.as_dict(), "cross_fit": cross_fit, "product": product},
+        value_half=out["value_half"] if conv else [],
+        margin=out["margin"] if conv else [],
+        margin_half_width=out["diff_half"] if conv else [],
+        converged=[
+            m <= tolerance * abs(v) for m, v in zip(out["margin"], out["value"], strict=True)
+        ]
+        if conv
+        else [],
+        config={
+            **cfg.as_dict(),
+            "cross_fit": cross_fit,
+            "product": product,
+            "convergence": convergence,
+            "tolerance": tolerance,
+        },
     )
 
 

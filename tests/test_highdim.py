@@ -34,7 +34,11 @@ def test_quick_run_writes_the_run_folder_with_a_bar_on_a_terminal(tmp_path):
         assert (run / name).is_file(), name
     res = json.loads((run / "results.json").read_text())
     assert {r["target"] for r in res["ic_validation"]} == {"random_16", "digits_mixture"}
-    assert all(r["exact_per_d"] > 0 for r in res["ic_validation"])
+    assert all(r["reference_per_d"] > 0 for r in res["ic_validation"])
+    assert {r["coupling"] for r in res["ic_validation"]} >= {"ic", "gc1-ideal"}
+    # every proxy point comes with its n/2-pairs estimate and convergence margin
+    for curve in res["proxy_curves"]["random_16"].values():
+        assert len(curve["value_half"]) == len(curve["value"]) == len(curve["converged"])
     paired = res["paired_vs_ct"]["random_16"]["cons_err"]
     assert set(paired) == {"ot", "gc0.5", "gc0.5-online"}
     for mean, lo, hi in paired.values():
@@ -74,6 +78,12 @@ def test_quiet_logs_one_line_per_job_and_draws_no_bar(tmp_path):
         ["--couplings", "ot64"],
         ["--threads", "0"],
         ["--estimator", "knn"],
+        ["--workers", "0"],
+        ["--reg-seed", "-1"],
+        ["--conv-tol", "0"],
+        ["--conv-tol", "nan"],
+        ["--train-256", "--skip-train"],
+        ["--quick", "--pairs", "8", "8", "8", "8", "8", "8"],  # six numbers, quick has 3 times
     ],
 )
 def test_arguments_validated_before_the_run_folder(tmp_path, bad, capsys):
@@ -89,7 +99,7 @@ def test_new_flags_reach_the_settings(tmp_path, monkeypatch):
     recorded settings (checked through the config the run writes, with the run itself stubbed)."""
     seen = {}
 
-    def stop(cfg, bar):
+    def stop(cfg, bar, *rest, **kw):
         seen.update(cfg)
         raise KeyboardInterrupt
 
@@ -159,3 +169,79 @@ def test_paired_interval_and_verdicts():
     assert order[1]["order"] == "ot512 < gc1-ideal < ic"
     (v,) = hs.target_verdict(order)
     assert v["held"] == 1 and v["of"] == 2
+
+
+def test_an_unusable_out_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as err:
+        hs.parse_args(["--out", str(tmp_path / "file" / "sub")])
+    assert err.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "--out" in lines[0]
+
+
+def test_explicit_values_win_over_quick(tmp_path, monkeypatch):
+    """--quick fills only what is not given: explicit sizes, seeds, steps and tolerances stay."""
+    args = hs.parse_args(["--quick", "--seeds", "5", "--steps", "9", "--out", str(tmp_path)])
+    assert args.seeds == 5 and args.steps == 9
+    seen = {}
+
+    def stop(cfg, bar, workers, threads, on_job=None):
+        seen.update(cfg, workers=workers)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hs, "proxy_part", stop)
+    argv = [
+        "--quick",
+        "--skip-train",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+        "--pairs",
+        "40",
+        "41",
+        "42",
+        "--test-pairs",
+        "33",
+        "--reg-steps",
+        "17",
+        "--conv-tol",
+        "0.2",
+        "--workers",
+        "3",
+    ]
+    with pytest.raises(KeyboardInterrupt):
+        hs.main(argv)
+    assert seen["n_train"] == [40, 41, 42] and seen["n_test"] == 33
+    assert seen["regressor"]["max_steps"] == 17 and seen["conv_tol"] == 0.2
+    assert seen["workers"] == 3 and seen["regressor"]["hidden"] == 32  # the rest from --quick
+
+
+def test_gc_closed_forms_of_the_study_targets():
+    """The closed form the study validates GC against (ideal generator, mu = 1, t = 0.05, modes
+    not mixing): 6.556 (random_16) and 34.31 (random_64) in total over coordinates; no closed
+    form for the digits mixture (full covariances) or for a coupling without the ideal generator;
+    the non-mixing test passes at t = 0.05 and fails at t = 0.2 on random_16."""
+    r16, r64 = hs.get_preset("random_16"), hs.get_preset("random_64")
+    assert hs.closed_form(r16, "gc1-ideal", 0.05)[0] == pytest.approx(6.556, abs=1e-3)
+    assert hs.closed_form(r64, "gc1-ideal", 0.05)[0] == pytest.approx(34.31, abs=1e-2)
+    value, hw = hs.closed_form(r16, "gc0.5-ideal", 0.05)
+    assert 6.556 < value < 16 * 0.00799 / (0.00799 + 0.0025) and hw < 1e-3 * value
+    assert hs.closed_form(hs.get_preset("digits_mixture"), "gc1-ideal", 0.05) is None
+    assert hs.closed_form(r16, "ot512", 0.05) is None
+    assert hs.non_mixing(r16, 0.05) and not hs.non_mixing(r16, 0.2)
+
+
+def test_orderings_include_the_convergence_margin():
+    """Two couplings whose sampling intervals separate but whose convergence margins overlap are
+    not ordered ('~'), and the claim is not called there."""
+
+    def est(v, margin):
+        return {"value": [v], "half_width": [0.1], "margin": [margin]}
+
+    sep = {"a": {"ic": est(4.0, 0.0), "ot512": est(3.0, 0.0), "gc1-ideal": est(1.0, 0.0)}}
+    (row,) = hs.ordering_verdicts(sep, [0.1])
+    assert row["gc<ot<ic"] and row["order"] == "gc1-ideal < ot512 < ic"
+    wide = {"a": {"ic": est(4.0, 0.0), "ot512": est(3.0, 1.0), "gc1-ideal": est(1.0, 0.0)}}
+    (row,) = hs.ordering_verdicts(wide, [0.1])
+    assert not row["gc<ot<ic"] and row["order"] == "gc1-ideal < ot512 ~ ic"
