@@ -8,8 +8,8 @@ Metrics (the target's exact quantities; ``d`` the dimension, ``ve`` process):
 
 - **consistency error** at time ``t``: ``E ||f(x_t, t) - Phi_t(x_t)||^2 / d`` over ``x_t = x_0 +
   t z`` (IC draws), ``Phi_t`` the exact PF-ODE flow map to ``t_min`` (RK4 on the exact velocity,
-  ``gcflows.regression.rk4_flow_map``, 48 steps); :func:`consistency_error` gives one column per
-  time of the :class:`EvalSet`. It measures the PF-ODE flow only: batch-OT and GC learn the
+  ``GaussianMixture.flow_map(method="rk4")``, 48 steps); :func:`consistency_error` gives one
+  column per time of the :class:`EvalSet`. It measures the PF-ODE flow only: batch-OT and GC learn the
   flows of their own couplings, so for them it is a secondary metric.
 - **samples**: one step ``x = f(T z, T)`` (``T = 80``), two steps ``f(x + t_mid z', t_mid)``
   (``t_mid = 0.8``) (:func:`samples`).
@@ -40,7 +40,6 @@ from gcflows.checks import bad, is_int, is_real
 from gcflows.gmm import GaussianMixture
 from gcflows.metrics import sliced_w2
 from gcflows.processes import get_process
-from gcflows.regression import rk4_flow_map
 
 __all__ = [
     "EVAL_TIMES",
@@ -102,7 +101,7 @@ def make_eval_set(
         data = target.sample(n_flow, generator=g)
         x = data + t * torch.randn(data.shape, generator=g, dtype=data.dtype)
         xs.append(x.float())
-        flows.append(rk4_flow_map(target, x, t, "ve", steps=flow_steps).float())
+        flows.append(target.flow_map(x, t, "ve", method="rk4", steps=flow_steps).float())
     ref = target.sample(n_ref, generator=g).double()
     return EvalSet(times, torch.stack(xs), torch.stack(flows), ref)
 

@@ -141,10 +141,9 @@ def test_evaluate_returns_every_metric_per_model_and_ranks_a_bad_model_worse():
     sample to the origin: worse on every sample metric."""
     target = get_preset("random_16")
     ev = make_eval_set(target, n_flow=64, n_ref=500)
-    from gcflows.regression import rk4_flow_map
 
     def apply(x, t):
-        good = rk4_flow_map(target, x[0].double(), t[0].double(), "ve", steps=24).float()
+        good = target.flow_map(x[0].double(), t[0].double(), "ve", method="rk4", steps=24).float()
         return torch.stack([good, torch.zeros_like(x[1])])
 
     out = evaluate(target, apply, 2, ev, n_samples=500)
