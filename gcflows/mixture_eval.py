@@ -9,8 +9,8 @@ Metrics (the target's exact quantities; ``d`` the dimension, ``ve`` process):
 - **consistency error** at time ``t``: ``E ||f(x_t, t) - Phi_t(x_t)||^2 / d`` over ``x_t = x_0 +
   t z`` (IC draws), ``Phi_t`` the exact PF-ODE flow map to ``t_min`` (RK4 on the exact velocity,
   ``GaussianMixture.flow_map(method="rk4")``, 48 steps); :func:`consistency_error` gives one
-  column per time of the :class:`EvalSet`. It measures the PF-ODE flow only: batch-OT and GC learn the
-  flows of their own couplings, so for them it is a secondary metric.
+  column per time of the :class:`EvalSet`. It measures the PF-ODE flow only: batch-OT and GC learn
+  the flows of their own couplings, so for them it is a secondary metric.
 - **samples**: one step ``x = f(T z, T)`` (``T = 80``), two steps ``f(x + t_mid z', t_mid)``
   (``t_mid = 0.8``) (:func:`samples`).
 - **mode-mass TV** ``1/2 sum_k |m_k - w_k|``, ``m_k`` the share of samples whose exact
