@@ -45,6 +45,7 @@ LAYERS = {
     "discrepancy": 7,
     "transport": 7,
     "evaluation": 7,
+    "mixture_study": 8,  # the toy study's sections over discrepancy, training and mixture_eval
     "plotting": 8,
 }
 
