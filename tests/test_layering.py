@@ -46,6 +46,7 @@ LAYERS = {
     "transport": 7,
     "evaluation": 7,
     "mixture_study": 8,  # the toy study's sections over discrepancy, training and mixture_eval
+    "transport_study": 8,  # the transport study's sections over transport
     "plotting": 8,
 }
 
