@@ -48,6 +48,7 @@ __all__ = [
     "METRICS",
     "EvalSet",
     "make_eval_set",
+    "eval_set_from_reference",
     "consistency_error",
     "samples",
     "sample_metrics",
@@ -104,6 +105,28 @@ def make_eval_set(
         flows.append(target.flow_map(x, t, "ve", method="rk4", steps=flow_steps).float())
     ref = target.sample(n_ref, generator=g).double()
     return EvalSet(times, torch.stack(xs), torch.stack(flows), ref)
+
+
+def eval_set_from_reference(reference: dict[str, Tensor]) -> EvalSet:
+    """An :class:`EvalSet` over the draws of ``gcflows.discrepancy.flow_map_reference`` (any
+    process and times: rows grouped by time, ``n`` per time; float32 like
+    :func:`make_eval_set`), for :func:`consistency_error`; ``ref`` is empty (no sample metrics)."""
+    times = reference["times"]
+    n_t = times.numel()
+    x, flow = reference["x"], reference["target"]
+    if n_t < 1 or x.dim() != 2 or x.shape[0] % n_t or flow.shape != x.shape:
+        raise bad(
+            "reference",
+            {k: tuple(v.shape) for k, v in reference.items()},
+            "use the dict of flow_map_reference",
+        )
+    shape = (n_t, x.shape[0] // n_t, x.shape[1])
+    return EvalSet(
+        tuple(float(t) for t in times),
+        x.reshape(shape).float(),
+        flow.reshape(shape).float(),
+        torch.empty(0, x.shape[1], dtype=torch.float64),
+    )
 
 
 def consistency_error(apply: Apply, n_models: int, ev: EvalSet) -> Tensor:

@@ -15,7 +15,14 @@ cleanly: the workers ignore SIGINT and are terminated by the parent, which raise
 dies (killed by a signal or the out-of-memory killer), raises :class:`JobFailed` naming the job
 and the cause: the study ends with that error instead of waiting for a result that never comes.
 
-Imports tqdm only when a bar is drawn; no other gcflows module (layer 1).
+:func:`run_schedule` runs a list of :class:`Job` specs with dependencies on such a pool: a job
+starts once every job it names in ``after`` has finished (its payload can be built then, in the
+parent, from their results: ``Job.make``), and among the jobs ready to start the one with the
+longest expected path to the end of the study (its own ``cost`` plus the costliest chain of its
+dependants) starts first, so that the jobs others wait for start early and the workers end
+together. A failed job fails its dependants, each naming it.
+
+Imports tqdm only when a bar is drawn; of gcflows only ``checks`` (layer 1).
 """
 
 from __future__ import annotations
@@ -28,12 +35,26 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, TextIO
 
-__all__ = ["Progress", "JobPool", "JobFailed", "Interrupted", "signals_interrupt", "death_cause"]
+from gcflows.checks import bad
+
+__all__ = [
+    "Progress",
+    "JobPool",
+    "JobFailed",
+    "Interrupted",
+    "signals_interrupt",
+    "death_cause",
+    "Job",
+    "ScheduleResult",
+    "Scheduler",
+    "run_schedule",
+]
 
 
 class Progress:
@@ -224,6 +245,7 @@ class JobPool:
         self.workers: list[_Worker] = []
         if workers > 1:
             self.workers = [_Worker(self._ctx) for _ in range(workers)]
+        self.size = max(1, int(workers))  # jobs that can run at once
 
     def worker_pids(self) -> list[int]:
         """The process ids of the workers (empty when jobs run in this process)."""
@@ -288,7 +310,12 @@ class JobPool:
     def _next(self) -> tuple[str, Any, BaseException | None, float]:
         if not self.workers:
             _, job, label = self.queued.popleft()
-            res, seconds = _timed(self.fn, job)
+            try:
+                res, seconds = _timed(self.fn, job)
+            except Exception as exc:  # as from a worker: JobFailed naming the job
+                failed = JobFailed(label, str(exc), traceback.format_exc())
+                failed.__cause__ = exc
+                return label, None, failed, 0.0
             return label, res, None, seconds
         while not self.finished:  # a timeout keeps the main thread responsive to signals
             self._collect(timeout=0.2)
@@ -334,3 +361,146 @@ class JobPool:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.close(terminate=exc_type is not None or self.pending > 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# jobs with dependencies
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One job of a schedule (:func:`run_schedule`).
+
+    ``label`` names it (unique; progress lines, errors, results); ``payload`` is what the pool's
+    function receives, or, with ``make``, ``make(results)`` builds it in the parent once the jobs
+    named in ``after`` have finished (``results``: their labels to their results); ``cost``: the
+    expected seconds of the job, which orders the start of ready jobs (only the order matters)."""
+
+    label: str
+    payload: Any = None
+    after: tuple[str, ...] = ()
+    cost: float = 1.0
+    make: Callable[[dict[str, Any]], Any] | None = None
+
+
+@dataclass
+class ScheduleResult:
+    """What a schedule did: ``results`` by label in order of completion, ``started`` the labels
+    in the order the jobs started, ``times`` each finished job's ``(start, end)`` in seconds since
+    the schedule began (parent clock), ``failed`` the failed jobs' labels and reasons (with
+    ``keep_going``; a dependant of a failed job names it)."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    times: dict[str, tuple[float, float]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _priorities(jobs: Sequence[Job]) -> dict[str, float]:
+    """Each job's cost plus the costliest chain of jobs that wait for it (its path to the end)."""
+    waiting: dict[str, list[str]] = {j.label: [] for j in jobs}
+    for j in jobs:
+        for dep in j.after:
+            waiting[dep].append(j.label)
+    prio: dict[str, float] = {}
+    for j in reversed(jobs):  # dependants come after their dependencies in the list
+        prio[j.label] = float(j.cost) + max((prio[w] for w in waiting[j.label]), default=0.0)
+    return prio
+
+
+def _check_jobs(jobs: Sequence[Job]) -> None:
+    seen: set[str] = set()
+    for j in jobs:
+        if not isinstance(j, Job):
+            raise bad("jobs", type(j).__name__, "use gcflows.progress.Job specs")
+        if j.label in seen:
+            raise bad("Job.label", j.label, "use a label once per schedule")
+        for dep in j.after:
+            if dep not in seen:
+                raise bad(f"{j.label}: after", dep, "name a job listed before this one (no cycles)")
+        if not (isinstance(j.cost, int | float) and j.cost >= 0):
+            raise bad(f"{j.label}: cost", j.cost, "use a number >= 0 (expected seconds)")
+        seen.add(j.label)
+
+
+class Scheduler:
+    """Runs :class:`Job` specs on a :class:`JobPool` (its dead-worker detection and signal
+    handling included): at most ``pool.size`` jobs at once, each after its dependencies, the
+    ready job with the longest path to the end first (ties: the order of ``jobs``).
+
+    :meth:`fill` starts what can start (call it early to overlap other work in the parent with
+    the first jobs); :meth:`run` runs to the end. A failed job raises :class:`JobFailed` at once,
+    or with ``keep_going`` is recorded in ``ScheduleResult.failed`` with every job that depends
+    on it (directly or not), which never starts."""
+
+    def __init__(self, pool: JobPool, jobs: Sequence[Job], *, keep_going: bool = False) -> None:
+        jobs = list(jobs)
+        _check_jobs(jobs)
+        self.pool, self.keep_going = pool, keep_going
+        self.jobs = {j.label: j for j in jobs}
+        self.order = {j.label: i for i, j in enumerate(jobs)}
+        self.prio = _priorities(jobs)
+        self.waiting = [j.label for j in jobs]  # not started, not failed
+        self.out = ScheduleResult()
+        self._t0 = time.perf_counter()
+        self._start: dict[str, float] = {}
+
+    def _ready(self) -> list[str]:
+        done = self.out.results
+        ready = [k for k in self.waiting if all(d in done for d in self.jobs[k].after)]
+        return sorted(ready, key=lambda k: (-self.prio[k], self.order[k]))
+
+    def fill(self) -> None:
+        """Start ready jobs while the pool has a free worker."""
+        while self.pool.pending < self.pool.size:
+            ready = self._ready()
+            if not ready:
+                return
+            label = ready[0]
+            job = self.jobs[label]
+            self.waiting.remove(label)
+            payload = job.payload
+            if job.make is not None:
+                payload = job.make({d: self.out.results[d] for d in job.after})
+            self._start[label] = time.perf_counter() - self._t0
+            self.out.started.append(label)
+            self.pool.submit(payload, label)
+
+    def _fail(self, label: str, why: str) -> None:
+        self.out.failed[label] = why
+        for k in list(self.waiting):
+            if label in self.jobs[k].after:
+                self.waiting.remove(k)
+                self._fail(k, f"its dependency {label!r} failed")
+
+    def run(self, on_result: Callable[[str, Any], None] | None = None) -> ScheduleResult:
+        """Run every job; ``on_result(label, result)`` is called in the parent as each ends."""
+        self.fill()
+        while self.pool.pending:
+            try:
+                for label, res in self.pool.results():
+                    self.out.results[label] = res
+                    self.out.times[label] = (self._start[label], time.perf_counter() - self._t0)
+                    if on_result is not None:
+                        on_result(label, res)
+                    self.fill()
+            except JobFailed as err:
+                if not self.keep_going:
+                    raise
+                self._fail(err.label, str(err))
+                self.fill()
+        return self.out
+
+
+def run_schedule(
+    fn: Callable[[Any], Any],
+    jobs: Sequence[Job],
+    workers: int,
+    *,
+    progress: Progress | None = None,
+    on_result: Callable[[str, Any], None] | None = None,
+    keep_going: bool = False,
+) -> ScheduleResult:
+    """Run ``fn(payload)`` for every :class:`Job` in a :class:`JobPool` of ``workers`` processes
+    (:class:`Scheduler`), with ``progress`` lines as jobs finish."""
+    with JobPool(fn, workers, progress) as pool:
+        return Scheduler(pool, jobs, keep_going=keep_going).run(on_result)

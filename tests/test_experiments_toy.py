@@ -100,11 +100,25 @@ def test_run_folder(quick_run):
     assert "\r" not in stderr.replace("\r\n", "\n")
     done = [line for line in stderr.splitlines() if " done: " in line]
     assert len(done) == 24 and done[-1].split()[2] == "24/24"
-    # the jobs others wait for ran first: the first seed's CT and GC models, then their follow-ups
-    first = {" ".join(line.split(" done: ")[1].split()[:4]) for line in done[:2]}
-    assert first == {"train ct seed 0", "train gc_mu0.5 seed 0"}, done[:2]
     assert sum(": figures: " in line for line in done) == 4
-    assert list(json.loads((run_dir / "results.json").read_text())["figures"]) == FIGURES
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list(results["figures"]) == FIGURES
+    # what the scheduler guarantees (parent clock): every job starts after the jobs it needs
+    # ended; the first job to start is the first seed's CT training, which has the longest path
+    # to the end (its Theorem 1 follow-up and that figure wait for it)
+    schedule = results["timing_s"]["schedule"]
+    assert len(schedule) == 24 and next(iter(schedule)) == "train ct seed 0", list(schedule)
+    needs = {
+        "theorem 1, trained (ct, seed 0)": ["train ct seed 0"],
+        "proxy gc_trained": ["train gc_mu0.5 seed 0"],
+        "figures: theorem1": ["theorem 1, random init", "theorem 1, trained (ct, seed 0)"],
+        "figures: proxy": ["proxy ic_exact/ic_knn/ot/gc_ideal", "proxy gc_trained"],
+        "figures: training": [f"train {m} seed {s}" for m in METHODS for s in (0, 1)],
+        "figures: samples": [f"train {m} seed {s}" for m in METHODS for s in (0, 1)],
+    }
+    for job, deps in needs.items():
+        for dep in deps:
+            assert schedule[job][0] >= schedule[dep][1], (job, dep, schedule[job], schedule[dep])
     assert "Traceback" not in stderr
 
 
@@ -244,7 +258,8 @@ def test_explicit_values_win_over_quick_and_unused_ones_are_named(tmp_path, caps
     args = module.parse_args(["--quick", "--steps", "7", "--n-eval", "30", "--out", str(tmp_path)])
     assert (args.steps, args.n_eval, args.seeds) == (7, 30, [0, 1])
     setup = module.build_setup(args)
-    assert setup["steps"] == 7 and setup["n_eval"] == 30
+    assert setup.steps == 7 and setup.sizes.n_eval == 30
+    assert setup.record()["steps"] == 7 and setup.record()["n_eval"] == 30  # config.json
     args = module.parse_args(["--quick", "--out", str(tmp_path)])
     assert (args.steps, args.n_eval) == (24, 200)
     module.parse_args(["--quick", "--skip-training", "--lr", "0.1", "--out", str(tmp_path)])

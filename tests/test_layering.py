@@ -45,6 +45,8 @@ LAYERS = {
     "discrepancy": 7,
     "transport": 7,
     "evaluation": 7,
+    "mixture_study": 8,  # the toy study's sections over discrepancy, training and mixture_eval
+    "transport_study": 8,  # the transport study's sections over transport
     "plotting": 8,
 }
 

@@ -13,7 +13,15 @@ from contextlib import contextmanager
 import pytest
 from _terminal import run_on_a_terminal
 
-from gcflows.progress import Interrupted, JobFailed, JobPool, Progress, signals_interrupt
+from gcflows.progress import (
+    Interrupted,
+    Job,
+    JobFailed,
+    JobPool,
+    Progress,
+    run_schedule,
+    signals_interrupt,
+)
 
 
 class FakeTerminal(io.StringIO):
@@ -172,3 +180,93 @@ def test_the_workers_ignore_sigint_the_parent_handles_it(tmp_path):
             time.sleep(0.05)
         os.kill(int(open(path).read()), signal.SIGINT)
         assert list(pool.results()) == [("sleep", "slept")]
+
+
+# ------------------------------------------------------------------------------------------------
+# jobs with dependencies (Scheduler)
+# ------------------------------------------------------------------------------------------------
+def _echo(payload):
+    """A job: fails on ``("fail", ...)``, else returns its payload."""
+    if isinstance(payload, tuple) and payload and payload[0] == "fail":
+        raise ValueError(f"bad payload {payload[1]}")
+    return payload
+
+
+def test_schedule_starts_ready_jobs_by_their_path_to_the_end():
+    """One worker: every start is a choice among the ready jobs. 'short' costs little but 'tail'
+    (cost 9) waits for it, so its path (1 + 9) beats 'long' (6); 'cheap' (0.5) comes last;
+    equal paths keep the list's order ('tie a' before 'tie b')."""
+    jobs = [
+        Job("cheap", 1, cost=0.5),
+        Job("long", 2, cost=6.0),
+        Job("short", 3, cost=1.0),
+        Job("tie a", 4, cost=2.0),
+        Job("tie b", 5, cost=2.0),
+        Job("tail", None, after=("short",), cost=9.0, make=lambda r: r["short"] * 10),
+    ]
+    out = run_schedule(_echo, jobs, 1)
+    assert out.started == ["short", "tail", "long", "tie a", "tie b", "cheap"]
+    assert out.results["tail"] == 30  # built from its dependency's result, in the parent
+    assert set(out.results) == {j.label for j in jobs} and not out.failed
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_schedule_starts_each_job_after_its_dependencies(workers):
+    """A diamond and a chain; each job's payload is made from its dependencies' results, and it
+    starts only after they ended (parent clock)."""
+    jobs = [
+        Job("a", 1, cost=1.0),
+        Job("b", None, after=("a",), cost=1.0, make=lambda r: r["a"] + 1),
+        Job("c", None, after=("a",), cost=3.0, make=lambda r: r["a"] * 5),
+        Job("d", None, after=("b", "c"), cost=1.0, make=lambda r: r["b"] * r["c"]),
+        Job("e", 7, cost=0.1),
+    ]
+    out = run_schedule(_echo, jobs, workers)
+    assert out.results == {"a": 1, "b": 2, "c": 5, "d": 10, "e": 7}
+    for job in jobs:
+        for dep in job.after:
+            assert out.times[job.label][0] >= out.times[dep][1], (job.label, dep)
+            assert out.started.index(job.label) > out.started.index(dep)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_job_fails_its_dependants_with_its_name(workers):
+    jobs = [
+        Job("root", ("fail", 1)),
+        Job("child", None, after=("root",), make=lambda r: r["root"]),
+        Job("grandchild", 3, after=("child",)),
+        Job("free", 4),
+    ]
+    out = run_schedule(_echo, jobs, workers, keep_going=True)
+    assert out.results == {"free": 4}
+    assert "job 'root' failed: bad payload 1" in out.failed["root"]
+    assert out.failed["child"] == "its dependency 'root' failed"
+    assert out.failed["grandchild"] == "its dependency 'child' failed"
+    assert "child" not in out.started and "grandchild" not in out.started
+    # without keep_going the first failure ends the schedule, naming the job
+    with pytest.raises(JobFailed, match="job 'root' failed: bad payload 1"):
+        run_schedule(_echo, jobs, workers)
+
+
+def test_a_killed_worker_fails_the_job_and_its_dependants():
+    """The pool's dead-worker detection under the scheduler: SIGKILL to the worker running
+    'doomed' fails it with the cause, and its dependant names it."""
+    jobs = [
+        Job("doomed", ("kill", int(signal.SIGKILL))),
+        Job("after doomed", ("square", 2), after=("doomed",)),
+        Job("square 3", ("square", 3)),
+    ]
+    with _deadline(90):
+        out = run_schedule(_square_or_kill_own_worker, jobs, 2, keep_going=True)
+    assert "killed by SIGKILL" in out.failed["doomed"]
+    assert out.failed["after doomed"] == "its dependency 'doomed' failed"
+    assert out.results == {"square 3": 9}
+
+
+def test_schedule_rejects_bad_specs():
+    with pytest.raises(ValueError, match="after='x' is invalid: name a job listed before"):
+        run_schedule(_echo, [Job("a", 1, after=("x",))], 1)
+    with pytest.raises(ValueError, match="Job.label='a' is invalid"):
+        run_schedule(_echo, [Job("a", 1), Job("a", 2)], 1)
+    with pytest.raises(ValueError, match="cost=-1.0 is invalid"):
+        run_schedule(_echo, [Job("a", 1, cost=-1.0)], 1)
