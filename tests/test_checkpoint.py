@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toy_config as shared_toy_config
+from conftest import toy_model
 
-from gcflows.consistency import ConsistencyModel
 from gcflows.gmm import two_gaussians_1to2
-from gcflows.networks import ToyMLP
-from gcflows.processes import VEProcess
 from gcflows.training import (
     CorruptCheckpointError,
     TrainConfig,
@@ -34,25 +33,13 @@ from gcflows.training import (
 GMM = two_gaussians_1to2(dtype=torch.float32)
 
 
-def toy_model(seed: int = 0) -> ConsistencyModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ConsistencyModel(ToyMLP(2, hidden=16, depth=2, time_embed_dim=16), VEProcess())
+# This file's runs: 8 steps, a checkpoint every 3 (so the last one is not on the grid), a log
+# line every step; the rest is the shared toy_config.
+SHORT = dict(total_steps=8, log_every=1, checkpoint_every=3)
 
 
 def toy_config(out: Path | None, **kw) -> TrainConfig:
-    base = dict(
-        total_steps=8,
-        batch_size=16,
-        lr=1e-3,
-        s0=2,
-        s1=16,
-        log_every=1,
-        checkpoint_every=3,
-        progress=False,
-        out_dir=None if out is None else str(out),
-    )
-    return TrainConfig(**{**base, **kw})
+    return shared_toy_config(out, **{**SHORT, **kw})
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
