@@ -115,9 +115,13 @@ def test_fresh_start_or_resume_from_elsewhere_never_writes_into_another_run(tmp_
     for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
         (other / name).write_bytes((finished / name).read_bytes())
     before = snapshot(other)
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(
+        ValueError, match="TrainConfig.out_dir=.* is invalid: it already holds a run"
+    ):
         train(toy_config(other), toy_model(), GMM.sample, resume=None)
-    with pytest.raises(ValueError, match="would continue another run into"):
+    with pytest.raises(
+        ValueError, match="resume=.* is invalid: it would continue another run into"
+    ):
         train(toy_config(other), toy_model(), GMM.sample, resume=finished / "checkpoint.prev.pt")
     assert snapshot(other) == before
     # said explicitly: the run in the folder is replaced

@@ -366,9 +366,11 @@ def test_checkpoint_from_another_config_raises(tmp_path, change, match):
 def test_resume_none_refuses_to_overwrite_a_run(tmp_path):
     run = tmp_path / "run"
     train(toy_config(run, total_steps=4), toy_model(), GMM.sample)
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(
+        ValueError, match="TrainConfig.out_dir=.* is invalid: it already holds a run"
+    ):
         train(toy_config(run, total_steps=4), toy_model(), GMM.sample, resume=None)
-    with pytest.raises(ValueError, match="no such checkpoint"):
+    with pytest.raises(ValueError, match="resume=.* is invalid: no such checkpoint file"):
         train(toy_config(None), toy_model(), GMM.sample, resume=str(tmp_path / "nope.pt"))
 
 
