@@ -367,9 +367,11 @@ def test_eval_rejects_bad_input(tmp_path, tiny_run):
     torch.save({"a": 1}, bogus)
     with pytest.raises(ValueError, match="not a gcflows training checkpoint"):
         evaluation.evaluate_checkpoint(bogus)
-    with pytest.raises(ValueError, match="two-step sigma"):
+    with pytest.raises(
+        ValueError, match="two_step_sigma=100.0 is invalid: the two-step sigma must lie in"
+    ):
         evaluation.evaluate_checkpoint(tiny_run / "checkpoint.pt", mid_sigma=100.0)
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(ValueError, match="reference='val' is invalid: use one of"):
         evaluation.evaluate_checkpoint(tiny_run / "checkpoint.pt", reference="val")
 
 
