@@ -22,6 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "bad",
+    "bad_tensor",
     "is_int",
     "is_real",
     "integer",
@@ -44,6 +45,14 @@ def _label(name: str, where: str | None) -> str:
 def bad(name: str, value: Any, fix: str, where: str | None = None) -> ValueError:
     """The error every validator raises: ``"<where.>name=value is invalid: fix"``."""
     return ValueError(f"{_label(name, where)}={value!r} is invalid: {fix}")
+
+
+def bad_tensor(x: Any, name: str, fix: str, where: str | None = None) -> ValueError:
+    """:func:`bad` for a tensor argument of the wrong kind or shape: names ``name.shape`` with the
+    shape for a tensor, ``type(name)`` with the type's name otherwise (never a tensor's values)."""
+    if torch.is_tensor(x):
+        return bad(f"{name}.shape", tuple(x.shape), fix, where)
+    return bad(f"type({name})", type(x).__name__, fix, where)
 
 
 def is_int(x: Any) -> bool:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gcflows import checks
 from gcflows.atomic import atomic_torch_save
 from gcflows.data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, load_digits
 from gcflows.metrics import frechet_distance
@@ -84,45 +85,31 @@ DEFAULT_CLASSIFIER_CONFIG: dict[str, Any] = {
 def _check_config(config: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults for missing keys and validate; returns a JSON-normalised copy."""
     if not isinstance(config, dict):
-        raise ValueError(f"config must be a dict of classifier settings, got {type(config)}")
+        fix = "pass a dict of classifier settings"
+        raise checks.bad("type(config)", type(config).__name__, fix)
     unknown = sorted(set(config) - set(DEFAULT_CLASSIFIER_CONFIG))
     if unknown:
-        raise ValueError(
-            f"config has unknown keys {unknown}; known: {sorted(DEFAULT_CLASSIFIER_CONFIG)}"
-        )
+        fix = f"drop the unknown keys; known: {sorted(DEFAULT_CLASSIFIER_CONFIG)}"
+        raise checks.bad("config keys", unknown, fix)
     cfg = json.loads(json.dumps({**DEFAULT_CLASSIFIER_CONFIG, **config}, sort_keys=True))
     ch = cfg["channels"]
     if not (
         isinstance(ch, list) and len(ch) == 2 and all(isinstance(c, int) and c > 0 for c in ch)
     ):
-        raise ValueError(f"config['channels'] must be two positive ints, got {ch!r}")
+        raise checks.bad("config['channels']", ch, "use two positive ints")
     for key in ("feature_dim", "epochs", "batch_size"):
-        v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"config[{key!r}] must be a positive int, got {v!r}")
-    lr, wd = cfg["lr"], cfg["weight_decay"]
-    if (
-        isinstance(lr, bool)
-        or not isinstance(lr, (int, float))
-        or not (math.isfinite(lr) and lr > 0)
-    ):
-        raise ValueError(f"config['lr'] must be a positive finite number, got {lr!r}")
-    if (
-        isinstance(wd, bool)
-        or not isinstance(wd, (int, float))
-        or not (math.isfinite(wd) and wd >= 0)
-    ):
-        raise ValueError(f"config['weight_decay'] must be a finite number >= 0, got {wd!r}")
-    if not isinstance(cfg["max_shift"], int) or not 0 <= cfg["max_shift"] <= 3:
-        raise ValueError(f"config['max_shift'] must be an int in [0, 3], got {cfg['max_shift']!r}")
-    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise ValueError(f"config['seed'] must be a non-negative int, got {cfg['seed']!r}")
+        checks.integer(cfg[key], f"config[{key!r}]", lo=1)
+    checks.real(cfg["lr"], "config['lr']", lo_open=0.0)
+    checks.real(cfg["weight_decay"], "config['weight_decay']", lo=0.0)
+    checks.integer(cfg["max_shift"], "config['max_shift']", lo=0, hi=3)
+    checks.integer(cfg["seed"], "config['seed']", lo=0)
     expected = DEFAULT_CLASSIFIER_CONFIG["data"]
     if cfg["data"] != expected:
-        raise ValueError(
-            f"config['data'] must be {expected} (the classifier is trained on this digits split; "
-            f"gcflows.data defines it), got {cfg['data']!r}"
+        fix = (
+            f"use {expected} (the classifier is trained on this digits split; gcflows.data "
+            "defines it)"
         )
+        raise checks.bad("config['data']", cfg["data"], fix)
     return cfg
 
 
@@ -146,13 +133,16 @@ def cache_path(config: dict[str, Any] | None = None, cache_dir: str | os.PathLik
 
 def check_digit_images(images: Tensor, name: str = "images") -> Tensor:
     """Validate ``(N, 1, 8, 8)`` finite floating images; returns them as float32 on CPU."""
-    if not torch.is_tensor(images) or not images.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor (N, 1, 8, 8)")
+    if not torch.is_tensor(images):
+        raise checks.bad_tensor(images, name, "pass a floating-point tensor (N, 1, 8, 8)")
+    if not images.is_floating_point():
+        raise checks.bad(f"{name}.dtype", images.dtype, "use a floating-point tensor (N, 1, 8, 8)")
     if images.dim() != 4 or tuple(images.shape[1:]) != DIGIT_SHAPE or images.shape[0] < 1:
-        raise ValueError(
-            f"{name} must have shape (N, 1, 8, 8) with N >= 1 (8x8 digits in [-1, 1]), got "
-            f"{tuple(images.shape)}; the digits classifier applies to the digits presets only"
+        fix = (
+            "use shape (N, 1, 8, 8) with N >= 1 (8x8 digits in [-1, 1]); the digits classifier "
+            "applies to the digits presets only"
         )
+        raise checks.bad_tensor(images, name, fix)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{name} contains NaN or inf; drop or fix those samples first")
     return images.detach().to("cpu", torch.float32)
@@ -385,9 +375,9 @@ def classification_report(
       ``p(y | x)`` over the samples (the Inception-score formula; at most 10).
     """
     if not 0.0 < float(confidence) <= 1.0:
-        raise ValueError(f"confidence must lie in (0, 1], got {confidence}")
+        raise checks.bad("confidence", confidence, "use a number in (0, 1]")
     if not 0.0 <= float(min_fraction) < 1.0:
-        raise ValueError(f"min_fraction must lie in [0, 1), got {min_fraction}")
+        raise checks.bad("min_fraction", min_fraction, "use a number in [0, 1)")
     x = check_digit_images(images)
     model = model.to("cpu").eval()
     probs = torch.softmax(_batched(model, x, 1024).double(), dim=1)
@@ -400,7 +390,8 @@ def classification_report(
     else:
         q = torch.as_tensor(label_distribution, dtype=torch.float64).reshape(-1)
         if q.shape != (N_CLASSES,) or bool((q < 0).any()) or float(q.sum()) <= 0:
-            raise ValueError("label_distribution must be 10 non-negative weights, not all zero")
+            fix = f"use {N_CLASSES} non-negative weights, not all zero"
+            raise checks.bad("label_distribution", label_distribution, fix)
         q = q / q.sum()
     marginal = probs.mean(0)
     kl = (probs * (probs.clamp_min(1e-300).log() - marginal.clamp_min(1e-300).log())).sum(1)

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from gcflows import couplings, velocity
 from gcflows.checks import bad as bad_value
-from gcflows.checks import batch_times, choice, finite, integer, probability, real
+from gcflows.checks import bad_tensor, batch_times, choice, finite, integer, probability, real
 from gcflows.kernels import interpolate_pair
 from gcflows.processes import LinearProcess, Process, VEProcess, get_process, karras_grid
 
@@ -121,11 +121,9 @@ class ConsistencyModel(nn.Module):
     ) -> None:
         super().__init__()
         if not callable(backbone):
-            raise ValueError(
-                f"backbone must be callable as backbone(x_in, c_noise), got {backbone}"
-            )
+            raise bad_value("backbone", backbone, "pass a callable backbone(x_in, c_noise)")
         if not (math.isfinite(float(sigma_data)) and float(sigma_data) > 0):
-            raise ValueError(f"sigma_data must be a positive float, got {sigma_data}")
+            raise bad_value("sigma_data", sigma_data, "use a positive float")
         self.backbone = backbone
         self.process = get_process(process)
         self.sigma_data = float(sigma_data)
@@ -167,7 +165,7 @@ class ConsistencyModel(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``x (B, *dims)``, ``t (B,)`` or a float -> ``f(x, t)`` ``(B, *dims)``."""
         if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-            raise ValueError("x must be a tensor of shape (B, *dims) with B >= 1")
+            raise bad_tensor(x, "x", "pass a tensor of shape (B, *dims) with B >= 1")
         t = self._times(x, t)
         c_skip, c_out, c_in, c_noise = self.preconditioning(t)
         shape = (-1,) + (1,) * (x.dim() - 1)
@@ -195,7 +193,7 @@ def ict_curriculum(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
     s0 = integer(s0, "s0", lo=1)
     s1 = integer(s1, "s1", lo=1)
     if s0 > s1:
-        raise ValueError(f"need s0 <= s1 (initial and final number of intervals), got {s0} > {s1}")
+        raise bad_value("s0", s0, f"need s0 <= s1 (s1={s1}): s0 is the initial number of intervals")
     k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
     doublings = min(step // k_prime, 64)  # 2^64 * s0 > any s1: the min below is reached
     return min(s0 * 2**doublings, s1) + 1
@@ -203,12 +201,10 @@ def ict_curriculum(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
 
 def _check_grid(grid: Tensor, name: str = "grid") -> Tensor:
     if not torch.is_tensor(grid) or grid.dim() != 1 or grid.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D tensor of at least 2 times")
+        raise bad_tensor(grid, name, "use a 1-D tensor of at least 2 times")
     finite(grid, name)
     if not bool((grid[1:] > grid[:-1]).all()):
-        raise ValueError(
-            f"{name} must be strictly increasing (data at the start, noise at the end)"
-        )
+        raise bad_value(name, grid, "use strictly increasing times (data first, noise last)")
     return grid
 
 
@@ -222,18 +218,18 @@ def lognormal_index_probs(grid: Tensor, p_mean: float = -1.1, p_std: float = 2.0
     """
     grid = _check_grid(grid).to(torch.float64)
     if not bool((grid > 0).all()):
-        raise ValueError("grid must be positive (the lognormal is over log sigma)")
-    if not (math.isfinite(p_std) and p_std > 0) or not math.isfinite(p_mean):
-        raise ValueError(f"need finite p_mean and p_std > 0, got p_mean={p_mean}, p_std={p_std}")
+        fix = "use positive times (the lognormal is over log sigma)"
+        raise bad_value("grid.min()", float(grid.min()), fix)
+    real(p_mean, "p_mean")
+    real(p_std, "p_std", lo_open=0.0)
     u = (torch.log(grid) - p_mean) / (math.sqrt(2.0) * p_std)
     lo, hi = u[:-1], u[1:]
     upper = lo >= 0  # both arguments >= 0: erf(hi) - erf(lo) = erfc(lo) - erfc(hi)
     mass = torch.where(upper, torch.erfc(lo) - torch.erfc(hi), torch.erf(hi) - torch.erf(lo))
     total = mass.sum()
     if not bool(total > 0):
-        raise ValueError(
-            "the lognormal puts no mass on this grid; move p_mean into the grid's log range"
-        )
+        fix = "the lognormal puts no mass on this grid; move p_mean into the grid's log range"
+        raise bad_value("p_mean", p_mean, fix)
     return mass / total
 
 
@@ -244,9 +240,9 @@ def sample_indices(probs: Tensor, n: int, generator: torch.Generator | None = No
     """
     n = integer(n, "n", lo=1)
     if not torch.is_tensor(probs) or probs.dim() != 1 or probs.numel() < 1:
-        raise ValueError("probs must be a non-empty 1-D tensor")
+        raise bad_tensor(probs, "probs", "use a non-empty 1-D tensor")
     if bool((probs < 0).any()) or not bool(probs.sum() > 0):
-        raise ValueError("probs must be non-negative with a positive sum")
+        raise bad_value("probs", probs, "use non-negative probabilities with a positive sum")
     if generator is not None:
         probs = probs.to(generator.device)
     return torch.multinomial(probs, n, replacement=True, generator=generator)
@@ -270,7 +266,7 @@ def _flat_diff(a: Tensor, b: Tensor) -> Tensor:
     if a.shape != b.shape:
         raise ValueError(f"distance needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dim() < 1:
-        raise ValueError("distance needs batched inputs (B, *dims)")
+        raise bad_tensor(a, "a", "the distance needs batched inputs (B, *dims)")
     return (a - b).reshape(a.shape[0], -1)
 
 
@@ -336,8 +332,7 @@ def get_distance(name: str | Distance, dim: int, *, c: float | None = None) -> D
     """
     if isinstance(name, Distance):
         return name
-    if name not in DISTANCES:
-        raise ValueError(f"distance must be one of {list(DISTANCES)}, got {name!r}")
+    choice(name, "distance", DISTANCES)
     dim = integer(dim, "dim", lo=1)
     if name == "squared_l2":
         return Distance("squared_l2", 2.0, 1.0, True, None, squared_l2)
@@ -345,7 +340,7 @@ def get_distance(name: str | Distance, dim: int, *, c: float | None = None) -> D
         return Distance("l2_norm", 1.0, 1.0, True, None, l2_norm)
     c = default_huber_c(dim) if c is None else float(c)
     if not (math.isfinite(c) and c > 0):
-        raise ValueError(f"pseudo-Huber c must be a positive float, got {c}")
+        raise bad_value("c", c, "use a positive float (the pseudo-Huber constant)")
     if name == "pseudo_huber":
         return Distance("pseudo_huber", 2.0, 1.0 / (2.0 * c), True, c, _bind(pseudo_huber, c))
     return Distance(
@@ -683,27 +678,30 @@ def check_method_arguments(name: str, velocity: Any, ot_coupling_fn: Any) -> Met
     estimator (CD), ``ot_coupling_fn`` a callable or None."""
     method = get_method(name)
     if "velocity" in method.needs and velocity is None:
-        raise ValueError(
-            f"method={name!r} needs velocity=, a gcflows.velocity estimator (e.g. TrueVelocity)"
-        )
+        fix = f"method={name!r} needs a gcflows.velocity estimator (e.g. TrueVelocity)"
+        raise bad_value("velocity", velocity, fix)
     if "velocity" not in method.needs and velocity is not None:
-        raise ValueError(f"velocity= is used by method='cd' only, got method={name!r}")
+        fix = f"velocity= is used by method='cd' only, not method={name!r}: pass None"
+        raise bad_value("type(velocity)", type(velocity).__name__, fix)
     if velocity is not None and not callable(velocity):
-        raise ValueError("velocity must be callable as velocity(x_t, t, data=, noise=)")
+        raise bad_value("velocity", velocity, "pass a callable velocity(x_t, t, data=, noise=)")
     if ot_coupling_fn is not None and not callable(ot_coupling_fn):
-        raise ValueError("ot_coupling_fn must be callable as ot_coupling_fn(data, noise)")
+        fix = "pass a callable ot_coupling_fn(data, noise) or None"
+        raise bad_value("ot_coupling_fn", ot_coupling_fn, fix)
     return method
 
 
 def check_gc_model(method: Method, gc_model: Any) -> None:
     """``gc_model`` given exactly when ``method`` needs it (a call argument of an objective)."""
     if "gc_model" in method.needs and gc_model is None:
-        raise ValueError(
-            f"method={method.name!r} needs gc_model=, the network gc_model(x_t, t) that predicts "
-            "data (EMA or frozen model)"
+        fix = (
+            f"method={method.name!r} needs the network gc_model(x_t, t) that predicts data "
+            "(EMA or frozen model)"
         )
+        raise bad_value("gc_model", gc_model, fix)
     if "gc_model" not in method.needs and gc_model is not None:
-        raise ValueError(f"gc_model= is used by method='gc' only, got method={method.name!r}")
+        fix = f"gc_model= is used by method='gc' only, not method={method.name!r}: pass None"
+        raise bad_value("type(gc_model)", type(gc_model).__name__, fix)
 
 
 def _ot_coupling_checked_here(data: Tensor, noise: Tensor) -> couplings.CouplingResult:
@@ -759,9 +757,8 @@ class ConsistencyObjective:
         if not isinstance(config, ObjectiveConfig):
             config = ObjectiveConfig(method=config, **settings)
         elif settings:
-            raise ValueError(
-                f"pass the settings {sorted(settings)} inside the ObjectiveConfig, not beside it"
-            )
+            fix = "pass these settings inside the ObjectiveConfig, not beside it"
+            raise bad_value("settings", sorted(settings), fix)
         if config.continuous is not None:
             fix = "pass a config with continuous= to gcflows.continuous.ContinuousObjective"
             raise bad_value("continuous", config.continuous, fix, config.owner)
@@ -898,22 +895,20 @@ class ConsistencyObjective:
 
     def _check_call(self, data: Tensor, step: int, noise: Tensor | None, gc_model: Any) -> None:
         """The checks of ``__call__``'s arguments (each ``ValueError`` names the argument)."""
-        if not torch.is_tensor(data) or not data.is_floating_point():
-            raise ValueError("data must be a floating-point tensor of shape (B, *dims)")
+        if not torch.is_tensor(data):
+            raise bad_tensor(data, "data", "pass a floating-point tensor of shape (B, *dims)")
+        if not data.is_floating_point():
+            raise bad_value("data.dtype", data.dtype, "use a floating-point tensor (B, *dims)")
         if data.dim() < 2 or data.shape[0] < 1:
-            raise ValueError(
-                f"data must have shape (B, *dims) with B >= 1, got {tuple(data.shape)}"
-            )
+            raise bad_tensor(data, "data", "use shape (B, *dims) with B >= 1")
         finite(data, "data")
         check_gc_model(self.method_spec, gc_model)
         if self.config.fixed_grid is None:
             integer(step, "step", lo=0)
         if noise is not None:
             if not torch.is_tensor(noise) or noise.shape != data.shape:
-                got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
-                raise ValueError(
-                    f"noise must be a tensor of the data's shape {tuple(data.shape)}, got {got}"
-                )
+                fix = f"use a tensor of the data's shape {tuple(data.shape)}"
+                raise bad_tensor(noise, "noise", fix)
             finite(noise, "noise")
 
     def _indices(
@@ -927,10 +922,11 @@ class ConsistencyObjective:
             probs = self._on_device(sched, draw_device).probs
             return torch.multinomial(probs, bsz, replacement=True, generator=generator)
         if not torch.is_tensor(indices) or indices.shape != (bsz,) or indices.is_floating_point():
-            raise ValueError(f"indices must be an integer tensor of shape ({bsz},)")
+            raise bad_tensor(indices, "indices", f"use an integer tensor of shape ({bsz},)")
         idx = indices.detach().long()
         if bool((idx < 0).any()) or bool((idx >= n).any()):
-            raise ValueError(f"indices must lie in [0, {n}) (the grid's intervals at this step)")
+            fix = f"use indices in [0, {n}) (the grid's intervals at this step)"
+            raise bad_value("(indices.min(), indices.max())", (int(idx.min()), int(idx.max())), fix)
         return idx
 
     def _noised(self, data: Tensor, noise: Tensor, t_lo: Tensor, t_hi: Tensor):

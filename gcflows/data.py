@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gcflows.checks import choice, integer
+from gcflows.checks import bad, choice, integer
 
 __all__ = [
     "DIGITS_SPLIT_SEED",
@@ -68,12 +68,14 @@ def check_image_shape(images: Tensor, expected: tuple[int, ...], preset_name: st
     """Raise ``ValueError`` naming ``preset_name`` unless ``images`` is ``(N, *expected)``."""
     expected = tuple(int(s) for s in expected)
     if not torch.is_tensor(images):
-        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        raise bad("type(images)", type(images).__name__, "pass a torch.Tensor")
     if images.dim() != len(expected) + 1 or tuple(images.shape[1:]) != expected:
-        raise ValueError(
+        raise bad(
+            "images.shape",
+            tuple(images.shape),
             f"preset {preset_name!r} expects images of shape (N, {', '.join(map(str, expected))}) "
-            f"(C, H, W), got {tuple(images.shape)}; use a preset made for this data "
-            "(e.g. digits_* for 8x8, cifar10_* for 3x32x32) or convert the images first"
+            "(C, H, W); use a preset made for this data "
+            "(e.g. digits_* for 8x8, cifar10_* for 3x32x32) or convert the images first",
         )
     return images
 
@@ -94,7 +96,7 @@ def _check_split(split: str) -> None:
 
 def _check_dtype(dtype: torch.dtype) -> None:
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        raise bad("dtype", dtype, "use a floating torch.dtype (e.g. torch.float32)")
 
 
 def _digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
@@ -214,10 +216,12 @@ def load_npz_images(
     if "images" in arrays and "labels" in arrays:
         is_test_file = path.stem.endswith("_test")
         if (split == "test") != is_test_file:
-            raise ValueError(
-                f"{path} holds a single split (arrays 'images', 'labels') and cannot serve "
-                f"split={split!r}: name the test split <name>_test.npz and the training split "
-                "<name>_train.npz (or <name>.npz), in one folder, and pass the folder"
+            raise bad(
+                "split",
+                split,
+                f"{path} holds a single split (arrays 'images', 'labels'): name the test split "
+                "<name>_test.npz and the training split <name>_train.npz (or <name>.npz), in one "
+                "folder, and pass the folder",
             )
         images, labels = arrays["images"], arrays["labels"]
     elif all(k in arrays for k in ("x_train", "y_train", "x_test", "y_test")):
@@ -312,7 +316,7 @@ def _find_file(folders: list[Path], name: str) -> Path | None:
 
 def _check_root(root: str | os.PathLike | None, dataset: str, howto: str) -> Path:
     if root is None:
-        raise ValueError(f"root is required for {dataset}: the folder holding the data.\n{howto}")
+        raise bad("root", root, f"pass the folder holding the {dataset} data.\n{howto}")
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"{dataset} data folder {root} does not exist.\n{howto}")
@@ -518,16 +522,21 @@ def get_image_dataset(
 
 
 def _check_rows(tensor: Tensor, batch_size: int) -> int:
-    if not torch.is_tensor(tensor) or tensor.dim() == 0:
-        raise ValueError("tensor must be a torch.Tensor with a leading batch dimension")
+    if not torch.is_tensor(tensor):
+        raise bad("type(tensor)", type(tensor).__name__, "pass a torch.Tensor (N, *dims)")
+    if tensor.dim() == 0 or tensor.shape[0] == 0:
+        raise bad(
+            "tensor.shape",
+            tuple(tensor.shape),
+            "it is empty: use a leading batch dimension of at least one row",
+        )
     n = tensor.shape[0]
-    if n == 0:
-        raise ValueError("tensor is empty: it needs at least one row to sample from")
     integer(batch_size, "batch_size", lo=1, fix="use a positive integer")
     if batch_size > n:
-        raise ValueError(
-            f"batch_size={batch_size} exceeds the {n} rows of tensor: draws are without "
-            "replacement, lower batch_size"
+        raise bad(
+            "batch_size",
+            batch_size,
+            f"it exceeds the {n} rows of tensor: draws are without replacement, lower batch_size",
         )
     return n
 
@@ -591,14 +600,20 @@ class TensorSampler:
         """Restore a state from :meth:`state_dict`; the tensor must have the same number of rows."""
         keys = ("n", "seed", "epoch", "cursor")
         if not isinstance(state, dict) or any(k not in state for k in keys):
-            raise ValueError(f"state must be a dict with keys {list(keys)}, got {state!r}")
+            raise bad("state", state, f"pass a dict with keys {list(keys)} (from state_dict())")
         n, seed, epoch, cursor = (int(state[k]) for k in keys)
         if n != self.n:
-            raise ValueError(
-                f"state was saved for a tensor of {n} rows, this sampler has {self.n}: "
-                "resume with the same data"
+            raise bad(
+                "state['n']",
+                n,
+                f"the state was saved for a tensor of {n} rows, this sampler has {self.n}: "
+                "resume with the same data",
             )
         if epoch < 0 or not 0 <= cursor <= n or not 0 <= seed < 2**62:
-            raise ValueError(f"state holds invalid values {state!r}")
+            raise bad(
+                "state",
+                state,
+                "use epoch >= 0, 0 <= cursor <= n and 0 <= seed < 2**62 (from state_dict())",
+            )
         self.seed, self.epoch, self.cursor = seed, epoch, cursor
         self._perm = None

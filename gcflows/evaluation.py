@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gcflows.checks import bad, choice
 from gcflows.classifier import classification_report, classifier_features, load_classifier
 from gcflows.data import get_image_dataset
 from gcflows.metrics import frechet_distance, sliced_w2
@@ -66,7 +67,8 @@ def samplers(config: TrainConfig, data: str, mid: float | None = None) -> dict[s
     """``{"one_step": [t_max], "two_step": [t_max, s]}`` for a training config."""
     s = two_step_sigma(data, mid)
     if not config.t_min < s < config.t_max:
-        raise ValueError(f"two-step sigma must lie in ({config.t_min}, {config.t_max}), got {s}")
+        fix = f"the two-step sigma must lie in ({config.t_min}, {config.t_max}) (the run's times)"
+        raise bad("two_step_sigma", s, fix)
     return {"one_step": [config.t_max], "two_step": [config.t_max, s]}
 
 
@@ -85,7 +87,7 @@ def generate(
     ``sigmas`` (one time = one step). Noise from CPU generators seeded by ``derive_seed(seed,
     stream)``, drawn in full before batching, so the samples do not depend on ``batch_size``."""
     if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+        raise bad("n", n, "use a positive int")
     process = model.process
     z = torch.randn(
         (n, *shape), generator=torch.Generator().manual_seed(derive_seed(seed, _STREAM_NOISE))
@@ -180,10 +182,8 @@ class ImageMetrics:
     def __call__(self, samples: torch.Tensor, details: bool = False) -> dict[str, Any]:
         x = samples.detach().float().cpu()
         if tuple(x.shape[1:]) != tuple(self.reference.shape[1:]):
-            raise ValueError(
-                f"samples have shape {tuple(x.shape[1:])} per image, the reference "
-                f"{tuple(self.reference.shape[1:])}"
-            )
+            fix = f"use the reference's shape per image {tuple(self.reference.shape[1:])}"
+            raise bad("samples.shape[1:]", tuple(x.shape[1:]), fix)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("samples contain NaN or inf: the model diverged")
         clipped = float(((x < -1.0) | (x > 1.0)).double().mean())
@@ -371,18 +371,18 @@ def evaluate_checkpoint(
     """Evaluate ``checkpoint`` with the protocol of the module docstring; returns the results
     dict (``protocol``, ``per_seed`` rows, ``summary`` with mean / interval per sampler and
     metric, ``floor``) and, under ``"_samples"``, the first seed's samples per sampler."""
-    if reference not in ("test", "train"):
-        raise ValueError(f"reference must be 'test' or 'train', got {reference!r}")
-    if inception not in ("auto", "on", "off"):
-        raise ValueError(f"inception must be 'auto', 'on' or 'off', got {inception!r}")
+    choice(reference, "reference", ("test", "train"))
+    choice(inception, "inception", ("auto", "on", "off"))
     if not seeds:
-        raise ValueError("seeds must hold at least one seed")
+        raise bad("seeds", seeds, "pass at least one seed")
     ckpt = load_checkpoint(checkpoint)  # ValueError when missing / corrupt / not gcflows
     config = TrainConfig.from_dict(ckpt["config"])
     data = _data_of(config)
     sampler_sigmas = samplers(config, data, mid_sigma)
     if data != "digits" and data_root is None:
-        raise ValueError(f"{data} checkpoints need --data-root (the reference images)")
+        raise bad(
+            "data_root", data_root, f"{data} checkpoints need --data-root (the reference images)"
+        )
     ref_images, ref_labels = get_image_dataset(data, root=data_root, split=reference)
     train_images, _ = get_image_dataset(data, root=data_root, split="train")
     model = model_from_checkpoint(ckpt, which=which)

@@ -51,16 +51,16 @@ def _as_points(x, name: str, device: torch.device | None = None) -> Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not torch.is_tensor(x):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+        raise checks.bad_tensor(x, name, "pass a torch.Tensor or numpy array (N, *dims)")
     if x.dim() == 0:
-        raise ValueError(f"{name} must have a leading sample dimension, got a scalar")
+        raise checks.bad_tensor(x, name, "use a leading sample dimension (N, *dims)")
     if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty: pass at least one sample")
+        raise checks.bad_tensor(x, name, "it is empty: pass at least one sample")
     if x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"{name} must be real-valued, got dtype {x.dtype}")
+        raise checks.bad(f"{name}.dtype", x.dtype, "use real values (a float or integer dtype)")
+    if x.dim() > 1 and x[0].numel() == 0:
+        raise checks.bad_tensor(x, name, "use at least one feature per sample")
     x = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(-1, 1)
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} has zero features per sample, got shape {tuple(x.shape)}")
     x = x.to(dtype=torch.float64, device=device if device is not None else x.device)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf; drop or fix those samples first")
@@ -83,9 +83,9 @@ def _as_weights(w, n: int, name: str) -> Tensor:
         w = torch.from_numpy(w)
     w = torch.as_tensor(w, dtype=torch.float64).detach().cpu().reshape(-1)
     if w.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) (one weight per sample), got {w.shape}")
+        raise checks.bad_tensor(w, name, f"use shape ({n},) (one weight per sample)")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ValueError(f"{name} must be finite, non-negative and not all zero")
+        raise checks.bad(name, w, "use finite, non-negative weights, not all zero")
     return w / w.sum()
 
 
@@ -191,13 +191,12 @@ def sliced_w2(
     else:
         theta = _as_points(projections, "projections").cpu()
         if theta.shape[0] != d:
-            raise ValueError(
-                f"projections must have shape ({d}, P) to match the {d} features, got "
-                f"{tuple(theta.shape)}"
-            )
+            fix = f"use shape ({d}, P) to match the {d} features"
+            raise checks.bad_tensor(theta, "projections", fix)
     norms = theta.norm(dim=0, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError("projections has a zero column; every direction needs a non-zero norm")
+        fix = "every direction (column) needs a non-zero norm"
+        raise checks.bad("projections.norm(dim=0).min()", float(norms.min()), fix)
     theta = (theta / norms).to(x.device)
     w2sq = wasserstein_1d_squared((x @ theta).T, (y @ theta).T)
     return math.sqrt(max(float(w2sq.mean()), 0.0))
@@ -220,10 +219,12 @@ def median_bandwidth(x, y) -> float:
     d2 = _sqdist(z, z)
     iu = torch.triu_indices(z.shape[0], z.shape[0], offset=1, device=z.device)
     if iu.shape[1] == 0:
-        raise ValueError("median bandwidth needs at least two points in x and y together")
+        fix = "the median bandwidth needs at least two points in x and y together"
+        raise checks.bad("len(x) + len(y)", z.shape[0], fix)
     h = float(d2[iu[0], iu[1]].median().sqrt())
     if h == 0.0:
-        raise ValueError("all points coincide: the median bandwidth is 0; pass bandwidth > 0")
+        fix = "all points coincide: the median bandwidth is 0; pass bandwidth > 0"
+        raise checks.bad("bandwidth", None, fix)
     return h
 
 
@@ -255,7 +256,8 @@ def mmd(x, y, kernel: str = "rbf", bandwidth: float | None = None) -> float:
     _check_same_dim(x, y, "x", "y")
     n, m = x.shape[0], y.shape[0]
     if n < 2 or m < 2:
-        raise ValueError(f"the unbiased MMD needs at least 2 samples in x and y, got {n} and {m}")
+        fix = "the unbiased MMD needs at least 2 samples in x and in y"
+        raise checks.bad("(len(x), len(y))", (n, m), fix)
     if kernel == "rbf":
         if bandwidth is None:
             bandwidth = median_bandwidth(x, y)
@@ -277,7 +279,7 @@ def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(D,)`` and unbiased covariance ``(D, D)`` (divisor ``n - 1``) of ``feats (n, D)``."""
     f = _as_points(feats, "feats").cpu().numpy()
     if f.shape[0] < 2:
-        raise ValueError(f"feats needs at least 2 samples for a covariance, got {f.shape[0]}")
+        raise checks.bad("len(feats)", f.shape[0], "use at least 2 samples for a covariance")
     mean = f.mean(0)
     c = f - mean
     return mean, c.T @ c / (f.shape[0] - 1)
@@ -287,7 +289,8 @@ def _psd_sqrt(cov: np.ndarray, name: str) -> np.ndarray:
     """Symmetric square root of a PSD matrix by ``eigh``; round-off negatives clipped to 0."""
     w, v = np.linalg.eigh(cov)
     if w.size and w.min() < -1e-8 * max(abs(w).max(), 1e-300):
-        raise ValueError(f"{name} is not positive semi-definite (eigenvalue {w.min():.3g})")
+        fix = "pass a positive semi-definite matrix"
+        raise checks.bad(f"min eigenvalue of {name}", float(f"{w.min():.3g}"), fix)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
@@ -309,7 +312,7 @@ def frechet_distance_from_stats(mean_x, cov_x, mean_y, cov_y) -> float:
         raise ValueError("mean_x contains NaN or inf")
     for name, arr, shape in (("mean_y", my, (d,)), ("cov_x", sx, (d, d)), ("cov_y", sy, (d, d))):
         if arr.shape != shape:
-            raise ValueError(f"{name} must have shape {shape} to match mean_x, got {arr.shape}")
+            raise checks.bad(f"{name}.shape", arr.shape, f"use shape {shape} to match mean_x")
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} contains NaN or inf")
     sx, sy = (sx + sx.T) / 2, (sy + sy.T) / 2
@@ -349,7 +352,7 @@ def _as_radius(radius, k: int) -> Tensor | None:
     if r.numel() == 1:
         r = r.expand(k)
     if r.shape != (k,) or not bool(torch.isfinite(r).all()) or bool((r <= 0).any()):
-        raise ValueError(f"radius must be a positive float or a positive ({k},) tensor")
+        raise checks.bad("radius", radius, f"use a positive float or a positive ({k},) tensor")
     return r
 
 
@@ -396,7 +399,7 @@ def mode_coverage(
     mu = _as_points(means, "means")
     k = mu.shape[0]
     if radius is not None and stds is not None:
-        raise ValueError("pass either radius or stds (with n_std), not both")
+        raise checks.bad("radius", radius, "pass either radius or stds (with n_std), not both")
     if stds is not None:
         n_std = checks.real(n_std, "n_std", lo_open=0.0)
         s = torch.as_tensor(stds, dtype=torch.float64).detach().cpu()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gcflows.checks import integer, real, shape
+from gcflows.checks import bad, bad_tensor, choice, integer, real, shape
 
 __all__ = [
     "sinusoidal_embedding",
@@ -48,9 +48,9 @@ def sinusoidal_embedding(
     Computed in float64 for float64 input, in float32 otherwise (half precision included).
     """
     if dim < 2 or dim % 2:
-        raise ValueError(f"dim must be an even integer >= 2, got {dim}")
+        raise bad("dim", dim, "use an even integer >= 2")
     if c_noise.dim() != 1:
-        raise ValueError(f"c_noise must have shape (B,), got {tuple(c_noise.shape)}")
+        raise bad_tensor(c_noise, "c_noise", "use shape (B,)")
     half = dim // 2
     work = c_noise.dtype if c_noise.dtype == torch.float64 else torch.float32
     k = torch.arange(half, device=c_noise.device, dtype=work)
@@ -65,7 +65,7 @@ class SinusoidalEmbedding(nn.Module):
     def __init__(self, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> None:
         super().__init__()
         if dim < 2 or dim % 2:
-            raise ValueError(f"dim must be an even integer >= 2, got {dim}")
+            raise bad("dim", dim, "use an even integer >= 2")
         self.dim, self.scale, self.max_period = int(dim), float(scale), float(max_period)
 
     def forward(self, c_noise: Tensor) -> Tensor:
@@ -98,7 +98,7 @@ class ToyMLP(nn.Module):
         for name, val in (("dim", dim), ("hidden", hidden), ("depth", depth)):
             integer(val, name, lo=1, where="ToyMLP")
         if not (integer(time_embed_dim, "time_embed_dim", lo=2, where="ToyMLP") % 2 == 0):
-            raise ValueError(f"time_embed_dim must be an even integer >= 2, got {time_embed_dim}")
+            raise bad("time_embed_dim", time_embed_dim, "use an even integer >= 2", "ToyMLP")
         real(dropout, "dropout", lo=0.0, hi_open=1.0, where="ToyMLP")
         self.dim, self.hidden, self.depth = int(dim), int(hidden), int(depth)
         self.time_embed_dim, self.time_scale = int(time_embed_dim), float(time_scale)
@@ -114,7 +114,7 @@ class ToyMLP(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"ToyMLP: x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+            raise bad_tensor(x, "x", f"use shape (B, {self.dim})", "ToyMLP")
         shape(c_noise, (x.shape[0],), "ToyMLP: c_noise", "to match the batch")
         emb = self.time_mlp(self.embed(c_noise.to(x.dtype)))
         h = self.inp(x) + emb
@@ -159,7 +159,8 @@ class _AttnBlock(nn.Module):
     def __init__(self, channels: int, heads: int, groups: int) -> None:
         super().__init__()
         if channels % heads:
-            raise ValueError(f"attention channels {channels} must be divisible by heads {heads}")
+            fix = f"attention channels {channels} must be divisible by heads; use a divisor"
+            raise bad("heads", heads, fix)
         self.heads = heads
         self.norm = nn.GroupNorm(_groups(channels, groups), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -218,22 +219,22 @@ def _check_unet(
         integer(val, name, lo=1, where="UNet")
     mults = [int(m) for m in channel_mults]
     if not mults or any(m < 1 for m in mults):
-        raise ValueError(f"channel_mults must be a non-empty list of positive ints, got {mults}")
+        raise bad("channel_mults", mults, "use a non-empty list of positive ints", "UNet")
     if image_size % (2 ** (len(mults) - 1)):
-        raise ValueError(
-            f"image_size {image_size} must be divisible by 2^(len(channel_mults) - 1) = "
-            f"{2 ** (len(mults) - 1)}; use fewer levels or another size"
+        fix = (
+            f"it must be divisible by 2^(len(channel_mults) - 1) = {2 ** (len(mults) - 1)}; "
+            "use fewer levels or another size"
         )
+        raise bad("image_size", image_size, fix, "UNet")
     if base_channels % 2:
-        raise ValueError(f"base_channels must be even (embedding width), got {base_channels}")
+        raise bad("base_channels", base_channels, "use an even number (embedding width)", "UNet")
     real(dropout, "dropout", lo=0.0, hi_open=1.0, where="UNet")
     resolutions = [image_size // 2**i for i in range(len(mults))]
     attn = {int(r) for r in attn_resolutions}
     unreachable = sorted(attn - set(resolutions))
     if unreachable:
-        raise ValueError(
-            f"attn_resolutions {unreachable} are never reached; the levels run at {resolutions}"
-        )
+        fix = f"these are never reached; the levels run at {resolutions}"
+        raise bad("attn_resolutions", unreachable, fix, "UNet")
     return mults, resolutions, attn
 
 
@@ -351,7 +352,7 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"UNet: x must have shape (B, {expected}), got {tuple(x.shape)}")
+            raise bad_tensor(x, "x", f"use shape (B, {expected})", "UNet")
         shape(c_noise, (x.shape[0],), "UNet: c_noise", "to match the batch")
         emb = self.time_mlp(self.embed(c_noise.to(x.dtype)))
         h = self.conv_in(x)
@@ -394,6 +395,5 @@ UNET_PRESETS: dict[str, dict] = {
 
 def build_unet(preset: str, **overrides) -> UNet:
     """A ``UNet`` from ``UNET_PRESETS[preset]`` with keyword overrides (e.g. ``dropout=0.0``)."""
-    if preset not in UNET_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(UNET_PRESETS)}, got {preset!r}")
+    choice(preset, "preset", sorted(UNET_PRESETS))
     return UNet(**{**UNET_PRESETS[preset], **overrides})

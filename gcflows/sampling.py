@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from gcflows import velocity as velocity_mod
-from gcflows.checks import batch, choice, finite
+from gcflows.checks import bad, bad_tensor, batch, choice, finite
 from gcflows.processes import Process, expand_time, get_process
 
 __all__ = ["one_step_sample", "multistep_sample", "ode_sample", "check_sigmas"]
@@ -40,15 +40,15 @@ def _time_list(values: Sequence[float] | Tensor, name: str) -> list[float]:
     """A 1-D tensor or sequence of times as a list of finite floats, else ``ValueError``."""
     if torch.is_tensor(values):
         if values.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D list of times, got shape {tuple(values.shape)}")
+            raise bad_tensor(values, name, "use a 1-D list of times")
         out = [float(s) for s in values.detach().cpu().tolist()]
     else:
         try:
             out = [float(s) for s in values]
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a sequence of floats, got {values!r}") from None
+            raise bad(name, values, "use a sequence of floats") from None
     if not all(math.isfinite(s) for s in out):
-        raise ValueError(f"{name} must be finite, got {out}")
+        raise bad(name, out, "use finite times")
     return out
 
 
@@ -64,9 +64,9 @@ def check_sigmas(sigmas: Sequence[float] | Tensor, process: Process | str) -> li
     process = get_process(process)
     values = _time_list(sigmas, "sigmas")
     if not values:
-        raise ValueError("sigmas must hold at least one time (e.g. [process.t_max])")
+        raise bad("sigmas", values, "use at least one time (e.g. [process.t_max])")
     if any(b >= a for a, b in zip(values, values[1:], strict=False)):
-        raise ValueError(f"sigmas must be strictly decreasing (noise towards data), got {values}")
+        raise bad("sigmas", values, "use strictly decreasing times (noise towards data)")
     process.check_time(torch.tensor(values, dtype=torch.float64), "sigmas")
     return values
 
@@ -134,14 +134,15 @@ def ode_sample(
     """
     choice(method, "method", ODE_METHODS)
     if not callable(velocity):
-        raise ValueError("velocity must be callable as velocity(x, t)")
+        raise bad("velocity", velocity, "pass a callable velocity(x, t)")
     x = _check_noise(x, "x")
     times = _time_list(grid, "grid")
     if len(times) < 2:
-        raise ValueError("grid must hold at least two times (start and end)")
+        raise bad("grid", times, "use at least two times (start and end)")
     steps = list(zip(times, times[1:], strict=False))
     if not (all(b < a for a, b in steps) or all(b > a for a, b in steps)):
-        raise ValueError("grid must be strictly monotone (decreasing to go from noise to data)")
+        fix = "use strictly monotone times (decreasing to go from noise to data)"
+        raise bad("grid", times, fix)
     step = velocity_mod.euler_step if method == "euler" else velocity_mod.heun_step
     for t, t_next in steps:
         x = step(velocity, x, _times(t, x), _times(t_next, x), **velocity_kwargs)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from gcflows.checks import batch, batch_times, finite, integer, real
+from gcflows.checks import bad, bad_tensor, batch, batch_times, finite, integer, real
 from gcflows.gmm import GaussianMixture
 from gcflows.processes import Process, expand_time, get_process
 
@@ -52,10 +52,9 @@ def _check_batch(x: Tensor, name: str = "x_t") -> Tensor:
 def _keyword(value: Tensor | None, name: str, like: Tensor, who: str) -> Tensor:
     """The keyword tensor ``name`` of an estimator call: present, shaped like x_t, finite."""
     if value is None:
-        raise ValueError(f"{who} needs the keyword {name}=... (a tensor shaped like x_t)")
+        raise bad(name, value, f"{who} needs the keyword {name}=... (a tensor shaped like x_t)")
     if not torch.is_tensor(value) or value.shape != like.shape:
-        got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"{name} must have the shape of x_t {tuple(like.shape)}, got {got}")
+        raise bad_tensor(value, name, f"use the shape of x_t {tuple(like.shape)}")
     return finite(value, name)
 
 
@@ -90,7 +89,7 @@ class TrueVelocity(VelocityEstimator):
 
     def __init__(self, gmm: GaussianMixture, process: Process | str) -> None:
         if not isinstance(gmm, GaussianMixture):
-            raise ValueError("gmm must be a gcflows.gmm.GaussianMixture")
+            raise bad("type(gmm)", type(gmm).__name__, "pass a gcflows.gmm.GaussianMixture")
         self.gmm = gmm
         self.process = get_process(process)
 
@@ -116,7 +115,7 @@ class DistilledVelocity(VelocityEstimator):
 
     def __init__(self, denoiser: Callable[[Tensor, Tensor], Tensor], process: Process | str):
         if not callable(denoiser):
-            raise ValueError("denoiser must be callable as denoiser(x_t, t) -> D(x_t, t)")
+            raise bad("denoiser", denoiser, "pass a callable denoiser(x_t, t) -> D(x_t, t)")
         self.denoiser = denoiser
         self.process = get_process(process)
 
@@ -132,10 +131,8 @@ class DistilledVelocity(VelocityEstimator):
         t = self._time(x_t, t)
         denoised = self.denoiser(x_t, t)
         if not torch.is_tensor(denoised) or denoised.shape != x_t.shape:
-            raise ValueError(
-                f"denoiser must return a tensor shaped like x_t {tuple(x_t.shape)}, got "
-                f"{tuple(denoised.shape) if torch.is_tensor(denoised) else type(denoised)}"
-            )
+            fix = f"the denoiser must return a tensor shaped like x_t {tuple(x_t.shape)}"
+            raise bad_tensor(denoised, "denoiser(x_t, t)", fix)
         return self.process.velocity_from_denoiser(x_t, denoised, t)
 
 
@@ -168,7 +165,7 @@ class GeneratorInducedVelocity(VelocityEstimator):
 
     def __init__(self, gc_model: Callable[[Tensor, Tensor], Tensor], process: Process | str):
         if not callable(gc_model):
-            raise ValueError("gc_model must be callable as gc_model(x_t, t) -> data estimate")
+            raise bad("gc_model", gc_model, "pass a callable gc_model(x_t, t) -> data estimate")
         self.gc_model = gc_model
         self.process = get_process(process)
 
@@ -186,10 +183,8 @@ class GeneratorInducedVelocity(VelocityEstimator):
         with torch.no_grad():
             xhat = self.gc_model(x_t, t)
         if not torch.is_tensor(xhat) or xhat.shape != x_t.shape:
-            raise ValueError(
-                f"gc_model must return a tensor shaped like x_t {tuple(x_t.shape)}, got "
-                f"{tuple(xhat.shape) if torch.is_tensor(xhat) else type(xhat)}"
-            )
+            fix = f"the gc_model must return a tensor shaped like x_t {tuple(x_t.shape)}"
+            raise bad_tensor(xhat, "gc_model(x_t, t)", fix)
         return self.process.xdot(xhat, noise, t)
 
 
@@ -245,7 +240,7 @@ class PreconditionedDenoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+            raise bad_tensor(x, "x", f"use shape (B, {self.dim})")
         p = self.freqs.dtype
         tt = batch_times(t, x.shape[0], x).to(p)
         a, b = self.process.a(tt)[:, None], self.process.b(tt)[:, None]
@@ -285,10 +280,12 @@ def fit_denoiser(
     result is deterministic given it. Returns the network in eval mode, with its parameters
     frozen, callable as ``denoiser(x, t)``.
     """
-    if not torch.is_tensor(samples) or not samples.is_floating_point() or samples.dim() != 2:
-        raise ValueError("samples must be a floating-point tensor of shape (N, d)")
+    if not torch.is_tensor(samples) or samples.dim() != 2:
+        raise bad_tensor(samples, "samples", "pass a floating-point tensor of shape (N, d)")
+    if not samples.is_floating_point():
+        raise bad("samples.dtype", samples.dtype, "use a floating-point tensor of shape (N, d)")
     if samples.shape[0] < 2 or samples.shape[1] < 1:
-        raise ValueError(f"samples must hold at least 2 points, got shape {tuple(samples.shape)}")
+        raise bad_tensor(samples, "samples", "use at least 2 points (N >= 2, d >= 1)")
     finite(samples, "samples")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("hidden", hidden)):
         integer(value, name, lo=1, fix="use a positive integer")
@@ -299,7 +296,7 @@ def fit_denoiser(
     if sigma_data is None:
         sigma_data = float(data_all.pow(2).mean().sqrt())
         if sigma_data == 0.0:
-            raise ValueError("samples are all zero; pass sigma_data explicitly")
+            raise bad("sigma_data", None, "the samples are all zero; pass sigma_data explicitly")
     model = PreconditionedDenoiser(
         samples.shape[1], process, sigma_data, hidden=hidden, generator=generator, dtype=dtype
     ).to(device)

@@ -16,11 +16,9 @@ import sys
 import time
 
 import torch
+from conftest import toy_model  # tests/ is on sys.path: pytest's, or the script's folder
 
-from gcflows.consistency import ConsistencyModel
 from gcflows.gmm import two_gaussians_1to2
-from gcflows.networks import ToyMLP
-from gcflows.processes import VEProcess
 from gcflows.training import TrainConfig, TrainingInterrupted, train
 
 CONFIG = dict(
@@ -38,13 +36,6 @@ CONFIG = dict(
 )
 
 
-def model() -> ConsistencyModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        backbone = ToyMLP(2, hidden=16, depth=2, time_embed_dim=16, dropout=0.1)
-    return ConsistencyModel(backbone, VEProcess())
-
-
 def run(out_dir: str, sleep_s: float = 0.0, report_to=None):
     def report(info) -> None:
         if report_to is not None:
@@ -54,7 +45,7 @@ def run(out_dir: str, sleep_s: float = 0.0, report_to=None):
 
     gmm = two_gaussians_1to2(dtype=torch.float32)
     config = TrainConfig(**CONFIG, out_dir=out_dir)
-    return train(config, model(), gmm.sample, resume="auto", callbacks=[report])
+    return train(config, toy_model(dropout=0.1), gmm.sample, resume="auto", callbacks=[report])
 
 
 def child(out_dir: str, sleep_s: float, report_to) -> int:

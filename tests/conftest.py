@@ -1,4 +1,8 @@
-"""Shared test settings: hypothesis profiles and markers.
+"""Shared test settings (hypothesis profiles and markers) and the shared test builders.
+
+Builders: ``toy_model`` and ``toy_config`` are plain functions (tests import them with
+``from conftest import toy_model, toy_config``; pytest puts tests/ on ``sys.path``), so that
+module-level fixtures and helpers can call them with their own arguments.
 
 Profiles: ``ci`` (default; few examples, no deadline, derandomized so CI is repeatable) and ``dev``
 (more examples). Select with ``HYPOTHESIS_PROFILE=dev``.
@@ -7,10 +11,16 @@ Profiles: ``ci`` (default; few examples, no deadline, derandomized so CI is repe
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from gcflows.consistency import ConsistencyModel
+from gcflows.networks import ToyMLP
+from gcflows.processes import VEProcess
+from gcflows.training import TrainConfig
 
 settings.register_profile(
     "ci",
@@ -58,3 +68,33 @@ def _test_threads():
 def gen():
     """A seeded CPU generator; tests that draw randomness take it explicitly."""
     return torch.Generator().manual_seed(1234)
+
+
+def toy_model(
+    hidden: int = 16, dropout: float = 0.0, seed: int = 0, t_max: float = 80.0
+) -> ConsistencyModel:
+    """A 2-d ConsistencyModel(ToyMLP) on the VE process, initialised from ``seed`` without
+    touching the global RNG (two calls with one seed give equal weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ConsistencyModel(
+            ToyMLP(2, hidden=hidden, depth=2, time_embed_dim=16, dropout=dropout),
+            VEProcess(0.002, t_max),
+        )
+
+
+def toy_config(out: Path | str | None, **kw) -> TrainConfig:
+    """A short TrainConfig (12 steps of 16, checkpoint every 4, log every 2, no progress bar)
+    writing to ``out`` (None: no run folder); ``kw`` overrides any field."""
+    base = dict(
+        total_steps=12,
+        batch_size=16,
+        lr=1e-3,
+        s0=2,
+        s1=16,
+        log_every=2,
+        checkpoint_every=4,
+        progress=False,
+        out_dir=None if out is None else str(out),
+    )
+    return TrainConfig(**{**base, **kw})

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toy_config as shared_toy_config
+from conftest import toy_model
 
-from gcflows.consistency import ConsistencyModel
 from gcflows.gmm import two_gaussians_1to2
-from gcflows.networks import ToyMLP
-from gcflows.processes import VEProcess
 from gcflows.training import (
     CorruptCheckpointError,
     TrainConfig,
@@ -34,25 +33,13 @@ from gcflows.training import (
 GMM = two_gaussians_1to2(dtype=torch.float32)
 
 
-def toy_model(seed: int = 0) -> ConsistencyModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ConsistencyModel(ToyMLP(2, hidden=16, depth=2, time_embed_dim=16), VEProcess())
+# This file's runs: 8 steps, a checkpoint every 3 (so the last one is not on the grid), a log
+# line every step; the rest is the shared toy_config.
+SHORT = dict(total_steps=8, log_every=1, checkpoint_every=3)
 
 
 def toy_config(out: Path | None, **kw) -> TrainConfig:
-    base = dict(
-        total_steps=8,
-        batch_size=16,
-        lr=1e-3,
-        s0=2,
-        s1=16,
-        log_every=1,
-        checkpoint_every=3,
-        progress=False,
-        out_dir=None if out is None else str(out),
-    )
-    return TrainConfig(**{**base, **kw})
+    return shared_toy_config(out, **{**SHORT, **kw})
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -128,9 +115,13 @@ def test_fresh_start_or_resume_from_elsewhere_never_writes_into_another_run(tmp_
     for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
         (other / name).write_bytes((finished / name).read_bytes())
     before = snapshot(other)
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(
+        ValueError, match="TrainConfig.out_dir=.* is invalid: it already holds a run"
+    ):
         train(toy_config(other), toy_model(), GMM.sample, resume=None)
-    with pytest.raises(ValueError, match="would continue another run into"):
+    with pytest.raises(
+        ValueError, match="resume=.* is invalid: it would continue another run into"
+    ):
         train(toy_config(other), toy_model(), GMM.sample, resume=finished / "checkpoint.prev.pt")
     assert snapshot(other) == before
     # said explicitly: the run in the folder is replaced

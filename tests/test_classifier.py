@@ -71,13 +71,13 @@ def test_damaged_or_foreign_cache_files_raise(tmp_path):
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"colour": 1}, "unknown keys"),
-        ({"channels": [4]}, "channels"),
-        ({"epochs": 0}, "epochs"),
-        ({"lr": -1.0}, "lr"),
-        ({"weight_decay": float("nan")}, "weight_decay"),
-        ({"max_shift": 5}, "max_shift"),
-        ({"data": {"name": "mnist"}}, "data"),
+        ({"colour": 1}, r"config keys=\['colour'\] is invalid: drop the unknown keys"),
+        ({"channels": [4]}, r"config\['channels'\]=\[4\] is invalid"),
+        ({"epochs": 0}, r"config\['epochs'\]=0 is invalid: use an integer >= 1"),
+        ({"lr": -1.0}, r"config\['lr'\]=-1.0 is invalid: use a finite number > 0"),
+        ({"weight_decay": float("nan")}, r"config\['weight_decay'\]=nan is invalid"),
+        ({"max_shift": 5}, r"config\['max_shift'\]=5 is invalid: use an integer >= 0 and <= 3"),
+        ({"data": {"name": "mnist"}}, r"config\['data'\]=\{'name': 'mnist'\} is invalid"),
     ],
 )
 def test_bad_config_raises(change, match):
@@ -88,10 +88,13 @@ def test_bad_config_raises(change, match):
 @pytest.mark.parametrize(
     "images, match",
     [
-        (torch.zeros(3, 1, 28, 28), r"\(N, 1, 8, 8\)"),
-        (torch.zeros(3, 64), r"\(N, 1, 8, 8\)"),
+        (
+            torch.zeros(3, 1, 28, 28),
+            r"images\.shape=\(3, 1, 28, 28\) is invalid: use shape \(N, 1, 8, 8\)",
+        ),
+        (torch.zeros(3, 64), r"images.shape=\(3, 64\) is invalid: use shape \(N, 1, 8, 8\)"),
         (torch.full((2, 1, 8, 8), float("nan")), "NaN"),
-        (torch.zeros(2, 1, 8, 8, dtype=torch.long), "floating"),
+        (torch.zeros(2, 1, 8, 8, dtype=torch.long), "images.dtype=torch.int64 is invalid"),
     ],
 )
 def test_bad_images_raise(images, match):

@@ -216,7 +216,7 @@ def test_model_rejects_bad_times_and_shapes():
         model(x, torch.full((3,), 100.0, dtype=F64))
     with pytest.raises(ValueError, match="shape"):
         model(x, torch.ones(4, dtype=F64))
-    with pytest.raises(ValueError, match="sigma_data"):
+    with pytest.raises(ValueError, match="sigma_data=0.0 is invalid"):
         ConsistencyModel(TanhBackbone(2), "ve", sigma_data=0.0)
     bad = ConsistencyModel(lambda x, c: x[:, :1], "ve")
     with pytest.raises(ValueError, match="backbone returned shape"):
@@ -304,7 +304,7 @@ def test_lognormal_upper_tail_has_no_cancellation():
     mass = np_erfc(u[:-1]) - np_erfc(u[1:])
     assert bool((probs > 0).all())
     torch.testing.assert_close(probs, torch.from_numpy(mass / mass.sum()), rtol=1e-10, atol=0)
-    with pytest.raises(ValueError, match="no mass"):
+    with pytest.raises(ValueError, match="p_mean=-1.1 is invalid: the lognormal puts no mass"):
         lognormal_index_probs(torch.exp(torch.tensor([60.0, 61.0], dtype=F64)), p_std=0.5)
 
 
@@ -324,7 +324,9 @@ def test_weights_are_inverse_spacings():
     grid = karras_grid(17, 0.002, 80.0)
     w = ict_weights(grid)
     assert torch.equal(w, 1.0 / (grid[1:] - grid[:-1]))
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(
+        ValueError, match=r"(?s)grid=tensor\(.*\) is invalid: use strictly increasing"
+    ):
         ict_weights(grid.flip(0))
 
 
@@ -827,17 +829,26 @@ _VEL = TrueVelocity(one_gaussian(), "ve")
         (dict(method="ct", s0=20, s1=10), "s0 <= s1"),
         (dict(method="ct", total_steps=None), "total_steps is required"),
         (dict(method="ct", total_steps=0), "total_steps"),
-        (dict(method="cd"), "needs velocity"),
-        (dict(method="ct", velocity=_VEL), "velocity= is used by method='cd' only"),
+        (dict(method="cd"), "velocity=None is invalid: method='cd' needs a gcflows.velocity"),
+        (
+            dict(method="ct", velocity=_VEL),
+            r"type\(velocity\)=.* is invalid: velocity= is used by method='cd' only",
+        ),
         (dict(method="cd", velocity=_VEL, cd_step="rk4"), "cd_step"),
         (dict(method="ct", distance="l1"), r"distance='l1' is invalid: use one of"),
         (dict(method="ct", p_std=0.0), "p_std"),
         (dict(method="ct", rho=0.0), "rho"),
         (dict(method="ct", index_probs="beta"), "index_probs"),
-        (dict(method="ct", fixed_grid=torch.tensor([1.0, 0.5])), "strictly increasing"),
-        (dict(method="ct", fixed_grid=torch.tensor([1.0])), "at least 2"),
+        (
+            dict(method="ct", fixed_grid=torch.tensor([1.0, 0.5])),
+            r"fixed_grid=tensor\(.*\) is invalid: use strictly increasing",
+        ),
+        (
+            dict(method="ct", fixed_grid=torch.tensor([1.0])),
+            r"fixed_grid.shape=\(1,\) is invalid: .* at least 2",
+        ),
         (dict(method="ct", fixed_grid=torch.tensor([1.0, 100.0])), "fixed_grid must lie in"),
-        (dict(method="ot", ot_coupling_fn=3), "ot_coupling_fn"),
+        (dict(method="ot", ot_coupling_fn=3), "ot_coupling_fn=3 is invalid: pass a callable"),
     ],
 )
 def test_bad_config_raises_before_any_work(kwargs, match):
@@ -852,11 +863,15 @@ def test_bad_call_raises():
     data, noise = _batch(8)
     ct = ConsistencyObjective("ve", "ct", total_steps=100)
     gc = ConsistencyObjective("ve", "gc", total_steps=100)
-    with pytest.raises(ValueError, match="needs gc_model"):
+    with pytest.raises(ValueError, match="gc_model=None is invalid: method='gc' needs the network"):
         gc(model, data, 0)
-    with pytest.raises(ValueError, match="gc_model= is used by method='gc' only"):
+    with pytest.raises(
+        ValueError, match=r"type\(gc_model\)='ConsistencyModel' is invalid: .* method='gc' only"
+    ):
         ct(model, data, 0, gc_model=model)
-    with pytest.raises(ValueError, match="noise must be a tensor of the data's shape"):
+    with pytest.raises(
+        ValueError, match=r"noise.shape=\(4, 2\) is invalid: use a tensor of the data's shape"
+    ):
         ct(model, data, 0, noise=noise[:4])
     bad = data.clone()
     bad[0, 0] = float("nan")
@@ -866,7 +881,10 @@ def test_bad_call_raises():
         ct(model, data, -1)
     with pytest.raises(ValueError, match="B >= 1"):
         ct(model, data[:0], 0)
-    with pytest.raises(ValueError, match="indices must lie in"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(indices.min\(\), indices.max\(\)\)=\(10, 10\) is invalid: use indices in",
+    ):
         ct(model, data, 0, indices=torch.full((8,), 10))
 
 
@@ -880,7 +898,9 @@ def test_objective_config_validates_once_and_the_objective_uses_it_whole():
     assert obj.num_intervals(39) == 16 and obj.num_intervals(0) == 2
     with pytest.raises(ValueError, match=r"TrainConfig\.mu=2\.0 is invalid"):
         ObjectiveConfig(method="gc", mu=2.0, total_steps=10, owner="TrainConfig")
-    with pytest.raises(ValueError, match="inside the ObjectiveConfig"):
+    with pytest.raises(
+        ValueError, match=r"settings=\['mu'\] is invalid: .* inside the ObjectiveConfig"
+    ):
         ConsistencyObjective("ve", cfg, mu=0.5)
 
 

@@ -97,7 +97,7 @@ def test_digits_split_is_deterministic_stratified_and_partitions_the_set():
 def test_digits_bad_arguments():
     with pytest.raises(ValueError, match="split='validation' is invalid: use one of"):
         load_digits("validation")
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="dtype=torch.int64 is invalid: use a floating"):
         load_digits("train", dtype=torch.int64)
 
 
@@ -174,7 +174,7 @@ def test_mnist_missing_folder_says_how_to_get_it(tmp_path):
     msg = str(err.value)
     assert "t10k-images-idx3-ubyte" in msg and str(tmp_path / "MNIST" / "raw") in msg
     assert "mnist_test.npz" in msg and "download=True" in msg
-    with pytest.raises(ValueError, match="root is required"):
+    with pytest.raises(ValueError, match="root=None is invalid: pass the folder holding the"):
         get_image_dataset("mnist")
 
 
@@ -273,7 +273,7 @@ def test_npz_single_split_and_keras_layout(tmp_path):
     np.savez(tmp_path / "one.npz", images=img, labels=np.arange(5))
     x, _ = load_mnist(tmp_path / "one.npz")
     assert x.shape == (5, 1, 28, 28)
-    with pytest.raises(ValueError, match="single split"):
+    with pytest.raises(ValueError, match="split='test' is invalid: .* holds a single split"):
         load_mnist(tmp_path / "one.npz", split="test")
     np.savez(
         tmp_path / "mnist.npz",
@@ -318,7 +318,7 @@ def test_wrong_image_size_for_the_preset_names_it(tmp_path):
         images=np.zeros((2, 8, 8), np.uint8),
         labels=np.zeros(2, dtype=np.int64),
     )
-    with pytest.raises(ValueError, match="preset 'mnist' expects images of shape"):
+    with pytest.raises(ValueError, match=r"images.shape=\(.*\) is invalid: preset 'mnist' expects"):
         get_image_dataset("mnist", tmp_path)
     x, _ = get_image_dataset("digits")
     assert x.shape[1:] == image_shape("digits") == IMAGE_SHAPES["digits"]
@@ -373,15 +373,16 @@ def test_sampler_touches_no_global_rng_and_bad_input():
     s = TensorSampler(torch.zeros(6, 2), torch.Generator().manual_seed(0))
     s.sample(3)
     assert torch.equal(before, torch.random.get_rng_state())
-    with pytest.raises(ValueError, match="exceeds the 6 rows"):
+    with pytest.raises(ValueError, match="batch_size=.* is invalid: it exceeds the 6 rows"):
         s.sample(7)
     with pytest.raises(ValueError, match="batch_size=0 is invalid: use a positive integer"):
         s.sample(0)
-    with pytest.raises(ValueError, match="saved for a tensor of 5 rows"):
+    saved_for_5 = r"state\['n'\]=5 is invalid: .* saved for a tensor of 5 rows"
+    with pytest.raises(ValueError, match=saved_for_5):
         s.load_state_dict({"n": 5, "seed": 1, "epoch": 0, "cursor": 0})
-    with pytest.raises(ValueError, match="keys"):
+    with pytest.raises(ValueError, match="state=.* is invalid: pass a dict with keys"):
         s.load_state_dict({"n": 6})
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"tensor.shape=\(0, 2\) is invalid: it is empty"):
         TensorSampler(torch.zeros(0, 2))
 
 

@@ -137,21 +137,23 @@ def test_overrides_and_presets_resolve():
     assert run.network["base_channels"] == 16 and run.config.model["unet"]["base_channels"] == 16
     assert run.config.preset == "digits_tiny" and run.config.data_shape == (1, 8, 8)
     for bad, match in [
-        (["colour=1"], "unknown key"),
-        (["net.colour=1"], "unknown U-Net field"),
-        (["preset=x"], "cannot be overridden"),
-        (["lr"], "key=value"),
+        (["colour=1"], "override='colour=1' is invalid: unknown key"),
+        (["net.colour=1"], "override='net.colour=1' is invalid: unknown U-Net field"),
+        (["preset=x"], "override='preset=x' is invalid: .* cannot be overridden"),
+        (["lr"], "override='lr' is invalid: write it as key=value"),
         (["lr=-1"], "TrainConfig.lr"),
-        (["net.image_size=16"], "wrong image size"),
-        (["net.in_channels=3"], "wrong image size"),
+        (["net.image_size=16"], r"image_size\)=\(1, 16, 16\) is invalid: .* wrong image size"),
+        (["net.in_channels=3"], r"image_size\)=\(3, 8, 8\) is invalid: .* wrong image size"),
     ]:
         with pytest.raises(ValueError, match=match):
             resolve_run("digits_tiny", overrides=bad)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(
+        ValueError, match="batch_size=16 is invalid: the global batch is not divisible by the 3"
+    ):
         resolve_run("digits_tiny", world_size=3)  # global batch 16
-    with pytest.raises(ValueError, match="preset must be one of"):
+    with pytest.raises(ValueError, match="preset='cifar100' is invalid: use one of"):
         resolve_run("cifar100")
-    with pytest.raises(ValueError, match="coupling must be one of"):
+    with pytest.raises(ValueError, match="coupling='cd' is invalid: use one of"):
         resolve_run("digits_tiny", coupling="cd")
 
 
@@ -365,9 +367,11 @@ def test_eval_rejects_bad_input(tmp_path, tiny_run):
     torch.save({"a": 1}, bogus)
     with pytest.raises(ValueError, match="not a gcflows training checkpoint"):
         evaluation.evaluate_checkpoint(bogus)
-    with pytest.raises(ValueError, match="two-step sigma"):
+    with pytest.raises(
+        ValueError, match="two_step_sigma=100.0 is invalid: the two-step sigma must lie in"
+    ):
         evaluation.evaluate_checkpoint(tiny_run / "checkpoint.pt", mid_sigma=100.0)
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(ValueError, match="reference='val' is invalid: use one of"):
         evaluation.evaluate_checkpoint(tiny_run / "checkpoint.pt", reference="val")
 
 

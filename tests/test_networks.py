@@ -47,7 +47,7 @@ def test_sinusoidal_embedding_closed_form():
         for ci in c.double().tolist()
     ]
     torch.testing.assert_close(emb64, torch.tensor(ref, dtype=F64), rtol=0, atol=1e-9)
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="dim=7 is invalid: use an even integer"):
         sinusoidal_embedding(c, 7)
 
 
@@ -84,7 +84,7 @@ def test_toy_mlp_dropout_only_in_train_mode(gen):
 
 def test_toy_mlp_rejects_bad_input():
     net = ToyMLP(2)
-    with pytest.raises(ValueError, match=r"shape \(B, 2\)"):
+    with pytest.raises(ValueError, match=r"ToyMLP.x.shape=\(4, 3\) is invalid: use shape \(B, 2\)"):
         net(torch.zeros(4, 3), torch.zeros(4))
     with pytest.raises(ValueError, match="c_noise must have shape"):
         net(torch.zeros(4, 2), torch.zeros(3))
@@ -178,13 +178,16 @@ def test_cifar10_preset_forward_at_batch_one(gen):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(image_size=10, channel_mults=(1, 2, 2)), "divisible"),
-        (dict(attn_resolutions=(3,)), "never reached"),
-        (dict(channel_mults=()), "channel_mults"),
+        (
+            dict(image_size=10, channel_mults=(1, 2, 2)),
+            "UNet.image_size=10 is invalid: .*divisible",
+        ),
+        (dict(attn_resolutions=(3,)), r"UNet.attn_resolutions=\[3\] is invalid: .*never reached"),
+        (dict(channel_mults=()), r"UNet.channel_mults=\[\] is invalid"),
         (dict(dropout=1.0), "dropout"),
-        (dict(base_channels=33), "even"),
+        (dict(base_channels=33), "UNet.base_channels=33 is invalid: use an even"),
         (dict(num_blocks=0), "num_blocks"),
-        (dict(num_heads=3, attn_resolutions=(4,)), "divisible by heads"),
+        (dict(num_heads=3, attn_resolutions=(4,)), "heads=3 is invalid: .*divisible by heads"),
     ],
 )
 def test_unet_rejects_bad_config(kwargs, match):
@@ -195,11 +198,11 @@ def test_unet_rejects_bad_config(kwargs, match):
 
 def test_unet_rejects_bad_input_and_unknown_preset():
     net = build_unet("digits")
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match=r"UNet.x.shape=\(2, 3, 8, 8\) is invalid: use shape"):
         net(torch.zeros(2, 3, 8, 8), torch.zeros(2))
     with pytest.raises(ValueError, match="c_noise must have shape"):
         net(torch.zeros(2, 1, 8, 8), torch.zeros(1))
-    with pytest.raises(ValueError, match="preset must be one of"):
+    with pytest.raises(ValueError, match="preset='imagenet' is invalid: use one of"):
         build_unet("imagenet")
 
 

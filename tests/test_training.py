@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toy_config, toy_model
 from lion_pytorch import Lion
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -41,32 +42,6 @@ from gcflows.training import (
 from gcflows.velocity import MonteCarloVelocity, TrueVelocity
 
 GMM = two_gaussians_1to2(dtype=torch.float32)
-
-
-def toy_model(hidden: int = 16, dropout: float = 0.0, seed: int = 0, t_max: float = 80.0):
-    """A ConsistencyModel(ToyMLP) initialised from ``seed`` without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ConsistencyModel(
-            ToyMLP(2, hidden=hidden, depth=2, time_embed_dim=16, dropout=dropout),
-            VEProcess(0.002, t_max),
-        )
-
-
-def toy_config(tmp_path: Path | None, **kw) -> TrainConfig:
-    base = dict(
-        total_steps=12,
-        batch_size=16,
-        lr=1e-3,
-        s0=2,
-        s1=16,
-        log_every=2,
-        checkpoint_every=4,
-        progress=False,
-        out_dir=str(tmp_path) if tmp_path is not None else None,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def assert_state_equal(a: dict, b: dict) -> None:
@@ -391,9 +366,11 @@ def test_checkpoint_from_another_config_raises(tmp_path, change, match):
 def test_resume_none_refuses_to_overwrite_a_run(tmp_path):
     run = tmp_path / "run"
     train(toy_config(run, total_steps=4), toy_model(), GMM.sample)
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(
+        ValueError, match="TrainConfig.out_dir=.* is invalid: it already holds a run"
+    ):
         train(toy_config(run, total_steps=4), toy_model(), GMM.sample, resume=None)
-    with pytest.raises(ValueError, match="no such checkpoint"):
+    with pytest.raises(ValueError, match="resume=.* is invalid: no such checkpoint file"):
         train(toy_config(None), toy_model(), GMM.sample, resume=str(tmp_path / "nope.pt"))
 
 

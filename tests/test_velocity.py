@@ -311,13 +311,13 @@ def test_preconditioning_leaves_the_input_at_small_noise():
 def test_missing_or_bad_keywords_raise():
     process = VEProcess()
     x = torch.randn(4, 2, dtype=F64)
-    with pytest.raises(ValueError, match="needs the keyword data"):
+    with pytest.raises(ValueError, match="data=None is invalid: .*needs the keyword data"):
         MonteCarloVelocity(process)(x, 1.0, noise=x)
-    with pytest.raises(ValueError, match="needs the keyword noise"):
+    with pytest.raises(ValueError, match="noise=None is invalid: .*needs the keyword noise"):
         MonteCarloVelocity(process)(x, 1.0, data=x)
-    with pytest.raises(ValueError, match="needs the keyword noise"):
+    with pytest.raises(ValueError, match="noise=None is invalid: .*needs the keyword noise"):
         GeneratorInducedVelocity(lambda z, t: z, process)(x, 1.0, data=x)
-    with pytest.raises(ValueError, match="noise must have the shape of x_t"):
+    with pytest.raises(ValueError, match=r"noise.shape=\(2, 2\) is invalid: use the shape of x_t"):
         MonteCarloVelocity(process)(x, 1.0, data=x, noise=x[:2])
     with pytest.raises(ValueError, match="data contains NaN"):
         MonteCarloVelocity(process)(x, 1.0, data=x * math.nan, noise=x)
@@ -327,15 +327,22 @@ def test_missing_or_bad_keywords_raise():
         TrueVelocity(two_gaussians_1to2(), process)(torch.zeros(0, 2, dtype=F64), 1.0)
     with pytest.raises(ValueError, match="x_t contains NaN"):
         DistilledVelocity(lambda z, t: z, process)(x * math.nan, 1.0)
-    with pytest.raises(ValueError, match="denoiser must return"):
+    with pytest.raises(
+        ValueError, match=r"denoiser\(x_t, t\).shape=\(4, 1\) is invalid: the denoiser must return"
+    ):
         DistilledVelocity(lambda z, t: z[:, :1], process)(x, 1.0)
-    with pytest.raises(ValueError, match="gc_model must return"):
+    with pytest.raises(
+        ValueError,
+        match=r"type\(gc_model\(x_t, t\)\)='NoneType' is invalid: the gc_model must return",
+    ):
         GeneratorInducedVelocity(lambda z, t: None, process)(x, 1.0, noise=x)
-    with pytest.raises(ValueError, match="denoiser must be callable"):
+    with pytest.raises(ValueError, match="denoiser=3 is invalid: pass a callable"):
         DistilledVelocity(3, process)
-    with pytest.raises(ValueError, match="gc_model must be callable"):
+    with pytest.raises(ValueError, match="gc_model='gen' is invalid: pass a callable"):
         GeneratorInducedVelocity("gen", process)
-    with pytest.raises(ValueError, match="gmm must be"):
+    with pytest.raises(
+        ValueError, match=r"type\(gmm\)='str' is invalid: pass a gcflows.gmm.GaussianMixture"
+    ):
         TrueVelocity("gmm", process)
     with pytest.raises(ValueError, match="t_next must be a scalar or have shape"):
         euler_step(MonteCarloVelocity(process), x, 1.0, torch.ones(3), data=x, noise=x)
@@ -346,11 +353,15 @@ def test_missing_or_bad_keywords_raise():
 def test_fit_denoiser_bad_input_raises():
     process = VEProcess()
     samples = torch.randn(16, 2)
-    with pytest.raises(ValueError, match="samples must be"):
+    with pytest.raises(
+        ValueError, match=r"samples.shape=\(2,\) is invalid: pass a floating-point tensor"
+    ):
         fit_denoiser(samples[0], process)
     with pytest.raises(ValueError, match="samples contains NaN"):
         fit_denoiser(samples * math.nan, process)
-    with pytest.raises(ValueError, match="samples must hold at least 2"):
+    with pytest.raises(
+        ValueError, match=r"samples.shape=\(1, 2\) is invalid: use at least 2 points"
+    ):
         fit_denoiser(samples[:1], process)
     with pytest.raises(ValueError, match="steps=0 is invalid: use a positive integer"):
         fit_denoiser(samples, process, steps=0)
@@ -358,7 +369,7 @@ def test_fit_denoiser_bad_input_raises():
         fit_denoiser(samples, process, batch_size=-3)
     with pytest.raises(ValueError, match="lr=0.0 is invalid: use a positive"):
         fit_denoiser(samples, process, lr=0.0)
-    with pytest.raises(ValueError, match="sigma_data"):
+    with pytest.raises(ValueError, match="sigma_data=None is invalid: the samples are all zero"):
         fit_denoiser(torch.zeros(16, 2), process)
     with pytest.raises(ValueError, match="process must be one of"):
         fit_denoiser(samples, "vp")

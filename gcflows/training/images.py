@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gcflows.checks import bad, bad_tensor, choice
 from gcflows.consistency import ConsistencyModel
 from gcflows.data import IMAGE_SHAPES, get_image_dataset
 from gcflows.networks import UNet
@@ -106,30 +107,31 @@ def parse_overrides(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any
     net_keys = set(inspect.signature(UNet).parameters)
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. lr=2e-4)")
+            raise bad("override", item, "write it as key=value (e.g. lr=2e-4)")
         key, text = item.split("=", 1)
         key = key.strip()
         value = _parse_value(text.strip())
         if key.startswith("net."):
             name = key[4:]
             if name not in net_keys:
-                raise ValueError(
-                    f"unknown U-Net field {name!r} in {item!r}; known: {sorted(net_keys)}"
-                )
+                fix = f"unknown U-Net field {name!r}; known: {sorted(net_keys)}"
+                raise bad("override", item, fix)
             net_over[name] = value
         elif key in _RESERVED:
-            raise ValueError(
+            fix = (
                 f"{key!r} cannot be overridden (it is set from --preset / --out; for the dropout "
                 "use net.dropout=...)"
             )
+            raise bad("override", item, fix)
         elif key in _TRAIN_FIELDS:
             train_over[key] = value
         else:
             known = sorted(_TRAIN_FIELDS - _RESERVED)
-            raise ValueError(
-                f"unknown key {key!r} in {item!r}: use a TrainConfig field ({', '.join(known)}) "
+            fix = (
+                f"unknown key {key!r}: use a TrainConfig field ({', '.join(known)}) "
                 "or net.<U-Net argument>"
             )
+            raise bad("override", item, fix)
     return train_over, net_over
 
 
@@ -150,22 +152,18 @@ def resolve_run(
     a global batch not divisible by ``world_size``, or a U-Net whose input does not match the
     preset's image size.
     """
-    if preset not in IMAGE_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(IMAGE_PRESETS)}, got {preset!r}")
+    choice(preset, "preset", sorted(IMAGE_PRESETS))
     spec = copy.deepcopy(IMAGE_PRESETS[preset])
     data, train_kw, network = spec["data"], spec["train"], spec["network"]
     train_over, net_over = parse_overrides(overrides)
     train_kw.update(train_over)
     network.update(net_over)
     if coupling is not None:
-        if coupling not in COUPLINGS:
-            raise ValueError(f"coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
+        choice(coupling, "coupling", list(COUPLINGS))
         train_kw["method"] = COUPLINGS[coupling]
     if train_kw.get("method") not in METHOD_TO_COUPLING:
-        raise ValueError(
-            f"method must be one of {sorted(METHOD_TO_COUPLING)} for image training (ct = IC), "
-            f"got {train_kw.get('method')!r}"
-        )
+        fix = f"use one of {sorted(METHOD_TO_COUPLING)} for image training (ct = IC)"
+        raise bad("method", train_kw.get("method"), fix)
     if mu is not None:
         train_kw["mu"] = mu
     if seed is not None:
@@ -173,26 +171,26 @@ def resolve_run(
     if device is not None:
         train_kw["device"] = device
     if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        raise bad("world_size", world_size, "use a positive int")
     global_batch = train_kw.get("batch_size")
     if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1:
-        raise ValueError(
-            f"batch_size must be a positive int (the global batch), got {global_batch!r}"
-        )
+        raise bad("batch_size", global_batch, "use a positive int (the global batch)")
     if global_batch % world_size:
-        raise ValueError(
-            f"batch_size={global_batch} (global) is not divisible by the {world_size} processes; "
+        fix = (
+            f"the global batch is not divisible by the {world_size} processes; "
             f"use a multiple of {world_size}"
         )
+        raise bad("batch_size", global_batch, fix)
     train_kw["batch_size"] = global_batch // world_size
     shape = IMAGE_SHAPES[data]
     net_shape = (network.get("in_channels"), network.get("image_size"), network.get("image_size"))
     if net_shape != shape:
-        raise ValueError(
-            f"preset {preset!r} trains on {data} images of shape {shape} (C, H, W) but the U-Net "
-            f"takes {net_shape}: wrong image size for the preset; drop the net.in_channels / "
-            "net.image_size override or use a preset made for this data"
+        fix = (
+            f"preset {preset!r} trains on {data} images of shape {shape} (C, H, W): wrong image "
+            "size for the preset; drop the net.in_channels / net.image_size override or use a "
+            "preset made for this data"
         )
+        raise bad("(net.in_channels, net.image_size, net.image_size)", net_shape, fix)
     if "dropout" in network and float(network["dropout"]) > 0 and train_kw["method"] == "gc":
         print(
             f"note: GC with dropout {network['dropout']} (the paper trains GC with dropout 0; "
@@ -218,10 +216,11 @@ def load_images(
     """Images ``(N, C, H, W)`` in [-1, 1] of ``data`` (digits are bundled; MNIST / CIFAR-10 come
     from ``data_root`` and raise ``FileNotFoundError`` with instructions when missing)."""
     if data != "digits" and data_root is None:
-        raise ValueError(
+        fix = (
             f"the {data} presets need --data-root: the folder holding the {data} files (gcflows "
             "never downloads data; see gcflows.data for the accepted layouts)"
         )
+        raise bad("data_root", data_root, fix)
     images, _ = get_image_dataset(data, root=data_root, split=split)
     return images
 
@@ -296,7 +295,7 @@ def image_grid(
     pad = max(1, scale // 2) if pad is None else int(pad)
     x = images.detach().float().cpu().clamp(-1.0, 1.0)
     if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must be (N, 1 or 3, H, W), got {tuple(x.shape)}")
+        raise bad_tensor(x, "images", "use shape (N, 1 or 3, H, W)")
     n, c, h, w = x.shape
     ncol = nrow or max(1, math.ceil(math.sqrt(n)))
     nrows = math.ceil(n / ncol)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gcflows.atomic import claim_folder
-from gcflows.checks import is_int
+from gcflows.checks import bad, integer
 from gcflows.ema import EMA
 from gcflows.processes import get_process
 from gcflows.training.batches import DataSource
@@ -260,31 +260,34 @@ def _claim_run_dir(config: TrainConfig, dinfo: DistInfo, device: torch.device):
 
 def _check_arguments(config, model, velocity, gc_model, resume, callbacks, stop_after, overwrite):
     if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        raise bad("type(config)", type(config).__name__, "pass a TrainConfig")
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module f(x, t), got {type(model).__name__}")
+        raise bad("type(model)", type(model).__name__, "pass an nn.Module f(x, t)")
     if config.method == "cd" and velocity is None:
-        raise ValueError(
+        fix = (
             "method='cd' needs a velocity estimator: pass velocity=TrueVelocity(...) or "
             "DistilledVelocity(...) from gcflows.velocity"
         )
+        raise bad("velocity", velocity, fix)
     if config.method != "cd" and velocity is not None:
-        raise ValueError(f"velocity is only used by method='cd', not {config.method!r}; drop it")
+        fix = f"velocity is only used by method='cd', not {config.method!r}; drop it"
+        raise bad("type(velocity)", type(velocity).__name__, fix)
     if gc_model is not None and config.method != "gc":
-        raise ValueError(f"gc_model is only used by method='gc', not {config.method!r}; drop it")
+        fix = f"gc_model is only used by method='gc', not {config.method!r}; drop it"
+        raise bad("type(gc_model)", type(gc_model).__name__, fix)
     if gc_model is not None and not callable(gc_model):
-        raise ValueError("gc_model must be callable as gc_model(x_t, t) -> data estimate")
-    if stop_after is not None and (not is_int(stop_after) or stop_after < 1):
-        raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
+        raise bad("gc_model", gc_model, "pass a callable gc_model(x_t, t) -> data estimate")
+    if stop_after is not None:
+        integer(stop_after, "stop_after", lo=1, fix="use a positive int or None")
     callbacks = list(callbacks)
     if not all(callable(c) for c in callbacks):
-        raise ValueError("callbacks must be callables taking a StepInfo")
+        raise bad("callbacks", callbacks, "pass callables taking a StepInfo")
     if resume is not None and not isinstance(resume, (str, os.PathLike)):
-        raise ValueError(f"resume must be 'auto', a checkpoint path or None, got {resume!r}")
+        raise bad("resume", resume, "use 'auto', a checkpoint path or None")
     if not isinstance(overwrite, bool):
-        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+        raise bad("overwrite", overwrite, "use True or False")
     if not list(model.parameters()):
-        raise ValueError("model has no parameters to train")
+        raise bad("len(list(model.parameters()))", 0, "pass a model with parameters to train")
     return callbacks
 
 
@@ -346,10 +349,8 @@ def _start(config, model, data_source, velocity, gc_model, resume, overwrite, di
 
 def _check_model_fits(config: TrainConfig, model: nn.Module, shape: tuple) -> None:
     if config.data_shape is not None and tuple(config.data_shape) != shape:
-        raise ValueError(
-            f"TrainConfig.data_shape={config.data_shape} but the data has shape {shape}; "
-            "fix the config or the data source"
-        )
+        fix = f"the data has shape {shape}; fix the config or the data source"
+        raise bad("data_shape", config.data_shape, fix, "TrainConfig")
     mproc = getattr(model, "process", None)
     if mproc is None or not hasattr(mproc, "t_min"):
         return
@@ -370,32 +371,31 @@ def _select_checkpoint(run_dir: Path | None, resume, overwrite: bool, device: to
         return found if found is not None else (None, None)
     if resume is None:
         if held and not overwrite:
-            raise ValueError(
-                f"{str(run_dir)!r} already holds a run ({', '.join(held)}); pass resume='auto' "
-                "to continue it, overwrite=True to replace it, or choose a new out_dir "
-                "(nothing was overwritten)"
+            fix = (
+                f"it already holds a run ({', '.join(held)}); pass resume='auto' to continue it, "
+                "overwrite=True to replace it, or choose a new out_dir (nothing was overwritten)"
             )
+            raise bad("out_dir", str(run_dir), fix, "TrainConfig")
         return None, None
     path = Path(resume)
     if not path.is_file():
-        raise ValueError(f"resume={str(resume)!r}: no such checkpoint file")
+        raise bad("resume", str(resume), "no such checkpoint file")
     own = run_dir is not None and path.resolve().parent == run_dir.resolve()
     if held and not own and not overwrite:
-        raise ValueError(
-            f"resume={str(resume)!r} would continue another run into {str(run_dir)!r}, which "
-            f"already holds a run ({', '.join(held)}); choose a new out_dir, or pass "
-            "overwrite=True to replace it (nothing was overwritten)"
+        fix = (
+            f"it would continue another run into {str(run_dir)!r}, which already holds a run "
+            f"({', '.join(held)}); choose a new out_dir, or pass overwrite=True to replace it "
+            "(nothing was overwritten)"
         )
+        raise bad("resume", str(resume), fix)
     return path, load_checkpoint(path, map_location=device)
 
 
 def _check_checkpoint(ckpt: dict, path: Path, config: TrainConfig, shape: tuple, model) -> None:
     check_resume_compatible(ckpt, path, config, shape, model)
     if ckpt["step"] > config.total_steps:
-        raise ValueError(
-            f"checkpoint {str(path)!r} is at step {ckpt['step']}, beyond "
-            f"total_steps={config.total_steps}; raise total_steps"
-        )
+        fix = f"checkpoint {str(path)!r} is at step {ckpt['step']}, beyond it; raise total_steps"
+        raise bad("total_steps", config.total_steps, fix, "TrainConfig")
     old = TrainConfig.from_dict(ckpt["config"]).to_dict()
     changed = [k for k, v in config.to_dict().items() if old[k] != v and k not in RUN_ONLY]
     if changed:
