@@ -1,4 +1,4 @@
-"""Consistency models: parametrization, iCT schedules, distances, and the CT / CD / OT / GC loss.
+"""Consistency models: parametrization, the method registry and the CT / CD / OT / GC loss.
 
 docs/paper.md sections 1-2. Time runs from data (``t_min``) to noise (``t_max``); a batch is
 ``(B, *dims)``, per-sample times ``(B,)``.
@@ -27,15 +27,8 @@ with ``sigma(t) = b(t) / a(t)``, and the PF-ODE of ``x`` maps to the PF-ODE of t
 For ``ve`` (``a = 1``, ``sigma = t``) this is exactly Eq. 3. At ``t = t_min``: ``c_skip = 1`` and
 ``c_out = 0`` exactly in floating point, so ``f(x, t_min) = x`` holds bit for bit.
 
-Schedules (docs/paper.md section 2): :func:`ict_curriculum` (number of grid points ``N(k)``),
-``processes.karras_grid`` (the grid), :func:`lognormal_index_probs`, :func:`sample_indices`,
-:func:`ict_weights`; an equally spaced grid (``processes.uniform_grid``) can be passed as
-``fixed_grid`` for the theory checks of section 3.
-
-Distances ``D(a, b)`` with the small-distance behaviour ``phi(u) ~ C u^alpha`` of Theorem 1:
-``squared_l2`` (alpha 2, C 1), ``pseudo_huber`` on the whole flattened vector (alpha 2,
-C 1 / (2c)), ``pseudo_huber_elementwise`` (summed per element; not a function of the norm),
-``l2_norm`` (alpha 1, C 1).
+The iCT schedules live in ``gcflows.schedules`` and the distances in ``gcflows.distances``;
+both are re-exported here (``from gcflows.consistency import pseudo_huber`` keeps working).
 
 Loss: :class:`ConsistencyObjective` (CT, CD, batch-OT, GC; docs/paper.md Eq. 4-6, 13-15, 21).
 """
@@ -53,8 +46,25 @@ from torch import Tensor, nn
 from gcflows import couplings, velocity
 from gcflows.checks import bad as bad_value
 from gcflows.checks import bad_tensor, batch_times, choice, finite, integer, probability, real
+from gcflows.distances import (
+    DISTANCES,
+    Distance,
+    default_huber_c,
+    get_distance,
+    l2_norm,
+    pseudo_huber,
+    pseudo_huber_elementwise,
+    squared_l2,
+)
 from gcflows.kernels import interpolate_pair
 from gcflows.processes import LinearProcess, Process, VEProcess, get_process, karras_grid
+from gcflows.schedules import (
+    check_grid,
+    ict_curriculum,
+    ict_weights,
+    lognormal_index_probs,
+    sample_indices,
+)
 
 __all__ = [
     "ConsistencyModel",
@@ -175,189 +185,6 @@ class ConsistencyModel(nn.Module):
                 f"backbone returned shape {tuple(out.shape)}, expected the input's {tuple(x.shape)}"
             )
         return c_skip.to(x.dtype).reshape(shape) * x + c_out.to(out.dtype).reshape(shape) * out
-
-
-# ================================================================================================
-# Schedules
-# ================================================================================================
-def ict_curriculum(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
-    """Number of grid **points** ``N(k)`` of the iCT curriculum at training step ``k``.
-
-    ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` with ``K' = floor(K / (log2 floor(s1 / s0) + 1))``
-    (docs/paper.md section 2, ``K = total_steps``). The grid has ``N(k)`` points and ``N(k) - 1``
-    intervals: ``processes.karras_grid(N(k) - 1, ...)``. ``K'`` is clamped to at least 1 so that
-    runs shorter than ``log2(s1 / s0) + 1`` steps still double once per step.
-    """
-    step = integer(step, "step", lo=0)
-    total_steps = integer(total_steps, "total_steps", lo=1)
-    s0 = integer(s0, "s0", lo=1)
-    s1 = integer(s1, "s1", lo=1)
-    if s0 > s1:
-        raise bad_value("s0", s0, f"need s0 <= s1 (s1={s1}): s0 is the initial number of intervals")
-    k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
-    doublings = min(step // k_prime, 64)  # 2^64 * s0 > any s1: the min below is reached
-    return min(s0 * 2**doublings, s1) + 1
-
-
-def _check_grid(grid: Tensor, name: str = "grid") -> Tensor:
-    if not torch.is_tensor(grid) or grid.dim() != 1 or grid.numel() < 2:
-        raise bad_tensor(grid, name, "use a 1-D tensor of at least 2 times")
-    finite(grid, name)
-    if not bool((grid[1:] > grid[:-1]).all()):
-        raise bad_value(name, grid, "use strictly increasing times (data first, noise last)")
-    return grid
-
-
-def lognormal_index_probs(grid: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
-    """Discretised lognormal over the intervals of ``grid`` ``(N+1,) -> (N,)`` (float64, sum 1).
-
-    ``p(i) ∝ erf((log s_{i+1} - Pm) / (sqrt2 Ps)) - erf((log s_i - Pm) / (sqrt2 Ps))``
-    (docs/paper.md section 2): the probability that ``log sigma ~ N(Pm, Ps^2)`` falls in
-    ``[s_i, s_{i+1})``, renormalised over the grid. Differences of ``erf`` near +1 are taken as
-    differences of ``erfc`` to avoid cancellation. ``grid``: positive, strictly increasing.
-    """
-    grid = _check_grid(grid).to(torch.float64)
-    if not bool((grid > 0).all()):
-        fix = "use positive times (the lognormal is over log sigma)"
-        raise bad_value("grid.min()", float(grid.min()), fix)
-    real(p_mean, "p_mean")
-    real(p_std, "p_std", lo_open=0.0)
-    u = (torch.log(grid) - p_mean) / (math.sqrt(2.0) * p_std)
-    lo, hi = u[:-1], u[1:]
-    upper = lo >= 0  # both arguments >= 0: erf(hi) - erf(lo) = erfc(lo) - erfc(hi)
-    mass = torch.where(upper, torch.erfc(lo) - torch.erfc(hi), torch.erf(hi) - torch.erf(lo))
-    total = mass.sum()
-    if not bool(total > 0):
-        fix = "the lognormal puts no mass on this grid; move p_mean into the grid's log range"
-        raise bad_value("p_mean", p_mean, fix)
-    return mass / total
-
-
-def sample_indices(probs: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """``n`` interval indices ``i ~ probs`` with replacement -> ``(n,)`` long.
-
-    Drawn on the generator's device (probs' device without one) and returned there.
-    """
-    n = integer(n, "n", lo=1)
-    if not torch.is_tensor(probs) or probs.dim() != 1 or probs.numel() < 1:
-        raise bad_tensor(probs, "probs", "use a non-empty 1-D tensor")
-    if bool((probs < 0).any()) or not bool(probs.sum() > 0):
-        raise bad_value("probs", probs, "use non-negative probabilities with a positive sum")
-    if generator is not None:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, n, replacement=True, generator=generator)
-
-
-def ict_weights(grid: Tensor) -> Tensor:
-    """``lambda_i = 1 / (s_{i+1} - s_i)`` ``(N+1,) -> (N,)`` (docs/paper.md section 2)."""
-    grid = _check_grid(grid)
-    return 1.0 / (grid[1:] - grid[:-1])
-
-
-# ================================================================================================
-# Distances
-# ================================================================================================
-def default_huber_c(dim: int) -> float:
-    """``c = 0.00054 sqrt(d)`` (iCT; docs/paper.md section 2) for ``d`` elements per sample."""
-    return 0.00054 * math.sqrt(integer(dim, "dim", lo=1))
-
-
-def _flat_diff(a: Tensor, b: Tensor) -> Tensor:
-    if a.shape != b.shape:
-        raise ValueError(f"distance needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dim() < 1:
-        raise bad_tensor(a, "a", "the distance needs batched inputs (B, *dims)")
-    return (a - b).reshape(a.shape[0], -1)
-
-
-def squared_l2(a: Tensor, b: Tensor) -> Tensor:
-    """``||a - b||^2`` per sample ``(B, *dims) -> (B,)``; ``phi(u) = u^2`` (alpha 2, C 1)."""
-    d = _flat_diff(a, b)
-    return (d * d).sum(1)
-
-
-def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
-    """``sqrt(||a - b||^2 + c^2) - c`` on the whole flattened vector ``-> (B,)``.
-
-    Evaluated as ``u^2 / (sqrt(u^2 + c^2) + c)`` (no cancellation at small ``u``);
-    ``phi(u) ~ u^2 / (2c)`` (alpha 2, C 1 / (2c)).
-    """
-    sq = squared_l2(a, b)
-    return sq / (torch.sqrt(sq + c * c) + c)
-
-
-def pseudo_huber_elementwise(a: Tensor, b: Tensor, c: float) -> Tensor:
-    """``sum_k (sqrt((a_k - b_k)^2 + c^2) - c)`` per sample ``-> (B,)``.
-
-    Not a function of ``||a - b||`` (so outside Theorem 1's ``phi(||.||)`` form); near 0 it
-    behaves like ``||a - b||^2 / (2c)``.
-    """
-    d = _flat_diff(a, b)
-    sq = d * d
-    return (sq / (torch.sqrt(sq + c * c) + c)).sum(1)
-
-
-def l2_norm(a: Tensor, b: Tensor) -> Tensor:
-    """``||a - b||`` per sample ``-> (B,)``; ``phi(u) = u`` (alpha 1, C 1). Subgradient 0 at 0."""
-    return torch.linalg.vector_norm(_flat_diff(a, b), dim=1)
-
-
-@dataclass(frozen=True)
-class Distance:
-    """A per-sample distance ``D(a, b) -> (B,)`` with ``phi(u) ~ C u^alpha`` as ``u -> 0``.
-
-    ``radial`` is True when ``D(a, b) = phi(||a - b||)`` (the form Theorem 1 assumes); ``c`` is the
-    pseudo-Huber constant (None otherwise).
-    """
-
-    name: str
-    alpha: float
-    C: float
-    radial: bool = True
-    c: float | None = None
-    fn: Callable[[Tensor, Tensor], Tensor] = field(default=squared_l2, repr=False, compare=False)
-
-    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.fn(a, b)
-
-
-DISTANCES = ("squared_l2", "pseudo_huber", "pseudo_huber_elementwise", "l2_norm")
-
-
-def get_distance(name: str | Distance, dim: int, *, c: float | None = None) -> Distance:
-    """Build a :class:`Distance` by name for samples of ``dim`` elements.
-
-    ``name`` in ``DISTANCES``; ``c`` (pseudo-Huber only) defaults to ``0.00054 sqrt(dim)`` for both
-    pseudo-Huber forms (so both share ``C = 1 / (2c)``). A ``Distance`` is returned unchanged.
-    """
-    if isinstance(name, Distance):
-        return name
-    choice(name, "distance", DISTANCES)
-    dim = integer(dim, "dim", lo=1)
-    if name == "squared_l2":
-        return Distance("squared_l2", 2.0, 1.0, True, None, squared_l2)
-    if name == "l2_norm":
-        return Distance("l2_norm", 1.0, 1.0, True, None, l2_norm)
-    c = default_huber_c(dim) if c is None else float(c)
-    if not (math.isfinite(c) and c > 0):
-        raise bad_value("c", c, "use a positive float (the pseudo-Huber constant)")
-    if name == "pseudo_huber":
-        return Distance("pseudo_huber", 2.0, 1.0 / (2.0 * c), True, c, _bind(pseudo_huber, c))
-    return Distance(
-        "pseudo_huber_elementwise",
-        2.0,
-        1.0 / (2.0 * c),
-        False,
-        c,
-        _bind(pseudo_huber_elementwise, c),
-    )
-
-
-def _bind(fn: Callable[[Tensor, Tensor, float], Tensor], c: float) -> Callable:
-    def bound(a: Tensor, b: Tensor) -> Tensor:
-        return fn(a, b, c)
-
-    return bound
 
 
 # ================================================================================================
@@ -653,7 +480,7 @@ class ObjectiveConfig:
         choice(self.cd_step, "cd_step", CD_STEPS, w)
         choice(self.index_probs, "index_probs", INDEX_PROBS, w)
         if self.fixed_grid is not None:
-            grid = _check_grid(torch.as_tensor(self.fixed_grid), "fixed_grid")
+            grid = check_grid(torch.as_tensor(self.fixed_grid), "fixed_grid")
             put("fixed_grid", grid.detach().to("cpu", torch.float64))
         elif self.total_steps is None and self.continuous is None:
             raise bad_value(

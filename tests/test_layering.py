@@ -35,6 +35,8 @@ LAYERS = {
     "networks": 3,
     "regression": 4,
     "consistency": 4,
+    "distances": 0,  # torch and checks only
+    "schedules": 0,
     "sampling": 5,
     "continuous": 5,
     "mixture_eval": 5,
