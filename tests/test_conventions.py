@@ -108,3 +108,15 @@ def test_converted_modules_keep_their_counts():
     assert not over, f"hand-written `raise ValueError(` came back (module: lines): {over}"
     for name in CONVERTED:
         assert (ROOT / name).is_file(), f"gcflows/{name} moved: update CONVERTED"
+
+
+def test_bad_tensor_names_the_shape_or_the_type_never_the_values():
+    import torch
+
+    from gcflows.checks import bad_tensor
+
+    err = bad_tensor(torch.full((4, 3), 7.25), "x", "use shape (B, 2)", "ToyMLP")
+    assert str(err) == "ToyMLP.x.shape=(4, 3) is invalid: use shape (B, 2)"
+    assert "7.25" not in str(err)
+    err = bad_tensor([1.0, 2.0], "noise", "pass a tensor")
+    assert str(err) == "type(noise)='list' is invalid: pass a tensor"
