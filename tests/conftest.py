@@ -1,8 +1,8 @@
 """Shared test settings (hypothesis profiles and markers) and the shared test builders.
 
-Builders: ``toy_model`` and ``toy_config`` are plain functions (tests import them with
-``from conftest import toy_model, toy_config``; pytest puts tests/ on ``sys.path``), so that
-module-level fixtures and helpers can call them with their own arguments.
+Builders: ``toy_model``, ``toy_config``, ``snapshot`` and ``free_port`` are plain functions (tests
+import them with ``from conftest import toy_model, toy_config``; pytest puts tests/ on
+``sys.path``), so that module-level fixtures and helpers can call them with their own arguments.
 
 Profiles: ``ci`` (default; few examples, no deadline, derandomized so CI is repeatable) and ``dev``
 (more examples). Select with ``HYPOTHESIS_PROFILE=dev``.
@@ -11,6 +11,7 @@ Profiles: ``ci`` (default; few examples, no deadline, derandomized so CI is repe
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,15 @@ def toy_config(out: Path | str | None, **kw) -> TrainConfig:
         out_dir=None if out is None else str(out),
     )
     return TrainConfig(**{**base, **kw})
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes); equal snapshots: nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for torchrun's --master_port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import snapshot, toy_model
 from conftest import toy_config as shared_toy_config
-from conftest import toy_model
 
 from gcflows.gmm import two_gaussians_1to2
 from gcflows.training import (
@@ -40,10 +40,6 @@ SHORT = dict(total_steps=8, log_every=1, checkpoint_every=3)
 
 def toy_config(out: Path | None, **kw) -> TrainConfig:
     return shared_toy_config(out, **{**SHORT, **kw})
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def flip(path: Path, offset: int, n: int = 1) -> None:

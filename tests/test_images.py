@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, snapshot
 
 from gcflows import evaluation
 from gcflows.data import load_digits
@@ -88,10 +88,6 @@ def tiny_run(tmp_path_factory) -> Path:
 def _losses(run: Path) -> list[tuple[int, float]]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [(rec["step"], rec["loss"]) for rec in map(json.loads, lines)]
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,7 +206,7 @@ def test_checkpoint_from_another_preset_or_coupling_raises_before_any_work(
 ):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    before = _snapshot(run)
+    before = snapshot(run)
     main = train_images.main
     argv = ["--preset", "digits_base", "--out", str(run), "--resume"]
     usage_error(capsys, main, argv, "written by preset 'digits_tiny'")
@@ -230,13 +226,7 @@ def test_checkpoint_from_another_preset_or_coupling_raises_before_any_work(
         str(run / "checkpoint.pt"),
     ]
     usage_error(capsys, main, argv, "preset")
-    assert _snapshot(run) == before and not new.exists()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert snapshot(run) == before and not new.exists()
 
 
 @pytest.mark.distributed
@@ -249,7 +239,7 @@ def test_train_images_under_torchrun_with_two_processes(tmp_path):
         "--nnodes=1",
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(ROOT / "experiments" / "train_images.py"),
         *TINY,
         "--coupling",
@@ -425,10 +415,10 @@ def test_resume_from_into_another_run_is_refused_unless_overwrite(tmp_path, tiny
     a = _copy_run(tiny_run, tmp_path / "a")
     b = _copy_run(tiny_run, tmp_path / "b")
     (b / "results.json").write_text('{"mine": true}\n')
-    before = _snapshot(b)
+    before = snapshot(b)
     argv = [*TINY, "--steps", "5", "--resume-from", str(a / "checkpoint.pt"), "--out", str(b)]
     usage_error(capsys, train_images.main, argv, "already holds another run.*--overwrite")
-    assert _snapshot(b) == before
+    assert snapshot(b) == before
     res = train_images.main([*argv, "--overwrite"])  # said explicitly: B is replaced
     assert res["step"] == 5 and res["resumed_from"] == str(a / "checkpoint.pt")
     assert [s for s, _ in _losses(b)] == [5]  # B's old lines are gone, not continued
@@ -437,10 +427,10 @@ def test_resume_from_into_another_run_is_refused_unless_overwrite(tmp_path, tiny
 
 def test_resume_of_a_finished_run_reports_it_and_changes_nothing(tmp_path, tiny_run, capsys):
     run = _copy_run(tiny_run, tmp_path / "run")
-    before = _snapshot(run)
+    before = snapshot(run)
     res = train_images.main([*TINY, "--steps", "4", "--out", str(run), "--resume"])
     assert "already at step 4" in capsys.readouterr().out
-    assert _snapshot(run) == before  # results.json untouched
+    assert snapshot(run) == before  # results.json untouched
     assert res["step"] == 4 and res["final_loss"] is not None
 
 
@@ -609,14 +599,14 @@ def test_a_folder_owned_by_a_live_process_is_refused_by_training_and_evaluation(
 
 def test_eval_images_never_writes_into_a_training_run(tmp_path, tiny_run, capsys):
     run = _copy_run(tiny_run, tmp_path / "run")
-    before = _snapshot(run)
+    before = snapshot(run)
     for folder in (run, tmp_path / "other_eval"):
         if folder != run:
             folder.mkdir()
             (folder / "results.json").write_text('{"an earlier evaluation": 1}\n')
         argv = [str(run / "checkpoint.pt"), "--n-samples", "8", "--out", str(folder)]
         usage_error(capsys, eval_images.main, argv, "already holds a run.*new --out")
-    assert _snapshot(run) == before  # config.json, results.json / .csv untouched
+    assert snapshot(run) == before  # config.json, results.json / .csv untouched
     assert (
         tmp_path / "other_eval" / "results.json"
     ).read_text() == '{"an earlier evaluation": 1}\n'
@@ -646,11 +636,11 @@ def test_resume_without_a_setting_that_defines_the_run_is_one_error_line(
 ):
     out = tmp_path / "run"
     train_images.main([*TINY, "--steps", "2", setting, "--out", str(out)])
-    before = _snapshot(out)
+    before = snapshot(out)
     argv = [*TINY, "--steps", "3", "--out", str(out), "--resume"]
     message = usage_error(capsys, train_images.main, argv, re.escape(f"pass {said}"))
     assert "defines the run" in message
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     res = train_images.main([*argv, setting])  # with it, the run continues
     assert res["step"] == 3
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gcflows.checks import bad, bad_tensor
 from gcflows.data import TensorSampler
 
 __all__ = ["DataSource"]
@@ -38,31 +39,29 @@ class DataSource:
             self.fn = source
             probe = source(2, torch.Generator().manual_seed(0))
             if not torch.is_tensor(probe) or probe.dim() < 2 or probe.shape[0] != 2:
-                got = getattr(probe, "shape", type(probe).__name__)
-                raise ValueError(
-                    "data_source(batch_size, generator) must return a tensor (batch_size, *dims); "
-                    f"for batch_size=2 it returned {got}"
-                )
+                fix = "data_source(batch_size, generator) must return a tensor (batch_size, *dims)"
+                raise bad_tensor(probe, "data_source(2, generator)", fix)
             self.shape = tuple(probe.shape[1:])
         else:
-            raise ValueError(
-                "data_source must be a tensor (N, *dims) or a callable (batch_size, generator) -> "
-                f"(batch_size, *dims), got {type(source).__name__}"
+            fix = (
+                "pass a tensor (N, *dims) or a callable (batch_size, generator) -> "
+                "(batch_size, *dims)"
             )
+            raise bad("type(data_source)", type(source).__name__, fix)
 
     def _from_tensor(self, source: Tensor, mode: str, batch_size: int, sampler_seed: int) -> None:
-        if source.dim() < 2 or source.shape[0] < 1 or not source.is_floating_point():
-            raise ValueError(
-                "data_source tensor must be floating point with shape (N, *dims), N >= 1, got "
-                f"{tuple(source.shape)} {source.dtype}"
-            )
+        if not source.is_floating_point():
+            raise bad("data_source.dtype", source.dtype, "use a floating-point tensor (N, *dims)")
+        if source.dim() < 2 or source.shape[0] < 1:
+            raise bad_tensor(source, "data_source", "use shape (N, *dims) with N >= 1")
         if not bool(torch.isfinite(source).all()):
             raise ValueError("data_source tensor contains NaN or inf; clean the data first")
         if mode == "epoch" and batch_size > source.shape[0]:
-            raise ValueError(
-                f"TrainConfig.batch_size={batch_size} exceeds the {source.shape[0]} rows of "
-                "the data tensor; lower batch_size or use data_sampling='replacement'"
+            fix = (
+                f"it exceeds the {source.shape[0]} rows of the data tensor; lower batch_size or "
+                "use data_sampling='replacement'"
             )
+            raise bad("batch_size", batch_size, fix, "TrainConfig")
         self.tensor = source.to(device=self.device, dtype=self.dtype)
         self.shape = tuple(source.shape[1:])
         if mode == "epoch":
@@ -78,10 +77,8 @@ class DataSource:
             return self.tensor[idx.to(self.device)]
         out = self.fn(batch, generator)
         if not torch.is_tensor(out) or tuple(out.shape) != (batch, *self.shape):
-            raise ValueError(
-                f"data_source returned shape {tuple(getattr(out, 'shape', ()))}, expected "
-                f"{(batch, *self.shape)}"
-            )
+            fix = f"data_source must return shape {(batch, *self.shape)} for this batch"
+            raise bad_tensor(out, "data_source(batch_size, generator)", fix)
         return out.to(device=self.device, dtype=self.dtype)
 
     def state_dict(self) -> dict[str, int] | None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from gcflows.atomic import atomic_write, fsync_dir
+from gcflows.checks import bad, choice
 from gcflows.training.config import TrainConfig, config_fingerprint, fingerprint_fields
 
 __all__ = [
@@ -185,7 +186,7 @@ def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
     if not path.is_file():
         if os.path.lexists(path):  # a folder, a link to nothing, a device...
             raise _corrupt(path, _not_a_file(path))
-        raise ValueError(f"checkpoint {str(path)!r} does not exist; check the path")
+        raise bad("path", str(path), "the checkpoint does not exist; check the path")
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as err:  # no read permission, an I/O error
@@ -238,8 +239,7 @@ def load_weights(
     """Load the ``"ema"`` (default) or ``"model"`` (online) weights of a checkpoint (a path,
     digest verified, or a dict from :func:`load_checkpoint`) into ``model`` (built as for
     training); returns the model. For evaluation scripts."""
-    if which not in ("ema", "model"):
-        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    choice(which, "which", ("ema", "model"))
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     state = ckpt[which]
     if which == "ema":
