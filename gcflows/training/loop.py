@@ -4,7 +4,10 @@ checkpoints until the end, a stop request or a signal.
 Step numbering: ``step`` counts completed optimiser steps (1 .. total_steps); the objective
 receives the 0-based index ``step - 1`` for the iCT curriculum, and the ``N`` logged is the
 number of grid intervals of that step. The loop seeds the global RNGs (dropout, python, numpy)
-from the run's seed and hands the caller's states back when it returns.
+from the run's seed and hands the caller's states back when it returns. Under ``torchrun`` it joins
+the process group when none exists and leaves it again on return (a group the caller created is
+used and left alone); it claims ``out_dir`` for its lifetime (docs/reliability.md). Nothing else
+global is changed: signal handlers are restored, the thread count is the caller's.
 
 Interrupts: SIGINT / SIGTERM (in the main thread) let the current step finish, write a
 checkpoint (when the run has an ``out_dir``) and raise :class:`TrainingInterrupted` (exit code
