@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from gcflows.ensemble import Ensemble, EnsembleSpec, train_ensemble
+from gcflows import mixture_eval as me
+from gcflows.ensemble import EnsembleSpec, train_ensemble
 from gcflows.gmm import GaussianMixture, get_preset
 from gcflows.highdim_proxy import (
     BIG_D_TARGETS,
@@ -72,9 +73,6 @@ from gcflows.records import (
 )
 from gcflows.regression import RegressorConfig
 
-T_MAX = 80.0
-TWO_STEP_T = 0.8
-EVAL_TIMES = (0.05, 0.2, 1.0, 5.0, 20.0, 80.0)
 METHODS = {
     # name: (method, mu, gc_model)
     "cd": ("cd", 0.0, "ema"),
@@ -291,72 +289,18 @@ def sigma_data(target: GaussianMixture) -> float:
     return math.sqrt(var)
 
 
-def eval_set(target: GaussianMixture, n: int, ideal_steps: int) -> dict:
-    """``x_t`` (IC) at ``EVAL_TIMES`` and its exact flow map (RK4, 48 steps)."""
-    g = torch.Generator().manual_seed(12345)
-    out = {}
-    for t in EVAL_TIMES:
-        data = target.sample(n, generator=g)
-        x = data + t * torch.randn(data.shape, generator=g, dtype=data.dtype)
-        out[t] = (x.float(), target.flow_map(x, t, "ve", method="rk4", steps=48).float())
-    return out
-
-
-def consistency_errors(ens: Ensemble, ev: dict, weights=None) -> torch.Tensor:
-    """``(S, len(EVAL_TIMES))`` mean ``||f(x_t, t) - fo(x_t, t)||^2 / d``."""
-    s = len(ens.seeds)
-    cols = []
-    with torch.no_grad():
-        for t, (x, ref) in ev.items():
-            xs = x.expand(s, *x.shape)
-            ts = torch.full((s, x.shape[0]), t)
-            f = ens.apply(xs, ts, weights)
-            cols.append(((f - ref) ** 2).sum(-1).mean(-1) / x.shape[1])
-    return torch.stack(cols, 1)
-
-
-def samples(ens: Ensemble, n: int, two_step: bool, g: torch.Generator) -> torch.Tensor:
-    s, d = len(ens.seeds), ens.dim
-    z = torch.randn(s, n, d, generator=g)
-    with torch.no_grad():
-        x = ens.apply(T_MAX * z, torch.full((s, n), T_MAX))
-        if two_step:
-            z2 = torch.randn(s, n, d, generator=g)
-            x = ens.apply(x + TWO_STEP_T * z2, torch.full((s, n), TWO_STEP_T))
-    return x.detach()
+# the script's names of gcflows.mixture_eval.sample_metrics' keys (results.csv columns)
+METRIC_NAMES = {
+    "mode_tv": "mode_tv",
+    "mean_err": "mean_err_per_d",
+    "cov_err": "cov_rel_err",
+    "sw2": "sw2",
+}
 
 
 def sample_metrics(target: GaussianMixture, x: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Exact-oracle metrics of one seed's samples ``x (n, d)``."""
-    x64 = x.double()
-    d = target.dim
-    comp = target.responsibilities(x64, target_tmin(), "ve").argmax(1)
-    k = target.n_components
-    mass = torch.bincount(comp, minlength=k).double() / x.shape[0]
-    tv = 0.5 * float((mass - target.weights).abs().sum())
-    means, covs, w = target.means, target.covariances, target.weights
-    mean_err, cov_err, wsum = 0.0, 0.0, 0.0
-    for j in range(k):
-        xj = x64[comp == j]
-        if xj.shape[0] < 2:
-            continue
-        mean_err += float(w[j]) * float(((xj.mean(0) - means[j]) ** 2).sum()) / d
-        c = torch.cov(xj.T)
-        cov_err += float(w[j]) * float((c - covs[j]).norm() / covs[j].norm())
-        wsum += float(w[j])
-    sw = sliced_w2(x64, ref, n_projections=128, generator=torch.Generator().manual_seed(7))
-    return dict(
-        mode_tv=tv,
-        mean_err_per_d=mean_err / max(wsum, 1e-12),
-        cov_rel_err=cov_err / max(wsum, 1e-12),
-        sw2=sw,
-    )
-
-
-def target_tmin() -> float:
-    from gcflows.processes import get_process
-
-    return get_process("ve").t_min
+    """Exact-oracle metrics of one seed's samples ``x (n, d)`` (``gcflows.mixture_eval``)."""
+    return {METRIC_NAMES[k]: v for k, v in me.sample_metrics(target, x, ref).items()}
 
 
 def paired(values: dict[str, np.ndarray], base: str = "ct") -> dict[str, tuple]:
@@ -380,7 +324,9 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
     targets = list(cfg["train_targets"]) + (["random_256"] if args.train_256 else [])
     for tname in targets:
         target = get_preset(tname)
-        ev = eval_set(target, cfg["n_eval"], cfg["ideal_steps"])
+        # x_t at EVAL_TIMES and their exact flow maps (RK4, 48 steps); the sliced-W2 reference
+        # from its own seed
+        ev = me.make_eval_set(target, n_flow=cfg["n_eval"], n_ref=2)
         ref = target.sample(cfg["n_samples"], generator=torch.Generator().manual_seed(99)).float()
         per_metric: dict[str, dict[str, np.ndarray]] = {}
         curves[tname] = {}
@@ -401,8 +347,10 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
             snaps = {}
 
             def callback(step, ens, curve=curve, snaps=snaps, mname=mname, ev=ev, ref=ref):
-                ce = consistency_errors(ens, ev).mean(1)
-                x1 = samples(ens, cfg["n_samples"] // 4, False, torch.Generator().manual_seed(5))
+                s = len(ens.seeds)
+                ce = me.consistency_error(ens.apply, s, ev).mean(1)
+                g = torch.Generator().manual_seed(5)
+                x1 = me.samples(ens.apply, s, ens.dim, cfg["n_samples"] // 4, 1, g)
                 sw = [
                     sliced_w2(x1[i].double(), ref.double(), 64, torch.Generator().manual_seed(7))
                     for i in range(len(ens.seeds))
@@ -417,12 +365,12 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
             curves[tname][mname] = curve
             if snaps:
                 trained_gc[tname] = (ens, snaps)
-            ce = consistency_errors(ens, ev)
+            ce = me.consistency_error(ens.apply, len(seeds), ev)
             g = torch.Generator().manual_seed(11)
-            one, two = (
-                samples(ens, cfg["n_samples"], False, g),
-                samples(ens, cfg["n_samples"], True, g),
-            )
+            # one-step then two-step samples, both from g
+            one, two = [
+                me.samples(ens.apply, len(seeds), ens.dim, cfg["n_samples"], k, g) for k in (1, 2)
+            ]
             costs = torch.stack(ens.pair_costs)  # (steps, S)
             late = costs[-max(1, args.steps // 4) :].mean(0) / target.dim
             for i, seed in enumerate(seeds):
@@ -434,7 +382,7 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
                     method=mname,
                     seed=seed,
                     cons_err=float(ce[i].mean()),
-                    **{f"cons_err_t{t:g}": float(ce[i, j]) for j, t in enumerate(EVAL_TIMES)},
+                    **{f"cons_err_t{t:g}": float(ce[i, j]) for j, t in enumerate(me.EVAL_TIMES)},
                     **{f"{k}_1step": v for k, v in m1.items()},
                     **{f"{k}_2step": v for k, v in m2.items()},
                     pair_cost_per_d=float(late[i]),
