@@ -223,7 +223,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"n-pairs one by more than this share is marked not converged ({CONV_TOL})",
     )
     args = p.parse_args(argv)
-    # validate everything before a run folder exists
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the --quick defaults and validate everything before a run folder exists (exit 2)."""
     if args.seeds is None:
         args.seeds = 3 if args.quick else 10
     if args.steps is None:
@@ -278,7 +283,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_writable(out)
     except ValueError as err:
         p.error(f"--out={args.out} is invalid: {err}")
-    return args
 
 
 # ------------------------------------------------------------------------------------------------
