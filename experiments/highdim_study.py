@@ -49,13 +49,21 @@ import numpy as np
 import torch
 from scipy import stats
 
-from gcflows import couplings
-from gcflows.data import load_digits
-from gcflows.discrepancy import ic_proxy
-from gcflows.ensemble import Ensemble, EnsembleSpec, train_ensemble
+from gcflows import mixture_eval as me
+from gcflows.ensemble import EnsembleSpec, train_ensemble
 from gcflows.gmm import GaussianMixture, get_preset
+from gcflows.highdim_proxy import (
+    BIG_D_TARGETS,
+    estimate,
+    make_sampler,
+    ordering_verdicts,
+    proxy_couplings,
+    proxy_part,
+    proxy_rows,
+    target_verdict,
+)
 from gcflows.metrics import sliced_w2
-from gcflows.progress import JobPool, Progress
+from gcflows.progress import Progress
 from gcflows.records import (
     check_writable,
     make_run_dir,
@@ -63,16 +71,8 @@ from gcflows.records import (
     write_config,
     write_results,
 )
-from gcflows.regression import (
-    RegressorConfig,
-    estimate_proxy,
-    gaussian_gc_proxy,
-    linear_proxy,
-)
+from gcflows.regression import RegressorConfig
 
-T_MAX = 80.0
-TWO_STEP_T = 0.8
-EVAL_TIMES = (0.05, 0.2, 1.0, 5.0, 20.0, 80.0)
 METHODS = {
     # name: (method, mu, gc_model)
     "cd": ("cd", 0.0, "ema"),
@@ -93,8 +93,6 @@ METHODS = {
 PROXY_TIMES = [0.05, 0.2, 0.5, 1.0, 2.0, 10.0]
 ALL_COUPLINGS = ["ic", "ot512", "ot2048", "gc1-ideal", "gc0.5-ideal"]
 PROXY_TARGETS = ["random_16", "random_64", "random_256", "digits_mixture", "digits"]
-# only with --full, and there with fewer couplings and pairs (cost ~ d)
-BIG_D_TARGETS = ["random_3072"]
 # the regressor of the proxy (gcflows.regression.RegressorConfig); quick: a smoke-sized fit
 # per-time fits: one network per time, each from its own stream (a time's estimate does not
 # depend on the pairs of another time; gcflows.regression.estimate_proxy, Streams)
@@ -102,8 +100,6 @@ REGRESSOR = dict(per_time=True, hidden=128, depth=2, dropout=0.0, batch=512, max
 QUICK_REGRESSOR = dict(per_time=True, hidden=32, max_steps=60, eval_every=20, patience=3)
 # a point is "converged" when its n/2-pairs estimate is within this share of its n-pairs one
 CONV_TOL = 0.05
-# references need the mixture's modes not to mix at t: mean (1 - max responsibility) below this
-NON_MIXING = 1e-4
 
 
 def settings(quick: bool, full: bool = False) -> dict:
@@ -227,7 +223,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"n-pairs one by more than this share is marked not converged ({CONV_TOL})",
     )
     args = p.parse_args(argv)
-    # validate everything before a run folder exists
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the --quick defaults and validate everything before a run folder exists (exit 2)."""
     if args.seeds is None:
         args.seeds = 3 if args.quick else 10
     if args.steps is None:
@@ -282,328 +283,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_writable(out)
     except ValueError as err:
         p.error(f"--out={args.out} is invalid: {err}")
-    return args
-
-
-# ------------------------------------------------------------------------------------------------
-# part 1: the proxy
-# ------------------------------------------------------------------------------------------------
-def _real_digits() -> torch.Tensor:
-    images, _ = load_digits("all", dtype=torch.float64)
-    return images.reshape(images.shape[0], -1)
-
-
-def _data_sampler(target):
-    """``(n, generator) -> data (n, d)`` float64 for a mixture or the real digits (resampled)."""
-    if isinstance(target, GaussianMixture):
-        return lambda n, g: target.sample(n, generator=g)
-    return lambda n, g: target[torch.randint(0, target.shape[0], (n,), generator=g)]
-
-
-def make_sampler(name: str, target, ideal_steps: int, gc_model=None):
-    """The pairs ``(x_t, noise)`` of a coupling at time ``t`` (ve)."""
-    draw = _data_sampler(target)
-
-    def ic(t, n, g):
-        data = draw(n, g)
-        noise = torch.randn(data.shape, generator=g, dtype=data.dtype)
-        return data + t * noise, noise
-
-    def ot(batch):
-        def sampler(t, n, g):
-            xs, zs = [], []
-            for _ in range(math.ceil(n / batch)):
-                data = draw(batch, g)
-                noise = torch.randn(data.shape, generator=g, dtype=data.dtype)
-                # the assignment on the float32 cost matrix (exact for it; about 25 % faster)
-                perm = couplings.ot_coupling(data.float(), noise.float()).permutation
-                noise = noise[perm]
-                xs.append(data + t * noise)
-                zs.append(noise)
-            return torch.cat(xs)[:n], torch.cat(zs)[:n]
-
-        return sampler
-
-    def gc(mu, model):
-        def sampler(t, n, g):
-            data = draw(n, g)
-            noise = torch.randn(data.shape, generator=g, dtype=data.dtype)
-            mask = torch.rand(n, generator=g) < mu
-            if bool(mask.any()):
-                x_t = data[mask] + t * noise[mask]
-                data = data.clone()
-                data[mask] = model(x_t, torch.full((x_t.shape[0],), t, dtype=x_t.dtype))
-            return data + t * noise, noise
-
-        return sampler
-
-    if name == "ic":
-        return ic
-    if name.startswith("ot"):
-        return ot(int(name[2:]))
-    mu = float(name[2:].split("-")[0])
-    if name.endswith("-ideal"):
-        return gc(mu, lambda x, t: target.flow_map(x, t, "ve", method="rk4", steps=ideal_steps))
-    return gc(mu, gc_model)
-
-
-EXACT_DRAWS = 4096  # x_t draws of the exact IC reference per time
-
-
-def _estimate(cfg: dict, sampler, n_train, n_test: int):
-    """The proxy of one coupling with the design's regressor (same seed for every coupling), with
-    its n/2-pairs estimate (convergence margin)."""
-    return estimate_proxy(
-        sampler,
-        cfg["proxy_times"],
-        n_train=n_train,
-        n_test=n_test,
-        config=RegressorConfig(**cfg["regressor"]),
-        product=cfg["estimator"] == "product",
-        convergence=True,
-        tolerance=cfg["conv_tol"],
-        generator=torch.Generator().manual_seed(cfg["reg_seed"]),
-    )
-
-
-def _proxy_rows(tname: str, dim: int, cname: str, est, wall: float) -> list[dict]:
-    return [
-        dict(
-            part="proxy",
-            target=tname,
-            d=dim,
-            coupling=cname,
-            t=t,
-            proxy_per_d=v / dim,
-            half_width_per_d=h / dim,
-            half_pairs_per_d=vh / dim,
-            margin_per_d=mg / dim,
-            converged=ok,
-            n_train=n,
-            reg_steps=k,
-            reg_capped=c,
-            fit_s=round(wall, 1),
-        )
-        for t, v, h, vh, mg, ok, n, k, c in zip(
-            est.times,
-            est.value,
-            est.half_width,
-            est.value_half,
-            est.margin,
-            est.converged,
-            est.n_train,
-            est.steps,
-            est.capped,
-            strict=True,
-        )
-    ]
-
-
-def proxy_couplings(cfg: dict, tname: str) -> list[str]:
-    """The couplings estimated on one target."""
-    names = list(cfg["couplings"])
-    if tname == "digits":  # no exact oracle, no ideal generator
-        return [c for c in names if not c.startswith("gc")]
-    if tname in BIG_D_TARGETS:  # 3072-D (--full): fewer couplings and pairs (cost ~ d)
-        return [c for c in names if c in ("ic", "ot512", "gc1-ideal")]
-    return names
-
-
-def non_mixing(target: GaussianMixture, t: float) -> bool:
-    """True where the modes do not mix at ``t`` (IC ``x_t``: mean ``1 - max_k r_k < NON_MIXING``);
-    there each component is its own Gaussian problem and the closed forms apply."""
-    g = torch.Generator().manual_seed(3)
-    x = target.sample(4096, generator=g)
-    x = x + t * torch.randn(x.shape, generator=g, dtype=x.dtype)
-    r = target.responsibilities(x, t, "ve")
-    return float((1 - r.max(1).values).mean()) < NON_MIXING
-
-
-def linear_reference(target: GaussianMixture, sampler, t: float, n: int) -> tuple[float, float]:
-    """Per-component least squares of the noise on ``x_t`` (component = the most likely one given
-    ``x_t``) on ``n`` pairs: ``gcflows.regression.linear_proxy``. Exact (up to ``n``) where the
-    pairs are jointly Gaussian within a component (IC, GC mu = 1 at non-mixing times), an upper
-    bound otherwise (batch-OT, GC mu < 1)."""
-    n = max(n, 16 * (target.dim + 1) * target.n_components)
-    x, z = sampler(t, n, torch.Generator().manual_seed(17))
-    labels = target.responsibilities(x, t, "ve").argmax(1)
-    return linear_proxy(x, z, labels)
-
-
-def closed_form(target: GaussianMixture, cname: str, t: float) -> tuple[float, float] | None:
-    """GC with the ideal generator on a mixture of isotropic components at a non-mixing ``t``:
-    the weighted per-component value of ``gcflows.regression.gaussian_gc_proxy``, else None."""
-    stds = target.stds
-    if not cname.endswith("-ideal") or stds is None or stds.dim() != 1:
-        return None
-    mu = float(cname[2:].split("-")[0])
-    value, var = 0.0, 0.0
-    for w, s in zip(target.weights.tolist(), stds.tolist(), strict=True):
-        v, h = gaussian_gc_proxy(
-            s * s, target.dim, t, mu, generator=torch.Generator().manual_seed(5)
-        )
-        value, var = value + w * v, var + (w * h) ** 2
-    return value, math.sqrt(var)
-
-
-def references(target, tname: str, cname: str, sampler, est, cfg: dict) -> list[dict]:
-    """The validation rows of one coupling: per time with a reference, the estimate against it.
-
-    References: IC, exact (Monte Carlo of the posterior trace) at every t; at non-mixing times,
-    GC with the ideal generator on isotropic components in closed form, and for every coupling the
-    per-component least-squares value (exact for IC and GC mu = 1, an upper bound for batch-OT
-    and GC mu < 1; the digits mixture's GC mu = 1 reference is this one).
-    """
-    if tname == "digits":
-        return []
-    dim = target.dim
-    rows = []
-    g = torch.Generator().manual_seed(2)
-    for i, t in enumerate(est.times):
-        ref, ref_hw, kind = None, None, None
-        lin = lin_hw = None
-        if cname == "ic":
-            exact_ic = ic_proxy(target, "ve", t, n_samples=EXACT_DRAWS, generator=g)
-            ref, ref_hw = exact_ic.mean, exact_ic.half_width
-            kind = "exact"
-        if non_mixing(target, t):
-            lin, lin_hw = linear_reference(target, sampler, t, cfg["ref_pairs"])
-            cf = closed_form(target, cname, t)
-            if cf is not None:
-                (ref, ref_hw), kind = cf, "closed form"
-            elif ref is None:
-                exact = cname == "gc1-ideal"
-                ref, ref_hw = lin, lin_hw
-                kind = "least squares" if exact else "least-squares bound"
-        if ref is None:
-            continue
-        v, m = est.value[i], est.margin[i]
-        rows.append(
-            dict(
-                target=tname,
-                d=dim,
-                coupling=cname,
-                t=t,
-                estimate_per_d=v / dim,
-                estimate_hw_per_d=est.half_width[i] / dim,
-                reference_per_d=ref / dim,
-                reference_hw_per_d=ref_hw / dim,
-                reference=kind,
-                rel_bias=(v - ref) / ref,
-                rel_margin=m / v,
-                converged=est.converged[i],
-                linear_per_d=None if lin is None else lin / dim,
-                linear_hw_per_d=None if lin_hw is None else lin_hw / dim,
-                reg_steps=est.steps[i],
-                reg_capped=est.capped[i],
-            )
-        )
-    return rows
-
-
-def proxy_job(job: dict) -> dict:
-    """One (target, coupling) of the proxy part: estimate and references (a worker's job)."""
-    torch.set_num_threads(job["threads"])
-    cfg, tname, cname = job["cfg"], job["target"], job["coupling"]
-    target = _real_digits() if tname == "digits" else get_preset(tname)
-    dim = target.shape[1] if tname == "digits" else target.dim
-    n_train = cfg["big_d_pairs"] if tname in BIG_D_TARGETS else cfg["n_train"]
-    t0 = time.perf_counter()
-    sampler = make_sampler(cname, target, cfg["ideal_steps"])
-    est = _estimate(cfg, sampler, n_train, cfg["n_test"])
-    fit_s = time.perf_counter() - t0
-    validation = references(target, tname, cname, sampler, est, cfg)
-    return dict(
-        curve=est.as_dict(),
-        rows=_proxy_rows(tname, dim, cname, est, fit_s),
-        validation=validation,
-        seconds=time.perf_counter() - t0,
-    )
-
-
-def proxy_part(
-    cfg: dict, bar, workers: int = 1, threads: int = 1, on_job=None
-) -> tuple[list, list, dict]:
-    """Every (target, coupling) job, in ``workers`` processes; results in the jobs' order.
-    ``on_job(rows, validation, curves)`` gets the results so far after each finished job."""
-    jobs = [
-        dict(cfg=cfg, target=tname, coupling=cname, threads=threads)
-        for tname in cfg["proxy_targets"]
-        for cname in proxy_couplings(cfg, tname)
-    ]
-    done = {}
-
-    def collect() -> tuple[list, list, dict]:
-        rows, validation, curves = [], [], {}
-        for job in jobs:
-            res = done.get(f"proxy {job['target']} {job['coupling']}")
-            if res is None:
-                continue
-            curves.setdefault(job["target"], {})[job["coupling"]] = res["curve"]
-            rows += res["rows"]
-            validation += res["validation"]
-        return rows, validation, curves
-
-    with JobPool(proxy_job, workers, bar) as pool:
-        for job in jobs:
-            pool.submit(job, f"proxy {job['target']} {job['coupling']}")
-        for label, res in pool.results():
-            done[label] = res
-            if on_job is not None:
-                on_job(*collect())
-    return collect()
-
-
-def _interval(est: dict, i: int) -> tuple[float, float]:
-    """``value -+ (half_width + margin)``: the sampling half-width and the convergence margin."""
-    v = est["value"][i]
-    margin = est["margin"][i] if est.get("margin") else 0.0
-    w = est["half_width"][i] + margin
-    return v - w, v + w
-
-
-def ordering_verdicts(curves: dict, times: list[float]) -> list[dict]:
-    """Per target and t: the coupling order (lowest R~ first; ``<`` where the intervals including
-    the convergence margin separate, ``~`` where they do not) and the paper's claim."""
-    out = []
-    for tname, per in curves.items():
-        gc_name = "gc1-ideal" if "gc1-ideal" in per else None
-        for i, t in enumerate(times):
-            have = [c for c in per if i < len(per[c]["value"])]
-            span = {c: _interval(per[c], i) for c in have}
-            order = sorted(have, key=lambda c: per[c]["value"][i])
-            text = order[0] if order else ""
-            for a, b in zip(order, order[1:], strict=False):
-                text += (" < " if span[a][1] < span[b][0] else " ~ ") + b
-            row = dict(target=tname, t=t, order=text)
-            if gc_name and "ot512" in span and "ic" in span:
-                gc_ot = span[gc_name][1] < span["ot512"][0]
-                ot_ic = span["ot512"][1] < span["ic"][0]
-                row["gc<ot<ic"] = bool(gc_ot and ot_ic)
-                row["gc/ic"] = per[gc_name]["value"][i] / per["ic"]["value"][i]
-                row["ot/ic"] = per["ot512"]["value"][i] / per["ic"]["value"][i]
-            out.append(row)
-    return out
-
-
-def target_verdict(order_rows: list[dict]) -> list[dict]:
-    out = []
-    for tname in dict.fromkeys(r["target"] for r in order_rows):
-        rs = [r for r in order_rows if r["target"] == tname and "gc<ot<ic" in r]
-        if not rs:
-            out.append(dict(target=tname, verdict="not testable (no GC oracle)", held=None))
-            continue
-        held = sum(r["gc<ot<ic"] for r in rs)
-        gap = [1 - r["gc/ic"] for r in rs]
-        growing = all(b >= a - 0.02 for a, b in zip(gap, gap[1:], strict=False))
-        if held == len(rs):
-            verdict = "confirmed" + (" (gap growing with t)" if growing else " (gap not monotone)")
-        elif held == 0:
-            verdict = "refuted at every t"
-        else:
-            verdict = f"holds at {held} of {len(rs)} times"
-        out.append(dict(target=tname, verdict=verdict, held=held, of=len(rs)))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -614,72 +293,18 @@ def sigma_data(target: GaussianMixture) -> float:
     return math.sqrt(var)
 
 
-def eval_set(target: GaussianMixture, n: int, ideal_steps: int) -> dict:
-    """``x_t`` (IC) at ``EVAL_TIMES`` and its exact flow map (RK4, 48 steps)."""
-    g = torch.Generator().manual_seed(12345)
-    out = {}
-    for t in EVAL_TIMES:
-        data = target.sample(n, generator=g)
-        x = data + t * torch.randn(data.shape, generator=g, dtype=data.dtype)
-        out[t] = (x.float(), target.flow_map(x, t, "ve", method="rk4", steps=48).float())
-    return out
-
-
-def consistency_errors(ens: Ensemble, ev: dict, weights=None) -> torch.Tensor:
-    """``(S, len(EVAL_TIMES))`` mean ``||f(x_t, t) - fo(x_t, t)||^2 / d``."""
-    s = len(ens.seeds)
-    cols = []
-    with torch.no_grad():
-        for t, (x, ref) in ev.items():
-            xs = x.expand(s, *x.shape)
-            ts = torch.full((s, x.shape[0]), t)
-            f = ens.apply(xs, ts, weights)
-            cols.append(((f - ref) ** 2).sum(-1).mean(-1) / x.shape[1])
-    return torch.stack(cols, 1)
-
-
-def samples(ens: Ensemble, n: int, two_step: bool, g: torch.Generator) -> torch.Tensor:
-    s, d = len(ens.seeds), ens.dim
-    z = torch.randn(s, n, d, generator=g)
-    with torch.no_grad():
-        x = ens.apply(T_MAX * z, torch.full((s, n), T_MAX))
-        if two_step:
-            z2 = torch.randn(s, n, d, generator=g)
-            x = ens.apply(x + TWO_STEP_T * z2, torch.full((s, n), TWO_STEP_T))
-    return x.detach()
+# the script's names of gcflows.mixture_eval.sample_metrics' keys (results.csv columns)
+METRIC_NAMES = {
+    "mode_tv": "mode_tv",
+    "mean_err": "mean_err_per_d",
+    "cov_err": "cov_rel_err",
+    "sw2": "sw2",
+}
 
 
 def sample_metrics(target: GaussianMixture, x: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Exact-oracle metrics of one seed's samples ``x (n, d)``."""
-    x64 = x.double()
-    d = target.dim
-    comp = target.responsibilities(x64, target_tmin(), "ve").argmax(1)
-    k = target.n_components
-    mass = torch.bincount(comp, minlength=k).double() / x.shape[0]
-    tv = 0.5 * float((mass - target.weights).abs().sum())
-    means, covs, w = target.means, target.covariances, target.weights
-    mean_err, cov_err, wsum = 0.0, 0.0, 0.0
-    for j in range(k):
-        xj = x64[comp == j]
-        if xj.shape[0] < 2:
-            continue
-        mean_err += float(w[j]) * float(((xj.mean(0) - means[j]) ** 2).sum()) / d
-        c = torch.cov(xj.T)
-        cov_err += float(w[j]) * float((c - covs[j]).norm() / covs[j].norm())
-        wsum += float(w[j])
-    sw = sliced_w2(x64, ref, n_projections=128, generator=torch.Generator().manual_seed(7))
-    return dict(
-        mode_tv=tv,
-        mean_err_per_d=mean_err / max(wsum, 1e-12),
-        cov_rel_err=cov_err / max(wsum, 1e-12),
-        sw2=sw,
-    )
-
-
-def target_tmin() -> float:
-    from gcflows.processes import get_process
-
-    return get_process("ve").t_min
+    """Exact-oracle metrics of one seed's samples ``x (n, d)`` (``gcflows.mixture_eval``)."""
+    return {METRIC_NAMES[k]: v for k, v in me.sample_metrics(target, x, ref).items()}
 
 
 def paired(values: dict[str, np.ndarray], base: str = "ct") -> dict[str, tuple]:
@@ -703,7 +328,9 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
     targets = list(cfg["train_targets"]) + (["random_256"] if args.train_256 else [])
     for tname in targets:
         target = get_preset(tname)
-        ev = eval_set(target, cfg["n_eval"], cfg["ideal_steps"])
+        # x_t at EVAL_TIMES and their exact flow maps (RK4, 48 steps); the sliced-W2 reference
+        # from its own seed
+        ev = me.make_eval_set(target, n_flow=cfg["n_eval"], n_ref=2)
         ref = target.sample(cfg["n_samples"], generator=torch.Generator().manual_seed(99)).float()
         per_metric: dict[str, dict[str, np.ndarray]] = {}
         curves[tname] = {}
@@ -724,8 +351,10 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
             snaps = {}
 
             def callback(step, ens, curve=curve, snaps=snaps, mname=mname, ev=ev, ref=ref):
-                ce = consistency_errors(ens, ev).mean(1)
-                x1 = samples(ens, cfg["n_samples"] // 4, False, torch.Generator().manual_seed(5))
+                s = len(ens.seeds)
+                ce = me.consistency_error(ens.apply, s, ev).mean(1)
+                g = torch.Generator().manual_seed(5)
+                x1 = me.samples(ens.apply, s, ens.dim, cfg["n_samples"] // 4, 1, g)
                 sw = [
                     sliced_w2(x1[i].double(), ref.double(), 64, torch.Generator().manual_seed(7))
                     for i in range(len(ens.seeds))
@@ -740,12 +369,12 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
             curves[tname][mname] = curve
             if snaps:
                 trained_gc[tname] = (ens, snaps)
-            ce = consistency_errors(ens, ev)
+            ce = me.consistency_error(ens.apply, len(seeds), ev)
             g = torch.Generator().manual_seed(11)
-            one, two = (
-                samples(ens, cfg["n_samples"], False, g),
-                samples(ens, cfg["n_samples"], True, g),
-            )
+            # one-step then two-step samples, both from g
+            one, two = [
+                me.samples(ens.apply, len(seeds), ens.dim, cfg["n_samples"], k, g) for k in (1, 2)
+            ]
             costs = torch.stack(ens.pair_costs)  # (steps, S)
             late = costs[-max(1, args.steps // 4) :].mean(0) / target.dim
             for i, seed in enumerate(seeds):
@@ -757,7 +386,7 @@ def train_part(cfg: dict, args, bar) -> tuple[list[dict], dict, dict]:
                     method=mname,
                     seed=seed,
                     cons_err=float(ce[i].mean()),
-                    **{f"cons_err_t{t:g}": float(ce[i, j]) for j, t in enumerate(EVAL_TIMES)},
+                    **{f"cons_err_t{t:g}": float(ce[i, j]) for j, t in enumerate(me.EVAL_TIMES)},
                     **{f"{k}_1step": v for k, v in m1.items()},
                     **{f"{k}_2step": v for k, v in m2.items()},
                     pair_cost_per_d=float(late[i]),
@@ -804,10 +433,10 @@ def trained_gc_proxy(cfg: dict, trained: dict, bar) -> tuple[list[dict], dict]:
 
             t0 = time.perf_counter()
             sampler = make_sampler("gc1", target, cfg["ideal_steps"], gc_model)
-            est = _estimate(cfg, sampler, cfg["n_train"], cfg["n_test"])
+            est = estimate(cfg, sampler, cfg["n_train"], cfg["n_test"])
             name = f"gc1-trained@{step}"
             curves.setdefault(tname, {})[name] = est.as_dict()
-            rows += _proxy_rows(tname, target.dim, name, est, time.perf_counter() - t0)
+            rows += proxy_rows(tname, target.dim, name, est, time.perf_counter() - t0)
             bar.done(f"proxy {tname} {name}", time.perf_counter() - t0)
     return rows, curves
 

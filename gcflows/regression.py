@@ -339,19 +339,11 @@ def _diverged(t: float, value: float, zero: float, cfg: RegressorConfig) -> Valu
     )
 
 
-def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorConfig, gen) -> _Fit:
-    """Fit one network on the pairs ``(xs[i], zs[i])`` at ``times[i]`` (float32, ``(n_i, d)``).
-
-    Objective over the ``T`` times: ``sum_j log L_j`` (``L_j`` the mean squared error at time
-    ``j``), so that each time's *relative* excess error counts alike (the bias is reported
-    relative to ``R~_t``, which spans orders of magnitude over ``t``). Its gradient weights time
-    ``j`` by ``1 / L_j``, taken from the latest validation score; early stopping scores
-    ``mean_j log L_j`` on the validation split. A non-finite validation score, or kept weights
-    whose validation residual exceeds 100 times that of predicting zero (an over-fitted fit can
-    reach several times it; a diverged one is orders of magnitude above), is a diverged fit:
-    ``ValueError`` naming the learning rate.
-    """
-    dim, n_times = xs[0].shape[1], len(times)
+def _split(
+    xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorConfig
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """``(train, validation)``: each ``(x, z, t, time index)`` over all times, the first
+    ``val_fraction`` of each time's pairs (at least one, not all) held out."""
     tr: list[list[Tensor]] = [[], [], [], []]  # x, z, t, time index
     va: list[list[Tensor]] = [[], [], [], []]
     for j, (x, z, t) in enumerate(zip(xs, zs, times, strict=True)):
@@ -362,37 +354,62 @@ def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorC
             part[1].append(z[rows])
             part[2].append(torch.full((k,), t))
             part[3].append(torch.full((k,), j, dtype=torch.long))
-    x_tr, z_tr, t_tr, i_tr = (torch.cat(v) for v in tr)
-    x_va, z_va, t_va, i_va = (torch.cat(v) for v in va)
-    eye = torch.eye(n_times)
-    # data statistics: x_t - t noise is the data side of each pair
-    data_side = x_tr - t_tr[:, None] * z_tr
-    m = data_side.mean(0)
-    s2 = float(data_side.var(0).mean().clamp_min(1e-12))
+    return tuple(torch.cat(v) for v in tr), tuple(torch.cat(v) for v in va)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        net = _ResidualMLP(dim, cfg.hidden, cfg.depth, cfg.dropout, n_times)
 
-    def parts(x: Tensor, t: Tensor, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass
+class _Scaled:
+    """The parametrization of the regressor around ``net``: data mean ``m``, variance ``s2``,
+    ``eye`` the one-hot rows of the fit's times."""
+
+    net: _ResidualMLP
+    m: Tensor
+    s2: float
+    eye: Tensor
+
+    def parts(self, x: Tensor, t: Tensor, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Skip ``t c^2 (x - m)`` ``(B, d)``, output scale ``s c`` ``(B, 1)``, ``F`` ``(B, d)``."""
-        c2 = 1.0 / (s2 + t * t)
-        xc = x - m
-        out = net(c2.sqrt()[:, None] * xc, eye[i])
-        return (t * c2)[:, None] * xc, (s2 * c2).sqrt()[:, None], out
+        c2 = 1.0 / (self.s2 + t * t)
+        xc = x - self.m
+        out = self.net(c2.sqrt()[:, None] * xc, self.eye[i])
+        return (t * c2)[:, None] * xc, (self.s2 * c2).sqrt()[:, None], out
 
-    def scaled_loss(x: Tensor, z: Tensor, t: Tensor, i: Tensor) -> Tensor:
+    def scaled_loss(self, x: Tensor, z: Tensor, t: Tensor, i: Tensor) -> Tensor:
         """Per-row squared error in units of the output scale, per coordinate: ``(B,)``."""
-        skip, scale, out = parts(x, t, i)
+        skip, scale, out = self.parts(x, t, i)
         return ((z - skip) / scale - out).pow(2).mean(1)
 
-    def validation() -> Tensor:
+    def validation(self, va: tuple[Tensor, ...]) -> Tensor:
         """Mean scaled squared error per time on the validation split, ``(T,)`` float64."""
+        x_va, z_va, t_va, i_va = va
+        n_times = self.eye.shape[0]
         with torch.no_grad():
-            rows = scaled_loss(x_va, z_va, t_va, i_va).double()
+            rows = self.scaled_loss(x_va, z_va, t_va, i_va).double()
         sums = torch.zeros(n_times, dtype=torch.float64).index_add_(0, i_va, rows)
         return sums / torch.bincount(i_va, minlength=n_times)
 
+    def predict(self, x: Tensor, t: float, j: int) -> Tensor:
+        """``E[noise | x_t]`` ``(B, d)`` at the fit's ``j``-th time ``t``."""
+        rows = x.shape[0]
+        skip, scale, out = self.parts(
+            x, torch.full((rows,), t), torch.full((rows,), j, dtype=torch.long)
+        )
+        return skip + scale * out
+
+
+def _train(
+    model: _Scaled,
+    tr: tuple[Tensor, ...],
+    va: tuple[Tensor, ...],
+    times: list[float],
+    cfg: RegressorConfig,
+    gen,
+) -> tuple[int, bool, list[float], float, Tensor, Tensor]:
+    """Adam on the time-weighted scaled loss, scored every ``eval_every`` steps with early
+    stopping (``_fit``); loads the kept weights. ``(steps, stopped, scores, kept score, last
+    validation L_t, time weights)``."""
+    net, n_times = model.net, len(times)
+    x_tr, z_tr, t_tr, i_tr = tr
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     n = x_tr.shape[0]
     size = min(cfg.batch, n)
@@ -407,13 +424,13 @@ def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorC
                 group["lr"] = cfg.lr * factor * min(1.0, (k + 1) / max(cfg.warmup, 1))
             idx = torch.randint(0, n, (size,), generator=gen)
             i = i_tr[idx]
-            loss = (weight[i] * scaled_loss(x_tr[idx], z_tr[idx], t_tr[idx], i)).mean()
+            loss = (weight[i] * model.scaled_loss(x_tr[idx], z_tr[idx], t_tr[idx], i)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             k += 1
         net.eval()
-        val = validation()
+        val = model.validation(va)
         if not bool(torch.isfinite(val).all()):
             j = int((~torch.isfinite(val)).nonzero()[0])
             raise _diverged(times[j], float(val[j]), float("nan"), cfg)
@@ -434,15 +451,40 @@ def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorC
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()
+    return k, stopped, scores, best, val, weight
+
+
+def _fit(xs: list[Tensor], zs: list[Tensor], times: list[float], cfg: RegressorConfig, gen) -> _Fit:
+    """Fit one network on the pairs ``(xs[i], zs[i])`` at ``times[i]`` (float32, ``(n_i, d)``).
+
+    Objective over the ``T`` times: ``sum_j log L_j`` (``L_j`` the mean squared error at time
+    ``j``), so that each time's *relative* excess error counts alike (the bias is reported
+    relative to ``R~_t``, which spans orders of magnitude over ``t``). Its gradient weights time
+    ``j`` by ``1 / L_j``, taken from the latest validation score; early stopping scores
+    ``mean_j log L_j`` on the validation split. A non-finite validation score, or kept weights
+    whose validation residual exceeds 100 times that of predicting zero (an over-fitted fit can
+    reach several times it; a diverged one is orders of magnitude above), is a diverged fit:
+    ``ValueError`` naming the learning rate.
+    """
+    dim, n_times = xs[0].shape[1], len(times)
+    tr, va = _split(xs, zs, times, cfg)
+    x_tr, z_tr, t_tr, _ = tr
+    x_va, z_va, _, i_va = va
+    # data statistics: x_t - t noise is the data side of each pair
+    data_side = x_tr - t_tr[:, None] * z_tr
+    m = data_side.mean(0)
+    s2 = float(data_side.var(0).mean().clamp_min(1e-12))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        net = _ResidualMLP(dim, cfg.hidden, cfg.depth, cfg.dropout, n_times)
+    model = _Scaled(net, m, s2, torch.eye(n_times))
+    k, stopped, scores, best, val, weight = _train(model, tr, va, times, cfg, gen)
     index = {t: j for j, t in enumerate(times)}
 
     def predict(x: Tensor, t: float) -> Tensor:
         """``E[noise | x_t]`` ``(B, d)`` at one of the fit's times."""
-        rows = x.shape[0]
-        skip, scale, out = parts(
-            x, torch.full((rows,), t), torch.full((rows,), index[t], dtype=torch.long)
-        )
-        return skip + scale * out
+        return model.predict(x, t, index[t])
 
     val_value = {}
     with torch.no_grad():
@@ -514,6 +556,63 @@ def estimate_proxy(
     Not with ``cross_fit``. Pairs and fits that are not finite, or a fit that diverges, raise
     ``ValueError``. ``progress(i)`` is called after the ``i``-th fit.
     """
+    times, counts, tolerance, cfg = _check_estimate(
+        times, n_train, n_test, config, cross_fit, product, convergence, tolerance
+    )
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    streams = [_child(gen) for _ in times]
+    shared = _child(gen)
+    groups = [[i] for i in range(len(times))] if cfg.per_time else [list(range(len(times)))]
+    keys = ("value", "half", "steps", "capped", "val", "value_half", "margin", "diff_half")
+    out: dict[str, list] = {k: [0.0] * len(times) for k in keys}
+    dim = None
+    fits = [0]
+    mode = "cross_fit" if cross_fit else "product" if product else "held-out"
+
+    def fitted(train: list[tuple[Tensor, Tensor]], gtimes: list[float], fit_gen) -> _Fit:
+        fit = _fit([a for a, _ in train], [b for _, b in train], gtimes, cfg, fit_gen)
+        fits[0] += 1
+        if progress is not None:
+            progress(fits[0])
+        return fit
+
+    for group in groups:
+        pairs, tests = [], []
+        for i in group:
+            pairs.append(_draw(sampler, times[i], counts[i], streams[i], dim))
+            dim = pairs[-1][0].shape[1]
+            if not cross_fit:
+                tests.append(_draw(sampler, times[i], n_test, streams[i], dim))
+        gtimes = [times[i] for i in group]
+        fit_gen = streams[group[0]] if cfg.per_time else shared
+        rows, steps, capped, vals = _score(fitted, mode, pairs, tests, gtimes, fit_gen)
+        rows_half = (
+            _score(fitted, mode, _half(pairs, first=True), tests, gtimes, fit_gen)[0]
+            if convergence
+            else None
+        )
+        for j, i in enumerate(group):
+            r = rows[j]
+            out["value"][i] = float(r.mean())
+            out["half"][i] = 1.96 * float(r.std()) / math.sqrt(r.numel())
+            out["steps"][i] = steps
+            out["capped"][i] = capped
+            out["val"][i] = sum(vals[times[i]]) / len(vals[times[i]])
+            if rows_half is not None:
+                out["value_half"][i] = float(rows_half[j].mean())
+                out["margin"][i] = abs(out["value"][i] - out["value_half"][i])
+                diff = r - rows_half[j]
+                out["diff_half"][i] = 1.96 * float(diff.std()) / math.sqrt(diff.numel())
+            if not (math.isfinite(out["value"][i]) and math.isfinite(out["half"][i])):
+                raise _diverged(times[i], out["value"][i], float("nan"), cfg)
+    flags = dict(cross_fit=cross_fit, product=product, convergence=convergence)
+    return _result(times, out, int(dim), counts, cfg, flags, tolerance)
+
+
+def _check_estimate(
+    times, n_train, n_test, config, cross_fit, product, convergence, tolerance
+) -> tuple[list[float], list[int], float, RegressorConfig]:
+    """``estimate_proxy``'s arguments checked: ``(times, counts per time, tolerance, config)``."""
     times = [float(t) for t in times] if isinstance(times, Sequence) else times
     if (
         not isinstance(times, list)
@@ -544,82 +643,55 @@ def estimate_proxy(
     cfg = RegressorConfig() if config is None else config
     if not isinstance(cfg, RegressorConfig):
         raise bad("config", cfg, "use a RegressorConfig (or None for the defaults)")
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    streams = [_child(gen) for _ in times]
-    shared = _child(gen)
-    groups = [[i] for i in range(len(times))] if cfg.per_time else [list(range(len(times)))]
-    keys = ("value", "half", "steps", "capped", "val", "value_half", "margin", "diff_half")
-    out: dict[str, list] = {k: [0.0] * len(times) for k in keys}
-    dim = None
-    fits = [0]
+    return times, counts, tolerance, cfg
 
-    def fitted(train: list[tuple[Tensor, Tensor]], gtimes: list[float], fit_gen) -> _Fit:
-        fit = _fit([a for a, _ in train], [b for _, b in train], gtimes, cfg, fit_gen)
-        fits[0] += 1
-        if progress is not None:
-            progress(fits[0])
-        return fit
 
-    def score(pairs, tests, gtimes, fit_gen):
-        """Rows of the estimate per time, (steps, capped), validation residual per time."""
-        resid: list[list[Tensor]] = [[] for _ in gtimes]
-        steps, capped = 0, False
-        vals: dict[float, list[float]] = {t: [] for t in gtimes}
-        if cross_fit:
-            for fold in (0, 1):  # fit on one half, score on the other
-                train, test = _half(pairs, first=fold == 1), _half(pairs, first=fold == 0)
-                fit = fitted(train, gtimes, fit_gen)
-                steps, capped = steps + fit.steps, capped or fit.capped
-                for j, ((x, z), t) in enumerate(zip(test, gtimes, strict=True)):
-                    resid[j].append(_residual(fit, x, z, t))
-                    vals[t].append(fit.val_value[t])
-        elif product:
-            twin = [fitted(_half(pairs, first=fold == 0), gtimes, fit_gen) for fold in (0, 1)]
-            steps, capped = sum(f.steps for f in twin), any(f.capped for f in twin)
-            for j, ((x, z), t) in enumerate(zip(tests, gtimes, strict=True)):
-                resid[j].append(_residual_product(twin[0], twin[1], x, z, t))
-                vals[t] = [f.val_value[t] for f in twin]
-        else:
-            fit = fitted(pairs, gtimes, fit_gen)
-            steps, capped = fit.steps, fit.capped
-            for j, ((x, z), t) in enumerate(zip(tests, gtimes, strict=True)):
+def _score(fitted, mode: str, pairs, tests, gtimes, fit_gen):
+    """Rows of the estimate per time, (steps, capped), validation residual per time: ``mode``
+    ``cross_fit``, ``product`` or ``held-out`` (``estimate_proxy``), ``fitted(train, times,
+    generator)`` the fit."""
+    resid: list[list[Tensor]] = [[] for _ in gtimes]
+    steps, capped = 0, False
+    vals: dict[float, list[float]] = {t: [] for t in gtimes}
+    if mode == "cross_fit":
+        for fold in (0, 1):  # fit on one half, score on the other
+            train, test = _half(pairs, first=fold == 1), _half(pairs, first=fold == 0)
+            fit = fitted(train, gtimes, fit_gen)
+            steps, capped = steps + fit.steps, capped or fit.capped
+            for j, ((x, z), t) in enumerate(zip(test, gtimes, strict=True)):
                 resid[j].append(_residual(fit, x, z, t))
-                vals[t] = [fit.val_value[t]]
-        return [torch.cat(r) for r in resid], steps, capped, vals
+                vals[t].append(fit.val_value[t])
+    elif mode == "product":
+        twin = [fitted(_half(pairs, first=fold == 0), gtimes, fit_gen) for fold in (0, 1)]
+        steps, capped = sum(f.steps for f in twin), any(f.capped for f in twin)
+        for j, ((x, z), t) in enumerate(zip(tests, gtimes, strict=True)):
+            resid[j].append(_residual_product(twin[0], twin[1], x, z, t))
+            vals[t] = [f.val_value[t] for f in twin]
+    else:
+        fit = fitted(pairs, gtimes, fit_gen)
+        steps, capped = fit.steps, fit.capped
+        for j, ((x, z), t) in enumerate(zip(tests, gtimes, strict=True)):
+            resid[j].append(_residual(fit, x, z, t))
+            vals[t] = [fit.val_value[t]]
+    return [torch.cat(r) for r in resid], steps, capped, vals
 
-    for group in groups:
-        pairs, tests = [], []
-        for i in group:
-            pairs.append(_draw(sampler, times[i], counts[i], streams[i], dim))
-            dim = pairs[-1][0].shape[1]
-            if not cross_fit:
-                tests.append(_draw(sampler, times[i], n_test, streams[i], dim))
-        gtimes = [times[i] for i in group]
-        fit_gen = streams[group[0]] if cfg.per_time else shared
-        rows, steps, capped, vals = score(pairs, tests, gtimes, fit_gen)
-        rows_half = (
-            score(_half(pairs, first=True), tests, gtimes, fit_gen)[0] if convergence else None
-        )
-        for j, i in enumerate(group):
-            r = rows[j]
-            out["value"][i] = float(r.mean())
-            out["half"][i] = 1.96 * float(r.std()) / math.sqrt(r.numel())
-            out["steps"][i] = steps
-            out["capped"][i] = capped
-            out["val"][i] = sum(vals[times[i]]) / len(vals[times[i]])
-            if rows_half is not None:
-                out["value_half"][i] = float(rows_half[j].mean())
-                out["margin"][i] = abs(out["value"][i] - out["value_half"][i])
-                diff = r - rows_half[j]
-                out["diff_half"][i] = 1.96 * float(diff.std()) / math.sqrt(diff.numel())
-            if not (math.isfinite(out["value"][i]) and math.isfinite(out["half"][i])):
-                raise _diverged(times[i], out["value"][i], float("nan"), cfg)
-    conv = convergence
+
+def _result(
+    times: list[float],
+    out: dict[str, list],
+    dim: int,
+    counts: list[int],
+    cfg: RegressorConfig,
+    flags: dict[str, bool],
+    tolerance: float,
+) -> ProxyEstimate:
+    """The :class:`ProxyEstimate` of ``estimate_proxy``'s per-time lists ``out``."""
+    conv = flags["convergence"]
     return ProxyEstimate(
         times,
         out["value"],
         out["half"],
-        int(dim),
+        dim,
         n_train=counts,
         steps=out["steps"],
         capped=out["capped"],
@@ -632,13 +704,7 @@ def estimate_proxy(
         ]
         if conv
         else [],
-        config={
-            **cfg.as_dict(),
-            "cross_fit": cross_fit,
-            "product": product,
-            "convergence": convergence,
-            "tolerance": tolerance,
-        },
+        config={**cfg.as_dict(), **flags, "tolerance": tolerance},
     )
 
 

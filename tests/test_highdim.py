@@ -11,6 +11,7 @@ import pytest
 import torch
 from _terminal import run_on_a_terminal
 
+from gcflows import highdim_proxy as hp
 from gcflows.gmm import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,10 +165,10 @@ def test_paired_interval_and_verdicts():
             "gc1-ideal": {"value": [1.0, 1.5], "half_width": [0.1, 0.1]},
         }
     }
-    order = hs.ordering_verdicts(curves, [0.1, 1.0])
+    order = hp.ordering_verdicts(curves, [0.1, 1.0])
     assert order[0]["gc<ot<ic"] and not order[1]["gc<ot<ic"]
     assert order[1]["order"] == "ot512 < gc1-ideal < ic"
-    (v,) = hs.target_verdict(order)
+    (v,) = hp.target_verdict(order)
     assert v["held"] == 1 and v["of"] == 2
 
 
@@ -222,14 +223,14 @@ def test_gc_closed_forms_of_the_study_targets():
     not mixing): 6.556 (random_16) and 34.31 (random_64) in total over coordinates; no closed
     form for the digits mixture (full covariances) or for a coupling without the ideal generator;
     the non-mixing test passes at t = 0.05 and fails at t = 0.2 on random_16."""
-    r16, r64 = hs.get_preset("random_16"), hs.get_preset("random_64")
-    assert hs.closed_form(r16, "gc1-ideal", 0.05)[0] == pytest.approx(6.556, abs=1e-3)
-    assert hs.closed_form(r64, "gc1-ideal", 0.05)[0] == pytest.approx(34.31, abs=1e-2)
-    value, hw = hs.closed_form(r16, "gc0.5-ideal", 0.05)
+    r16, r64 = get_preset("random_16"), get_preset("random_64")
+    assert hp.closed_form(r16, "gc1-ideal", 0.05)[0] == pytest.approx(6.556, abs=1e-3)
+    assert hp.closed_form(r64, "gc1-ideal", 0.05)[0] == pytest.approx(34.31, abs=1e-2)
+    value, hw = hp.closed_form(r16, "gc0.5-ideal", 0.05)
     assert 6.556 < value < 16 * 0.00799 / (0.00799 + 0.0025) and hw < 1e-3 * value
-    assert hs.closed_form(hs.get_preset("digits_mixture"), "gc1-ideal", 0.05) is None
-    assert hs.closed_form(r16, "ot512", 0.05) is None
-    assert hs.non_mixing(r16, 0.05) and not hs.non_mixing(r16, 0.2)
+    assert hp.closed_form(get_preset("digits_mixture"), "gc1-ideal", 0.05) is None
+    assert hp.closed_form(r16, "ot512", 0.05) is None
+    assert hp.non_mixing(r16, 0.05) and not hp.non_mixing(r16, 0.2)
 
 
 def test_orderings_include_the_convergence_margin():
@@ -240,8 +241,8 @@ def test_orderings_include_the_convergence_margin():
         return {"value": [v], "half_width": [0.1], "margin": [margin]}
 
     sep = {"a": {"ic": est(4.0, 0.0), "ot512": est(3.0, 0.0), "gc1-ideal": est(1.0, 0.0)}}
-    (row,) = hs.ordering_verdicts(sep, [0.1])
+    (row,) = hp.ordering_verdicts(sep, [0.1])
     assert row["gc<ot<ic"] and row["order"] == "gc1-ideal < ot512 < ic"
     wide = {"a": {"ic": est(4.0, 0.0), "ot512": est(3.0, 1.0), "gc1-ideal": est(1.0, 0.0)}}
-    (row,) = hs.ordering_verdicts(wide, [0.1])
+    (row,) = hp.ordering_verdicts(wide, [0.1])
     assert not row["gc<ot<ic"] and row["order"] == "gc1-ideal < ot512 ~ ic"

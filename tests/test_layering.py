@@ -49,6 +49,7 @@ LAYERS = {
     "evaluation": 7,
     "mixture_study": 8,  # the toy study's sections over discrepancy, training and mixture_eval
     "transport_study": 8,  # the transport study's sections over transport
+    "highdim_proxy": 8,  # the high-dimensional study's proxy part over regression and discrepancy
     "plotting": 8,
 }
 
