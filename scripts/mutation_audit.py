@@ -210,7 +210,6 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_flowmap.py::test_multistep_schedule_is_equal_steps_in_log_sigma",),
         "the multistep flow map divides its schedule by steps - 1",
     ),
-    # TODO(coordinator): the test ids of the regression mutants, once that branch is merged.
     Mutant(
         "progress-workers-take-sigint",
         "gcflows/progress.py",
@@ -224,7 +223,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "gcflows/regression.py",
         "train, test = _half(pairs, first=fold == 1), _half(pairs, first=fold == 0)",
         "train, test = _half(pairs, first=fold == 1), _half(pairs, first=fold == 1)",
-        (),
+        ("tests/test_regression.py::test_cross_fit_scores_each_fit_on_the_other_half",),
         "cross-fit scores each fit on its own training half",
     ),
     Mutant(
@@ -232,7 +231,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "gcflows/regression.py",
         "best_state = {key: v.detach().clone() for key, v in net.state_dict().items()}",
         "best_state = {key: v.detach() for key, v in net.state_dict().items()}",
-        (),
+        ("tests/test_regression.py::test_early_stopping_keeps_the_best_weights_not_the_last",),
         "early stopping keeps live references: the last weights come back, not the best",
     ),
     Mutant(
@@ -240,7 +239,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "gcflows/regression.py",
         "data_side = x_tr - t_tr[:, None] * z_tr",
         "data_side = x_tr - z_tr",
-        (),
+        ("tests/test_regression.py::test_data_statistics_come_from_the_data_side_of_the_pairs",),
         "data statistics from x - z instead of x - t z",
     ),
     Mutant(
@@ -248,7 +247,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "gcflows/regression.py",
         "weight = (inv / inv.mean()).float()",
         "weight = (val / val.mean()).float()",
-        (),
+        ("tests/test_regression.py::test_shared_fit_weights_each_time_by_one_over_its_loss",),
         "time weights proportional to L_t instead of 1 / L_t",
     ),
 )
