@@ -316,6 +316,9 @@ def figure(run_dir: Path, all_res: dict, steps: list[int]) -> str:
         figsize=(4.2 * len(targets), 2.6 * len(CURVE_METRICS)),
         squeeze=False,
     )
+    # one colour per method in every panel (a panel may lack some methods)
+    colours = {name: f"C{k}" for k, name in enumerate(METHODS)}
+    handles = {}
     for j, tname in enumerate(targets):
         for name, r in all_res[tname].items():
             if name in ROBUSTNESS:
@@ -323,14 +326,17 @@ def figure(run_dir: Path, all_res: dict, steps: list[int]) -> str:
             for i, m in enumerate(CURVE_METRICS):
                 mean, hw = band(r["curves"][m], steps)
                 ax = axes[i][j]
-                (line,) = ax.plot(steps, mean, marker="o", ms=2.5, lw=1.2, label=name)
-                ax.fill_between(steps, mean - hw, mean + hw, color=line.get_color(), alpha=0.2)
+                c = colours[name]
+                (line,) = ax.plot(steps, mean, marker="o", ms=2.5, lw=1.2, color=c, label=name)
+                ax.fill_between(steps, mean - hw, mean + hw, color=c, alpha=0.2)
+                handles[name] = line
         for i, m in enumerate(CURVE_METRICS):
             axes[i][j].set_yscale("log")
             axes[i][j].set_ylabel(m + (" (primary)" if m == PRIMARY else ""), fontsize=8)
         axes[0][j].set_title(f"{tname} (evaluation EMA; mean, 95 % band)", fontsize=9)
         axes[-1][j].set_xlabel("training step")
-    axes[0][-1].legend(fontsize=7)
+    order = [n for n in METHODS if n in handles]
+    axes[0][-1].legend([handles[n] for n in order], order, fontsize=7)
     fig.tight_layout()
     path = run_dir / "learning_curves.png"
     fig.savefig(path, dpi=110)
