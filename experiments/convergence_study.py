@@ -41,7 +41,7 @@ import torch
 
 from gcflows import checks
 from gcflows.curves import band, last_quarter_improvement, paired_difference, speedup
-from gcflows.ensemble import EnsembleSpec, train_ensemble
+from gcflows.ensemble import VARIANTS, EnsembleSpec, train_ensemble
 from gcflows.gmm import GaussianMixture, get_preset
 from gcflows.mixture_eval import METRICS, consistency_error, evaluate, make_eval_set
 from gcflows.mixture_eval import sample_metrics as _sample_metrics
@@ -57,15 +57,10 @@ from gcflows.records import (
 
 TARGETS = ["random_64", "digits_mixture"]
 FULL_TARGETS = ["random_256"]
+# name -> (method, mu, gc_model): the library's named variants, in this study's order
 METHODS = {
-    # name: (method, mu, gc_model)
-    "cd": ("cd", 0.0, "ema"),
-    "ct": ("ct", 0.0, "ema"),
-    "ot": ("ot", 0.0, "ema"),
-    "gc0.3": ("gc", 0.3, "ema"),
-    "gc0.5": ("gc", 0.5, "ema"),
-    "gc0.5-online": ("gc", 0.5, "online"),
-    "gc0.5-ideal": ("gc", 0.5, "ideal"),
+    name: VARIANTS[name]
+    for name in ("cd", "ct", "ot", "gc0.3", "gc0.5", "gc0.5-online", "gc0.5-ideal")
 }
 # --robustness: name -> (base method name, learning-rate factor, gc_model override)
 # run only with --full: GC with the ideal generator on the digits-like mixture (its RK4 flow map

@@ -50,7 +50,7 @@ import torch
 from scipy import stats
 
 from gcflows import mixture_eval as me
-from gcflows.ensemble import EnsembleSpec, train_ensemble
+from gcflows.ensemble import VARIANTS, EnsembleSpec, train_ensemble
 from gcflows.gmm import GaussianMixture, get_preset
 from gcflows.highdim_proxy import (
     BIG_D_TARGETS,
@@ -73,17 +73,20 @@ from gcflows.records import (
 )
 from gcflows.regression import RegressorConfig
 
+# name -> (method, mu, gc_model): the library's named variants, in this study's order
 METHODS = {
-    # name: (method, mu, gc_model)
-    "cd": ("cd", 0.0, "ema"),
-    "ct": ("ct", 0.0, "ema"),
-    "ot": ("ot", 0.0, "ema"),
-    "gc0.3": ("gc", 0.3, "ema"),
-    "gc0.5": ("gc", 0.5, "ema"),
-    "gc1.0": ("gc", 1.0, "ema"),
-    "gc0.5-ideal": ("gc", 0.5, "ideal"),
-    "gc0.5-online": ("gc", 0.5, "online"),
-    "gc0.5-constema": ("gc", 0.5, "const_ema"),
+    name: VARIANTS[name]
+    for name in (
+        "cd",
+        "ct",
+        "ot",
+        "gc0.3",
+        "gc0.5",
+        "gc1.0",
+        "gc0.5-ideal",
+        "gc0.5-online",
+        "gc0.5-constema",
+    )
 }
 
 

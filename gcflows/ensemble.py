@@ -94,10 +94,24 @@ __all__ = [
     "objective_config",
     "METHODS",
     "GC_MODELS",
+    "VARIANTS",
     "LR_SCHEDULES",
 ]
 
 GC_MODELS = ("ema", "const_ema", "online", "ideal")
+#: The named training variants the studies compare: name -> (method, mu, gc_model). ``gc_model``
+#: is read by ``gc`` only (docs/highdim.md, docs/convergence.md).
+VARIANTS: dict[str, tuple[str, float, str]] = {
+    "cd": ("cd", 0.0, "ema"),
+    "ct": ("ct", 0.0, "ema"),
+    "ot": ("ot", 0.0, "ema"),
+    "gc0.3": ("gc", 0.3, "ema"),
+    "gc0.5": ("gc", 0.5, "ema"),
+    "gc1.0": ("gc", 1.0, "ema"),
+    "gc0.5-ideal": ("gc", 0.5, "ideal"),
+    "gc0.5-online": ("gc", 0.5, "online"),
+    "gc0.5-constema": ("gc", 0.5, "const_ema"),
+}
 LR_SCHEDULES = ("constant", "cosine")
 
 
