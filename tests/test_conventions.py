@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "gcflows"
 
 #: Hand-written ``raise ValueError(...)`` left in gcflows/ (all modules together).
-MAX_HAND_WRITTEN = 117
+MAX_HAND_WRITTEN = 99
 
 #: The converted modules: what is left in each (every one of an allowed kind above).
 CONVERTED = {
@@ -44,6 +44,10 @@ CONVERTED = {
     "training/checkpoint.py": 6,  # the checkpoint file's contents
     "training/batches.py": 1,  # NaN / inf of the data tensor
     "gmm.py": 0,
+    "transport/costs.py": 1,  # data vs noise shapes (two arguments)
+    "transport/curves.py": 1,  # t_min < t_max (two arguments)
+    "transport/gaussian.py": 0,
+    "transport/lemma1.py": 0,
 }
 
 
