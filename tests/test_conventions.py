@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "gcflows"
 
 #: Hand-written ``raise ValueError(...)`` left in gcflows/ (all modules together).
-MAX_HAND_WRITTEN = 99
+MAX_HAND_WRITTEN = 86
 
 #: The converted modules: what is left in each (every one of an allowed kind above).
 CONVERTED = {
@@ -48,6 +48,12 @@ CONVERTED = {
     "transport/curves.py": 1,  # t_min < t_max (two arguments)
     "transport/gaussian.py": 0,
     "transport/lemma1.py": 0,
+    "discrepancy/derivatives.py": 0,
+    "discrepancy/gaps.py": 0,
+    "discrepancy/proxy.py": 2,  # xdot vs v and x_t vs xdot shapes (two arguments)
+    "discrepancy/reference.py": 0,
+    "discrepancy/theorem1.py": 1,  # form vs alpha (Eq. 11 holds for alpha = 2 only)
+    "discrepancy/times.py": 0,
 }
 
 
