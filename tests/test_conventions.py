@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "gcflows"
 
 #: Hand-written ``raise ValueError(...)`` left in gcflows/ (all modules together).
-MAX_HAND_WRITTEN = 85
+MAX_HAND_WRITTEN = 83
 
 #: The converted modules: what is left in each (every one of an allowed kind above).
 CONVERTED = {
@@ -55,6 +55,7 @@ CONVERTED = {
     "discrepancy/theorem1.py": 1,  # form vs alpha (Eq. 11 holds for alpha = 2 only)
     "discrepancy/times.py": 0,
     "stats.py": 2,  # NaN / inf; num vs den lengths (two arguments)
+    "records.py": 1,  # check_writable's error passed on for an output file
 }
 
 
