@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "gcflows"
 
 #: Hand-written ``raise ValueError(...)`` left in gcflows/ (all modules together).
-MAX_HAND_WRITTEN = 83
+MAX_HAND_WRITTEN = 77
 
 #: The converted modules: what is left in each (every one of an allowed kind above).
 CONVERTED = {
@@ -56,6 +56,7 @@ CONVERTED = {
     "discrepancy/times.py": 0,
     "stats.py": 2,  # NaN / inf; num vs den lengths (two arguments)
     "records.py": 1,  # check_writable's error passed on for an output file
+    "plotting.py": 1,  # x vs y lengths (two arguments)
 }
 
 
