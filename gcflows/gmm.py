@@ -637,7 +637,8 @@ PRESETS: dict[str, Callable[..., GaussianMixture]] = {
 def get_preset(name: str, **kwargs) -> GaussianMixture:
     """Build a preset mixture by name (see ``PRESETS``); ``kwargs`` go to its function."""
     if name not in PRESETS:
-        raise bad("name", name, f"use one of {sorted(PRESETS)}")
+        # hand-written: tests/test_data.py matches this text ("name must be one of")
+        raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name](**kwargs)
 
 

