@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from gcflows import flowmap
-from gcflows.checks import bad, batch_times, choice, finite, integer, real
+from gcflows.checks import bad, bad_tensor, batch_times, choice, finite, integer, real
 from gcflows.processes import Process, get_process
 
 __all__ = [
@@ -92,9 +92,10 @@ def _as_float_tensor(value, name: str, dtype: torch.dtype | None, device) -> Ten
         # Given straight to as_tensor, so Python floats are never rounded through float32.
         out = torch.as_tensor(value, dtype=dtype, device=device)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{name} must be a tensor or a nested list of numbers ({err})") from None
+        fix = f"pass a tensor or a nested list of numbers ({err})"
+        raise bad(f"type({name})", type(value).__name__, fix) from None
     if not out.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got dtype {out.dtype}")
+        raise bad(f"{name}.dtype", out.dtype, "use a floating point dtype")
     return out
 
 
@@ -133,65 +134,58 @@ class GaussianMixture:
         dtype, device = means.dtype, means.device
         weights = _as_float_tensor(weights, "weights", dtype, device)
         if weights.dim() != 1 or weights.numel() == 0:
-            raise ValueError(
-                f"weights must be a non-empty 1-D tensor (K,), got shape {tuple(weights.shape)}"
-            )
+            raise bad_tensor(weights, "weights", "use a non-empty 1-D tensor (K,)")
         k = weights.shape[0]
         if means.dim() != 2 or means.shape[0] != k or means.shape[1] == 0:
-            raise ValueError(
-                f"means must have shape (K, d) = ({k}, d) with d >= 1 to match weights, "
-                f"got {tuple(means.shape)}"
-            )
+            fix = f"use shape (K, d) = ({k}, d) with d >= 1 to match weights"
+            raise bad_tensor(means, "means", fix)
         finite(weights, "weights")
         finite(means, "means")
         if bool((weights < 0).any()):
-            raise ValueError("weights must be non-negative; clip or recompute them")
+            fix = "use non-negative weights; clip or recompute them"
+            raise bad("weights.min()", float(weights.min()), fix)
         total = float(weights.double().sum())
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(
-                f"weights must sum to 1 (within 1e-6), got {total:.9g}; divide by their sum"
-            )
+            fix = "use weights that sum to 1 (within 1e-6); divide by their sum"
+            raise bad("weights.sum()", float(f"{total:.9g}"), fix)
         d = means.shape[1]
         if (stds is None) == (covs is None):
-            raise ValueError(
+            fix = (
                 "give exactly one of stds (isotropic / diagonal; 0 = Dirac) and covs (full "
                 "covariances (K, d, d))"
             )
+            raise bad("(stds, covs)", "both" if stds is not None else "neither", fix)
         if covs is None:
             stds = _as_float_tensor(stds, "stds", dtype, device)
             finite(stds, "stds")
             if stds.dim() == 0:
                 stds = stds.expand(k)
             if stds.shape not in ((k,), (k, d)):
-                raise ValueError(
-                    f"stds must be a float, shape (K,) = ({k},) or (K, d) = ({k}, {d}), "
-                    f"got {tuple(stds.shape)}"
-                )
+                fix = f"use a float, shape (K,) = ({k},) or (K, d) = ({k}, {d})"
+                raise bad_tensor(stds, "stds", fix)
             if bool((stds < 0).any()):
-                raise ValueError("stds must be non-negative (0 gives a Dirac component)")
+                fix = "use non-negative stds (0 gives a Dirac component)"
+                raise bad("stds.min()", float(stds.min()), fix)
             stds = stds.detach().clone()
             lam = (stds if stds.dim() == 2 else stds[:, None].expand(k, d)) ** 2
             rot = None
         else:
             covs = _as_float_tensor(covs, "covs", dtype, device)
             if covs.shape != (k, d, d):
-                raise ValueError(
-                    f"covs must have shape (K, d, d) = ({k}, {d}, {d}), got {tuple(covs.shape)}"
-                )
+                raise bad_tensor(covs, "covs", f"use shape (K, d, d) = ({k}, {d}, {d})")
             finite(covs, "covs")
             c64 = covs.double()
             scale = c64.abs().amax(dim=(1, 2)).clamp_min(1e-300)
             eps = max(1e-10, 100 * torch.finfo(dtype).eps)
             asym = (c64 - c64.transpose(1, 2)).abs().amax(dim=(1, 2))
             if bool((asym > eps * scale).any()):
-                raise ValueError("covs must be symmetric; use (covs + covs.transpose(1, 2)) / 2")
+                fix = "use symmetric covariances: (covs + covs.transpose(1, 2)) / 2"
+                raise bad("max |covs - covs.transpose(1, 2)|", float(f"{asym.max():.3g}"), fix)
             c64 = 0.5 * (c64 + c64.transpose(1, 2))
             lam64, rot64 = torch.linalg.eigh(c64)
             if bool((lam64 < -eps * scale[:, None]).any()):
-                raise ValueError(
-                    "covs must be positive semi-definite; smallest eigenvalue "
-                    f"{float(lam64.min()):.3g}; project onto the PSD cone or add a small ridge"
-                )
+                fix = "use positive semi-definite covs: project onto the PSD cone or add a ridge"
+                raise bad("min eigenvalue of covs", float(f"{float(lam64.min()):.3g}"), fix)
             lam = lam64.clamp_min(0.0).to(dtype)
             rot = rot64.to(dtype)
             stds = None
@@ -294,16 +288,14 @@ class GaussianMixture:
     # --- validation and the core ---------------------------------------------------------------
     def _check_x(self, x: Tensor, name: str = "x") -> Tensor:
         if not torch.is_tensor(x):
-            raise ValueError(f"{name} must be a torch.Tensor of shape (B, {self.dim})")
+            raise bad_tensor(x, name, f"pass a torch.Tensor of shape (B, {self.dim})")
         if not x.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}; use x.double()")
+            raise bad(f"{name}.dtype", x.dtype, "use a floating point dtype: x.double()")
         if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(
-                f"{name} must have shape (B, d) = (B, {self.dim}) for this mixture, "
-                f"got {tuple(x.shape)}"
-            )
+            fix = f"use shape (B, d) = (B, {self.dim}) for this mixture"
+            raise bad_tensor(x, name, fix)
         if x.shape[0] == 0:
-            raise ValueError(f"{name} is an empty batch; pass at least one point")
+            raise bad_tensor(x, name, "it is an empty batch; pass at least one point")
         finite(x, name)
         return x
 
@@ -607,7 +599,11 @@ def random_mixture(
     if isinstance(generator, int) and not isinstance(generator, bool):
         generator = torch.Generator().manual_seed(generator)
     elif generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError("generator must be a torch.Generator, an int seed or None")
+        raise bad(
+            "type(generator)",
+            type(generator).__name__,
+            "use a torch.Generator, an int seed or None",
+        )
     gen_device = generator.device if generator is not None else "cpu"
     g = torch.randn(n_components, dim, generator=generator, dtype=torch.float64, device=gen_device)
     means = radius * g / math.sqrt(dim)
@@ -641,6 +637,7 @@ PRESETS: dict[str, Callable[..., GaussianMixture]] = {
 def get_preset(name: str, **kwargs) -> GaussianMixture:
     """Build a preset mixture by name (see ``PRESETS``); ``kwargs`` go to its function."""
     if name not in PRESETS:
+        # hand-written: tests/test_data.py matches this text ("name must be one of")
         raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name](**kwargs)
 
@@ -687,9 +684,7 @@ def digits_mixture(
         and not isinstance(shrinkage, bool)
         and 0 < shrinkage <= 1
     ):
-        raise ValueError(
-            f"shrinkage must be None (Ledoit-Wolf) or a float in (0, 1], got {shrinkage!r}"
-        )
+        raise bad("shrinkage", shrinkage, "use None (Ledoit-Wolf) or a float in (0, 1]")
     images, labels = load_digits(split, dtype=torch.float64)
     x = images.reshape(images.shape[0], -1).numpy()
     y = labels.numpy()

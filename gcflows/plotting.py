@@ -20,6 +20,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from gcflows import checks
+
 plt.switch_backend("Agg")  # figures are written to files: no display needed
 
 __all__ = [
@@ -45,7 +47,9 @@ class Curve:
     def __init__(self, x, y, lo=None, hi=None, label: str | None = None, style=None) -> None:
         self.x = np.asarray(x, dtype=float)
         self.y = np.asarray(y, dtype=float)
-        if self.x.shape != self.y.shape or self.x.ndim != 1:
+        if self.x.ndim != 1:
+            raise checks.bad("x.shape", self.x.shape, "use a 1-D array of x values")
+        if self.x.shape != self.y.shape:
             raise ValueError(
                 f"x and y must be 1-D of the same length, got {self.x.shape} and {self.y.shape}"
             )
@@ -53,7 +57,7 @@ class Curve:
         self.hi = None if hi is None else np.asarray(hi, dtype=float)
         for name, band in (("lo", self.lo), ("hi", self.hi)):
             if band is not None and band.shape != self.y.shape:
-                raise ValueError(f"{name} must have the shape of y {self.y.shape}")
+                raise checks.bad(f"{name}.shape", band.shape, f"use the shape of y {self.y.shape}")
         self.label = label
         self.style = dict(style or {})
 
@@ -73,7 +77,7 @@ class Curve:
             lo = np.asarray([get(e, "lo") for e in intervals], dtype=float)
             hi = np.asarray([get(e, "hi") for e in intervals], dtype=float)
         else:
-            raise ValueError(f"band={band!r} is invalid: use 'interval' or 'se'")
+            raise checks.bad("band", band, "use 'interval' or 'se'")
         return cls(x, mean, lo, hi, label=label, style=style)
 
 
@@ -179,7 +183,7 @@ def plot_panels(
 ) -> Path:
     """One panel per key of ``panels`` (its title); ``ylabel`` / ``logy`` per panel or shared."""
     if not panels:
-        raise ValueError("panels must hold at least one panel")
+        raise checks.bad("panels", panels, "hold at least one panel")
     n = len(panels)
     fig, axes = panel_grid(n, ncols, (4.6, 3.6))
     for ax, (name, curves) in zip(axes.flat, panels.items(), strict=False):
@@ -205,7 +209,7 @@ def plot_scatter_grid(
     ``limits = (xmin, xmax, ymin, ymax)`` fixes the axes (default: from the reference, padded).
     """
     if not clouds:
-        raise ValueError("clouds must hold at least one cloud")
+        raise checks.bad("clouds", clouds, "hold at least one cloud")
     n = len(clouds)
     fig, axes = panel_grid(n, ncols, (3.2, 3.2))
     if limits is None and reference is not None:
@@ -242,13 +246,14 @@ def plot_trajectories(
     Each path is drawn from its first to its last point, the last point marked by a dot.
     """
     if not paths:
-        raise ValueError("paths must hold at least one panel")
+        raise checks.bad("paths", paths, "hold at least one panel")
     n = len(paths)
     fig, axes = panel_grid(n, ncols, (3.2, 3.2))
     for ax, (name, arr) in zip(axes.flat, paths.items(), strict=False):
         arr = np.asarray(arr)
         if arr.ndim != 3 or arr.shape[2] != 2:
-            raise ValueError(f"paths[{name!r}] must have shape (n_paths, n_steps, 2)")
+            fix = "use shape (n_paths, n_steps, 2)"
+            raise checks.bad(f"paths[{name!r}].shape", arr.shape, fix)
         if reference is not None:
             ref = np.asarray(reference)
             ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.8")

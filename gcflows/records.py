@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gcflows import runrecord
+from gcflows import checks, runrecord
 from gcflows.atomic import atomic_write_bytes, unusable
 
 __all__ = [
@@ -59,7 +59,7 @@ def make_run_dir(out: str | os.PathLike, name: str) -> Path:
     together into one ``out`` get two folders.
     """
     if not name or any(c in name for c in "/\\"):
-        raise ValueError(f"name must be a plain folder name, got {name!r}")
+        raise checks.bad("name", name, "use a plain folder name (not empty, no / or \\)")
     base = Path(out) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, k = base, 1
     while True:
@@ -100,7 +100,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     folder."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a folder: name a file for the results")
+        raise checks.bad(flag, str(path), "it is a folder: name a file for the results")
     try:
         check_writable(path.parent if str(path.parent) else ".")
     except ValueError as err:

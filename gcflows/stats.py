@@ -178,14 +178,16 @@ def paired_ratio(num: Tensor, den: Tensor, stratified: bool = False, level=0.95)
     :meth:`Interval.from_samples`.
     """
     num, den = _as_float64(num, "num"), _as_float64(den, "den")
-    if num.shape != den.shape or num.numel() < 2:
+    if num.shape != den.shape:
         raise ValueError(
-            f"num and den must be paired values of one length >= 2, got {num.numel()} and "
-            f"{den.numel()}"
+            f"num and den must be paired values of one length, got {num.numel()} and {den.numel()}"
         )
+    if num.numel() < 2:
+        raise checks.bad("len(num)", num.numel(), "use at least 2 paired values")
     mden = float(den.mean())
     if mden == 0.0:
-        raise ValueError("den has mean 0; the ratio is undefined (pass a non-zero denominator)")
+        fix = "the ratio is undefined; pass a denominator with a non-zero mean"
+        raise checks.bad("den.mean()", mden, fix)
     r = float(num.mean()) / mden
     resid = num - r * den
     if stratified:

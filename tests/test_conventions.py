@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "gcflows"
 
 #: Hand-written ``raise ValueError(...)`` left in gcflows/ (all modules together).
-MAX_HAND_WRITTEN = 136
+MAX_HAND_WRITTEN = 78
 
 #: The converted modules: what is left in each (every one of an allowed kind above).
 CONVERTED = {
@@ -43,6 +43,20 @@ CONVERTED = {
     "sampling.py": 0,
     "training/checkpoint.py": 6,  # the checkpoint file's contents
     "training/batches.py": 1,  # NaN / inf of the data tensor
+    "gmm.py": 1,  # get_preset's name: tests/test_data.py pins its text (not converted yet)
+    "transport/costs.py": 1,  # data vs noise shapes (two arguments)
+    "transport/curves.py": 1,  # t_min < t_max (two arguments)
+    "transport/gaussian.py": 0,
+    "transport/lemma1.py": 0,
+    "discrepancy/derivatives.py": 0,
+    "discrepancy/gaps.py": 0,
+    "discrepancy/proxy.py": 2,  # xdot vs v and x_t vs xdot shapes (two arguments)
+    "discrepancy/reference.py": 0,
+    "discrepancy/theorem1.py": 1,  # form vs alpha (Eq. 11 holds for alpha = 2 only)
+    "discrepancy/times.py": 0,
+    "stats.py": 2,  # NaN / inf; num vs den lengths (two arguments)
+    "records.py": 1,  # check_writable's error passed on for an output file
+    "plotting.py": 1,  # x vs y lengths (two arguments)
 }
 
 

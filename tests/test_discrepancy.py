@@ -547,17 +547,19 @@ def test_bad_input_raises():
         dsc.r_theta(model, gmm, VE, n_samples=11)
     with pytest.raises(ValueError, match="alpha = 2"):
         dsc.r_theta(model, gmm, VE, alpha=1.0, form="jacobian", n_samples=10)
-    with pytest.raises(ValueError, match="phi"):
+    with pytest.raises(ValueError, match="distance='pseudo_huber_elementwise' is invalid: .*phi"):
         dsc.loss_gaps(model, gmm, VE, [4], ["pseudo_huber_elementwise"], n_samples=10)
     with pytest.raises(ValueError, match="n_intervals"):
         dsc.loss_gaps(model, gmm, VE, [0], n_samples=10)
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(ValueError, match=r"len\(x_t\)=5 is invalid: use more than k \+ 1 = 11"):
         dsc.knn_proxy(torch.zeros(5, 2), torch.zeros(5, 2), k=10)
+    with pytest.raises(ValueError, match=r"k=3 is invalid: use k >= d \+ 2 = 5"):
+        dsc.knn_proxy(torch.zeros(20, 3), torch.zeros(20, 3), k=3, method="local_linear")
     with pytest.raises(ValueError, match="kind"):
         dsc.coupled_path("sinkhorn", torch.zeros(4, 2), torch.zeros(4, 2), 0.5, VE)
     with pytest.raises(ValueError, match="t must lie"):
         dsc.ic_proxy(gmm, VE, 10.0)
-    with pytest.raises(ValueError, match="time_derivative"):
+    with pytest.raises(ValueError, match="time_derivative='x' is invalid: use 'fd' or 'jvp'"):
         dsc.directional_derivative(
             model, torch.zeros(2, 2), torch.ones(2), torch.zeros(2, 2), VE, time_derivative="x"
         )

@@ -561,28 +561,52 @@ def test_random_mixture_is_separated_and_reproducible(dim, k, seed, sep):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"weights": [], "means": torch.zeros(0, 2), "stds": 0.1}, "weights"),
-        ({"weights": [0.5, 0.6], "means": torch.zeros(2, 2), "stds": 0.1}, "sum to 1"),
-        ({"weights": [1.5, -0.5], "means": torch.zeros(2, 2), "stds": 0.1}, "non-negative"),
-        ({"weights": [0.5, 0.5], "means": torch.zeros(3, 2), "stds": 0.1}, "means"),
-        ({"weights": [0.5, 0.5], "means": torch.zeros(2, 0), "stds": 0.1}, "means"),
+        (
+            {"weights": [], "means": torch.zeros(0, 2), "stds": 0.1},
+            r"weights.shape=\(0,\) is invalid",
+        ),
+        (
+            {"weights": [0.5, 0.6], "means": torch.zeros(2, 2), "stds": 0.1},
+            r"weights.sum\(\)=1.1[0-9]* is invalid: .*sum to 1",
+        ),
+        (
+            {"weights": [1.5, -0.5], "means": torch.zeros(2, 2), "stds": 0.1},
+            r"weights.min\(\)=-0.5 is invalid: .*non-negative",
+        ),
+        (
+            {"weights": [0.5, 0.5], "means": torch.zeros(3, 2), "stds": 0.1},
+            r"means.shape=\(3, 2\) is invalid",
+        ),
+        (
+            {"weights": [0.5, 0.5], "means": torch.zeros(2, 0), "stds": 0.1},
+            r"means.shape=\(2, 0\) is invalid",
+        ),
         ({"weights": [1.0], "means": [[math.nan, 0.0]], "stds": 0.1}, "means"),
         ({"weights": [1.0], "means": [[0.0, 0.0]], "stds": math.inf}, "stds"),
-        ({"weights": [1.0], "means": [[0.0, 0.0]], "stds": -0.1}, "stds"),
-        ({"weights": [1.0], "means": [[0.0, 0.0]], "stds": [0.1, 0.2, 0.3]}, "stds"),
-        ({"weights": [1.0], "means": [[0.0, 0.0]]}, "stds"),
+        (
+            {"weights": [1.0], "means": [[0.0, 0.0]], "stds": -0.1},
+            r"stds.min\(\)=-0.1 is invalid: .*non-negative",
+        ),
+        (
+            {"weights": [1.0], "means": [[0.0, 0.0]], "stds": [0.1, 0.2, 0.3]},
+            r"stds.shape=\(3,\) is invalid",
+        ),
+        ({"weights": [1.0], "means": [[0.0, 0.0]]}, r"\(stds, covs\)='neither' is invalid"),
         (
             {"weights": [1.0], "means": [[0.0, 0.0]], "stds": 0.1, "covs": torch.eye(2)[None]},
-            "covs",
+            r"\(stds, covs\)='both' is invalid",
         ),
-        ({"weights": [1.0], "means": [[0.0, 0.0]], "covs": torch.eye(3)[None]}, "covs"),
+        (
+            {"weights": [1.0], "means": [[0.0, 0.0]], "covs": torch.eye(3)[None]},
+            r"covs.shape=\(1, 3, 3\) is invalid",
+        ),
         (
             {"weights": [1.0], "means": [[0.0, 0.0]], "covs": [[[1.0, 0.5], [0.0, 1.0]]]},
-            "symmetric",
+            r"max \|covs - covs.transpose\(1, 2\)\|=0.5 is invalid: use symmetric",
         ),
         (
             {"weights": [1.0], "means": [[0.0, 0.0]], "covs": [[[1.0, 2.0], [2.0, 1.0]]]},
-            "semi-definite",
+            r"min eigenvalue of covs=-1.0 is invalid: use positive semi-definite",
         ),
     ],
 )
@@ -595,9 +619,11 @@ def test_bad_call_input_raises():
     gm = two_gaussians_1to2()
     ve = VEProcess()
     x = torch.zeros(3, 2, dtype=F64)
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(
+        ValueError, match=r"x.shape=\(3, 3\) is invalid: use shape \(B, d\) = \(B, 2\)"
+    ):
         gm.denoiser(torch.zeros(3, 3, dtype=F64), 0.5, ve)
-    with pytest.raises(ValueError, match="empty batch"):
+    with pytest.raises(ValueError, match=r"x.shape=\(0, 2\) is invalid: it is an empty batch"):
         gm.velocity(torch.zeros(0, 2, dtype=F64), 0.5, ve)
     with pytest.raises(ValueError, match="x contains NaN"):
         gm.log_prob(torch.tensor([[math.nan, 0.0]], dtype=F64), 0.5, ve)
@@ -609,7 +635,7 @@ def test_bad_call_input_raises():
         gm.denoiser(x, torch.ones(2, dtype=F64), ve)
     with pytest.raises(ValueError, match="t_end must lie in"):
         gm.flow_map(x, 1.0, ve, t_end=1e-4)
-    with pytest.raises(ValueError, match="floating point"):
+    with pytest.raises(ValueError, match="x.dtype=torch.int64 is invalid: use a floating point"):
         gm.velocity(torch.zeros(3, 2, dtype=torch.long), 0.5, ve)
     with pytest.raises(ValueError, match="n=0 is invalid: use a positive integer"):
         gm.sample(0)

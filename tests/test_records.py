@@ -168,3 +168,14 @@ def test_a_folder_claim_is_reentrant_and_leaves_nothing_when_released(tmp_path):
     err = FolderInUseError("'x' is in use by process 7", {"pid": 7})
     back = pickle.loads(pickle.dumps(err))  # as a pool worker sends it back
     assert str(back) == str(err) and back.owner == {"pid": 7} and isinstance(back, ValueError)
+
+
+def test_bad_run_folder_name_and_output_file_are_named(tmp_path):
+    # a name with a separator would climb out of --out; a folder cannot receive results.json
+    with pytest.raises(ValueError, match=r"name='a/b' is invalid: use a plain folder name"):
+        records.make_run_dir(tmp_path, "a/b")
+    with pytest.raises(ValueError, match=r"name='' is invalid: use a plain folder name"):
+        records.make_run_dir(tmp_path, "")
+    assert list(tmp_path.iterdir()) == []  # checked before any folder is made
+    with pytest.raises(ValueError, match=r"--results='.*' is invalid: it is a folder"):
+        records.check_output_file(tmp_path, "--results")

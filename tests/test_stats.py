@@ -49,8 +49,12 @@ def test_paired_ratio_delta_method():
     assert r.method == "paired-ratio" and abs(r.mean - 2.0) < 4 * r.se
     # pairing: far tighter than the ratio of two independent means would be
     assert r.se < 0.1 * float(num.std()) / math.sqrt(5000) / float(den.mean())
-    with pytest.raises(ValueError, match="den"):
+    with pytest.raises(ValueError, match=r"den.mean\(\)=0.0 is invalid: the ratio is undefined"):
         paired_ratio(num, torch.zeros_like(den))
+    with pytest.raises(ValueError, match=r"len\(num\)=1 is invalid: use at least 2 paired"):
+        paired_ratio(num[:1], den[:1])
+    with pytest.raises(ValueError, match="num and den must be paired values of one length"):
+        paired_ratio(num[:3], den[:4])
 
 
 def test_scaled_and_as_dict():

@@ -121,7 +121,7 @@ def _path_derivatives(
 
         return [_by_rows(time_and_space, x, t, w) for w in directions]
     if time_derivative != "fd":
-        raise ValueError(f"time_derivative must be 'fd' or 'jvp', got {time_derivative!r}")
+        raise checks.bad("time_derivative", time_derivative, "use 'fd' or 'jvp'")
     checks.real(fd_rel_step, "fd_rel_step", lo_open=0.0, hi_open=0.1)
     dfdt = _time_derivative(model, x, t, process, fd_rel_step)
     return [jw + dfdt for jw in _jacobian_products(model, x, t, directions)]

@@ -85,13 +85,14 @@ def _distances(distances: Sequence[str | Distance], dim: int) -> list[Distance]:
     for d in distances:
         dist = get_distance(d, dim)
         if not dist.radial:
-            raise ValueError(
-                f"distance {dist.name!r} is not a function of ||a - b||; Theorem 1 needs "
-                "phi(||a - b||) (use squared_l2, pseudo_huber or l2_norm)"
+            fix = (
+                "it is not a function of ||a - b||; Theorem 1 needs phi(||a - b||) (use "
+                "squared_l2, pseudo_huber or l2_norm)"
             )
+            raise checks.bad("distance", dist.name, fix)
         out.append(dist)
     if not out:
-        raise ValueError("distances must name at least one distance")
+        raise checks.bad("distances", distances, "name at least one distance")
     return out
 
 
@@ -158,8 +159,11 @@ def discrete_terms(
     """
     process = get_process(process)
     (n,) = _check_ns([n_intervals])
-    if index.shape != (data.shape[0],) or bool((index < 0).any()) or bool((index >= n).any()):
-        raise ValueError(f"index must be (B,) integers in [0, {n}), one per row of data")
+    fix = f"use (B,) = ({data.shape[0]},) integers in [0, {n}), one per row of data"
+    if index.shape != (data.shape[0],):
+        raise checks.bad_tensor(index, "index", fix)
+    if bool((index < 0).any()) or bool((index >= n).any()):
+        raise checks.bad("(index.min(), index.max())", (int(index.min()), int(index.max())), fix)
     dist = _distances([distance], target.dim)[0]
     grid = _grid(n, process).to(data.dtype)
     t_lo, t_hi = grid[index], grid[index + 1]
@@ -362,7 +366,8 @@ def gradient_gaps(
     checks.integer(n_groups, "n_groups", lo=2)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("model has no trainable parameters")
+        fix = "pass a model with trainable parameters (requires_grad=True)"
+        raise checks.bad("len(trainable parameters of model)", 0, fix)
     gmm = target.to(dtype=dtype)
     checks.integer(n_samples, "n_samples", lo=2 * n_groups, fix="use an integer >= 2 n_groups")
     per_group = [2 * (int(n_samples) // (2 * n_groups))] * n_groups

@@ -104,7 +104,7 @@ def coupled_path(
         n_out = torch.cat([p.noise for p in parts])
     else:
         if gc_model is None:
-            raise ValueError("kind='gc' needs gc_model(x_t, t) -> data estimate")
+            raise checks.bad("gc_model", None, "kind='gc' needs gc_model(x_t, t) -> data estimate")
         res = couplings.generator_induced_coupling(
             data, noise, gc_model, t, process, mu=mu, generator=generator
         )
@@ -143,9 +143,9 @@ def knn_proxy(x_t: Tensor, xdot: Tensor, k: int = 32, method: str = "local_linea
     n, d = x_t.shape
     k = int(k)
     if method == "local_linear" and k < d + 2:
-        raise ValueError(f"k must be >= d + 2 = {d + 2} for local-linear regression, got {k}")
+        raise checks.bad("k", k, f"use k >= d + 2 = {d + 2} for local-linear regression")
     if n < k + 2:
-        raise ValueError(f"need more than k + 1 = {k + 1} samples, got {n}")
+        raise checks.bad("len(x_t)", n, f"use more than k + 1 = {k + 1} samples")
     checks.finite(x_t, "x_t")
     checks.finite(xdot, "xdot")
     xs = x_t.detach().double().cpu().numpy()

@@ -54,7 +54,8 @@ class FlowMapGenerator(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(target, GaussianMixture):
-            raise ValueError("target must be a gcflows.gmm.GaussianMixture")
+            fix = "use a gcflows.gmm.GaussianMixture"
+            raise checks.bad("type(target)", type(target).__name__, fix, where="FlowMapGenerator")
         checks.real(rtol, "rtol", lo_open=0.0, hi_open=1.0, where="FlowMapGenerator")
         checks.real(atol, "atol", lo_open=0.0, hi_open=1.0, where="FlowMapGenerator")
         self.method = checks.choice(method, "method", FLOW_MAP_METHODS, where="FlowMapGenerator")
@@ -91,7 +92,7 @@ def flow_map_reference(
     process = get_process(process)
     times_t = torch.as_tensor([float(s) for s in times], dtype=torch.float64)
     if times_t.numel() < 1:
-        raise ValueError("times must hold at least one time")
+        raise checks.bad("times", list(times), "pass at least one time")
     process.check_time(times_t, "times")
     checks.integer(n_per_time, "n_per_time", lo=1)
     gmm = target.to(dtype=torch.float64)

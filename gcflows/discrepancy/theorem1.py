@@ -54,7 +54,8 @@ def _resolve_velocity(target: GaussianMixture, process: Process, velocity):
     if velocity is None:
         return TrueVelocity(target, process)
     if not callable(velocity):
-        raise ValueError("velocity must be callable as velocity(x_t, t) -> v")
+        fix = "use a callable velocity(x_t, t) -> v"
+        raise checks.bad("type(velocity)", type(velocity).__name__, fix)
     return velocity
 
 
@@ -115,7 +116,8 @@ def r_integrand(
     x = process.interpolate(data, noise, t)
     if form == "posterior":
         if target is None:
-            raise ValueError("form='posterior' needs target=, the GaussianMixture of the data")
+            fix = "form='posterior' needs target=, the GaussianMixture of the data"
+            raise checks.bad("target", None, fix)
         return posterior_jacobian_trace(model, x, t, process, target.to(dtype=x.dtype))
     xdot = process.xdot(data, noise, t)
     v = velocity(x, t)

@@ -120,5 +120,5 @@ def _weight(weight: Weight | None, t: Tensor) -> Tensor:
         return torch.ones_like(t)
     w = weight(t)
     if not torch.is_tensor(w) or w.shape != t.shape:
-        raise ValueError("weight(t) must return a tensor shaped like t (B,)")
+        raise checks.bad_tensor(w, "weight(t)", f"return a tensor shaped like t {tuple(t.shape)}")
     return w.to(t.dtype)

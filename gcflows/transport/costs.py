@@ -36,7 +36,7 @@ def estimate(values: Tensor, level: float = 0.95) -> Interval:
     level = _check_level(level)
     values = torch.as_tensor(values).detach().reshape(-1).to(torch.float64)
     if values.numel() == 0:
-        raise ValueError("values is empty; pass at least one number")
+        raise checks.bad_tensor(values, "values", "it is empty; pass at least one number")
     checks.finite(values, "values")
     return Interval.from_samples(values, "student-t", level)
 
@@ -52,10 +52,8 @@ def as_sampler(source, name: str = "sample_data") -> Sampler:
         return lambda n, generator: source.sample(n, generator=generator)
     if torch.is_tensor(source):
         if source.dim() < 2 or source.shape[0] == 0 or not source.is_floating_point():
-            raise ValueError(
-                f"{name} as a tensor must be a non-empty float dataset (N, *dims), "
-                f"got shape {tuple(source.shape)} and dtype {source.dtype}"
-            )
+            fix = f"use a non-empty float dataset (N, *dims) (dtype {source.dtype})"
+            raise checks.bad_tensor(source, name, fix)
         checks.finite(source, name)
 
         def draw_rows(n: int, generator: torch.Generator | None) -> Tensor:
@@ -66,10 +64,9 @@ def as_sampler(source, name: str = "sample_data") -> Sampler:
         return draw_rows
     if callable(source):
         return source
-    raise ValueError(
-        f"{name} must be a GaussianMixture, a dataset tensor (N, *dims) or a callable "
-        f"(n, generator) -> (n, *dims); got {type(source).__name__}"
-    )
+    fix = "use a GaussianMixture, a dataset tensor (N, *dims) or a callable (n, generator) -> "
+    fix += "(n, *dims)"
+    raise checks.bad_tensor(source, name, fix)
 
 
 def _standard_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -85,16 +82,12 @@ def _draw(
 ) -> tuple[Tensor, Tensor]:
     data = sample_data(n, generator)
     if not torch.is_tensor(data) or data.dim() < 2 or data.shape[0] != n:
-        raise ValueError(
-            f"sample_data must return a tensor of shape ({n}, *dims), got "
-            f"{tuple(data.shape) if torch.is_tensor(data) else type(data).__name__}"
-        )
+        fix = f"return a tensor of shape ({n}, *dims)"
+        raise checks.bad_tensor(data, "sample_data(n, generator)", fix)
     noise = _standard_noise(data, generator) if sample_noise is None else sample_noise(n, generator)
     if not torch.is_tensor(noise) or noise.shape != data.shape:
-        raise ValueError(
-            f"sample_noise must return a tensor of the data's shape {tuple(data.shape)}, got "
-            f"{tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}"
-        )
+        fix = f"return a tensor of the data's shape {tuple(data.shape)}"
+        raise checks.bad_tensor(noise, "sample_noise(n, generator)", fix)
     return data, noise.to(dtype=data.dtype, device=data.device)
 
 
@@ -117,7 +110,7 @@ def ic_cost(data: Tensor, noise: Tensor, level: float = 0.95) -> Interval:
     if not torch.is_tensor(data) or not torch.is_tensor(noise) or data.shape != noise.shape:
         raise ValueError("data and noise must be tensors of the same shape (B, *dims)")
     if data.dim() < 1 or data.shape[0] == 0:
-        raise ValueError("data is an empty batch; pass at least one pair")
+        raise checks.bad_tensor(data, "data", "it is an empty batch; pass at least one pair")
     checks.finite(data, "data")
     checks.finite(noise, "noise")
     return estimate(_row_sqnorm(data.to(torch.float64) - noise.to(torch.float64)), level)
@@ -272,7 +265,7 @@ def batch_ot_curve(
     ``n_pairs`` pairs and at least ``min_batches`` independent batches for its interval.
     """
     if len(batch_sizes) == 0:
-        raise ValueError("batch_sizes is empty; pass e.g. (16, 128, 512, 2048)")
+        raise checks.bad("batch_sizes", batch_sizes, "it is empty; pass e.g. (16, 128, 512, 2048)")
     n_pairs = _check_positive_int(n_pairs, "n_pairs")
     min_batches = _check_positive_int(min_batches, "min_batches")
     out = []

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gcflows import flowmap, kernels
+from gcflows import checks, flowmap, kernels
 from gcflows.gmm import GaussianMixture
 from gcflows.processes import Process, get_process
 from gcflows.stats import Interval
@@ -136,10 +136,9 @@ def _endpoint_fn(
 
         return ideal
     if not callable(f):
-        raise ValueError(
-            "f must be a GaussianMixture (its ideal flow map is used) or a callable model "
-            f"f(x, t) -> data estimate; got {type(f).__name__}"
-        )
+        fix = "use a GaussianMixture (its ideal flow map is used) or a callable model f(x, t) "
+        fix += "-> data estimate"
+        raise checks.bad("type(f)", type(f).__name__, fix)
 
     def model(x: Tensor, t: Tensor) -> Tensor:
         dtype, device = x.dtype, x.device
@@ -150,10 +149,8 @@ def _endpoint_fn(
         with torch.no_grad():
             out = f(x.to(dtype=dtype, device=device), t.to(dtype=dtype, device=device))
         if not torch.is_tensor(out) or out.shape != x.shape:
-            raise ValueError(
-                f"f must return a tensor of the input's shape {tuple(x.shape)}, got "
-                f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}"
-            )
+            fix = f"return a tensor of the input's shape {tuple(x.shape)}"
+            raise checks.bad_tensor(out, "f(x, t)", fix)
         return out.to(dtype=x.dtype, device=x.device)
 
     return model
@@ -210,7 +207,8 @@ def gc_cost_curve(
         chunk = _check_positive_int(chunk, "chunk")
     times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
     if times.numel() == 0:
-        raise ValueError("times is empty; pass a grid such as sigma_grid(process, 12)")
+        fix = "it is empty; pass a grid such as sigma_grid(process, 12)"
+        raise checks.bad_tensor(times, "times", fix)
     process.check_time(times, "times")
     endpoint = _endpoint_fn(f, process, rtol, atol)
     noise_sampler = None if sample_noise is None else as_sampler(sample_noise, "sample_noise")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gcflows.checks import batch_times
+from gcflows.checks import bad, bad_tensor, batch_times
 from gcflows.processes import Process, get_process
 
 
@@ -30,12 +30,10 @@ def _gaussian_parts(
     if std.dim() == 0:
         std = std.expand(mean.shape[0])
     if std.shape != mean.shape:
-        raise ValueError(
-            f"std must be a float or have the mean's shape {tuple(mean.shape)}, "
-            f"got {tuple(std.shape)}"
-        )
+        fix = f"use a float or the mean's shape {tuple(mean.shape)}"
+        raise bad_tensor(std, "std", fix)
     if bool((std < 0).any()):
-        raise ValueError("std must be non-negative")
+        raise bad("std.min()", float(std.min()), "use non-negative stds")
     var = std**2
     tm = torch.tensor([process.t_min], dtype=torch.float64)
     a, b = process.a(times)[:, None], process.b(times)[:, None]

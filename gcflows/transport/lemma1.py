@@ -86,11 +86,10 @@ def flow_map_jvp(
     """
     process = get_process(process)
     if not isinstance(mixture, GaussianMixture):
-        raise ValueError("mixture must be a GaussianMixture (the ideal flow map's oracle)")
+        fix = "use a GaussianMixture (the ideal flow map's oracle)"
+        raise checks.bad("type(mixture)", type(mixture).__name__, fix)
     if direction.shape != x.shape:
-        raise ValueError(
-            f"direction must have the shape of x {tuple(x.shape)}, got {tuple(direction.shape)}"
-        )
+        raise checks.bad_tensor(direction, "direction", f"use the shape of x {tuple(x.shape)}")
     checks.finite(direction, "direction")
     x64 = x.detach().to(torch.float64)
     u64 = direction.detach().to(torch.float64)
@@ -102,7 +101,7 @@ def flow_map_jvp(
         norm = u64.norm(dim=1).clamp_min(1e-300)
         h = (scale / norm)[:, None]
         if t_end is not None:
-            raise ValueError("method='fd' maps to process.t_min; pass t_end=None")
+            raise checks.bad("t_end", t_end, "method='fd' maps to process.t_min; pass t_end=None")
         both = mixture.flow_map(
             torch.cat([x64, x64 + h * u64, x64 - h * u64]),
             t64.repeat(3),
@@ -114,7 +113,7 @@ def flow_map_jvp(
         f0, fp, fm = both.chunk(3)
         return f0, (fp - fm) / (2 * h)
     if method != "tangent":
-        raise ValueError(f"method must be 'tangent' or 'fd', got {method!r}")
+        raise checks.bad("method", method, "use 'tangent' or 'fd'")
     gm = mixture.to(dtype=torch.float64, device=x.device)
     log_t = torch.log(t64)
     span = math.log(te) - log_t
@@ -235,10 +234,11 @@ def lemma1_check(
     n = _check_positive_int(n, "n", 2)
     checks.real(h_rel, "h_rel", lo_open=0.0, hi_open=0.5)
     if not isinstance(mixture, GaussianMixture):
-        raise ValueError("mixture must be a GaussianMixture (Lemma 1 needs the exact flow map)")
+        fix = "use a GaussianMixture (Lemma 1 needs the exact flow map)"
+        raise checks.bad("type(mixture)", type(mixture).__name__, fix)
     times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
     if times.numel() == 0:
-        raise ValueError("times is empty")
+        raise checks.bad_tensor(times, "times", "it is empty; pass at least one time")
     process.check_time(times, "times")
     mix = mixture.to(dtype=torch.float64)
     data = mix.sample(n, generator=generator)
