@@ -111,3 +111,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_refused_at_once(main, argv: list[str], message: str, out: Path, capsys) -> None:
+    """A script's ``main(["--quick", "--out", out, *argv])`` refuses ``argv`` before any work: exit
+    2 within 2 s, exactly one ``error:`` line containing ``message``, no traceback, and nothing
+    written under ``out`` (no run folder)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--out", str(out), *argv])
+    assert time.perf_counter() - start < 2.0  # checked in the parent, before any work
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "error:" in ln]  # one message
+    assert message in line and "Traceback" not in err
+    assert list(Path(out).iterdir()) == []  # no run folder

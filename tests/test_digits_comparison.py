@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_refused_at_once
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "digits_comparison.py"
@@ -44,14 +45,7 @@ def script():
     ids=lambda a: " ".join(a),
 )
 def test_bad_arguments_fail_at_once_without_a_run_folder(script, argv, message, tmp_path, capsys):
-    start = time.perf_counter()
-    with pytest.raises(SystemExit) as exc:
-        script.main(["--quick", "--out", str(tmp_path), *argv])
-    assert time.perf_counter() - start < 2.0 and exc.value.code == 2
-    err = capsys.readouterr().err
-    (line,) = [ln for ln in err.splitlines() if "error:" in ln]
-    assert message in line and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
+    assert_refused_at_once(script.main, argv, message, tmp_path, capsys)
 
 
 def test_steps_zero_is_not_the_default_and_explicit_values_win(script, tmp_path):
@@ -129,16 +123,23 @@ def _long_study(tmp_path, tmp_path_factory) -> subprocess.Popen:
     )
 
 
+def _two_training_workers(proc: subprocess.Popen) -> list[int]:
+    """The pids of the study's two workers once both exist (10 min at most), after they have had
+    3 s to start training."""
+    deadline = time.monotonic() + 600
+    workers: list[int] = []
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        workers = _workers(proc.pid)
+    assert len(workers) == 2, proc.communicate(timeout=10)
+    time.sleep(3.0)  # let them start training
+    return workers
+
+
 def test_sigterm_stops_the_workers(tmp_path, tmp_path_factory):
     proc = _long_study(tmp_path, tmp_path_factory)
     try:
-        deadline = time.monotonic() + 600
-        workers: list[int] = []
-        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            workers = _workers(proc.pid)
-        assert len(workers) == 2, proc.communicate(timeout=10)
-        time.sleep(3.0)  # let them start training
+        workers = _two_training_workers(proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -158,13 +159,7 @@ def test_a_worker_killed_mid_job_ends_the_study_with_an_error_naming_the_job(
     other worker is stopped too."""
     proc = _long_study(tmp_path, tmp_path_factory)
     try:
-        deadline = time.monotonic() + 600
-        workers: list[int] = []
-        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            workers = _workers(proc.pid)
-        assert len(workers) == 2, proc.communicate(timeout=10)
-        time.sleep(3.0)  # let them start training
+        workers = _two_training_workers(proc)
         os.kill(workers[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:

@@ -15,11 +15,11 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from _terminal import run_on_a_terminal
+from conftest import assert_refused_at_once
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "toy_discrepancy.py"
@@ -217,16 +217,7 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=lambda a: " ".join(a))
 def test_bad_arguments_fail_at_once_without_a_run_folder(argv, message, tmp_path, capsys):
-    module = _load_script()
-    start = time.perf_counter()
-    with pytest.raises(SystemExit) as exc:
-        module.main(["--quick", "--out", str(tmp_path), *argv])
-    assert time.perf_counter() - start < 2.0  # checked in the parent, before any work
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    (line,) = [ln for ln in err.splitlines() if "error:" in ln]  # one message
-    assert message in line and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []  # no run folder
+    assert_refused_at_once(_load_script().main, argv, message, tmp_path, capsys)
 
 
 def test_bad_argument_in_a_subprocess_is_one_message_and_no_traceback(tmp_path):
