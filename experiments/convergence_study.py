@@ -17,23 +17,26 @@ Reported (``results.json``, tables on stdout, ``learning_curves.png``):
 
 - the **positive control**: CD - CT per metric at the end, paired by seed (95 % t-interval), and
   CT's last-quarter improvement (``gcflows.curves.last_quarter_improvement``) per metric: the
-  recipe is accepted when CT improves by < 5 % over the last quarter on the primary metric and
+  recipe is accepted when CT improves by < 5 % over the last quarter on a primary metric and
   CD - CT excludes zero there;
 - every method against CT (paired differences, all final metrics);
-- **speed-up factors** on the primary metric (``gcflows.curves.speedup``): steps to reach CT's
+- **speed-up factors** on each primary metric (``gcflows.curves.speedup``): steps to reach CT's
   final quality and CT's quality at half the budget, as a ratio to CT's, bootstrap interval;
 - ``--robustness``: GC (mu = 0.5) against CT at half and twice the learning rate, and GC with a
   constant 0.9999 EMA generator.
 
-The primary metric is ``PRIMARY`` (fixed in docs/convergence.md before the GC rows were run).
+The primary metrics are ``PRIMARY`` (named in docs/convergence.md before the GC rows were run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +49,7 @@ from gcflows.gmm import GaussianMixture, get_preset
 from gcflows.mixture_eval import METRICS, consistency_error, evaluate, make_eval_set
 from gcflows.mixture_eval import sample_metrics as _sample_metrics
 from gcflows.mixture_eval import samples as _samples
-from gcflows.progress import Progress
+from gcflows.progress import JobPool, Progress, signals_interrupt
 from gcflows.records import (
     check_writable,
     make_run_dir,
@@ -73,18 +76,21 @@ ROBUSTNESS = {
     "gc0.5@lr*2": ("gc0.5", 2.0, None),
     "gc0.5-constema": ("gc0.5", 1.0, "const_ema"),
 }
-#: the primary metric (docs/convergence.md): an exact sample metric, fair to every coupling; named
-#: before any GC row was run, from a 3-seed pilot of CD and CT (one-step sliced W2 ranked CD
-#: below CT there)
-PRIMARY = "mode_tv_1step"
+#: the primary metrics (docs/convergence.md), exact sample metrics fair to every coupling, each
+#: named before any GC row of its run was looked at, from CD and CT alone: the one-step mode-mass
+#: TV (from a 3-seed pilot; one-step sliced W2 ranked CD below CT there), and the one-step
+#: per-mode covariance error (added before the 2400-step run, on which the positive control
+#: separated at 800 steps and in a 2400-step pilot of CD and CT, while the mode TV on random_64
+#: did not)
+PRIMARY = ("mode_tv_1step", "cov_err_1step")
 #: metrics followed along training (evaluation EMA), and the figure's rows
-CURVE_METRICS = ("cons_err", "sw2_1step", "mode_tv_1step", "mean_err_1step")
+CURVE_METRICS = ("cons_err", "sw2_1step", "mode_tv_1step", "cov_err_1step", "mean_err_1step")
 N_CHECKPOINTS = 12
 RECIPE = dict(
     hidden=128,
     depth=3,
     batch=256,
-    steps=800,
+    steps=2400,
     lr=5e-4,
     lr_schedule="cosine",
     lr_warmup=0,
@@ -94,7 +100,9 @@ RECIPE = dict(
     ideal_steps=12,
 )
 QUICK_RECIPE = dict(RECIPE, hidden=32, depth=2, batch=64, steps=48, s1=20, ideal_steps=4)
-EVAL = dict(n_flow=256, n_ref=4000, n_samples=4000, n_curve=1000)
+#: samples per seed: ``n_samples`` for the final metrics of the evaluation EMA (the mode TV of a
+#: perfect sampler is then ~0.008 on random_64), ``n_curve`` for the curves and the online weights
+EVAL = dict(n_flow=256, n_ref=4000, n_samples=20000, n_curve=4000)
 QUICK_EVAL = dict(n_flow=32, n_ref=200, n_samples=200, n_curve=100)
 
 
@@ -115,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHODS)}")
     p.add_argument("--robustness", action="store_true", help="adds the robustness runs")
     p.add_argument("--out", default="runs", help="parent folder of the run folder")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: best when shared)")
+    p.add_argument("--workers", type=int, default=None, help="processes (min(2, cpus))")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
     p.add_argument("--quiet", action="store_true", help="one log line per job, no progress bar")
     return p
 
@@ -148,6 +157,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.hidden is not None:
         checks.integer(args.hidden, "--hidden", lo=1)
     checks.integer(args.threads, "--threads", lo=1)
+    if args.workers is None:
+        args.workers = max(1, min(2, os.cpu_count() or 1))
+    checks.integer(args.workers, "--workers", lo=1)
     known = TARGETS + FULL_TARGETS
     for name in args.targets or []:
         checks.choice(name, "--targets", known)
@@ -225,8 +237,8 @@ def curve_point(target, ens, ev, n: int) -> dict[str, list[float]]:
     out = {"cons_err": consistency_error(apply, s, ev).mean(1).double().tolist()}
     x = _samples(apply, s, target.dim, n, 1, torch.Generator().manual_seed(5))
     rows = [_sample_metrics(target, x[i], ev.ref) for i in range(s)]
-    for m in ("sw2", "mode_tv", "mean_err"):
-        out[f"{m}_1step"] = [r[m] for r in rows]
+    for m in CURVE_METRICS[1:]:
+        out[m] = [r[m.removesuffix("_1step")] for r in rows]
     return out
 
 
@@ -243,7 +255,7 @@ def run_one(target, spec: EnsembleSpec, seeds: list[int], ev, cfg: dict) -> dict
     wall = time.perf_counter() - t0
     s, n = len(seeds), cfg["eval"]["n_samples"]
     final = evaluate(target, lambda x, t: ens.apply(x, t, ens.eval_ema), s, ev, n)
-    online = evaluate(target, ens.apply, s, ev, n)
+    online = evaluate(target, ens.apply, s, ev, cfg["eval"]["n_curve"])
     return dict(
         curves={k: np.asarray(v).T for k, v in curve.items()},  # (S, C)
         final=final,
@@ -256,7 +268,7 @@ def run_one(target, spec: EnsembleSpec, seeds: list[int], ev, cfg: dict) -> dict
     )
 
 
-def analyse(res: dict[str, dict], steps: list[int], primary: str) -> dict:
+def analyse(res: dict[str, dict], steps: list[int], primary: Sequence[str]) -> dict:
     """Positive control, CT's plateau, paired differences and speed-ups of one target."""
     out: dict = {}
     ct = res["ct"]
@@ -274,17 +286,19 @@ def analyse(res: dict[str, dict], steps: list[int], primary: str) -> dict:
         if name != "ct"
     }
     half = steps.index(min(steps, key=lambda k: abs(k - steps[-1] / 2)))
-    half_level = float(ct["curves"][primary][:, half].mean())
-    out["speedup"] = {}
-    for name, r in res.items():
-        if name == "ct":
-            continue
-        out["speedup"][name] = {
-            "ct_final": speedup(r["curves"][primary], ct["curves"][primary], steps).as_dict(),
-            "ct_half": speedup(
-                r["curves"][primary], ct["curves"][primary], steps, level=half_level
-            ).as_dict(),
-        }
+    out["speedup"] = {}  # metric -> run -> {"ct_final", "ct_half"}
+    for m in primary:
+        half_level = float(ct["curves"][m][:, half].mean())
+        per = out["speedup"][m] = {}
+        for name, r in res.items():
+            if name == "ct":
+                continue
+            per[name] = {
+                "ct_final": speedup(r["curves"][m], ct["curves"][m], steps).as_dict(),
+                "ct_half": speedup(
+                    r["curves"][m], ct["curves"][m], steps, level=half_level
+                ).as_dict(),
+            }
     # GC against CT at the same learning rate (robustness)
     for lr_tag in ("@lr/2", "@lr*2"):
         c, g = res.get(f"ct{lr_tag}"), res.get(f"gc0.5{lr_tag}")
@@ -327,7 +341,7 @@ def figure(run_dir: Path, all_res: dict, steps: list[int]) -> str:
                 handles[name] = line
         for i, m in enumerate(CURVE_METRICS):
             axes[i][j].set_yscale("log")
-            axes[i][j].set_ylabel(m + (" (primary)" if m == PRIMARY else ""), fontsize=8)
+            axes[i][j].set_ylabel(m + (" (primary)" if m in PRIMARY else ""), fontsize=8)
         axes[0][j].set_title(f"{tname} (evaluation EMA; mean, 95 % band)", fontsize=9)
         axes[-1][j].set_xlabel("training step")
     order = [n for n in METHODS if n in handles]
@@ -358,26 +372,57 @@ def summary(results: dict) -> None:
                 }
                 for m in METRICS
             ]
-            print_table(rows, title=f"{tname}: positive control (primary {primary})")
+            title = f"{tname}: positive control (primary {', '.join(primary)})"
+            print_table(rows, title=title)
         rows = []
         for name, per in a["paired_vs_ct"].items():
             row = {"method": name}
-            for m in ("sw2_1step", "mode_tv_1step", "sw2_2step", "cons_err"):
+            for m in (*primary, "sw2_1step", "sw2_2step", "cons_err"):
                 row[m] = _fmt(per[m])
             rows.append(row)
         print_table(rows, title=f"{tname}: method - CT at the end (evaluation EMA)")
-        rows = [
-            {
-                "method": name,
-                "to CT final": sp["ct_final"]["describe"],
-                "to CT at half": sp["ct_half"]["describe"],
-            }
-            for name, sp in a["speedup"].items()
-        ]
-        print_table(rows, title=f"{tname}: steps to reach CT's {primary}, ratio to CT's")
+        for m, per in a["speedup"].items():
+            rows = [
+                {
+                    "method": name,
+                    "to CT final": sp["ct_final"]["describe"],
+                    "to CT at half": sp["ct_half"]["describe"],
+                }
+                for name, sp in per.items()
+            ]
+            print_table(rows, title=f"{tname}: steps to reach CT's {m}, ratio to CT's")
 
 
 # ------------------------------------------------------------------------------------------------
+#: relative cost of one seed-step per run (CT = 1; measured, docs/performance.md): the costliest
+#: jobs start first so that the workers end together
+COST = {"cd": 1.4, "gc0.5": 1.35, "gc0.3": 1.2, "gc0.5-online": 1.35, "gc0.5-ideal": 1.3}
+
+
+def run_job(job: dict) -> dict:
+    """One (target, run) of the design, in a pool worker: train its seeds, evaluate them."""
+    torch.set_num_threads(job["threads"])
+    target = get_preset(job["target"])
+    ev = make_eval_set(target, job["eval"]["n_flow"], job["eval"]["n_ref"])
+    spec = dataclasses.replace(job["spec"], sigma_data=sigma_data(target))
+    return run_one(target, spec, job["seeds"], ev, job)
+
+
+def jobs_of(args: argparse.Namespace, cfg: dict, seeds: list[int]) -> list[dict]:
+    """Every (target, run) job of the design, costliest first (``COST``)."""
+    out = []
+    for tname in cfg["targets"]:
+        for name, spec in specs_of(args, cfg["recipe"], 1.0).items():
+            if (tname, name) in FULL_ONLY and not (args.full or args.methods):
+                continue
+            base = design_runs(args)[name][0]
+            cost = COST.get(base, 1.0) * spec.steps * (1.0 if tname != "random_256" else 3.0)
+            job = dict(target=tname, name=name, spec=spec, seeds=seeds, cost=cost)
+            job.update(threads=args.threads, eval=cfg["eval"], checkpoints=cfg["checkpoints"])
+            out.append(job)
+    return sorted(out, key=lambda j: -j["cost"])
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = design(args)
@@ -385,56 +430,62 @@ def main(argv=None) -> dict:
     seeds = list(range(args.seeds))
     run_dir = make_run_dir(args.out, "convergence_quick" if args.quick else "convergence")
     write_config(run_dir, args, seeds, settings=cfg)
-    n_jobs = sum(
-        (t, n) not in FULL_ONLY or args.full or bool(args.methods)
-        for t in cfg["targets"]
-        for n in cfg["runs"]
-    )
-    bar = Progress(n_jobs, "convergence_study", quiet=args.quiet)
+    jobs = jobs_of(args, cfg, seeds)
+    bar = Progress(len(jobs), "convergence_study", quiet=args.quiet)
     start, cpu0 = time.perf_counter(), time.process_time()
-    all_res: dict = {}
-    rows: list[dict] = []
-    analysis: dict = {}
-    for tname in cfg["targets"]:
-        target = get_preset(tname)
-        ev = make_eval_set(target, cfg["eval"]["n_flow"], cfg["eval"]["n_ref"])
-        specs = specs_of(args, cfg["recipe"], sigma_data(target))
-        res = {}
-        for name, spec in specs.items():
-            if (tname, name) in FULL_ONLY and not (args.full or args.methods):
-                continue
-            r = run_one(target, spec, seeds, ev, cfg)
-            res[name] = r
-            for i, seed in enumerate(seeds):
-                row = dict(target=tname, method=name, seed=seed)
-                row.update({m: float(r["final"][m][i]) for m in METRICS})
-                row.update({f"online_{m}": float(r["online"][m][i]) for m in METRICS})
-                row["pair_cost_per_d"] = float(r["pair_cost_per_d"][i])
-                rows.append(row)
-            bar.done(f"{tname} {name} ({len(seeds)} seeds)", r["wall_s"])
+    done: dict = {}
+    with signals_interrupt(), JobPool(run_job, min(args.workers, len(jobs)), bar) as pool:
+        for job in jobs:
+            pool.submit(job, f"{job['target']} {job['name']}")
+        for label, r in pool.results():
+            done[label] = r
             # what is done so far, in case the run is stopped (no analysis yet)
-            partial = {t: dict(r) for t, r in all_res.items()}
-            partial[tname] = res
-            write_results(run_dir, {"partial": True, "design": cfg, **_curves(partial)}, rows)
-        all_res[tname] = res
+            all_res, rows = collect(cfg, jobs, done)
+            write_results(run_dir, {"partial": True, "design": cfg, **_curves(all_res)}, rows)
+    bar.close()
+    all_res, rows = collect(cfg, jobs, done)
+    analysis: dict = {}
+    for tname, res in all_res.items():
         if "ct" in res:  # without the baseline (a --methods subset), curves and rows only
             analysis[tname] = analyse(res, cfg["checkpoints"], cfg["primary"])
-            for sp in analysis[tname]["speedup"].values():
-                for key, d in sp.items():
-                    sp[key] = {**d, "describe": _describe(d)}
-    bar.close()
+            for per in analysis[tname]["speedup"].values():
+                for sp in per.values():
+                    for key, d in sp.items():
+                        sp[key] = {**d, "describe": _describe(d)}
     results = dict(
         design=cfg,
         analysis=analysis,
         **_curves(all_res),
         figures=[figure(run_dir, all_res, cfg["checkpoints"])],
         wall_s=round(time.perf_counter() - start, 1),
+        workers=min(args.workers, len(jobs)),
+        # CPU time of this process; the workers' is the sum of the jobs' wall times (one thread)
         cpu_s=round(time.process_time() - cpu0, 1),
     )
     write_results(run_dir, results, rows)
     summary(results)
-    print(f"run folder: {run_dir}  wall {results['wall_s']} s  cpu {results['cpu_s']} s")
+    print(f"run folder: {run_dir}  wall {results['wall_s']} s  workers {results['workers']}")
     return results
+
+
+def collect(cfg: dict, jobs: list[dict], done: dict) -> tuple[dict, list[dict]]:
+    """``(target -> run -> result, rows)`` of the finished jobs, in the design's order (CT first
+    within a target, then ``METHODS``, then the robustness runs), one row per seed."""
+    all_res: dict = {}
+    rows: list[dict] = []
+    order = {name: i for i, name in enumerate(dict.fromkeys(["ct", *METHODS, *ROBUSTNESS]))}
+    for tname in cfg["targets"]:
+        finished = [j for j in jobs if j["target"] == tname and f"{tname} {j['name']}" in done]
+        for job in sorted(finished, key=lambda j: order[j["name"]]):
+            r = done[f"{tname} {job['name']}"]
+            all_res.setdefault(tname, {})[job["name"]] = r
+            for i, seed in enumerate(job["seeds"]):
+                row = dict(target=tname, method=job["name"], seed=seed)
+                row.update({m: float(r["final"][m][i]) for m in METRICS})
+                row.update({f"online_{m}": float(r["online"][m][i]) for m in METRICS})
+                row["pair_cost_per_d"] = float(r["pair_cost_per_d"][i])
+                rows.append(row)
+    return all_res, rows
 
 
 def _curves(all_res: dict) -> dict:
