@@ -306,6 +306,12 @@ def analyse(res: dict[str, dict], steps: list[int], primary: Sequence[str]) -> d
             out.setdefault("robustness", {})[f"gc0.5 - ct {lr_tag}"] = {
                 m: paired_difference(g["final"][m], c["final"][m]).as_dict() for m in METRICS
             }
+    # the authors' warm-up EMA against a constant 0.9999 EMA as the generator
+    c, g = res.get("gc0.5"), res.get("gc0.5-constema")
+    if c is not None and g is not None:
+        out.setdefault("robustness", {})["gc0.5-constema - gc0.5"] = {
+            m: paired_difference(g["final"][m], c["final"][m]).as_dict() for m in METRICS
+        }
     return out
 
 
@@ -381,6 +387,12 @@ def summary(results: dict) -> None:
                 row[m] = _fmt(per[m])
             rows.append(row)
         print_table(rows, title=f"{tname}: method - CT at the end (evaluation EMA)")
+        if "robustness" in a:
+            rows = [
+                {"comparison": name, **{m: _fmt(per[m]) for m in (*primary, "sw2_1step")}}
+                for name, per in a["robustness"].items()
+            ]
+            print_table(rows, title=f"{tname}: robustness (paired, 95 % CI)")
         for m, per in a["speedup"].items():
             rows = [
                 {

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_refused_at_once
 
@@ -129,3 +130,43 @@ def test_jobs_in_worker_processes_give_the_in_process_results(script, tmp_path):
         (m, s) for m in ("ct", "cd", "ot") for s in ("0", "1")
     ]
     assert pool == one
+
+
+def test_robustness_runs_scale_the_rate_and_are_compared_at_equal_rates(script):
+    """``--robustness`` runs CT and GC at half and twice the rate (the factor on the recipe's
+    rate, nothing else changed) and GC with a constant EMA; the analysis pairs GC with CT at
+    the same rate and the constant EMA with the warm-up one, as ``run - baseline``."""
+    args = script.parse_args(["--robustness", "--methods", "ct", "gc0.5"])
+    recipe = script.design(args)["recipe"]
+    specs = script.specs_of(args, recipe, 1.0)
+    assert specs["ct@lr/2"].lr == recipe["lr"] / 2 and specs["gc0.5@lr*2"].lr == 2 * recipe["lr"]
+    assert specs["gc0.5-constema"].gc_model == "const_ema" and specs["gc0.5"].gc_model == "ema"
+    assert specs["gc0.5@lr/2"].method == "gc" and specs["gc0.5@lr/2"].mu == 0.5
+
+    rng = np.random.default_rng(0)
+    steps = script.checkpoints(240)
+    metrics = script.METRICS
+
+    def run(shift):
+        curves = {m: rng.uniform(1, 2, (4, len(steps))) for m in script.CURVE_METRICS}
+        return dict(curves=curves, final={m: 1.0 + shift + rng.normal(0, 1e-3, 4) for m in metrics})
+
+    res = {
+        name: run(shift)
+        for name, shift in [
+            ("ct", 0.0),
+            ("gc0.5", 0.1),
+            ("ct@lr/2", 0.5),
+            ("gc0.5@lr/2", 0.2),
+            ("ct@lr*2", 0.0),
+            ("gc0.5@lr*2", 0.3),
+            ("gc0.5-constema", 0.4),
+        ]
+    }
+    for r in res.values():
+        r["online"] = r["final"]
+    rob = script.analyse(res, steps, script.PRIMARY)["robustness"]
+    m = script.PRIMARY[0]
+    assert rob["gc0.5 - ct @lr/2"][m]["mean"] == pytest.approx(-0.3, abs=5e-3)
+    assert rob["gc0.5 - ct @lr*2"][m]["mean"] == pytest.approx(0.3, abs=5e-3)
+    assert rob["gc0.5-constema - gc0.5"][m]["mean"] == pytest.approx(0.3, abs=5e-3)
