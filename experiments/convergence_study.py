@@ -1,6 +1,7 @@
 """Convergence study: CD (positive control), CT, batch-OT and GC trained to a plateau, with curves.
 
     python experiments/convergence_study.py [--quick | --full] [--seeds 10] [--out runs] [--quiet]
+    python experiments/convergence_study.py --report RUN_DIR   # (re)write RUN_DIR/tables.md
 
 Design (docs/convergence.md): on the 64-D random mixture and the digits-like mixture (``--full``
 adds the 256-D random mixture), every method of ``METHODS`` (CD with the exact velocity, CT,
@@ -13,7 +14,7 @@ learning-rate schedule, curriculum). Every model is read through an EMA of its w
 metrics) and at the end (``gcflows.mixture_eval.evaluate``: one- and two-step samples; the online
 weights too, to show what the EMA removes).
 
-Reported (``results.json``, tables on stdout, ``learning_curves.png``):
+Reported (``results.json``, tables on stdout and in ``tables.md``, ``learning_curves.png``):
 
 - the **positive control**: CD - CT per metric at the end, paired by seed (95 % t-interval), and
   CT's last-quarter improvement (``gcflows.curves.last_quarter_improvement``) per metric: the
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from gcflows import checks
+from gcflows.atomic import atomic_write_bytes
 from gcflows.curves import band, last_quarter_improvement, paired_difference, speedup
 from gcflows.ensemble import VARIANTS, EnsembleSpec, train_ensemble
 from gcflows.gmm import GaussianMixture, get_preset
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (min(2, cpus))")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
     p.add_argument("--quiet", action="store_true", help="one log line per job, no progress bar")
+    p.add_argument("--report", default=None, help="only (re)write tables.md of this run folder")
     return p
 
 
@@ -141,6 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if args.report is not None:
+        if not (Path(args.report) / "results.json").is_file():
+            fix = "name a run folder of this study (it holds results.json)"
+            raise checks.bad("--report", args.report, fix)
+        return
     if args.quick and args.full:
         raise ValueError("--quick and --full together are contradictory: pick one")
     if args.seeds is None:
@@ -359,6 +367,96 @@ def figure(run_dir: Path, all_res: dict, steps: list[int]) -> str:
     return path.name
 
 
+def markdown_tables(results: dict, rows: list[dict]) -> str:
+    """The run's tables in Markdown (docs/convergence.md shows them): per target the positive
+    control (CT and CD means, CD - CT, CT's last-quarter improvement), every run against CT, the
+    speed-up factors per primary metric, the robustness comparisons; then the time per job.
+    Built from ``results.json`` and the per-seed rows of ``results.csv`` alone."""
+    primary = list(results["design"]["primary"])
+    md: list[str] = []
+
+    def mean(t: str, name: str, m: str) -> str:
+        vals = [float(r[m]) for r in rows if r["target"] == t and r["method"] == name]
+        return f"{np.mean(vals):.4g}"
+
+    for t, a in results["analysis"].items():
+        n = len([r for r in rows if r["target"] == t and r["method"] == "ct"])
+        pc = a["paired_vs_ct"].get("cd")
+        if pc is not None:
+            md += [
+                f"\n#### {t}: positive control (CD - CT, {n} seeds, paired; CT's last-quarter"
+                " improvement)\n",
+                "| metric | CT | CD | CD - CT (95 % CI) | CT last-quarter improvement |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for m in METRICS:
+                lq = _fmt(a["ct_last_quarter"][m]) if m in a["ct_last_quarter"] else "-"
+                label = f"**{m}** (primary)" if m in primary else m
+                md.append(
+                    f"| {label} | {mean(t, 'ct', m)} | {mean(t, 'cd', m)} | {_fmt(pc[m])} | {lq} |"
+                )
+        cols = [*primary, "sw2_1step", "mean_err_1step", "mode_tv_2step", "sw2_2step", "cons_err"]
+        md += [
+            f"\n#### {t}: every run against CT at the end (evaluation EMA; mean, and run - CT"
+            f" with 95 % CI, {n} seeds)\n",
+            "| run | " + " | ".join(cols) + " |",
+            "| --- |" + " --- |" * len(cols),
+            "| ct | " + " | ".join(mean(t, "ct", m) for m in cols) + " |",
+        ]
+        for name, per in a["paired_vs_ct"].items():
+            cells = [f"{mean(t, name, m)}: {_fmt(per[m])}" for m in cols]
+            md.append(f"| {name} | " + " | ".join(cells) + " |")
+        for m, per in a["speedup"].items():
+            md += [
+                f"\n#### {t}: speed-up on {m} (steps to reach the level / CT's steps; bootstrap"
+                " 95 % interval over seeds)\n",
+                "| run | to CT's final quality | to CT's quality at half the budget |",
+                "| --- | --- | --- |",
+            ]
+            md += [
+                f"| {name} | {sp['ct_final']['describe']} | {sp['ct_half']['describe']} |"
+                for name, sp in per.items()
+            ]
+        online = a.get("paired_vs_ct_online", {})
+        if online:
+            md.append(
+                f"\nOnline weights instead of the evaluation EMA (run - CT; {', '.join(primary)}): "
+                + "; ".join(
+                    f"{k} " + ", ".join(_fmt(v[m]) for m in primary) for k, v in online.items()
+                )
+            )
+        if "robustness" in a:
+            md += [
+                f"\n#### {t}: robustness (paired, 95 % CI)\n",
+                "| comparison | " + " | ".join([*primary, "sw2_1step"]) + " |",
+                "| --- |" + " --- |" * (len(primary) + 1),
+            ]
+            for name, per in a["robustness"].items():
+                cells = [_fmt(per[m]) for m in (*primary, "sw2_1step")]
+                md.append(f"| {name} | " + " | ".join(cells) + " |")
+    md += ["\n| job | wall s | seed-steps/s |", "| --- | --- | --- |"]
+    md += [
+        f"| {k} | {v['wall_s']} | {v['seed_steps_per_s']} |" for k, v in results["timing"].items()
+    ]
+    return "\n".join(md) + "\n"
+
+
+def report(run_dir: str | Path) -> str:
+    """(Re)write ``tables.md`` of a finished run folder from its results files; return it."""
+    import csv
+    import json
+
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    if results.get("partial"):
+        raise checks.bad("--report", str(run_dir), "name a finished run (its results are partial)")
+    with open(run_dir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = markdown_tables(results, rows)
+    atomic_write_bytes(run_dir / "tables.md", text.encode())
+    return text
+
+
 def _fmt(iv: dict) -> str:
     return f"{iv['mean']:+.3g} [{iv['lo']:+.3g}, {iv['hi']:+.3g}]"
 
@@ -437,6 +535,10 @@ def jobs_of(args: argparse.Namespace, cfg: dict, seeds: list[int]) -> list[dict]
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report is not None:
+        text = report(args.report)
+        print(text)
+        return {"report": text}
     cfg = design(args)
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
@@ -475,6 +577,7 @@ def main(argv=None) -> dict:
         cpu_s=round(time.process_time() - cpu0, 1),
     )
     write_results(run_dir, results, rows)
+    report(run_dir)
     summary(results)
     print(f"run folder: {run_dir}  wall {results['wall_s']} s  workers {results['workers']}")
     return results

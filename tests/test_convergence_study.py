@@ -41,6 +41,7 @@ def script():
         (["--targets", "random_7"], "--targets='random_7' is invalid"),
         (["--methods", "gc9"], "--methods='gc9' is invalid"),
         (["--full"], "--quick and --full"),
+        (["--report", "no_such_run"], "--report='no_such_run' is invalid"),
     ],
     ids=lambda a: " ".join(a) if isinstance(a, list) else a,
 )
@@ -83,8 +84,14 @@ def test_quick_run_end_to_end(script, tmp_path):
         ]
     )
     (run_dir,) = list(tmp_path.iterdir())
-    for name in ("config.json", "results.json", "results.csv", "learning_curves.png"):
+    for name in ("config.json", "results.json", "results.csv", "learning_curves.png", "tables.md"):
         assert (run_dir / name).exists(), name
+    tables = (run_dir / "tables.md").read_text()
+    assert "#### random_64: positive control" in tables and "**cov_err_1step** (primary)" in tables
+    # the tables are remade from the files alone, identically
+    (run_dir / "tables.md").unlink()
+    assert script.main(["--report", str(run_dir)])["report"] == tables
+    assert (run_dir / "tables.md").read_text() == tables
     a = res["analysis"]["random_64"]
     primary = res["design"]["primary"]
     assert list(primary) == ["mode_tv_1step", "cov_err_1step"]
