@@ -452,6 +452,15 @@ def report(run_dir: str | Path) -> str:
         raise checks.bad("--report", str(run_dir), "name a finished run (its results are partial)")
     with open(run_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    # runs written before SpeedUp.first_step: the same rule (the JSON keeps no inf / nan, so
+    # the stored description is kept otherwise)
+    first = results["design"]["checkpoints"][0]
+    for a in results["analysis"].values():
+        for per in a["speedup"].values():
+            for sp in per.values():
+                for d in sp.values():
+                    if d.get("base_steps") is not None and d["base_steps"] <= first:
+                        d["describe"] = _describe({**d, "first_step": first, "ratio": 1.0})
     text = markdown_tables(results, rows)
     atomic_write_bytes(run_dir / "tables.md", text.encode())
     return text

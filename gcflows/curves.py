@@ -92,7 +92,10 @@ class SpeedUp:
     ``ratio`` (point estimate on the seed means; ``inf``: the method never reaches the level,
     ``nan``: neither does the baseline), ``lo`` / ``hi`` the percentile bootstrap interval at
     ``confidence``, ``method_steps`` / ``base_steps`` the two step counts, ``level`` the level
-    used, ``reached`` the share of bootstrap resamples in which the method reached it."""
+    used, ``reached`` the share of bootstrap resamples in which the method reached it,
+    ``first_step`` the first checkpoint: a baseline at the level there already (its curve does
+    not improve on its first checkpoint, e.g. a metric that gets worse with training) leaves the
+    factor undefined, whatever the ratio says (:meth:`describe`)."""
 
     ratio: float
     lo: float
@@ -103,6 +106,7 @@ class SpeedUp:
     reached: float
     n_boot: int
     confidence: float = 0.95
+    first_step: float = math.nan
 
     def as_dict(self) -> dict:
         return dict(
@@ -115,10 +119,14 @@ class SpeedUp:
             reached=self.reached,
             n_boot=self.n_boot,
             confidence=self.confidence,
+            first_step=self.first_step,
         )
 
     def describe(self) -> str:
-        """``"0.62 [0.41, 0.88]"``, ``"never reached"`` or ``"1.3 [0.9, inf]"``."""
+        """``"0.62 [0.41, 0.88]"``, ``"never reached"``, ``"1.3 [0.9, inf]"`` or, for a
+        baseline at the level from its first checkpoint, ``"undefined: ..."``."""
+        if self.base_steps <= self.first_step:
+            return "undefined: CT is at this level from its first checkpoint (no improvement)"
         if math.isinf(self.ratio):
             return f"never reached (in {self.reached:.0%} of resamples it is)"
         if math.isnan(self.ratio):
@@ -177,7 +185,7 @@ def speedup(
         alpha = (1 - float(confidence)) / 2
         lo = float(valid[int(math.floor(alpha * (valid.size - 1)))])
         hi = float(valid[int(math.ceil((1 - alpha) * (valid.size - 1)))])
-    return SpeedUp(ratio, lo, hi, ms, bs, lev, reached, int(n_boot), float(confidence))
+    return SpeedUp(ratio, lo, hi, ms, bs, lev, reached, int(n_boot), float(confidence), s[0])
 
 
 def _nearest(steps: np.ndarray, step: float) -> int:

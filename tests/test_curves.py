@@ -76,6 +76,19 @@ def test_never_reached_is_an_answer():
     assert math.isnan(s2.ratio)
 
 
+def test_a_baseline_that_gets_worse_leaves_the_factor_undefined():
+    """A baseline whose final value is no better than its first checkpoint (a metric that
+    worsens with training) is at its 'final quality' from the start: every method 'reaches' it
+    there and the ratio 1 says nothing; describe() says so. A baseline that first reaches the
+    level at its second checkpoint is an ordinary factor."""
+    rising = _exp_curves(0.004)[:, ::-1].copy()  # worse at every checkpoint
+    s = speedup(_exp_curves(0.004), rising, STEPS, n_boot=50)
+    assert s.ratio == 1.0 and s.base_steps == STEPS[0] == s.first_step
+    assert s.describe().startswith("undefined")
+    ok = speedup(_exp_curves(0.004), _exp_curves(0.002), STEPS, level=None, n_boot=50)
+    assert ok.base_steps > STEPS[0] and not ok.describe().startswith("undefined")
+
+
 def test_bootstrap_interval_covers_the_truth_and_pairs_the_seeds():
     """Noisy seeds (5 % multiplicative, 10 seeds): over 8 replicates the 95 % interval covers
     the noiseless answer (exactly 0.5: the crossings fall on checkpoints) at least 6 times (a
