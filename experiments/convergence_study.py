@@ -513,9 +513,9 @@ def summary(results: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-#: relative cost of one seed-step per run (CT = 1; measured, docs/performance.md): the costliest
-#: jobs start first so that the workers end together
-COST = {"cd": 1.4, "gc0.5": 1.35, "gc0.3": 1.2, "gc0.5-online": 1.35, "gc0.5-ideal": 1.3}
+#: wall time of a job relative to CT's (the 2400-step run, docs/convergence.md): the costliest
+#: jobs start first so that the two workers end together
+COST = {"cd": 1.7, "ot": 1.2, "gc0.3": 1.1, "gc0.5": 0.9, "gc0.5-online": 0.9, "gc0.5-ideal": 2.1}
 
 
 def run_job(job: dict) -> dict:
