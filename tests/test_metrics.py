@@ -494,3 +494,23 @@ def test_mode_coverage_bad_input():
         mode_coverage(x, MODES, weights=[0.5, 0.5])
     with pytest.raises(ValueError, match=r"means.shape=\(0, 2\) is invalid: it is empty"):
         mode_coverage(x, torch.zeros(0, 2))
+
+
+def test_wasserstein_1d_sorts_each_row_on_both_paths():
+    """The numpy sort (CPU, no autograd) and ``Tensor.sort`` (a tensor that needs gradients)
+    give the same distances, each row of ``u`` matched with the same row of ``v``: rows given
+    in shuffled order, against the sorted-matching closed form for n = m; and the gradient
+    path is differentiable (d/du of mean (u_(i) - v_(i))^2 at sorted rows is 2 (u - v) / n)."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(5, 40, generator=g, dtype=torch.float64)
+    v = torch.randn(5, 40, generator=g, dtype=torch.float64) + torch.arange(5.0)[:, None]
+    closed = ((u.sort(1).values - v.sort(1).values) ** 2).mean(1)
+    perm = torch.randperm(40, generator=g)
+    fast = metrics.wasserstein_1d_squared(u[:, perm], v)
+    assert torch.equal(fast, closed)  # the same sorted values: bitwise
+    assert bool((fast[1:] != fast[:-1]).all())  # rows differ (shifted v): a row mix-up shows
+    us = u.sort(1).values.clone().requires_grad_(True)
+    slow = metrics.wasserstein_1d_squared(us, v)
+    torch.testing.assert_close(slow.detach(), closed, rtol=0, atol=1e-12)
+    slow.sum().backward()
+    torch.testing.assert_close(us.grad, 2 * (us.detach() - v.sort(1).values) / 40)
