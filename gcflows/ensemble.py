@@ -14,10 +14,14 @@ stacked weights would couple the seeds).
 Image backbone (``EnsembleSpec(backbone="unet")``): ``ConsistencyModel(RowsAsImages(UNet))``, the
 U-Net of the digits presets by default (``gcflows.presets``), reading each ``C*H*W``-row as a
 ``(C, H, W)`` image (the same preconditioning as the image training: VE, ``sigma_data``,
-``c_noise = log(sigma) / 4``). Its seeds are stacked by :func:`vmap_seeds`: the backbone becomes a
-:class:`SeedVmap`, which keeps the ``(S, ...)`` parameters under the single-seed names and runs
-``torch.func.vmap(functional_call(...))`` over the seed axis (convolutions become grouped
-convolutions); everything else above holds as for the MLP.
+``c_noise = log(sigma) / 4``). Its seeds are stacked by :func:`map_seeds`: the backbone becomes a
+:class:`SeedMap`, which keeps the ``(S, ...)`` parameters under the single-seed names and runs
+``functional_call(...)`` per seed on its rows: in a loop over the seeds (``seed_map="loop"``, the
+default: the faster on a CPU, docs/performance.md "U-Net seed ensemble") or under
+``torch.func.vmap`` (``"vmap"``: convolutions become grouped convolutions). The U-Net's
+convolutions dominate a step, so either costs about what training the seeds one by one costs;
+what the ensemble adds is one optimizer step and one evaluation call for all seeds. Everything
+else above holds as for the MLP.
 
 Per-seed RNG streams: seed ``s`` owns ``torch.Generator().manual_seed(s)`` and draws, at every
 step and in this order, exactly what :class:`gcflows.consistency.ConsistencyObjective` draws for a
@@ -95,10 +99,10 @@ __all__ = [
     "EnsembleSpec",
     "Ensemble",
     "SeedStackedLinear",
-    "SeedVmap",
+    "SeedMap",
     "RowsAsImages",
     "stack_seeds",
-    "vmap_seeds",
+    "map_seeds",
     "BACKBONES",
     "DIGITS_UNET",
     "make_model",
@@ -156,7 +160,10 @@ class EnsembleSpec:
     ``"const_ema"`` (constant, ``const_ema_every``). ``ideal_steps``: RK4 steps of the ideal
     generator. ``s0``, ``s1``: the iCT curriculum over ``curriculum_steps`` (None: ``steps``).
     ``lr_schedule`` / ``lr_warmup``: :func:`learning_rate`. ``eval_ema``: beta of the evaluation
-    EMA kept for every method (None: none kept; module docstring).
+    EMA kept for every method (None: none kept; module docstring). ``backbone``: ``"mlp"``
+    (``ToyMLP`` of width ``hidden`` and ``depth``) or ``"unet"`` (``UNet(**unet)``; ``unet=None``
+    is :data:`DIGITS_UNET`, 1 x 8 x 8 images; the target's dimension must be ``C*H*W``; dropout
+    0). ``seed_map``: how the U-Net's seeds run, :class:`SeedMap`'s ``mode``.
     """
 
     method: str = "ct"
@@ -180,6 +187,7 @@ class EnsembleSpec:
     eval_ema: float | None = None
     backbone: str = "mlp"
     unet: dict | None = None
+    seed_map: str = "loop"
 
     def unet_config(self) -> dict:
         """The ``UNet`` arguments of ``backbone="unet"`` (``unet``, or :data:`DIGITS_UNET`)."""
@@ -196,6 +204,8 @@ class EnsembleSpec:
         values)."""
         if self.backbone not in BACKBONES:
             raise bad("EnsembleSpec.backbone", self.backbone, f"use one of {list(BACKBONES)}")
+        if self.seed_map not in SeedMap.MODES:
+            raise bad("EnsembleSpec.seed_map", self.seed_map, f"use one of {list(SeedMap.MODES)}")
         if self.unet is not None and (self.backbone != "unet" or not isinstance(self.unet, dict)):
             raise bad("EnsembleSpec.unet", self.unet, "use None, or a dict with backbone='unet'")
         if self.backbone == "unet":
@@ -417,8 +427,8 @@ def stack_seeds(models: Sequence[nn.Module]) -> nn.Module:
     return stacked
 
 
-class SeedVmap(nn.Module):
-    """``S`` same-architecture modules run on seed-major rows by ``torch.func.vmap``.
+class SeedMap(nn.Module):
+    """``S`` same-architecture modules run on seed-major rows, by ``torch.func.vmap`` or a loop.
 
     Holds every parameter of ``modules[0]`` stacked over the seeds, ``(S, ...)``, under the same
     name (the template's children are copied into this module with their parameters replaced by
@@ -426,17 +436,26 @@ class SeedVmap(nn.Module):
     of ``(S, ...)`` tensors under the single-seed names work as for :class:`SeedStackedLinear`
     networks. ``forward(x (S * B, ...), *args (S * B, ...))`` reshapes every input to
     ``(S, B, ...)``, maps ``functional_call(template, params_s, (x_s, *args_s))`` over the seed
-    axis and returns ``(S * B, ...)``: seed ``s``'s rows by seed ``s``'s weights (a convolution
-    under ``vmap`` is one grouped convolution over the seeds). Buffers are the template's,
-    shared (checked equal across seeds). Dropout must be 0 (its masks would not follow the seeds'
-    random streams).
+    axis and returns ``(S * B, ...)``: seed ``s``'s rows by seed ``s``'s weights. ``mode``:
+    ``"vmap"`` maps with ``torch.func.vmap`` (a convolution becomes one grouped convolution over
+    the seeds), ``"loop"`` calls the template once per seed on its slices of the stacked weights
+    (``unbind``: the backward stacks the seeds' gradients). The loop is the faster on a CPU for
+    the digits U-Net (docs/performance.md "U-Net seed ensemble": its convolutions are
+    compute-bound, and vmap's grouped convolutions and batched reductions cost more than the
+    per-seed dispatch they save). Buffers are the template's, shared (checked equal across
+    seeds). Dropout must be 0 (its masks would not follow the seeds' random streams).
     """
 
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
+    MODES = ("loop", "vmap")
+
+    def __init__(self, modules: Sequence[nn.Module], mode: str = "loop") -> None:
         super().__init__()
         modules = list(modules)
         if not modules:
             raise bad("modules", modules, "pass at least one module")
+        if mode not in self.MODES:
+            raise bad("mode", mode, f"use one of {list(self.MODES)}")
+        self.mode = mode
         template = copy.deepcopy(modules[0])
         for name, mod in template.named_modules():
             if isinstance(mod, nn.Dropout) and mod.p > 0:
@@ -479,22 +498,29 @@ class SeedVmap(nn.Module):
             return functional_call(template, params, (xs, *rest))
 
         split = [v.reshape(s, -1, *v.shape[1:]) for v in (x, *args)]
-        out = torch.func.vmap(one)(self._current(), *split)
-        return out.reshape(-1, *out.shape[2:])
+        if self.mode == "vmap":
+            out = torch.func.vmap(one)(self._current(), *split)
+            return out.reshape(-1, *out.shape[2:])
+        per_seed = {k: v.unbind(0) for k, v in self._current().items()}
+        inputs = [v.unbind(0) for v in split]
+        outs = [
+            one({k: v[i] for k, v in per_seed.items()}, *(v[i] for v in inputs)) for i in range(s)
+        ]
+        return torch.cat(outs)
 
 
-def vmap_seeds(models: Sequence[nn.Module]) -> nn.Module:
+def map_seeds(models: Sequence[nn.Module], mode: str = "loop") -> nn.Module:
     """One module that runs ``len(models)`` same-architecture ``ConsistencyModel`` s (any
     backbone) on seed-major rows: a copy of ``models[0]`` whose backbone is the
-    :class:`SeedVmap` of the models' backbones (the preconditioning acts row by row and runs once
+    :class:`SeedMap` of the models' backbones (the preconditioning acts row by row and runs once
     on the ``S * B`` rows). Parameter names are the single-seed ones
-    (``backbone.net.conv_in.weight`` ``(S, ...)``), as for :func:`stack_seeds`. Dropout must be
-    0."""
+    (``backbone.net.conv_in.weight`` ``(S, ...)``), as for :func:`stack_seeds`. ``mode``: that
+    of :class:`SeedMap`. Dropout must be 0."""
     models = list(models)
     if not models or any(not isinstance(m, ConsistencyModel) for m in models):
         raise bad("models", [type(m).__name__ for m in models], "pass ConsistencyModel s")
     stacked = copy.deepcopy(models[0])
-    stacked.backbone = SeedVmap([m.backbone for m in models])
+    stacked.backbone = SeedMap([m.backbone for m in models], mode)
     return stacked
 
 
@@ -657,7 +683,10 @@ def train_ensemble(
     seeds = _check_seeds(seeds)
     dim = target.dim
     models = [make_model(dim, spec, s, check_inputs=False) for s in seeds]
-    module = stack_seeds(models) if spec.backbone == "mlp" else vmap_seeds(models)
+    if spec.backbone == "mlp":
+        module = stack_seeds(models)
+    else:
+        module = map_seeds(models, spec.seed_map)
     params = dict(module.named_parameters())
     _, buffers = stack_module_state(models)
     ens = Ensemble(seeds, spec, dim, module, params, buffers)

@@ -1,17 +1,18 @@
-"""The U-Net seed ensemble (``EnsembleSpec(backbone="unet")``, ``vmap_seeds``) equals training each
+"""The U-Net seed ensemble (``EnsembleSpec(backbone="unet")``, ``map_seeds``) equals training each
 seed alone.
 
-Tolerance: the ensemble runs the U-Net under ``torch.func.vmap`` (each convolution one grouped
-convolution over the seeds, its weight gradient summed in another order than a seed's own
-convolution) and Adam as one fused kernel, the sequential run one ordinary U-Net and the
-multi-tensor Adam. Measured on this test's tiny U-Net (8 steps, lr 1e-3, seeds 3 and 5): the
-largest weight gap was 4.3e-5 (CD; CT 2.8e-5, GC 2.6e-5, its EMA 1.1e-5), the largest loss gap
-2.4e-7. Adam normalises each step, so a rounding difference in a gradient near zero moves a
-weight by a visible fraction of ``lr``: the gaps are larger than the MLP ensemble's (baddbmm,
-tests/test_ensemble.py). ``atol = 2e-4`` (about 5x the largest gap, a fifth of one step of
+Tolerance: the ensemble runs the U-Net per seed in a loop (``seed_map="loop"``) or under
+``torch.func.vmap`` (``"vmap"``: each convolution one grouped convolution over the seeds, its
+weight gradient summed in another order than a seed's own convolution), and Adam as one fused
+kernel over the stacked weights; the sequential run one ordinary U-Net and the multi-tensor Adam.
+Measured on this test's tiny U-Net (8 steps, lr 1e-3, seeds 3 and 5): the largest weight gap was
+4.3e-5 with vmap (CD; CT 2.8e-5, GC 2.6e-5, its EMA 1.1e-5) and 2.0e-5 with the loop, the largest
+loss gap 2.4e-7 for both. Adam normalises each step, so a rounding difference in a gradient near
+zero moves a weight by a visible fraction of ``lr``: the gaps are larger than the MLP ensemble's
+(tests/test_ensemble.py). ``atol = 2e-4`` (about 5x the largest gap, a fifth of one step of
 ``lr = 1e-3``) on the weights, ``1e-6`` on the losses (4x the gap): two seeds' weights swapped
 differ by ~0.9 and the test below shows it fails; rows mixed across the seed axis change the
-outputs by O(1) (``test_vmap_rows_follow_their_seed``).
+outputs by O(1) (``test_rows_follow_their_seed``).
 """
 
 import pytest
@@ -21,11 +22,11 @@ from gcflows.ensemble import (
     DIGITS_UNET,
     EnsembleSpec,
     RowsAsImages,
-    SeedVmap,
+    SeedMap,
     make_model,
+    map_seeds,
     train_ensemble,
     train_sequential,
-    vmap_seeds,
 )
 from gcflows.gmm import get_preset
 from gcflows.networks import UNet
@@ -73,10 +74,11 @@ def target():
     return get_preset("random_16")
 
 
+@pytest.mark.parametrize("seed_map", ["loop", "vmap"])
 @pytest.mark.parametrize("method", ["ct", "gc"])
-def test_each_seed_equals_its_own_run(target, method):
+def test_each_seed_equals_its_own_run(target, method, seed_map):
     """CT, and GC (mu = 0.5) with the warm-up EMA generator: weights, losses, EMA per seed."""
-    spec = _spec(method)
+    spec = _spec(method, seed_map=seed_map)
     ens = train_ensemble(target, spec, SEEDS)
     assert set(ens.params) == set(make_model(16, spec, 0).state_dict())  # single-seed names
     refs = [train_sequential(target, spec, s) for s in SEEDS]
@@ -101,8 +103,9 @@ def test_each_seed_equals_its_own_run(target, method):
 
 def test_eval_ema_seed_model_and_apply_agree(target):
     """``seed_model`` (an ordinary U-Net ConsistencyModel) and ``apply`` with the evaluation EMA
-    give the same outputs per seed; the evaluation EMA equals the sequential run's."""
-    spec = _spec("ct", steps=5, eval_ema=0.99)
+    give the same outputs per seed; the evaluation EMA equals the sequential run's (CD: the
+    positive control's exact-velocity target through the U-Net)."""
+    spec = _spec("cd", steps=5, eval_ema=0.99, seed_map="vmap")
     ens = train_ensemble(target, spec, SEEDS)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 16, generator=g) * 3
@@ -118,14 +121,15 @@ def test_eval_ema_seed_model_and_apply_agree(target):
             torch.testing.assert_close(v[i], ref_ema[k], **WEIGHT_TOL)
 
 
-def test_vmap_rows_follow_their_seed():
-    """``SeedVmap`` maps seed ``s``'s block of rows through seed ``s``'s network; feeding the rows
+@pytest.mark.parametrize("mode", SeedMap.MODES)
+def test_rows_follow_their_seed(mode):
+    """``SeedMap`` maps seed ``s``'s block of rows through seed ``s``'s network; feeding the rows
     interleaved (the seed axis misaligned) is far off."""
     nets = []
     for s in range(3):
         torch.manual_seed(s)
         nets.append(RowsAsImages(UNet(**TINY), (1, 4, 4)))
-    both = SeedVmap(nets)
+    both = SeedMap(nets, mode)
     assert dict(both.named_parameters()).keys() == dict(nets[0].named_parameters()).keys()
     g = torch.Generator().manual_seed(1)
     x, c = torch.randn(3 * 5, 16, generator=g), torch.randn(3 * 5, generator=g)
@@ -139,15 +143,18 @@ def test_vmap_rows_follow_their_seed():
     with pytest.raises(ValueError, match="seed-major"):
         both(x[:14], c[:14])
     with pytest.raises(ValueError, match="dropout"):
-        SeedVmap([RowsAsImages(UNet(**{**TINY, "dropout": 0.1}), (1, 4, 4))])
+        SeedMap([RowsAsImages(UNet(**{**TINY, "dropout": 0.1}), (1, 4, 4))])
     with pytest.raises(ValueError, match="ConsistencyModel"):
-        vmap_seeds(nets)
+        map_seeds(nets)
+    with pytest.raises(ValueError, match="mode="):
+        SeedMap(nets, "grouped")
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
         ("backbone", "cnn", "EnsembleSpec.backbone="),
+        ("seed_map", "grouped", "EnsembleSpec.seed_map="),
         ("unet", {**TINY, "dropout": 0.1}, r"EnsembleSpec.unet\['dropout'\]="),
         ("unet", {**TINY, "colour": 3}, "EnsembleSpec.unet="),
         ("unet", {**TINY, "image_size": 3}, "EnsembleSpec.unet="),  # 2 levels need an even size
