@@ -6,7 +6,8 @@
 Each configuration (target dimension, hidden width, batch, method) trains ``--seeds`` seeds for
 ``--steps`` steps both ways (``gcflows.ensemble.train_ensemble`` and, seed after seed,
 ``train_sequential`` with the library objective) after one untimed warm-up step of each, and
-prints seed-steps per second and their ratio. Ratios are measured within one run so that a
+prints seed-steps per second and their ratio (with ``--repeats``, interleaved pairs: the medians
+and the median and range of the per-pair ratios). Ratios are measured within one run so that a
 loaded machine affects both sides alike (not perfectly: say "under load" when it was).
 
 The tracked numbers (the high-dimensional study's MLP targets and widths, S in {4, 8, 10}, the 4x
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -69,6 +71,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed pairs (vectorized then sequential) per configuration; medians reported",
+    )
+    p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -82,8 +90,8 @@ def main(argv=None) -> list[dict]:
         help="which configurations: the MLP ones, the U-Net ones (both)",
     )
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.steps < 1 or args.threads < 1:
-        p.error("--seeds, --steps and --threads must be >= 1")
+    if args.seeds < 1 or args.steps < 1 or args.threads < 1 or args.repeats < 1:
+        p.error("--seeds, --steps, --threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
     rows = []
     jobs = []
@@ -106,8 +114,12 @@ def main(argv=None) -> list[dict]:
         seed_steps_per_second(target, warm, seeds[:1], False, args.clock)
         timed = EnsembleSpec(**{**spec.as_dict(), "steps": args.steps})
         start = time.perf_counter()
-        vec = seed_steps_per_second(target, timed, seeds, True, args.clock)
-        seq = seed_steps_per_second(target, timed, seeds, False, args.clock)
+        vecs, seqs = [], []
+        for _ in range(args.repeats):  # interleaved: a load change affects both sides alike
+            vecs.append(seed_steps_per_second(target, timed, seeds, True, args.clock))
+            seqs.append(seed_steps_per_second(target, timed, seeds, False, args.clock))
+        vec, seq = statistics.median(vecs), statistics.median(seqs)
+        ratios = [v / q for v, q in zip(vecs, seqs, strict=True)]
         row = dict(
             target=name,
             backbone=backbone,
@@ -119,7 +131,9 @@ def main(argv=None) -> list[dict]:
             steps=args.steps,
             vectorized=round(vec, 2),
             sequential=round(seq, 2),
-            ratio=round(vec / seq, 2),
+            ratio=round(statistics.median(ratios), 2),
+            ratio_range=[round(min(ratios), 2), round(max(ratios), 2)],
+            repeats=args.repeats,
             clock=args.clock,
             wall_s=round(time.perf_counter() - start, 1),
         )
