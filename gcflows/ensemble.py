@@ -11,6 +11,18 @@ weights) updates every slice as it would update that seed alone. There is no gra
 and no weight decay here; either would have to be computed per seed (a global-norm clip over the
 stacked weights would couple the seeds).
 
+Image backbone (``EnsembleSpec(backbone="unet")``): ``ConsistencyModel(RowsAsImages(UNet))``, the
+U-Net of the digits presets by default (``gcflows.presets``), reading each ``C*H*W``-row as a
+``(C, H, W)`` image (the same preconditioning as the image training: VE, ``sigma_data``,
+``c_noise = log(sigma) / 4``). Its seeds are stacked by :func:`map_seeds`: the backbone becomes a
+:class:`SeedMap`, which keeps the ``(S, ...)`` parameters under the single-seed names and runs
+``functional_call(...)`` per seed on its rows: in a loop over the seeds (``seed_map="loop"``, the
+default: the faster on a CPU, docs/performance.md "U-Net seed ensemble") or under
+``torch.func.vmap`` (``"vmap"``: convolutions become grouped convolutions). The U-Net's
+convolutions dominate a step, so either costs about what training the seeds one by one costs;
+what the ensemble adds is one optimizer step and one evaluation call for all seeds. Everything
+else above holds as for the MLP.
+
 Per-seed RNG streams: seed ``s`` owns ``torch.Generator().manual_seed(s)`` and draws, at every
 step and in this order, exactly what :class:`gcflows.consistency.ConsistencyObjective` draws for a
 single run: the data (``target.sample``), the noise, the interval indices, then the GC mask. Its
@@ -78,7 +90,8 @@ from gcflows.consistency import (
 from gcflows.ema import EMA, EMARule
 from gcflows.gmm import GaussianMixture
 from gcflows.kernels import interpolate_pair
-from gcflows.networks import ToyMLP
+from gcflows.networks import ToyMLP, UNet
+from gcflows.presets import IMAGE_PRESETS
 from gcflows.training.loop import NonFiniteLossError
 from gcflows.velocity import TrueVelocity
 
@@ -86,7 +99,12 @@ __all__ = [
     "EnsembleSpec",
     "Ensemble",
     "SeedStackedLinear",
+    "SeedMap",
+    "RowsAsImages",
     "stack_seeds",
+    "map_seeds",
+    "BACKBONES",
+    "DIGITS_UNET",
     "make_model",
     "train_ensemble",
     "train_sequential",
@@ -113,6 +131,10 @@ VARIANTS: dict[str, tuple[str, float, str]] = {
     "gc0.5-constema": ("gc", 0.5, "const_ema"),
 }
 LR_SCHEDULES = ("constant", "cosine")
+BACKBONES = ("mlp", "unet")
+#: the U-Net of the digits presets (``gcflows.presets``, ``digits_base``): the default of
+#: ``EnsembleSpec.unet`` (1 x 8 x 8 images, 16 base channels, no attention, dropout 0)
+DIGITS_UNET: dict = dict(IMAGE_PRESETS["digits_base"]["network"])
 
 
 @dataclass
@@ -138,7 +160,10 @@ class EnsembleSpec:
     ``"const_ema"`` (constant, ``const_ema_every``). ``ideal_steps``: RK4 steps of the ideal
     generator. ``s0``, ``s1``: the iCT curriculum over ``curriculum_steps`` (None: ``steps``).
     ``lr_schedule`` / ``lr_warmup``: :func:`learning_rate`. ``eval_ema``: beta of the evaluation
-    EMA kept for every method (None: none kept; module docstring).
+    EMA kept for every method (None: none kept; module docstring). ``backbone``: ``"mlp"``
+    (``ToyMLP`` of width ``hidden`` and ``depth``) or ``"unet"`` (``UNet(**unet)``; ``unet=None``
+    is :data:`DIGITS_UNET`, 1 x 8 x 8 images; the target's dimension must be ``C*H*W``; dropout
+    0). ``seed_map``: how the U-Net's seeds run, :class:`SeedMap`'s ``mode``.
     """
 
     method: str = "ct"
@@ -160,8 +185,42 @@ class EnsembleSpec:
     lr_warmup: int = 0
     curriculum_steps: int | None = None
     eval_ema: float | None = None
+    backbone: str = "mlp"
+    unet: dict | None = None
+    seed_map: str = "loop"
 
-    def validate(self) -> EnsembleSpec:
+    def unet_config(self) -> dict:
+        """The ``UNet`` arguments of ``backbone="unet"`` (``unet``, or :data:`DIGITS_UNET`)."""
+        return dict(DIGITS_UNET if self.unet is None else self.unet)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the U-Net's images (``in_channels``, ``image_size`` twice)."""
+        cfg = self.unet_config()
+        size = int(cfg.get("image_size", 32))
+        return (int(cfg.get("in_channels", 3)), size, size)
+
+    def validate(self, dim: int | None = None) -> EnsembleSpec:
+        """Check every field (and, with the target's ``dim``, that a U-Net's images hold ``dim``
+        values)."""
+        if self.backbone not in BACKBONES:
+            raise bad("EnsembleSpec.backbone", self.backbone, f"use one of {list(BACKBONES)}")
+        if self.seed_map not in SeedMap.MODES:
+            raise bad("EnsembleSpec.seed_map", self.seed_map, f"use one of {list(SeedMap.MODES)}")
+        if self.unet is not None and (self.backbone != "unet" or not isinstance(self.unet, dict)):
+            raise bad("EnsembleSpec.unet", self.unet, "use None, or a dict with backbone='unet'")
+        if self.backbone == "unet":
+            cfg = self.unet_config()
+            if float(cfg.get("dropout", 0.0)) != 0.0:
+                fix = "use dropout 0 in a seed ensemble (masks would not follow the seeds' streams)"
+                raise bad("EnsembleSpec.unet['dropout']", cfg["dropout"], fix)
+            try:
+                with torch.device("meta"):
+                    UNet(**cfg)
+            except (TypeError, ValueError) as err:
+                raise bad("EnsembleSpec.unet", self.unet, f"use UNet's arguments ({err})") from None
+            if dim is not None and math.prod(self.image_shape()) != dim:
+                fix = f"use a target of dim C*H*W = {math.prod(self.image_shape())}"
+                raise bad("EnsembleSpec.unet image shape", self.image_shape(), f"{fix}, not {dim}")
         if self.method not in METHODS:
             raise bad("EnsembleSpec.method", self.method, f"use one of {list(METHODS)}")
         if self.gc_model not in GC_MODELS:
@@ -200,12 +259,33 @@ class EnsembleSpec:
         return asdict(self)
 
 
+class RowsAsImages(nn.Module):
+    """A image backbone on rows: ``(B, C*H*W)`` rows are read as ``(B, C, H, W)`` images
+    (row-major, the layout of ``gcflows.gmm.digits_mixture`` and ``images.reshape(B, -1)``), run
+    through ``net(x, c_noise)`` and flattened back. ``ConsistencyModel`` around it applies the
+    same preconditioning per row as around the image itself (``c_in``, ``c_skip``, ``c_out`` are
+    per sample; ``c_noise = log(sigma) / 4`` as in the image training)."""
+
+    def __init__(self, net: nn.Module, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.net, self.shape = net, tuple(int(v) for v in shape)
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        return self.net(x.reshape(x.shape[0], *self.shape), c_noise).reshape(x.shape[0], -1)
+
+
 def make_model(dim: int, spec: EnsembleSpec, seed: int, check_inputs: bool = True) -> nn.Module:
-    """``ConsistencyModel(ToyMLP(dim))`` with the initial weights of ``torch.manual_seed(seed)``
-    (the global RNG is left as it was)."""
+    """``ConsistencyModel(ToyMLP(dim))`` (``spec.backbone="mlp"``) or
+    ``ConsistencyModel(RowsAsImages(UNet(**spec.unet_config())))`` (``"unet"``; ``dim`` must be
+    ``C*H*W``) with the initial weights of ``torch.manual_seed(seed)`` (the global RNG is left as
+    it was). The VE process and ``spec.sigma_data`` for both."""
+    spec.validate(dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        backbone = ToyMLP(dim, hidden=spec.hidden, depth=spec.depth)
+        if spec.backbone == "unet":
+            backbone = RowsAsImages(UNet(**spec.unet_config()), spec.image_shape())
+        else:
+            backbone = ToyMLP(dim, hidden=spec.hidden, depth=spec.depth)
     return ConsistencyModel(backbone, "ve", spec.sigma_data, check_inputs=check_inputs)
 
 
@@ -344,6 +424,103 @@ def stack_seeds(models: Sequence[nn.Module]) -> nn.Module:
     for name, buf in models[0].named_buffers():
         if any(not torch.equal(m.get_buffer(name), buf) for m in models[1:]):
             raise bad("models", name, "buffers must be equal across seeds (they are shared)")
+    return stacked
+
+
+class SeedMap(nn.Module):
+    """``S`` same-architecture modules run on seed-major rows, by ``torch.func.vmap`` or a loop.
+
+    Holds every parameter of ``modules[0]`` stacked over the seeds, ``(S, ...)``, under the same
+    name (the template's children are copied into this module with their parameters replaced by
+    the stacked ones), so ``named_parameters()`` and ``torch.func.functional_call`` with a dict
+    of ``(S, ...)`` tensors under the single-seed names work as for :class:`SeedStackedLinear`
+    networks. ``forward(x (S * B, ...), *args (S * B, ...))`` reshapes every input to
+    ``(S, B, ...)``, maps ``functional_call(template, params_s, (x_s, *args_s))`` over the seed
+    axis and returns ``(S * B, ...)``: seed ``s``'s rows by seed ``s``'s weights. ``mode``:
+    ``"vmap"`` maps with ``torch.func.vmap`` (a convolution becomes one grouped convolution over
+    the seeds), ``"loop"`` calls the template once per seed on its slices of the stacked weights
+    (``unbind``: the backward stacks the seeds' gradients). The loop is the faster on a CPU for
+    the digits U-Net (docs/performance.md "U-Net seed ensemble": its convolutions are
+    compute-bound, and vmap's grouped convolutions and batched reductions cost more than the
+    per-seed dispatch they save). Buffers are the template's, shared (checked equal across
+    seeds). Dropout must be 0 (its masks would not follow the seeds' random streams).
+    """
+
+    MODES = ("loop", "vmap")
+
+    def __init__(self, modules: Sequence[nn.Module], mode: str = "loop") -> None:
+        super().__init__()
+        modules = list(modules)
+        if not modules:
+            raise bad("modules", modules, "pass at least one module")
+        if mode not in self.MODES:
+            raise bad("mode", mode, f"use one of {list(self.MODES)}")
+        self.mode = mode
+        template = copy.deepcopy(modules[0])
+        for name, mod in template.named_modules():
+            if isinstance(mod, nn.Dropout) and mod.p > 0:
+                raise bad(f"{name} dropout", mod.p, "use dropout 0 in a seed ensemble")
+        for name, buf in template.named_buffers():
+            if any(not torch.equal(m.get_buffer(name), buf) for m in modules[1:]):
+                raise bad("modules", name, "buffers must be equal across seeds (they are shared)")
+        names = [n for n, _ in template.named_parameters()]
+        for m in modules[1:]:
+            if [n for n, _ in m.named_parameters()] != names:
+                raise bad("modules", type(m).__name__, "use modules of one architecture")
+        # this module's own tree: the template's children (deep copies) with stacked parameters
+        for child_name, child in template.named_children():
+            self.add_module(child_name, copy.deepcopy(child))
+        for name, p in template.named_parameters(recurse=False):
+            self.register_parameter(name, nn.Parameter(p.detach().clone()))
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            stacked = torch.stack([m.get_parameter(name).detach() for m in modules])
+            setattr(self.get_submodule(owner), leaf, nn.Parameter(stacked))
+        self.seeds = len(modules)
+        self._names = names
+        object.__setattr__(self, "_template", template)  # not a submodule: no parameters here
+
+    def _current(self) -> dict[str, Tensor]:
+        """The tensors now under the parameter names (``functional_call`` may have swapped them)."""
+        out = {}
+        for name in self._names:
+            owner, _, leaf = name.rpartition(".")
+            out[name] = getattr(self.get_submodule(owner), leaf)
+        return out
+
+    def forward(self, x: Tensor, *args: Tensor) -> Tensor:
+        s = self.seeds
+        if x.shape[0] % s or any(a.shape[0] != x.shape[0] for a in args):
+            raise bad("x", tuple(x.shape), f"use (S * B, ...) rows with S = {s} seed-major blocks")
+        template = self._template
+
+        def one(params: dict[str, Tensor], xs: Tensor, *rest: Tensor) -> Tensor:
+            return functional_call(template, params, (xs, *rest))
+
+        split = [v.reshape(s, -1, *v.shape[1:]) for v in (x, *args)]
+        if self.mode == "vmap":
+            out = torch.func.vmap(one)(self._current(), *split)
+            return out.reshape(-1, *out.shape[2:])
+        per_seed = {k: v.unbind(0) for k, v in self._current().items()}
+        inputs = [v.unbind(0) for v in split]
+        outs = [
+            one({k: v[i] for k, v in per_seed.items()}, *(v[i] for v in inputs)) for i in range(s)
+        ]
+        return torch.cat(outs)
+
+
+def map_seeds(models: Sequence[nn.Module], mode: str = "loop") -> nn.Module:
+    """One module that runs ``len(models)`` same-architecture ``ConsistencyModel`` s (any
+    backbone) on seed-major rows: a copy of ``models[0]`` whose backbone is the
+    :class:`SeedMap` of the models' backbones (the preconditioning acts row by row and runs once
+    on the ``S * B`` rows). Parameter names are the single-seed ones
+    (``backbone.net.conv_in.weight`` ``(S, ...)``), as for :func:`stack_seeds`. ``mode``: that
+    of :class:`SeedMap`. Dropout must be 0."""
+    models = list(models)
+    if not models or any(not isinstance(m, ConsistencyModel) for m in models):
+        raise bad("models", [type(m).__name__ for m in models], "pass ConsistencyModel s")
+    stacked = copy.deepcopy(models[0])
+    stacked.backbone = SeedMap([m.backbone for m in models], mode)
     return stacked
 
 
@@ -502,11 +679,14 @@ def train_ensemble(
     background thread while step ``k`` computes; the draws do not depend on the weights, and
     each generator is used by that one thread in the same order, so the numbers are the same.
     """
-    spec = copy.copy(spec).validate()
+    spec = copy.copy(spec).validate(target.dim)
     seeds = _check_seeds(seeds)
     dim = target.dim
     models = [make_model(dim, spec, s, check_inputs=False) for s in seeds]
-    module = stack_seeds(models)
+    if spec.backbone == "mlp":
+        module = stack_seeds(models)
+    else:
+        module = map_seeds(models, spec.seed_map)
     params = dict(module.named_parameters())
     _, buffers = stack_module_state(models)
     ens = Ensemble(seeds, spec, dim, module, params, buffers)
@@ -611,7 +791,7 @@ def train_sequential(
     the losses. ``callback(step, model)`` runs after the steps in ``callback_steps`` (0 = before
     training), as in :func:`train_ensemble`. With ``spec.eval_ema`` the evaluation EMA is
     ``model.eval_ema`` (a ``gcflows.ema.EMA``; attached, not a submodule)."""
-    spec = copy.copy(spec).validate()
+    spec = copy.copy(spec).validate(target.dim)
     model = make_model(target.dim, spec, seed)
     # foreach: the library's Adam (gcflows.training.build_optimizer), the fastest per-seed
     # baseline, with bitwise the per-tensor loop's weights
