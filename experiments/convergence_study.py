@@ -32,7 +32,6 @@ The primary metrics are ``PRIMARY`` (named in docs/convergence.md before the GC 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -522,21 +521,22 @@ def run_job(job: dict) -> dict:
     """One (target, run) of the design, in a pool worker: train its seeds, evaluate them."""
     torch.set_num_threads(job["threads"])
     target = get_preset(job["target"])
-    ev = make_eval_set(target, job["eval"]["n_flow"], job["eval"]["n_ref"])
-    spec = dataclasses.replace(job["spec"], sigma_data=sigma_data(target))
-    return run_one(target, spec, job["seeds"], ev, job)
+    return run_one(target, job["spec"], job["seeds"], job["eval_set"], job)
 
 
 def jobs_of(args: argparse.Namespace, cfg: dict, seeds: list[int]) -> list[dict]:
-    """Every (target, run) job of the design, costliest first (``COST``)."""
+    """Every (target, run) job of the design, costliest first (``COST``). The target's
+    evaluation draws (exact flow maps) are made here once and shared by its jobs."""
     out = []
     for tname in cfg["targets"]:
-        for name, spec in specs_of(args, cfg["recipe"], 1.0).items():
+        target = get_preset(tname)
+        ev = make_eval_set(target, cfg["eval"]["n_flow"], cfg["eval"]["n_ref"])
+        for name, spec in specs_of(args, cfg["recipe"], sigma_data(target)).items():
             if (tname, name) in FULL_ONLY and not (args.full or args.methods):
                 continue
             base = design_runs(args)[name][0]
             cost = COST.get(base, 1.0) * spec.steps * (1.0 if tname != "random_256" else 3.0)
-            job = dict(target=tname, name=name, spec=spec, seeds=seeds, cost=cost)
+            job = dict(target=tname, name=name, spec=spec, seeds=seeds, cost=cost, eval_set=ev)
             job.update(threads=args.threads, eval=cfg["eval"], checkpoints=cfg["checkpoints"])
             out.append(job)
     return sorted(out, key=lambda j: -j["cost"])

@@ -88,6 +88,15 @@ def test_quick_run_end_to_end(script, tmp_path):
         assert (run_dir / name).exists(), name
     tables = (run_dir / "tables.md").read_text()
     assert "#### random_64: positive control" in tables and "**cov_err_1step** (primary)" in tables
+    # the CT and CD columns hold each method's own seed mean (not each other's)
+    import csv
+
+    with open(run_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    means = [
+        np.mean([float(r["cons_err"]) for r in rows if r["method"] == m]) for m in ("ct", "cd")
+    ]
+    assert f"| cons_err | {means[0]:.4g} | {means[1]:.4g} |" in tables
     # the tables are remade from the files alone, identically
     (run_dir / "tables.md").unlink()
     assert script.main(["--report", str(run_dir)])["report"] == tables
